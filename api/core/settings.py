@@ -1,0 +1,73 @@
+"""The one settings object. Every knob is an environment variable prefixed `SVFIT_`.
+
+Defaults describe the embedded mode: a SQLite file and a filesystem queue under the data directory,
+so `svfit serve` works on a fresh machine with no external server.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SVFIT_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./data"), description="Files, artifacts, SQLite and the embedded queue.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite under data_dir.")
+    broker_url: str | None = Field(default=None, description="Celery broker; default: filesystem queue under data_dir.")
+    models_dir: Path | None = Field(default=None, description="Folder of base models (one HF folder each).")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    require_auth: bool | None = Field(default=None, description="None: required unless bound to loopback.")
+    default_org: str = "org-local"
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    min_training_examples: int = 10
+    upload_chunk_bytes: int = 1024 * 1024
+
+    worker_queue: str = "cpu"
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0
+    progress_interval_s: float = 1.0
+    default_checkpoint_every: int = 50
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'svfit.db'}"
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
+        return self
+
+    @property
+    def embedded_queue(self) -> bool:
+        return self.broker_url is None or self.broker_url.startswith("filesystem://")
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def auth_required(self) -> bool:
+        if self.require_auth is not None:
+            return self.require_auth
+        return self.host not in {"127.0.0.1", "localhost", "::1"}
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
