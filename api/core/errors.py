@@ -69,6 +69,10 @@ class NotFound(ServiceError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class MethodNotAllowed(ServiceError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     status, type, code = 413, "invalid_request_error", "file_too_large"
 

@@ -29,12 +29,18 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     min_training_examples: int = 10
     upload_chunk_bytes: int = 1024 * 1024
+    max_reported_line_errors: int = Field(default=20, description="Per-line errors kept in a file's status_details.")
+    job_dedupe_window_s: int = Field(
+        default=600, description="A retried identical job request within this window returns the existing job."
+    )
 
     worker_queue: str = "cpu"
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 30.0
     progress_interval_s: float = 1.0
     default_checkpoint_every: int = 50
+    control_poll_interval_s: float = 0.5  # how often a running job re-reads requested_action (cancel/pause)
+    max_job_attempts: int = 3  # a job whose worker died this many times fails instead of looping
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from api.core.settings import get_settings
+from api.core.settings import Settings, get_settings
 
 
 class LocalStorage:
@@ -50,7 +50,11 @@ class LocalStorage:
         target.with_name(target.name + ".part").unlink(missing_ok=True)
 
 
-def get_storage() -> LocalStorage:
-    root = get_settings().data_dir / "store"
+def storage_for(settings: Settings) -> LocalStorage:
+    root = settings.data_dir / "store"
     root.mkdir(parents=True, exist_ok=True)
     return LocalStorage(root)
+
+
+def get_storage() -> LocalStorage:
+    return storage_for(get_settings())

@@ -26,7 +26,9 @@ class Organization(Base):
     __tablename__ = "organizations"
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
-    name: Mapped[str] = mapped_column(String(200))
+    # Unique so that get-or-create by name (the default org, `svfit keys create --org NAME`) cannot race
+    # into two organizations with one name.
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 

@@ -1,0 +1,232 @@
+"""The `svfit` command: run the service (`serve`, `api`, `worker`), migrate its database, manage API keys.
+
+`serve` is the one-command local mode: the HTTP API in this process plus one worker subprocess running the
+same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+# How long `serve` waits for its worker to checkpoint a running job and exit before killing it.
+WORKER_STOP_TIMEOUT_S = 60.0
+
+
+def _apply_overrides(args: argparse.Namespace) -> None:
+    """Turn command-line options into the `SVFIT_*` environment, so this process and every subprocess
+    build the same settings."""
+    for option, variable in (("data_dir", "SVFIT_DATA_DIR"), ("host", "SVFIT_HOST"), ("port", "SVFIT_PORT"),
+                             ("queue", "SVFIT_WORKER_QUEUE")):
+        value = getattr(args, option, None)
+        if value is not None:
+            os.environ[variable] = str(value)
+    from api.core.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a non-SQLAlchemy URL (a broker)
+        return url.split("@")[-1] if "@" in url else url
+
+
+def _banner(mode: str) -> None:
+    from api.core.settings import get_settings
+
+    settings = get_settings()
+    auth = "required (Authorization: Bearer <key>)" if settings.auth_required else "off (bound to loopback)"
+    queue = f"filesystem ({settings.queue_dir})" if settings.embedded_queue else _redacted(settings.broker_url or "")
+    print(f"svfit {mode}: http://{settings.host}:{settings.port}/v1", flush=True)
+    print(f"  auth:      {auth}", flush=True)
+    print(f"  data:      {settings.data_dir}", flush=True)
+    print(f"  database:  {_redacted(settings.database_url or '')}", flush=True)
+    print(f"  queue:     {queue} [{settings.worker_queue}]", flush=True)
+    print(f"  models:    {settings.models_dir}", flush=True)
+
+
+def _worker_command(queue: str, loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", "worker", "--queue", queue, "--loglevel", loglevel]
+
+
+def _stop(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+    """SIGTERM (the running job checkpoints and goes back to the queue), then SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.core.migrations import upgrade_to_head
+    from api.core.settings import get_settings
+    from api.main import create_app
+
+    settings = get_settings()
+    _banner("serve")
+    # Migrate before the worker starts: its reaper reads the jobs table as soon as it is ready.
+    upgrade_to_head()
+    # Its own session: a Ctrl+C in the terminal reaches only us, and we stop the worker deliberately.
+    worker = subprocess.Popen(_worker_command(settings.worker_queue, args.loglevel), start_new_session=True)
+    print(f"  worker:    pid {worker.pid}", flush=True)
+    try:
+        uvicorn.run(create_app(auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
+    finally:
+        print("stopping the worker...", flush=True)
+        _stop(worker)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.core.db import get_engine
+    from api.core.migrations import DatabaseNotMigrated, ensure_up_to_date
+    from api.core.settings import get_settings
+    from api.main import create_app
+
+    settings = get_settings()
+    try:
+        ensure_up_to_date(get_engine(), auto_migrate=False)
+    except DatabaseNotMigrated as exc:
+        print(f"svfit api: {exc}", file=sys.stderr)
+        return 2
+    _banner("api")
+    uvicorn.run(create_app(auto_migrate=False), host=settings.host, port=settings.port, log_level=args.loglevel)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from api.core.settings import get_settings
+
+    settings = get_settings()
+    if args.concurrency > 1:
+        # One job per process (training owns the device and its memory): N slots are N worker processes.
+        children = [subprocess.Popen(_worker_command(settings.worker_queue, args.loglevel)) for _ in range(args.concurrency)]
+
+        def _forward(signum: int, _frame: object) -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, _forward)
+        signal.signal(signal.SIGINT, _forward)
+        return max(child.wait() for child in children)
+
+    from worker.celery_app import get_app
+
+    get_app().worker_main(
+        [
+            "worker",
+            "--queues", settings.worker_queue,
+            "--concurrency", "1",
+            "--pool", "solo",
+            "--loglevel", args.loglevel.upper(),
+            # Gossip, mingle and broker heartbeats serve remote control, which the service does not use.
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--hostname", f"svfit-{settings.worker_queue}-{os.getpid()}@%h",
+        ]
+    )
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from api.core.migrations import upgrade_to_head
+    from api.core.settings import get_settings
+
+    upgrade_to_head()
+    print(f"database at head: {_redacted(get_settings().database_url or '')}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from api.core.db import session_scope
+    from api.services.keys import create_api_key
+
+    with session_scope() as session:
+        org_id, key = create_api_key(session, args.org)
+    print(f"organization: {org_id}")
+    print(f"api key:      {key}")
+    print("Store this key now: it is not shown again.")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from api.core.db import session_scope
+    from api.services.keys import revoke_api_key
+
+    with session_scope() as session:
+        revoked = revoke_api_key(session, args.key)
+    if not revoked:
+        print("svfit keys revoke: no live key matches", file=sys.stderr)
+        return 1
+    print("revoked")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svfit", description="Self-hosted OpenAI-compatible fine-tuning with SVFit.")
+    parser.add_argument("--data-dir", dest="data_dir", help="data directory (default: $SVFIT_DATA_DIR or ./data)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--host", help="bind address (default 127.0.0.1; auth is off only on loopback)")
+        sub.add_argument("--port", type=int, help="port (default 8000)")
+        sub.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+
+    serve = commands.add_parser("serve", help="API and one local worker (embedded mode)")
+    server_options(serve)
+    serve.add_argument("--queue", help="worker queue / device class (default: $SVFIT_WORKER_QUEUE or cpu)")
+    serve.set_defaults(func=cmd_serve)
+
+    api = commands.add_parser("api", help="the HTTP API only (the database must be migrated)")
+    server_options(api)
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="a job worker")
+    worker.add_argument("--queue", help="queue to consume, by device class: gpu or cpu (default: $SVFIT_WORKER_QUEUE)")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes, one job each (default 1)")
+    worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="bring the database schema to the current revision")
+    migrate.set_defaults(func=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key for an organization (printed once)")
+    create.add_argument("--org", required=True, help="organization name (created if new)")
+    create.set_defaults(func=cmd_keys_create)
+    revoke = key_commands.add_parser("revoke", help="revoke a key, by id or by the key itself")
+    revoke.add_argument("key")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "concurrency", 1) < 1:
+        build_parser().error("--concurrency must be at least 1")
+    _apply_overrides(args)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Turns every failure into OpenAI's error envelope `{"error": {message, type, param, code}}`.
+
+The table of errors lives in api/core/errors.py; this module only registers handlers: service errors,
+request validation (reported as 400 with the offending field as `param`), unknown routes and methods, and
+anything unexpected (500, logged here, never shown to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.core.errors import (
+    InternalError,
+    InvalidParameter,
+    InvalidRequest,
+    MethodNotAllowed,
+    MissingParameter,
+    NotFound,
+    ServiceError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Where FastAPI found a bad value; not part of the field path a client knows.
+_LOCATION_PREFIXES = {"body", "query", "path", "header", "cookie"}
+
+
+def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status, headers=headers)
+
+
+async def handle_service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    return error_response(exc)
+
+
+def validation_error(exc: RequestValidationError) -> ServiceError:
+    """The first problem, as a 400 naming its field path (`hyperparameters.n_epochs`, `limit`)."""
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ())]
+    if location and location[0] in _LOCATION_PREFIXES:
+        location = location[1:]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request. It should be a JSON object.")
+    if kind == "missing":
+        if param is None:
+            return MissingParameter("The request body is missing.")
+        return MissingParameter(f"Missing required parameter: '{param}'.", param=param)
+    message = first.get("msg", "Invalid value")
+    return InvalidParameter(f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param)
+
+
+async def handle_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc))
+
+
+async def handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404 (no such route) and 405, plus any HTTPException a library raises."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        error: ServiceError = NotFound(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}.")
+    else:
+        error = ServiceError(str(exc.detail))
+        error.status = exc.status_code
+        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        error.code = None
+    return error_response(error, headers)
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(InternalError("The server had an error while processing your request."))
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, handle_service_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected_error)

@@ -1,0 +1,111 @@
+"""The application factory: settings, database (checked to be migrated), store, dispatcher, routes, errors.
+
+`create_app()` builds everything an app needs into `app.state` and reads no globals afterwards, so tests
+and the embedded server each get an app over their own data directory. Serve it with
+`uvicorn --factory api.main:create_app`, or through `svfit serve`, which passes `auto_migrate=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from sqlalchemy.orm import sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.core.db import make_engine
+from api.core.errors import PayloadTooLarge
+from api.core.migrations import ensure_up_to_date
+from api.core.settings import Settings, get_settings
+from api.core.storage import storage_for
+from api.errors import error_response, register_error_handlers
+from api.routes import files, health, jobs, models
+from api.schemas import ErrorEnvelope
+from api.services.jobs import Dispatch
+
+# Room for the multipart envelope around an upload of exactly the maximum size.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in {
+        400: "Invalid request (the `param` names the field)",
+        401: "Missing or invalid API key",
+        404: "No such object in this organization",
+        413: "Upload too large",
+        500: "Server error",
+    }.items()
+}
+
+
+def enqueue_with_worker(job_id: str) -> None:
+    # Imported on first use: the worker package (Celery, the training stack) is not needed to start the API.
+    from worker.dispatch import enqueue_job
+
+    enqueue_job(job_id)
+
+
+class RequestSizeLimit:
+    """Refuses a request whose declared Content-Length is over the limit before any of it is read.
+
+    Starlette spools a multipart upload to disk before a route runs; without this, an oversized upload
+    would be written out in full only to be refused. The upload service still counts the bytes it
+    streams, which covers chunked requests that declare no length.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                error = PayloadTooLarge(f"The request exceeds the limit of {self.max_bytes} bytes.", param="file")
+                await error_response(error, headers={"Connection": "close"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None, auto_migrate: bool = False) -> FastAPI:
+    """Build the API over `settings` (default: the environment's).
+
+    Refuses (DatabaseNotMigrated) when the database is behind the code, unless `auto_migrate` is set;
+    `dispatch` hands a committed job id to the workers (default: worker.dispatch.enqueue_job).
+    """
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    try:
+        ensure_up_to_date(engine, auto_migrate=auto_migrate)
+    except BaseException:
+        engine.dispose()
+        raise
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="SVFit fine-tuning service",
+        summary="OpenAI-compatible fine-tuning (files, jobs, models) with SVFit, LoRA or full fine-tuning.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.storage = storage_for(settings)
+    app.state.dispatch = dispatch or enqueue_with_worker
+
+    register_error_handlers(app)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+
+    app.include_router(health.router)
+    v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+    for resource in (files, jobs, models):
+        v1.include_router(resource.router)
+    app.include_router(v1)
+    return app

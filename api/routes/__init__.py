@@ -1,0 +1,1 @@
+"""One APIRouter per resource. Routes are thin: parse, call a service, shape the response."""

@@ -1,0 +1,104 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel / pause / resume, events, checkpoints, artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from api.core.tables import Job
+from api.deps import CurrentOrg, DispatchDep, SessionDep, SettingsDep, StorageDep
+from api.schemas import CheckpointPublic, CheckpointsPublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
+from api.services import artifacts as artifacts_service
+from api.services import jobs as jobs_service
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+def _public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    positions = jobs_service.queue_positions(session, jobs)
+    return [JobPublic.from_row(job, positions.get(job.id)) for job in jobs]
+
+
+@router.post("")
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    org_id: CurrentOrg,
+    dispatch: DispatchDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
+) -> JobPublic:
+    job = jobs_service.create_job(
+        session, settings, org_id=org_id, request=body, idempotency_key=idempotency_key, dispatch=dispatch
+    )
+    return _public(session, [job])[0]
+
+
+@router.get("")
+def list_jobs(session: SessionDep, org_id: CurrentOrg, after: str | None = None, limit: Limit = 20) -> JobsPublic:
+    page = jobs_service.list_jobs(session, org_id, after=after, limit=limit)
+    return JobsPublic.of(_public(session, page.items), page.has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_job(session: SessionDep, org_id: CurrentOrg, job_id: str) -> JobPublic:
+    return _public(session, [jobs_service.get_job(session, org_id, job_id)])[0]
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(session: SessionDep, org_id: CurrentOrg, job_id: str) -> JobPublic:
+    return _public(session, [jobs_service.cancel_job(session, org_id, job_id)])[0]
+
+
+@router.post("/{job_id}/pause")
+def pause_job(session: SessionDep, org_id: CurrentOrg, job_id: str) -> JobPublic:
+    return _public(session, [jobs_service.pause_job(session, org_id, job_id)])[0]
+
+
+@router.post("/{job_id}/resume")
+def resume_job(session: SessionDep, org_id: CurrentOrg, dispatch: DispatchDep, job_id: str) -> JobPublic:
+    return _public(session, [jobs_service.resume_job(session, org_id, job_id, dispatch=dispatch)])[0]
+
+
+@router.get("/{job_id}/events")
+def list_job_events(
+    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 20
+) -> JobEventsPublic:
+    page = jobs_service.list_events(session, org_id, job_id, after=after, limit=limit)
+    return JobEventsPublic.of([JobEventPublic.from_row(e) for e in page.items], page.has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_job_checkpoints(
+    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 10
+) -> CheckpointsPublic:
+    page = jobs_service.list_checkpoints(session, org_id, job_id, after=after, limit=limit)
+    return CheckpointsPublic.of([CheckpointPublic.from_row(c) for c in page.items], page.has_more)
+
+
+# A plain `def`: the first request for an archive exports (and may merge) a model, which takes seconds
+# to minutes; FastAPI runs it in a worker thread, off the event loop.
+@router.get("/{job_id}/artifacts", response_class=FileResponse)
+def download_job_artifact(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    org_id: CurrentOrg,
+    job_id: str,
+    artifact_format: Annotated[Literal["svfit", "peft_lora", "merged"], Query(alias="format")] = "svfit",
+    step: Annotated[int | None, Query(ge=0, description="A checkpoint's step; default: the final adapter.")] = None,
+) -> FileResponse:
+    archive = artifacts_service.artifact_archive(
+        session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step
+    )
+    return FileResponse(
+        archive.path,
+        media_type="application/gzip",
+        filename=archive.filename,
+        headers={"X-Content-SHA256": archive.sha256},
+    )

@@ -1,0 +1,143 @@
+"""Downloadable artifacts of a job (extension): the final adapter or a checkpoint, exported by the training
+library in one of its formats and packed as a tar.gz with a sha256.
+
+Each archive is built once and cached in the store. The build runs under a per-archive file lock (two
+requests, or two API processes, never build the same archive twice) and lands atomically: the digest is
+written first, then the archive is renamed into place, so an archive that exists always has its digest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.core.base_models import resolve_base_model
+from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
+from api.core.settings import Settings
+from api.core.storage import LocalStorage
+from api.core.tables import Checkpoint, FineTunedModel, Job
+from api.services.jobs import get_job
+
+ARTIFACT_FORMATS = ("svfit", "peft_lora", "merged")
+# Safetensors weights barely compress; level 1 keeps a merged model's archive from costing minutes.
+GZIP_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class ArtifactArchive:
+    path: Path
+    sha256: str
+    filename: str
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it on the way to `raw`."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _adapter_key(session: Session, job: Job, step: int | None) -> tuple[str, str]:
+    """(storage key of the adapter directory, a label for names): checkpoint `step`, or the final adapter."""
+    if step is not None:
+        checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step))
+        if checkpoint is None:
+            raise ArtifactUnavailable(f"Job {job.id} has no checkpoint at step {step}.", param="step")
+        return checkpoint.storage_key, f"step-{step}"
+    if job.status != "succeeded":
+        raise ArtifactUnavailable(
+            f"Job {job.id} has not succeeded (status: {job.status}); pass `step` to download a checkpoint."
+        )
+    final = session.scalar(
+        select(FineTunedModel).where(FineTunedModel.job_id == job.id, FineTunedModel.step_number.is_(None))
+    )
+    if final is None:
+        raise ArtifactUnavailable(f"Job {job.id} has no final adapter.")
+    return final.storage_key, "final"
+
+
+def _write_tar_gz(source: Path, target: Path, root_name: str) -> str:
+    """Pack `source` (a directory's contents, or one file) under `root_name/`; return the archive's sha256."""
+    with target.open("wb") as raw:
+        hashing = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                if source.is_dir():
+                    for path in sorted(source.rglob("*")):
+                        tar.add(path, arcname=f"{root_name}/{path.relative_to(source).as_posix()}", recursive=False)
+                else:
+                    tar.add(source, arcname=f"{root_name}/{source.name}")
+        raw.flush()
+        os.fsync(raw.fileno())
+    return hashing.digest.hexdigest()
+
+
+def _build(base_model_path: Path, adapter_dir: Path, fmt: str, archive: Path, digest_file: Path, root_name: str) -> None:
+    # Imported on use: the training library pulls in torch, which only this route needs.
+    from svfit_core.artifacts import ArtifactFormatUnavailable, write_artifact
+
+    with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".build-") as scratch:
+        try:
+            exported = write_artifact(base_model_path, adapter_dir, fmt, Path(scratch) / root_name)
+        except ArtifactFormatUnavailable as exc:
+            raise ArtifactUnavailable(str(exc), param="format") from exc
+        part = Path(scratch) / "archive.part"
+        sha256 = _write_tar_gz(Path(exported), part, root_name)
+        digest_part = Path(scratch) / "digest.part"
+        digest_part.write_text(sha256 + "\n")
+        os.replace(digest_part, digest_file)
+        os.replace(part, archive)
+
+
+def artifact_archive(
+    session: Session,
+    storage: LocalStorage,
+    settings: Settings,
+    *,
+    org_id: str,
+    job_id: str,
+    fmt: str,
+    step: int | None = None,
+) -> ArtifactArchive:
+    """The cached archive of job `job_id`'s adapter in format `fmt`, built on first request (slow: call
+    it off the event loop)."""
+    if fmt not in ARTIFACT_FORMATS:
+        raise InvalidParameter(f"'format' must be one of {', '.join(ARTIFACT_FORMATS)}.", param="format")
+    job = get_job(session, org_id, job_id)
+    adapter_key, label = _adapter_key(session, job, step)
+    root_name = f"{job.id}-{label}-{fmt}"
+    archive = storage.path(f"artifacts/{job.id}/{root_name}.tar.gz")
+    digest_file = archive.with_name(archive.name + ".sha256")
+
+    if not archive.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with archive.with_name(archive.name + ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not archive.exists():  # another builder may have finished while we waited
+                adapter_dir = storage.path(adapter_key)
+                if not adapter_dir.exists():
+                    raise ArtifactUnavailable(f"The adapter of job {job.id} ({label}) is missing from the store.")
+                try:
+                    base_model_path = resolve_base_model(job.model, settings.models_dir)
+                except ModelNotFound as exc:
+                    raise ArtifactUnavailable(f"The base model '{job.model}' is no longer installed.") from exc
+                _build(base_model_path, adapter_dir, fmt, archive, digest_file, root_name)
+    return ArtifactArchive(path=archive, sha256=digest_file.read_text().strip(), filename=f"{root_name}.tar.gz")

@@ -1,0 +1,327 @@
+"""Fine-tuning jobs: creation (validated, resolved, idempotent, enqueued after commit), reads, and the
+cancel / pause / resume transitions.
+
+The job row is the source of truth and the worker changes it concurrently, so every transition here is
+a conditional UPDATE (`... WHERE status IN (...)`) that either applies or tells us to re-read. A job
+that is running is never stopped from here: we set `requested_action` and the worker acts on it within
+a step, then writes the final status itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.core.base_models import resolve_base_model
+from api.core.errors import (
+    InvalidParameter,
+    InvalidRequest,
+    InvalidStateTransition,
+    InvalidTrainingFile,
+    NotFound,
+    ServiceUnavailable,
+)
+from api.core.hyperparameters import HYPERPARAMETER_NAMES, resolve_hyperparameters, resolve_peft
+from api.core.ids import new_id
+from api.core.settings import Settings
+from api.core.tables import Checkpoint, Job, JobEvent, now
+from api.schemas import JobCreate
+from api.services.files import usable_training_file
+from api.services.pagination import Page, paginate
+
+logger = logging.getLogger(__name__)
+
+# Hands a committed job's id to the worker queue (worker.dispatch.enqueue_job in production).
+Dispatch = Callable[[str], None]
+
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")  # no worker holds these
+# The suffix becomes one ':'-separated field of `ft:{base}:{org}:{suffix}:{id}`.
+SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+# Transitions retry this many times when the worker moves the job between our read and our update.
+TRANSITION_ATTEMPTS = 5
+
+
+# --- creation ------------------------------------------------------------------------------------------
+
+
+def request_hash(request: JobCreate) -> str:
+    canonical = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _requested_hyperparameters(request: JobCreate) -> tuple[dict[str, Any], str]:
+    """The hyperparameters asked for, from the legacy field or the `method` block, and where they came from."""
+    if request.method is not None and request.method.type != "supervised":
+        raise InvalidParameter(
+            f"Method '{request.method.type}' is not supported; only 'supervised' is.", param="method.type"
+        )
+    legacy = request.hyperparameters.model_dump(exclude_unset=True) if request.hyperparameters else {}
+    supervised = request.method.supervised if request.method else None
+    from_method = supervised.hyperparameters.model_dump(exclude_unset=True) if supervised and supervised.hyperparameters else {}
+    for name in legacy.keys() & from_method.keys():
+        if legacy[name] != from_method[name]:
+            raise InvalidParameter(
+                f"'{name}' is given twice with different values (hyperparameters and method.supervised).",
+                param=f"hyperparameters.{name}",
+            )
+    if from_method:
+        return {**legacy, **from_method}, "method.supervised.hyperparameters"
+    return legacy, "hyperparameters"
+
+
+def _check_suffix_and_metadata(request: JobCreate) -> None:
+    if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
+        raise InvalidParameter(
+            "'suffix' must be 1 to 64 characters from letters, digits, '-', '_' and '.'.", param="suffix"
+        )
+    metadata = request.metadata or {}
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidParameter(f"'metadata' holds at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise InvalidParameter(
+                f"metadata keys are at most {MAX_METADATA_KEY} characters and values {MAX_METADATA_VALUE}.",
+                param=f"metadata.{key}",
+            )
+
+
+def _existing_job(session: Session, settings: Settings, org_id: str, idempotency_key: str | None, body_hash: str) -> Job | None:
+    if idempotency_key is not None:
+        job = session.scalar(select(Job).where(Job.org_id == org_id, Job.idempotency_key == idempotency_key))
+        if job is not None and job.request_hash != body_hash:
+            raise InvalidRequest(
+                "This Idempotency-Key was already used with a different request body.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        return job
+    # No key: the client's automatic retry of a request whose response was lost sends the same body.
+    # A cancelled job is not handed back: re-submitting after a cancel means "run it again".
+    return session.scalar(
+        select(Job)
+        .where(
+            Job.org_id == org_id,
+            Job.request_hash == body_hash,
+            Job.idempotency_key.is_(None),
+            Job.created_at >= now() - settings.job_dedupe_window_s,
+            Job.status != "cancelled",
+        )
+        .order_by(Job.pk.desc())
+        .limit(1)
+    )
+
+
+def create_job(
+    session: Session,
+    settings: Settings,
+    *,
+    org_id: str,
+    request: JobCreate,
+    idempotency_key: str | None,
+    dispatch: Dispatch,
+) -> Job:
+    """Validate and resolve the request, commit the job as `queued`, then hand its id to the queue.
+
+    Files were validated at upload, so there is nothing left for a `validating_files` phase to do.
+    """
+    body_hash = request_hash(request)
+    existing = _existing_job(session, settings, org_id, idempotency_key, body_hash)
+    if existing is not None:
+        return existing
+
+    resolve_base_model(request.model, settings.models_dir)
+    training = usable_training_file(
+        session, org_id, request.training_file, param="training_file", min_examples=settings.min_training_examples
+    )
+    if request.validation_file is not None:
+        validation = usable_training_file(session, org_id, request.validation_file, param="validation_file")
+        if validation.data_format != training.data_format:
+            raise InvalidTrainingFile(
+                f"The validation file holds {validation.data_format} examples but the training file "
+                f"{training.data_format} examples.",
+                param="validation_file",
+            )
+    _check_suffix_and_metadata(request)
+    peft = resolve_peft(request.peft.model_dump() if request.peft else None)
+    requested, param_prefix = _requested_hyperparameters(request)
+    hyperparameters = resolve_hyperparameters(
+        requested, n_examples=training.num_examples or 0, peft_type=peft["type"], param_prefix=param_prefix
+    )
+
+    job = Job(
+        id=new_id("ftjob"),
+        org_id=org_id,
+        model=request.model,
+        training_file=training.id,
+        validation_file=request.validation_file,
+        suffix=request.suffix,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        user_metadata=request.metadata,
+        hyperparameters=hyperparameters,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {name: hyperparameters[name] for name in HYPERPARAMETER_NAMES}},
+        },
+        peft=peft,
+        status="queued",
+        result_files=[],
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+    )
+    session.add(job)
+    session.add(_event(job.id, f"Created fine-tuning job: {job.id}"))
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the insert; answer with its job.
+        session.rollback()
+        winner = _existing_job(session, settings, org_id, idempotency_key, body_hash) if idempotency_key else None
+        if winner is None:
+            raise
+        return winner
+
+    try:
+        dispatch(job.id)
+    except Exception as exc:
+        # Not enqueued means never run: withdraw the job so the client's retry (503 is retried) starts clean.
+        logger.exception("could not enqueue job %s", job.id)
+        session.delete(job)
+        session.commit()
+        raise ServiceUnavailable("The job queue is unavailable; the job was not created. Try again.") from exc
+    return job
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, org_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.org_id == org_id))
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}")
+    return job
+
+
+def list_jobs(session: Session, org_id: str, *, after: str | None, limit: int) -> Page[Job]:
+    return paginate(session, Job, Job.org_id == org_id, after=after, limit=limit, order="desc")
+
+
+def queue_positions(session: Session, jobs: Iterable[Job]) -> dict[str, int]:
+    """1-based position among all queued jobs (every organization shares the workers), for queued jobs only."""
+    return {
+        job.id: 1 + session.scalar(select(func.count()).where(Job.status == "queued", Job.pk < job.pk))
+        for job in jobs
+        if job.status == "queued"
+    }
+
+
+def list_events(session: Session, org_id: str, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
+    job = get_job(session, org_id, job_id)
+    return paginate(session, JobEvent, JobEvent.job_id == job.id, after=after, limit=limit, order="desc")
+
+
+def list_checkpoints(session: Session, org_id: str, job_id: str, *, after: str | None, limit: int) -> Page[Checkpoint]:
+    job = get_job(session, org_id, job_id)
+    return paginate(session, Checkpoint, Checkpoint.job_id == job.id, after=after, limit=limit, order="desc")
+
+
+# --- transitions ---------------------------------------------------------------------------------------
+
+
+def _event(job_id: str, message: str, level: str = "info") -> JobEvent:
+    return JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type="message", message=message)
+
+
+def _apply(session: Session, job: Job, *conditions: Any, event: str | None = None, **values: Any) -> bool:
+    """UPDATE the job WHERE `conditions` hold; commit, refresh, and tell whether it applied."""
+    applied = session.execute(update(Job).where(Job.id == job.id, *conditions).values(**values)).rowcount == 1
+    if applied and event:
+        session.add(_event(job.id, event))
+    session.commit()
+    session.refresh(job)
+    return applied
+
+
+def _refuse_if_finished(job: Job, action: str) -> None:
+    if job.status in TERMINAL_STATUSES:
+        raise InvalidStateTransition(f"Job {job.id} has already {job.status} and cannot be {action}.")
+
+
+def cancel_job(session: Session, org_id: str, job_id: str) -> Job:
+    job = get_job(session, org_id, job_id)
+    for _ in range(TRANSITION_ATTEMPTS):
+        _refuse_if_finished(job, "cancelled")
+        if job.status == "running":
+            if job.requested_action == "cancel":
+                return job
+            if _apply(session, job, Job.status == "running", event="Cancellation requested.", requested_action="cancel"):
+                return job
+        elif _apply(
+            session,
+            job,
+            Job.status.in_(CANCELLABLE_AT_ONCE),
+            event="Job cancelled.",
+            status="cancelled",
+            requested_action=None,
+            finished_at=now(),
+            estimated_finish=None,
+        ):
+            return job
+    raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")
+
+
+def pause_job(session: Session, org_id: str, job_id: str) -> Job:
+    """Running: ask the worker to checkpoint and stop. Queued: park it before a worker takes it."""
+    job = get_job(session, org_id, job_id)
+    for _ in range(TRANSITION_ATTEMPTS):
+        _refuse_if_finished(job, "paused")
+        if job.status == "paused" or (job.status == "running" and job.requested_action == "pause"):
+            return job
+        if job.status == "running":
+            if job.requested_action == "cancel":
+                raise InvalidStateTransition(f"Job {job.id} is being cancelled and cannot be paused.")
+            if _apply(
+                session, job, Job.status == "running", Job.requested_action.is_(None),
+                event="Pause requested.", requested_action="pause",
+            ):
+                return job
+        elif _apply(session, job, Job.status.in_(("validating_files", "queued")), event="Job paused.", status="paused"):
+            return job
+    raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")
+
+
+def resume_job(session: Session, org_id: str, job_id: str, *, dispatch: Dispatch) -> Job:
+    """Paused: back to `queued` and enqueued again (the worker resumes from the last checkpoint).
+
+    Running with a pause not yet acted on: the pause is withdrawn. Queued or running: nothing to do.
+    """
+    job = get_job(session, org_id, job_id)
+    for _ in range(TRANSITION_ATTEMPTS):
+        _refuse_if_finished(job, "resumed")
+        if job.status == "running":
+            if job.requested_action != "pause" or _apply(
+                session, job, Job.status == "running", Job.requested_action == "pause",
+                event="Pause withdrawn.", requested_action=None,
+            ):
+                return job
+        elif job.status != "paused":
+            return job
+        elif _apply(session, job, Job.status == "paused", event="Job resumed.", status="queued", requested_action=None):
+            try:
+                dispatch(job.id)
+            except Exception as exc:
+                logger.exception("could not enqueue resumed job %s", job.id)
+                _apply(session, job, Job.status == "queued", status="paused")
+                raise ServiceUnavailable("The job queue is unavailable; the job stays paused. Try again.") from exc
+            return job
+    raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")

@@ -1,0 +1,88 @@
+"""Organizations and their API keys: creation (for the CLI), revocation, and resolving a presented key.
+
+Keys are random and long, so an unsalted sha256 is enough; only the hash is stored and the plaintext is
+shown once. Lookup is by hash, and the final comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.core.errors import Unauthorized
+from api.core.ids import new_id
+from api.core.tables import ApiKey, Organization, now
+
+KEY_PREFIX = "sk-svfit-"
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def get_or_create_organization(session: Session, name: str) -> Organization:
+    """The organization called `name`, created on first use. Safe against a concurrent creator."""
+    org = session.scalar(select(Organization).where(Organization.name == name))
+    if org is not None:
+        return org
+    org = Organization(id=new_id("org"), name=name)
+    session.add(org)
+    try:
+        session.commit()
+        return org
+    except IntegrityError:
+        # Another request created it between our select and insert (names are unique).
+        session.rollback()
+        return session.scalars(select(Organization).where(Organization.name == name)).one()
+
+
+def create_api_key(session: Session, org_name: str) -> tuple[str, str]:
+    """A new key for organization `org_name` (created if needed): (org_id, plaintext key)."""
+    org = get_or_create_organization(session, org_name)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(id=new_id("key"), org_id=org.id, key_hash=hash_key(plaintext), prefix=plaintext[:16]))
+    session.commit()
+    return org.id, plaintext
+
+
+def revoke_api_key(session: Session, key: str) -> bool:
+    """Revoke a key given its id (`key-…`) or its plaintext. False when no live key matched."""
+    condition = ApiKey.id == key if key.startswith("key-") else ApiKey.key_hash == hash_key(key)
+    api_key = session.scalar(select(ApiKey).where(condition, ApiKey.revoked_at.is_(None)))
+    if api_key is None:
+        return False
+    api_key.revoked_at = now()
+    session.commit()
+    return True
+
+
+def list_api_keys(session: Session, org_name: str | None = None) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.pk)
+    if org_name is not None:
+        stmt = stmt.join(Organization, Organization.id == ApiKey.org_id).where(Organization.name == org_name)
+    return list(session.scalars(stmt))
+
+
+def authenticate(session: Session, presented_key: str | None, *, auth_required: bool, default_org: str) -> str:
+    """The organization id a request acts as.
+
+    No key: the default organization when auth is off (loopback), else 401. A presented key is always
+    checked, so a mistyped key fails loudly instead of silently landing in the default organization.
+    """
+    if not presented_key:
+        if auth_required:
+            raise Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                "(create one with `svfit keys create --org NAME`)."
+            )
+        return get_or_create_organization(session, default_org).id
+    presented_hash = hash_key(presented_key)
+    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == presented_hash, ApiKey.revoked_at.is_(None)))
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, presented_hash):
+        raise Unauthorized("Incorrect API key provided.")
+    return api_key.org_id

@@ -1,0 +1,467 @@
+"""Speed and memory of one training step: SVFit against the frozen floor, LoRA r=8 and full fine-tuning.
+
+    python -m benchmarks.speed [--quick]
+
+What one "step" is: forward + backward + optimizer step (AdamW) + zero_grad, on a fixed random batch.
+The **frozen floor** is the cheapest thing any adapter method can cost: every weight frozen, forward and
+backward down to the input embeddings (which are made to require grad). Every arm is reported as a ratio
+to the floor measured in the same run.
+
+Arms, per model: floor; full fine-tuning; and on the q,v targets and on all-linear targets: SVFit at a
+small fixed rank, SVFit at r = k (every singular value), LoRA r=8 (HF PEFT, alpha 16, no dropout).
+Classification models train their head in every arm except the floor (the head's cost is negligible).
+
+Each arm runs in its own fresh subprocess so its peak memory is its own:
+- CPU: peak resident memory (the kernel's VmHWM, reset after warm-up) minus the resident memory of the
+  loaded base model before the arm was set up. This counts what the method adds: stored bases or LoRA
+  factors, gradients, optimizer state and the activations kept for backward.
+- GPU: torch.cuda.max_memory_allocated minus the memory the base model holds.
+With --rounds > 1 every arm runs that many times, interleaved (round 1 of every arm, then round 2 ...),
+and the timed steps are pooled: load from other users of a shared machine then hits all arms alike.
+
+Models: MiniLM-L6 (sequence classification, batch 16, seq 128) and SmolLM2-135M (causal LM, batch 4,
+seq 128). --quick replaces SmolLM2 with a random Llama of SmolLM2's shape halved (hidden 288, 15 layers,
+intermediate 768) and times fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchmarks.common import (
+    format_table,
+    log,
+    median,
+    minilm_path,
+    peak_rss_mb,
+    quantile,
+    reset_peak_rss,
+    rss_mb,
+    smollm2_location,
+    write_result,
+)
+
+# Target module lists, spelled out so that SVFit and PEFT adapt exactly the same layers. "all" is every
+# linear layer inside the transformer blocks (not the embeddings, pooler, head or lm_head), which is what
+# SVFitConfig(target_modules="all-linear") means.
+BERT_QV = ["query", "value"]
+BERT_ALL = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+LLAMA_QV = ["q_proj", "v_proj"]
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+SMALL_RANK = 16  # "SVFit small r": the rank a multi-adapter server would keep (SVFIT.md, serving)
+LORA_RANK = 8
+
+
+@dataclass
+class ModelCase:
+    """One model the arms run on."""
+
+    key: str
+    label: str
+    task: str  # "classification" | "causal"
+    batch: int
+    seq: int
+    targets: dict[str, list[str]]
+    source: str = ""  # a folder the worker loads with from_pretrained (filled in by prepare_models)
+
+
+@dataclass
+class Arm:
+    """One measured configuration: method ∈ floor | full | svfit | lora."""
+
+    name: str
+    method: str
+    targets: str | None = None  # "qv" | "all"
+    rank: int | None = None  # None with svfit means r = k
+
+
+@dataclass
+class WorkerSpec:
+    case: ModelCase
+    arm: Arm
+    warmup: int
+    steps: int
+    threads: int
+    device: str
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def arms_for() -> list[Arm]:
+    arms = [Arm("floor", "floor"), Arm("full", "full")]
+    for t in ("qv", "all"):
+        arms += [
+            Arm(f"svfit_r{SMALL_RANK}_{t}", "svfit", t, SMALL_RANK),
+            Arm(f"svfit_rk_{t}", "svfit", t, None),
+            Arm(f"lora_r{LORA_RANK}_{t}", "lora", t, LORA_RANK),
+        ]
+    return arms
+
+
+# ----------------------------------------------------------------------------------------- the worker
+# Runs inside a fresh subprocess: builds one arm, times it and prints one JSON line.
+
+
+def _load(case: ModelCase, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if case.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(case.source, num_labels=2)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(case.source, dtype=torch.float32)
+    return model.to(device)
+
+
+def _head_names(model) -> list[str]:
+    """Parameter names of a classification head (trained by every arm but the floor)."""
+    return [n for n, _ in model.named_parameters() if n.split(".")[0] in ("classifier", "score")]
+
+
+def _set_up_arm(model, case: ModelCase, arm: Arm):
+    """Freeze/wrap ``model`` for ``arm``; returns the module to call."""
+    heads = set(_head_names(model))
+    if arm.method == "floor":
+        model.requires_grad_(False)
+        return model
+    if arm.method == "full":
+        model.requires_grad_(True)
+        return model
+    targets = case.targets[arm.targets]
+    if arm.method == "svfit":
+        from svfit_core import SVFitConfig, inject_svfit
+
+        model.requires_grad_(False)
+        cfg = SVFitConfig(rank=arm.rank, target_modules=targets, modules_to_save=[])
+        wrapped = inject_svfit(model, cfg)
+    elif arm.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=arm.rank, lora_alpha=2 * arm.rank, lora_dropout=0.0, target_modules=targets)
+        wrapped = get_peft_model(model, cfg)
+    else:
+        raise ValueError(arm.method)
+    # The head is trained in place for both methods (modules_to_save=[] / no PEFT task type), so neither
+    # pays for a copy of it and the comparison is only about the adapted layers.
+    for n, p in model.named_parameters():
+        if n in heads:
+            p.requires_grad_(True)
+    return wrapped
+
+
+def _batch(case: ModelCase, vocab: int, device: str, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, min(vocab, 30000), (case.batch, case.seq), generator=g)
+    mask = torch.ones_like(ids)
+    if case.task == "classification":
+        labels = torch.randint(0, 2, (case.batch,), generator=g)
+    else:
+        labels = ids.clone()
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def run_worker(spec: WorkerSpec) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    cuda = spec.device.startswith("cuda")
+
+    base = _load(spec.case, spec.device)
+    gc.collect()
+    rss_base = rss_mb()
+    gpu_base = torch.cuda.memory_allocated() if cuda else 0
+
+    t0 = time.perf_counter()
+    model = _set_up_arm(base, spec.case, spec.arm)
+    setup_s = time.perf_counter() - t0
+    model.train()
+    gc.collect()
+    adapter_state_mb = rss_mb() - rss_base
+    if cuda:
+        adapter_state_mb = (torch.cuda.memory_allocated() - gpu_base) / 2**20
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = set(_head_names(base))
+    trainable = sum(p.numel() for p in params)
+    head_params = sum(p.numel() for n, p in base.named_parameters() if n in head and p.requires_grad)
+    # Learning rate is irrelevant to timing; a small one keeps the weights sane over the timed steps.
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
+
+    ids, mask, labels = _batch(spec.case, base.config.vocab_size, spec.device, spec.seed)
+    embed = base.get_input_embeddings()
+
+    def step() -> None:
+        if spec.arm.method == "floor":
+            # Backward must reach the inputs, so the embeddings' output is a leaf that requires grad.
+            x = embed(ids).detach().requires_grad_(True)
+            out = model(inputs_embeds=x, attention_mask=mask, labels=labels)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(spec.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    hwm_reset = reset_peak_rss()
+
+    times = []
+    for _ in range(spec.steps):
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
+        peak_abs = torch.cuda.max_memory_allocated() / 2**20
+        mem_probe = "torch.cuda.max_memory_allocated"
+    else:
+        peak_abs = peak_rss_mb()
+        peak_mb = peak_abs - rss_base
+        mem_probe = "VmHWM after clear_refs" if hwm_reset else "ru_maxrss (whole process)"
+
+    ranks = [m.rank for m in model.modules() if type(m).__name__ == "SVFitLayer"]
+    return {
+        "step_s": times,
+        "trainable_params": trainable,
+        "head_params": head_params,
+        "setup_s": setup_s,
+        "adapter_state_mb": adapter_state_mb,
+        "peak_mem_mb": peak_mb,
+        "peak_abs_mb": peak_abs,
+        "base_mb": rss_base if not cuda else gpu_base / 2**20,
+        "mem_probe": mem_probe,
+        "svfit_layers": len(ranks),
+        "svfit_rank_total": sum(ranks),
+    }
+
+
+# ----------------------------------------------------------------------------------------- the parent
+
+
+def prepare_models(quick: bool, workdir: str, which: list[str]) -> list[ModelCase]:
+    """Model cases with a folder each worker can load quickly (SmolLM2's GGUF is dequantised once)."""
+    cases = []
+    if "minilm" in which:
+        cases.append(ModelCase("minilm", "MiniLM-L6 (cls, batch 16, seq 128)", "classification", 16, 128,
+                               {"qv": BERT_QV, "all": BERT_ALL}, source=minilm_path()))
+    if "smollm2" in which:
+        folder = os.path.join(workdir, "smollm2_half" if quick else "smollm2")
+        script = _HALF_LLAMA if quick else _DEQUANTISE
+        log(f"preparing {'a random half-size SmolLM2-shaped Llama' if quick else 'SmolLM2-135M (GGUF -> fp32)'}")
+        src_dir, gguf = smollm2_location()
+        subprocess.run([sys.executable, "-c", script, folder, src_dir, gguf], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        label = "Llama, SmolLM2 shape halved (random, causal, batch 4, seq 128)" if quick else \
+            "SmolLM2-135M (causal, batch 4, seq 128)"
+        cases.append(ModelCase("smollm2_half" if quick else "smollm2", label, "causal", 4, 128,
+                               {"qv": LLAMA_QV, "all": LLAMA_ALL}, source=folder))
+    return cases
+
+
+# Dequantise the GGUF once and save fp32 safetensors, so each of the many workers loads in a second.
+_DEQUANTISE = """
+import sys
+from transformers import AutoModelForCausalLM
+out, src, gguf = sys.argv[1:4]
+AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf).save_pretrained(out)
+"""
+
+# SmolLM2-135M's architecture with every width and the depth halved; random weights (seeded). The vocabulary
+# is kept so the LM head's share of the step stays realistic.
+_HALF_LLAMA = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out = sys.argv[1]
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=288, intermediate_size=768, num_hidden_layers=15,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=32, tie_word_embeddings=True,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
+LlamaForCausalLM(cfg).save_pretrained(out)
+"""
+
+
+def run_arm(spec: WorkerSpec, timeout: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--worker", json.dumps(asdict(spec))],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"arm {spec.arm.name} on {spec.case.key} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def summarise(case: ModelCase, arm: Arm, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [t for r in runs for t in r["step_s"]]
+    first = runs[0]
+    return {
+        "model": case.key,
+        "name": arm.name,
+        "method": arm.method,
+        "targets": arm.targets,
+        "target_modules": case.targets.get(arm.targets) if arm.targets else None,
+        "rank": "k" if arm.method == "svfit" and arm.rank is None else arm.rank,
+        "trainable_params": first["trainable_params"],
+        "trainable_params_excl_head": first["trainable_params"] - first["head_params"],
+        "head_params": first["head_params"],
+        "svfit_layers": first["svfit_layers"],
+        "svfit_rank_total": first["svfit_rank_total"],
+        "steps_timed": len(steps),
+        "step_ms_median": 1000 * median(steps),
+        "step_ms_p25": 1000 * quantile(steps, 0.25),
+        "step_ms_p75": 1000 * quantile(steps, 0.75),
+        "step_ms_per_round": [1000 * median(r["step_s"]) for r in runs],
+        # The largest over rounds: a peak is a worst case.
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in runs),
+        "peak_abs_mb": max(r["peak_abs_mb"] for r in runs),
+        "adapter_state_mb": max(r["adapter_state_mb"] for r in runs),
+        "base_model_mb": first["base_mb"],
+        "setup_s": median(r["setup_s"] for r in runs),
+        "mem_probe": first["mem_probe"],
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    by = {r["name"]: r for r in rows}
+    floor, full = by["floor"], by["full"]
+    for r in rows:
+        r["ratio_to_floor"] = r["step_ms_median"] / floor["step_ms_median"]
+        r["ratio_to_full"] = r["step_ms_median"] / full["step_ms_median"]
+        lora = by.get(f"lora_r{LORA_RANK}_{r['targets']}") if r["targets"] else None
+        r["ratio_to_lora_r8"] = r["step_ms_median"] / lora["step_ms_median"] if lora else None
+        r["mem_ratio_to_lora_r8"] = r["peak_mem_mb"] / lora["peak_mem_mb"] if lora else None
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets of SVFIT.md ("Cost model and targets"), measured; `met` is a plain comparison."""
+    by = {r["name"]: r for r in rows}
+    model = rows[0]["model"]
+    out = []
+
+    def add(what: str, value: float, limit: float) -> None:
+        out.append({"model": model, "target": what, "value": round(value, 3), "limit": round(limit, 3),
+                    "met": bool(value <= limit)})
+
+    qv_k, lora_qv = by["svfit_rk_qv"], by[f"lora_r{LORA_RANK}_qv"]
+    add("q,v r=k: step / floor <= 1.10", qv_k["ratio_to_floor"], 1.10)
+    add("q,v r=k: step / LoRA r=8 step <= 1", qv_k["ratio_to_lora_r8"], 1.0)
+    add(f"all-linear r={SMALL_RANK}: step / LoRA r=8 step <= 1", by[f"svfit_r{SMALL_RANK}_all"]["ratio_to_lora_r8"], 1.0)
+    add("all-linear r=k: step / full FT step <= 0.8", by["svfit_rk_all"]["ratio_to_full"], 0.8)
+    for t in ("qv", "all"):
+        for name in (f"svfit_r{SMALL_RANK}_{t}", f"svfit_rk_{t}"):
+            add(f"{name}: peak memory / LoRA r=8 ({t}) <= 1", by[name]["mem_ratio_to_lora_r8"], 1.0)
+    return out
+
+
+def print_tables(cases: list[ModelCase], arms_out: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
+    for case in cases:
+        rows = [r for r in arms_out if r["model"] == case.key]
+        print(f"\n{case.label}")
+        print(format_table(
+            ["arm", "trainable (excl. head)", "step ms (median)", "x floor", "x LoRA r8", "x full",
+             "peak mem MB", "mem x LoRA r8"],
+            [[r["name"], r["trainable_params_excl_head"], r["step_ms_median"], r["ratio_to_floor"],
+              r["ratio_to_lora_r8"], r["ratio_to_full"], r["peak_mem_mb"], r["mem_ratio_to_lora_r8"]]
+             for r in rows]))
+    print("\nTargets (SVFIT.md)")
+    print(format_table(["model", "target", "measured", "limit", "met"],
+                       [[t["model"], t["target"], t["value"], t["limit"], "yes" if t["met"] else "NO"]
+                        for t in targets]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and a half-size random Llama (< 5 min)")
+    ap.add_argument("--models", default="minilm,smollm2", help="comma list of minilm, smollm2")
+    ap.add_argument("--arms", default=None, help="comma list of arm names (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repeats of every arm")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--name", default=None, help="result file name (default speed / speed_quick)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        raw = json.loads(args.worker)
+        spec = WorkerSpec(case=ModelCase(**raw.pop("case")), arm=Arm(**raw.pop("arm")), **raw)
+        print(json.dumps(run_worker(spec)))
+        return 0
+
+    import torch
+
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    steps = args.steps or (10 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
+    name = args.name or ("speed_quick" if args.quick else "speed")
+    arms = arms_for()
+    if args.arms:
+        wanted = set(args.arms.split(","))
+        arms = [a for a in arms if a.name in wanted or a.method == "floor"]
+
+    workdir = tempfile.mkdtemp(prefix="svfit-speed-")
+    try:
+        cases = prepare_models(args.quick, workdir, args.models.split(","))
+        arms_out: list[dict[str, Any]] = []
+        targets: list[dict[str, Any]] = []
+        for case in cases:
+            runs: dict[str, list[dict[str, Any]]] = {a.name: [] for a in arms}
+            for rnd in range(rounds):
+                for arm in arms:
+                    log(f"{case.key} round {rnd + 1}/{rounds}: {arm.name}")
+                    spec = WorkerSpec(case, arm, warmup, steps, args.threads, device)
+                    res = run_arm(spec, timeout=3600)
+                    runs[arm.name].append(res)
+                    log(f"  median {1000 * median(res['step_s']):.0f} ms, peak +{res['peak_mem_mb']:.0f} MB, "
+                        f"{res['trainable_params']:,} trainable")
+            rows = [summarise(case, a, runs[a.name]) for a in arms]
+            add_ratios(rows)
+            arms_out += rows
+            if len(arms) == len(arms_for()):
+                targets += check_targets(rows)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print_tables(cases, arms_out, targets)
+    path = write_result(name, {
+        "settings": {"quick": args.quick, "device": device, "threads": args.threads, "warmup": warmup,
+                     "steps_per_round": steps, "rounds": rounds, "optimizer": "AdamW (torch default)",
+                     "svfit_small_rank": SMALL_RANK, "lora": {"r": LORA_RANK, "alpha": 2 * LORA_RANK,
+                                                              "dropout": 0.0},
+                     "models": [asdict(c) | {"source": None} for c in cases]},
+        "arms": arms_out,
+        "targets": targets,
+    }, started)
+    print(f"\nwrote {path.relative_to(path.parents[2])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Serving and exporting what training wrote: any ``checkpoints/step-N`` or ``final`` folder loads the same
+way (its ``training_meta.json`` says which method and task), and converts to the downloadable formats.
+
+Formats: ``svfit`` (the native adapter, SVFit runs only), ``peft_lora`` (a standard PEFT LoRA adapter:
+SVFit exports exactly, LoRA and PiSSA already are one), ``merged`` (a full HF model folder with the update
+folded in, any method). Each export is written atomically and carries a ``manifest.json`` of sha256 sums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from svfit_core.checkpointing import atomic_dir
+from svfit_core.errors import AdapterFormatError, SVFitError
+from svfit_core.export import export_merged, export_peft_lora
+from svfit_core.loading import load_base_model
+from svfit_core.methods import get_method
+from svfit_core.training import TRAINING_META
+
+ARTIFACT_FORMATS = ("svfit", "peft_lora", "merged")
+# Which training methods can produce each format.
+_AVAILABLE = {
+    "svfit": {"svfit"},
+    "peft_lora": {"svfit", "lora", "pissa"},
+    "merged": {"svfit", "lora", "pissa", "full", "head_only"},
+}
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ArtifactFormatUnavailable(SVFitError):
+    """The requested download format does not exist for this job's method (e.g. ``svfit`` for a LoRA job)."""
+
+    code = "artifact_format_unavailable"
+
+
+def read_training_meta(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / TRAINING_META
+    if not path.is_file():
+        raise AdapterFormatError(f"{adapter_dir} holds no {TRAINING_META}; it was not written by run_training")
+    return json.loads(path.read_text())
+
+
+def load_trained_model(
+    base_model_path: str | Path, adapter_dir: str | Path
+) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+    """``(model, tokenizer, meta)`` ready for inference (eval mode). ``meta`` has method, task, label_names."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_training_meta(adapter_dir)
+    label_names = meta.get("label_names")
+    base, tokenizer = load_base_model(
+        base_model_path,
+        meta["task"],
+        num_labels=len(label_names) if label_names else None,
+        id2label=dict(enumerate(label_names)) if label_names else None,
+    )
+    model = get_method(meta["method"]).load(base, adapter_dir)
+    return model.eval(), tokenizer, meta
+
+
+def write_artifact(base_model_path: str | Path, adapter_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
+    """Write ``adapter_dir``'s weights as ``fmt`` into ``out_dir`` (replaced if present); return ``out_dir``."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    meta = read_training_meta(adapter_dir)
+    method = meta["method"]
+    if fmt not in ARTIFACT_FORMATS:
+        raise ArtifactFormatUnavailable(f"unknown artifact format {fmt!r} (expected one of {ARTIFACT_FORMATS})")
+    if method not in _AVAILABLE[fmt]:
+        usable = [f for f in ARTIFACT_FORMATS if method in _AVAILABLE[f]]
+        raise ArtifactFormatUnavailable(f"format {fmt!r} is not available for a {method} job; use one of {usable}")
+
+    with atomic_dir(out_dir) as part:
+        if fmt == "svfit" or (fmt == "peft_lora" and method in ("lora", "pissa")):
+            # The servable adapter already is this format: copy it as written.
+            for name in _ADAPTER_FILES:
+                shutil.copy2(adapter_dir / name, part / name)
+        elif fmt == "peft_lora":
+            model, _, _ = load_trained_model(base_model_path, adapter_dir)
+            export_peft_lora(model, part)
+        else:
+            _write_merged(base_model_path, adapter_dir, method, part)
+        (part / TRAINING_META).write_text(json.dumps(meta, indent=2))
+        _write_manifest(part, fmt)
+    return out_dir
+
+
+def _write_merged(base_model_path: str | Path, adapter_dir: Path, method: str, out: Path) -> None:
+    model, tokenizer, _ = load_trained_model(base_model_path, adapter_dir)
+    if method == "svfit":
+        export_merged(model, tokenizer, out)
+        return
+    if method in ("lora", "pissa"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _write_manifest(folder: Path, fmt: str) -> None:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        files[str(path.relative_to(folder))] = digest.hexdigest()
+    (folder / "manifest.json").write_text(json.dumps({"format": fmt, "sha256": files}, indent=2))

@@ -1,0 +1,142 @@
+"""Turning validated examples into token ids and training targets, one format at a time.
+
+Causal examples become ``input_ids`` plus ``labels`` of the same length in the Hugging Face convention
+(``labels[i] = input_ids[i]`` where the token is trained, -100 elsewhere; the loss shifts them). Chat
+examples train only assistant turns with a non-zero weight, completion examples only the completion.
+Classification examples become ``input_ids`` (and ``token_type_ids`` where the tokenizer makes them) and an
+integer ``label``. Every sequence is cut to ``max_length``; the result says whether it was cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from svfit_core.data import Format
+from svfit_core.errors import DataError
+
+IGNORE_INDEX = -100  # the target value cross_entropy skips
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int] | int  # per-token targets (causal) or one class index (classification)
+    token_type_ids: list[int] | None = None
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_example(
+    example: dict, fmt: Format, tokenizer: PreTrainedTokenizerBase, max_length: int, *, token_types: bool = False
+) -> Encoded:
+    """``token_types``: keep the tokenizer's ``token_type_ids`` (only models with segment embeddings,
+    BERT-style, take them; a Llama forward would reject them)."""
+    if fmt == "chat":
+        return encode_chat(example["messages"], tokenizer, max_length)
+    if fmt == "completion":
+        return encode_completion(example["prompt"], example["completion"], tokenizer, max_length)
+    encoded = encode_classification(example["text"], example.get("text_pair"), example["label"], tokenizer, max_length)
+    if not token_types:
+        encoded.token_type_ids = None
+    return encoded
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_segments(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """Split a rendered chat into consecutive ``(text, trained)`` pieces that join to the full rendering.
+
+    An assistant turn's piece runs from the end of the rendering of the chat before it (with the
+    generation prompt) to the end of the rendering that includes it, so it holds exactly what the model
+    must produce at that point: the answer and the template's end-of-turn marker.
+    """
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # templates need no 'weight'
+    full = _render(tokenizer, plain)
+    segments: list[tuple[str, bool]] = []
+    cursor = 0  # characters of `full` already assigned to a segment
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = _assistant_span(tokenizer, plain, i, full, cursor)
+        segments.append((full[cursor:start], False))
+        segments.append((full[start:end], message.get("weight", 1) != 0))
+        cursor = end
+    segments.append((full[cursor:], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _assistant_span(tokenizer, plain: list[dict], i: int, full: str, cursor: int) -> tuple[int, int]:
+    before = _render(tokenizer, plain[:i], generation_prompt=True) if i else None
+    through = _render(tokenizer, plain[: i + 1])
+    if before is not None and full.startswith(through) and through.startswith(before) and len(before) >= cursor:
+        return len(before), len(through)
+    # Some templates render a prefix differently (a default system prompt added only when the chat opens
+    # with a user turn, say). Then the answer starts where its text does; it ends where the rendering
+    # through this turn ends when that is a prefix, else after the text and an EOS right behind it.
+    content = plain[i]["content"]
+    if full.startswith(through):
+        start = through.rfind(content, cursor)
+        if start >= 0:
+            return start, len(through)
+    start = full.find(content, cursor)
+    if start < 0:
+        raise DataError(f"the chat template does not render assistant message {i} verbatim; cannot mask it")
+    end = start + len(content)
+    eos = tokenizer.eos_token
+    gap = len(full[end:]) - len(full[end:].lstrip())
+    if eos and full.startswith(eos, end + gap):
+        end += gap + len(eos)
+    return start, end
+
+
+def encode_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    # Tokenise piece by piece so that every token belongs to exactly one piece: the mask is exact by
+    # construction. Templates put special tokens at piece borders, so this matches whole-text tokenisation.
+    for text, trained in chat_segments(messages, tokenizer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    return _truncate_causal(input_ids, labels, max_length)
+
+
+def encode_completion(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    # The prompt takes the tokenizer's usual specials (a BOS for Llama-style models); the completion ends
+    # with EOS so the model learns where to stop.
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return _truncate_causal(input_ids, labels, max_length)
+
+
+def _truncate_causal(input_ids: list[int], labels: list[int], max_length: int) -> Encoded:
+    truncated = len(input_ids) > max_length
+    return Encoded(input_ids[:max_length], labels[:max_length], truncated=truncated)
+
+
+def encode_classification(
+    text: str, text_pair: str | None, label: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Encoded:
+    full = tokenizer(text, text_pair)
+    truncated = len(full["input_ids"]) > max_length
+    if truncated:
+        full = tokenizer(text, text_pair, truncation=True, max_length=max_length)
+    return Encoded(full["input_ids"], int(label), token_type_ids=full.get("token_type_ids"), truncated=truncated)
+
+
+def count_targets(encoded: Encoded) -> int:
+    """How many predictions an example contributes to the loss (after the causal shift)."""
+    if isinstance(encoded.labels, int):
+        return 1
+    # labels[0] is never predicted: nothing precedes it.
+    return sum(1 for t in encoded.labels[1:] if t != IGNORE_INDEX)

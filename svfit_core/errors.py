@@ -1,0 +1,96 @@
+"""The library's typed errors: one root class and a flat table of subclasses.
+
+Every error carries a stable snake_case ``code`` that callers (the HTTP error table, the worker) can map
+without parsing messages. A subclass sets its default ``code``; a raise site may pass a more specific one
+(``ConfigError("...", code="invalid_rank")``). Add new errors here as one more row of the table.
+"""
+
+from __future__ import annotations
+
+
+class SVFitError(Exception):
+    """Root of every error raised on purpose by ``svfit_core``."""
+
+    code: str = "svfit_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(SVFitError, ValueError):
+    """Invalid method options: rank ≤ 0, τ outside (0, 1], unknown energy measure, bad target spec.
+
+    Specific codes: ``invalid_rank``, ``invalid_energy``, ``invalid_energy_measure``,
+    ``invalid_target_modules``, ``invalid_modules_to_save``, ``no_default_targets``, ``already_injected``,
+    ``rank_not_allowed``.
+    """
+
+    code = "invalid_config"
+
+
+class TargetModulesNotFoundError(SVFitError):
+    """A target (or a ``modules_to_save`` entry) matched no module of the model.
+
+    ``missing`` holds the entries that matched nothing; ``available`` the linear module names that exist.
+    """
+
+    code = "target_modules_not_found"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        available: list[str] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.missing = list(missing or [])
+        self.available = list(available or [])
+
+
+class BaseModelMismatchError(SVFitError):
+    """An adapter was loaded onto a base model it was not trained on (module, shape or weight hash differ).
+
+    ``module`` names the first mismatching module when there is one.
+    """
+
+    code = "base_model_mismatch"
+
+    def __init__(self, message: str, *, module: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.module = module
+
+
+class NonFiniteMergeError(SVFitError):
+    """Merging an adapter would write NaN or Inf into a base weight; the weight was left untouched."""
+
+    code = "non_finite_merge"
+
+    def __init__(self, message: str, *, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+class AdapterFormatError(SVFitError):
+    """An adapter directory is missing files, has an unknown format version or inconsistent tensors."""
+
+    code = "invalid_adapter_format"
+
+
+class DataError(SVFitError, ValueError):
+    """A training or validation file (or example list) cannot be used: bad JSON, unknown or mixed formats,
+    no trainable turn, bad labels, empty.
+
+    ``errors`` holds one human-readable message per problem, each prefixed with its line number when it has
+    one (``"line 3: invalid JSON: ..."``).
+    """
+
+    code = "invalid_training_file"
+
+    def __init__(self, message: str, *, errors: list[str] | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.errors = list(errors or [])

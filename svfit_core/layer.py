@@ -1,0 +1,337 @@
+"""The SVFit layer wrapper and its training kernel.
+
+``SVFitLayer`` wraps an ``nn.Linear`` or a transformers ``Conv1D`` (kept as ``base_layer``) and computes
+
+    y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ        (equivalently x W'ᵀ + b, W' = W + U_r diag(σ − s_r) V_rᵀ)
+
+with σ ∈ ℝ^r the only trainable tensor. ``_SVFitLinear`` is a custom autograd function that picks, per
+call, the cheaper of two ways to evaluate this (skinny matmuls through V_r and U_r, or a dense W' rebuilt
+on the fly) and never keeps a materialised W' alive for backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SVFitConfig
+from .errors import ConfigError, NonFiniteMergeError
+from .rank import truncated_svd
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+FORMULATIONS = ("auto", "skinny", "dense", "dense_skinny")
+
+# Cost rule. A matmul (a, b) @ (b, c) costs max(a·b·c, BALANCE · (a·b + b·c + a·c)) multiply-add
+# equivalents: below a certain inner size a skinny matmul is bound by moving its operands, not by
+# arithmetic. 16 fits both a CPU and a GPU in the measurements reported with this module well enough to
+# pick the right side of the crossover; the choice is only a speed choice, never a numerical one.
+BALANCE = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call evaluates the layer: ``forward`` in "skinny" | "dense"; ``grad_sigma`` in
+    "skinny" (Σ_t (G U)_t ⊙ (X V)_t) | "outer" (diag(U_rᵀ (Gᵀ X) V_r))."""
+
+    forward: str
+    grad_sigma: str
+
+
+_PLANS = {
+    "skinny": Plan("skinny", "skinny"),
+    "dense": Plan("dense", "outer"),
+    "dense_skinny": Plan("dense", "skinny"),
+}
+
+
+def _mm(a: int, b: int, c: int) -> int:
+    return max(a * b * c, BALANCE * (a * b + b * c + a * c))
+
+
+def plan_cost(plan: Plan, tokens: int, m: int, n: int, r: int, need_x: bool, need_sigma: bool) -> int:
+    """Extra cost of ``plan`` over the frozen floor (x Wᵀ forward, G W backward) for a (m, n) layer."""
+    t = tokens
+    if plan.forward == "skinny":
+        cost = _mm(t, n, r) + _mm(t, r, m)  # x V, then (· ⊙ Δσ) U_rᵀ added into y
+        if need_x or need_sigma:
+            cost += _mm(t, m, r)  # G U, shared by both gradients
+        if need_x:
+            cost += _mm(t, r, n)  # (G U ⊙ Δσ) V_rᵀ added into grad_x
+        return cost
+    cost = _mm(m, r, n)  # rebuild W' in forward
+    if need_x:
+        cost += _mm(m, r, n)  # rebuild W' again in backward rather than keep it alive
+    if need_sigma:
+        if plan.grad_sigma == "outer":
+            cost += _mm(m, t, n) + _mm(r, m, n)  # Gᵀ X, then U_rᵀ (Gᵀ X) ⊙ V_rᵀ
+        else:
+            cost += _mm(t, n, r) + _mm(t, m, r)  # X V saved in forward, G U in backward
+    return cost
+
+
+def choose_plan(tokens: int, m: int, n: int, r: int, need_x: bool, need_sigma: bool) -> Plan:
+    """The cheapest plan under the cost rule (ties go to the skinny form)."""
+    return min(
+        _PLANS.values(),
+        key=lambda p: plan_cost(p, tokens, m, n, r, need_x, need_sigma),
+    )
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """The base layer's own op on ``weight``, so that W' == W gives bit-identical outputs."""
+    if transposed:  # Conv1D stores (in, out) and runs addmm; mirror it exactly
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        return out.view(x.shape[:-1] + (weight.shape[1],))
+    return F.linear(x, weight, bias)
+
+
+def _rebuild(weight: torch.Tensor, u: torch.Tensor, d: torch.Tensor, v: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """W + U_r diag(d) V_rᵀ in the base layer's layout (a fresh tensor)."""
+    if transposed:
+        return torch.addmm(weight, v * d, u.mT)  # (in, out)
+    return torch.addmm(weight, u * d, v.mT)  # (out, in)
+
+
+class _SVFitLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + ((x V) ⊙ d) Uᵀ with gradients for x and d only (W, b, U, V are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, d, weight, bias, u, v, transposed, formulation):  # noqa: D401
+        m, n = u.shape[0], v.shape[0]
+        r = d.shape[0]
+        tokens = x.numel() // n if n else 0
+        need_x, need_sigma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        plan = (
+            choose_plan(tokens, m, n, r, need_x, need_sigma)
+            if formulation == "auto"
+            else _PLANS[formulation]
+        )
+        dtype = weight.dtype
+        u_c, v_c, d_c = u.to(dtype), v.to(dtype), d.to(dtype)
+        x2 = x.reshape(-1, n)  # (T, n)
+
+        xv = None
+        if plan.forward == "skinny":
+            y = _affine(x, weight, bias, transposed)
+            xv = x2 @ v_c  # (T, r)
+            # In place into the fresh output: with d == 0 this adds exact zeros, so y is bit-identical
+            # to the base layer's output at init.
+            y.view(-1, m).addmm_(xv * d_c, u_c.mT)
+        else:
+            y = _affine(x, _rebuild(weight, u_c, d_c, v_c, transposed), bias, transposed)
+            if need_sigma and plan.grad_sigma == "skinny":
+                xv = x2 @ v_c
+
+        saved_x = x if need_sigma and plan.grad_sigma == "outer" else None
+        ctx.save_for_backward(saved_x, xv, d, weight, u, v)
+        ctx.plan, ctx.transposed, ctx.x_shape = plan, transposed, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xv, d, weight, u, v = ctx.saved_tensors
+        plan, transposed = ctx.plan, ctx.transposed
+        need_x, need_sigma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = weight.dtype
+        u_c, v_c, d_c = u.to(dtype), v.to(dtype), d.to(dtype)
+        m, n = u.shape[0], v.shape[0]
+        g2 = grad_y.reshape(-1, m)  # (T, m)
+
+        grad_x = grad_d = None
+        gu = None
+        if plan.forward == "skinny" or (need_sigma and plan.grad_sigma == "skinny"):
+            gu = g2 @ u_c  # (T, r)
+
+        if need_x:
+            if plan.forward == "skinny":
+                w_out_in = weight.mT if transposed else weight  # (m, n)
+                grad_x = g2 @ w_out_in
+                grad_x.addmm_(gu * d_c, v_c.mT)
+            else:
+                w_new = _rebuild(weight, u_c, d_c, v_c, transposed)
+                grad_x = g2 @ (w_new.mT if transposed else w_new)
+                del w_new
+            grad_x = grad_x.view(ctx.x_shape)
+
+        if need_sigma:
+            if plan.grad_sigma == "skinny":
+                # accumulate in fp32: a bf16 sum over thousands of tokens loses the signal
+                grad_d = (gu * xv).sum(0, dtype=torch.float32)
+            else:
+                outer = g2.mT @ x.reshape(-1, n)  # (m, n) = Gᵀ X
+                grad_d = ((u_c.mT @ outer) * v_c.mT).sum(1, dtype=torch.float32)  # diag(Uᵀ Gᵀ X V)
+            grad_d = grad_d.to(d.dtype)
+        return grad_x, grad_d, None, None, None, None, None, None
+
+
+def svfit_linear(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    transposed: bool = False,
+    formulation: str = "auto",
+) -> torch.Tensor:
+    """Functional form of the layer; ``delta`` = σ − s_r. Exposed for gradient checks and benchmarks."""
+    return _SVFitLinear.apply(x, delta, weight, bias, u, v, transposed, formulation)
+
+
+def weight_sha256(weight: torch.Tensor) -> str:
+    """sha256 of a weight's shape and float32 values (layout as stored).
+
+    Hashing float32 values rather than raw bytes makes a bf16 checkpoint and its exact fp32 upcast hash
+    the same, so an adapter trained on one loads on the other.
+    """
+    h = hashlib.sha256(repr(tuple(weight.shape)).encode())
+    t = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+class SVFitLayer(nn.Module):
+    """y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ.
+
+    ``base_layer`` is the original ``nn.Linear`` (weight (out, in)) or ``Conv1D`` (weight (in, out)), frozen.
+    Buffers: ``U`` (out, r), ``V`` (in, r), ``s`` (r,) float32 — the trained singular triplets of the base
+    weight taken in (out, in) layout. Parameter: ``sigma`` (r,) float32, initialised to ``s`` so the layer is
+    the base layer bit for bit until σ moves.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        sigma: torch.Tensor | None = None,
+        formulation: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_LAYERS):
+            raise ConfigError(
+                f"SVFit wraps nn.Linear or Conv1D, got {type(base_layer).__name__}", code="invalid_target_modules"
+            )
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)
+        self.out_features, self.in_features = self._weight_shape()
+        r = s.numel()
+        if u.shape != (self.out_features, r) or v.shape != (self.in_features, r):
+            raise ValueError(
+                f"bases do not fit a ({self.out_features}, {self.in_features}) weight: "
+                f"U {tuple(u.shape)}, V {tuple(v.shape)}, s {tuple(s.shape)}"
+            )
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        device = base_layer.weight.device
+        f32 = dict(device=device, dtype=torch.float32)
+        self.register_buffer("U", u.detach().to(**f32).contiguous())
+        self.register_buffer("V", v.detach().to(**f32).contiguous())
+        self.register_buffer("s", s.detach().to(**f32).contiguous())
+        init = self.s if sigma is None else sigma.detach().to(**f32)
+        self.sigma = nn.Parameter(init.clone())
+        # The Δσ folded into the base weight while merged, so unmerge subtracts exactly what was added.
+        self.register_buffer("merged_delta", None, persistent=False)
+        self.formulation = formulation
+
+    @classmethod
+    def from_base(cls, base_layer: nn.Module, config: SVFitConfig, **kwargs) -> SVFitLayer:
+        """Run the float32 SVD of ``base_layer``'s weight and keep the triplets ``config`` selects."""
+        weight = base_layer.weight.detach()
+        u, s, v = truncated_svd(weight.mT if isinstance(base_layer, Conv1D) else weight, config)
+        return cls(base_layer, u, s, v, **kwargs)
+
+    # -- shape helpers ---------------------------------------------------------------------------------
+
+    def _weight_shape(self) -> tuple[int, int]:
+        w = self.base_layer.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.s.numel()
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_delta is not None
+
+    @property
+    def formulation(self) -> str:
+        return self._formulation
+
+    @formulation.setter
+    def formulation(self, value: str) -> None:
+        if value not in FORMULATIONS:
+            raise ConfigError(f"formulation must be one of {FORMULATIONS}, got {value!r}")
+        self._formulation = value
+
+    def delta_sigma(self) -> torch.Tensor:
+        """σ − s_r (r,)."""
+        return self.sigma - self.s
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as an (out, in) view, whatever the layer's storage layout."""
+        w = self.base_layer.weight
+        return w.mT if self.transposed else w
+
+    # -- merge -----------------------------------------------------------------------------------------
+
+    def get_delta_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW = U_r diag(Δσ) V_rᵀ in float32 and in the base layer's layout ((in, out) for Conv1D)."""
+        d = (self.delta_sigma() if delta is None else delta).detach().to(torch.float32)
+        delta_w = (self.U * d) @ self.V.mT  # (out, in)
+        return delta_w.mT if self.transposed else delta_w
+
+    def merge(self, name: str | None = None) -> None:
+        """Fold ΔW into the base weight. Checks the result on a copy first; raises ``NonFiniteMergeError``
+        and leaves the weight untouched when it is not finite."""
+        if self.merged:
+            return
+        d = self.delta_sigma().detach().to(torch.float32).clone()
+        weight = self.base_layer.weight
+        merged = weight.detach().to(torch.float32) + self.get_delta_weight(d)
+        if not torch.isfinite(merged).all():
+            raise NonFiniteMergeError(
+                f"merging SVFit layer {name or ''} would produce non-finite weights".replace("  ", " "),
+                module=name,
+            )
+        with torch.no_grad():
+            weight.copy_(merged.to(weight.dtype))
+        self.merged_delta = d
+
+    def unmerge(self) -> None:
+        """Subtract the ΔW that ``merge`` added (the Δσ recorded then, not the current one)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            restored = weight.detach().to(torch.float32) - self.get_delta_weight(self.merged_delta)
+            weight.copy_(restored.to(weight.dtype))
+        self.merged_delta = None
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return svfit_linear(
+            x,
+            self.delta_sigma(),
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.U,
+            self.V,
+            transposed=self.transposed,
+            formulation=self.formulation,
+        )
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,131 @@
+"""Loading a base model and its tokenizer from a local folder: a Hugging Face folder (``config.json``) or a
+folder holding one ``.gguf`` file, as a causal LM or as a sequence classifier.
+
+Remote code is never trusted. Tokenizers without a pad token pad with EOS, and tokenizers without a chat
+template get a plain one, so training and serving render chats the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from svfit_core.errors import ConfigError, SVFitError
+
+# Used when a tokenizer ships no chat template (GPT-2, BERT-style and many base models). Each turn ends
+# with EOS so that a model trained on it learns to stop after its answer.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+class ModelLoadError(SVFitError):
+    """The base model path is not a loadable model folder."""
+
+    code = "invalid_base_model"
+
+
+def resolve_model_source(path: str | Path) -> tuple[Path, str | None]:
+    """Where to load from: ``(folder, gguf_file)``; ``gguf_file`` is None for a Hugging Face folder.
+
+    Accepts a folder with ``config.json``, a folder with exactly one ``.gguf`` file, or a ``.gguf`` path.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.is_dir():
+        raise ModelLoadError(f"base model path {str(path)!r} is not a folder")
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{str(path)!r} holds several .gguf files ({', '.join(ggufs)}); keep one")
+    raise ModelLoadError(f"{str(path)!r} holds neither config.json nor a .gguf file")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer with a pad token and a chat template guaranteed."""
+    folder, gguf_file = resolve_model_source(path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {str(path)!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_base_model(
+    path: str | Path,
+    task: Literal["causal", "classification"],
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` for a task. A classification model gets a freshly initialised head of
+    ``num_labels`` outputs (drawn from torch's global RNG, so seed first for a reproducible head)."""
+    folder, gguf_file = resolve_model_source(path)
+    tokenizer = load_tokenizer(path)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": False}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if task == "causal":
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    elif task == "classification":
+        if num_labels is None or num_labels < 1:
+            raise ConfigError("a classification model needs num_labels ≥ 1", code="invalid_hyperparameter")
+        id2label = id2label or {i: str(i) for i in range(num_labels)}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder,
+            num_labels=num_labels,
+            id2label=dict(id2label),
+            label2id={name: i for i, name in id2label.items()},
+            # A base checkpoint that already is a classifier with another label count gets a new head.
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+    else:
+        raise ConfigError(f"unknown task {task!r} (expected 'causal' or 'classification')",
+                          code="invalid_hyperparameter")
+    # Sequence classifiers find each row's last token through pad_token_id; causal LMs need it for generate.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def head_module_names(model: PreTrainedModel) -> list[str]:
+    """Top-level modules of a classifier that are not its backbone: the task head (``score`` on Llama and
+    GPT-2, ``classifier`` on BERT and RoBERTa). These train alongside any method."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    names = []
+    for name, child in model.named_children():
+        if child is backbone or not any(True for _ in child.parameters()):
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,169 @@
+"""Injection and the ``SVFitModel`` wrapper: replace target layers in place, freeze the rest, merge.
+
+Freezing is structural: every parameter of the wrapped model is frozen except the σ vectors of the
+``SVFitLayer``s and the parameters of ``modules_to_save`` (the classification head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import SVFitConfig
+from .errors import ConfigError
+from .layer import SVFitLayer, weight_sha256
+from .targets import resolve_modules_to_save, resolve_targets
+
+
+def _has_svfit_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, SVFitLayer) for m in model.modules())
+
+
+def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def check_not_injected(model: nn.Module) -> None:
+    if isinstance(model, SVFitModel) or _has_svfit_layers(model):
+        raise ConfigError("model already carries SVFit layers", code="already_injected")
+
+
+def attach_layers(
+    model: nn.Module,
+    config: SVFitConfig,
+    layers: dict[str, SVFitLayer],
+    modules_to_save: list[str],
+    base_hashes: dict[str, str],
+) -> SVFitModel:
+    """Freeze ``model``, swap ``layers`` in by name, unfreeze the saved modules. Shared by inject and load."""
+    overlap = [t for t in layers for h in modules_to_save if t == h or t.startswith(h + ".")]
+    if overlap:
+        raise ConfigError(
+            f"modules {overlap!r} are both SVFit targets and modules_to_save", code="invalid_modules_to_save"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        _replace_submodule(model, name, layer)
+    for name in modules_to_save:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return SVFitModel(model, config, modules_to_save=modules_to_save, base_hashes=base_hashes)
+
+
+def inject_svfit(model: nn.Module, config: SVFitConfig | None = None) -> SVFitModel:
+    """Wrap ``config``'s target layers of a transformers model in place and return the ``SVFitModel``.
+
+    Raises ``TargetModulesNotFoundError`` when a target matches no linear module and ``ConfigError`` for
+    an invalid spec or a model that already carries SVFit layers.
+    """
+    config = config or SVFitConfig()
+    check_not_injected(model)
+    targets = resolve_targets(model, config.target_modules)
+    heads = resolve_modules_to_save(model, config.modules_to_save)
+    layers: dict[str, SVFitLayer] = {}
+    hashes: dict[str, str] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        # hash before wrapping: it identifies exactly the weights the SVD was taken from
+        hashes[name] = weight_sha256(base.weight)
+        layers[name] = SVFitLayer.from_base(base, config)
+    return attach_layers(model, config, layers, heads, hashes)
+
+
+class SVFitModel(nn.Module):
+    """A transformers model whose target layers are ``SVFitLayer``s.
+
+    ``forward``/``generate``/``config`` go to the wrapped model (``.model``); unknown attributes fall
+    through to it too. Layer names are full module names of the wrapped model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        svfit_config: SVFitConfig,
+        *,
+        modules_to_save: list[str],
+        base_hashes: dict[str, str],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.svfit_config = svfit_config
+        self.modules_to_save = list(modules_to_save)
+        self.base_hashes = dict(base_hashes)
+
+    # -- delegation ------------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # dunders and half-built instances (copy, unpickling) must not recurse into the model
+            model = self.__dict__.get("_modules", {}).get("model")
+            if name.startswith("__") or model is None:
+                raise
+            return getattr(model, name)
+
+    # -- introspection ---------------------------------------------------------------------------------
+
+    def svfit_layers(self) -> dict[str, SVFitLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SVFitLayer)}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Per-module rank r, by full module name."""
+        return {n: layer.rank for n, layer in self.svfit_layers().items()}
+
+    def svfit_parameters(self) -> list[nn.Parameter]:
+        """The σ vectors, one per adapted layer (give these the high learning rate, no weight decay)."""
+        return [layer.sigma for layer in self.svfit_layers().values()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of ``modules_to_save`` (the classification head)."""
+        return [p for name in self.modules_to_save for p in self.model.get_submodule(name).parameters()]
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- merge -----------------------------------------------------------------------------------------
+
+    def merge(self) -> None:
+        """Fold every ΔW into its base weight (finite-checked per layer before writing)."""
+        for name, layer in self.svfit_layers().items():
+            layer.merge(name)
+
+    def unmerge(self) -> None:
+        for layer in self.svfit_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, then put the original module classes back; returns the plain transformers model.
+
+        The returned model is the wrapped one, modified in place; this wrapper is empty afterwards.
+        """
+        self.merge()  # all layers first: a non-finite merge then leaves no layer half swapped
+        for name, layer in self.svfit_layers().items():
+            _replace_submodule(self.model, name, layer.base_layer)
+        return self.model
+
+    # -- save ------------------------------------------------------------------------------------------
+
+    def save_adapter(self, out_dir: str | Path) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (see ``serialization.py``)."""
+        from .serialization import save_adapter  # serialization imports this module
+
+        return save_adapter(self, out_dir)

@@ -1,0 +1,51 @@
+"""Rank selection: the float32 thin SVD of a weight and the rule that picks which r triplets to train.
+
+Kept apart from the layer so the rule can be tested on matrices with a known spectrum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SVFitConfig
+
+
+def thin_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (m, n) -> U (m, k), s (k,) descending, V (n, k), all float32 whatever W's dtype."""
+    # bf16/fp16 SVD is unsupported or inaccurate; float64 would double the cost for no practical gain.
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
+    return u, s, vh.mT
+
+
+def select_rank(s: torch.Tensor, config: SVFitConfig) -> int:
+    """r for a spectrum ``s`` (descending): fixed, energy-based or full, always clamped to 1 ≤ r ≤ k."""
+    k = s.numel()
+    if config.rank is not None:
+        return max(1, min(config.rank, k))
+    if config.energy is None:
+        return k
+    # float64 cumsum: with τ near 1 the float32 rounding of a long sum moves r by several steps.
+    e = s.detach().to(torch.float64)
+    e = e * e if config.energy_measure == "squared" else e.abs()
+    cum = torch.cumsum(e, dim=0)
+    total = cum[-1]
+    if total <= 0:  # a zero matrix: one triplet already holds "all" of nothing
+        return 1
+    # smallest r with cum[r-1] >= τ·total
+    r = int((cum < config.energy * total).sum().item()) + 1
+    return max(1, min(r, k))
+
+
+def select_indices(k: int, r: int, train_bottom: bool) -> slice:
+    """Which of the k triplets are trained: the top r, or the bottom r for the ablation."""
+    return slice(k - r, k) if train_bottom else slice(0, r)
+
+
+def truncated_svd(
+    weight: torch.Tensor, config: SVFitConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trained triplets of W (m, n): U_r (m, r), s_r (r,), V_r (n, r), float32 and contiguous."""
+    u, s, v = thin_svd(weight)
+    r = select_rank(s, config)
+    idx = select_indices(s.numel(), r, config.train_bottom)
+    return u[:, idx].contiguous(), s[idx].contiguous(), v[:, idx].contiguous()

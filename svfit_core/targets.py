@@ -1,0 +1,141 @@
+"""Which modules of a model SVFit adapts, and which it trains in full (the task head).
+
+Owns the target-spec rule documented in ``config.py``, the per-architecture defaults, the "all-linear"
+rule (linear layers inside the transformer blocks only) and the fused-projection bookkeeping.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ALL_LINEAR
+from .errors import ConfigError, TargetModulesNotFoundError
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+# q and v attention projections, the paper's and LoRA's usual setting. GPT-2 has no separate q and v:
+# its fused q|k|v `c_attn` is adapted as one matrix (see FUSED_PROJECTION_MODE).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+# Leaf names of projections that stack several logical matrices (q|k|v) into one weight.
+FUSED_PROJECTION_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack")
+# Our choice for fused projections: one SVD of the whole fused matrix (not one per slice). It keeps one
+# layer per weight, matches how LoRA adapts `c_attn`, and exports as a plain LoRA module. Recorded in the
+# adapter config so a future per-slice mode can tell the artifacts apart.
+FUSED_PROJECTION_MODE = "whole_matrix"
+
+# Task heads trained in full for classification models, as PEFT's SEQ_CLS task names them.
+CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+def _matches_name(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every ``nn.Linear``/``Conv1D`` in ``model``, in module order."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES)]
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Names of the outermost ``nn.ModuleList``s of identical blocks holding linear layers
+    (``transformer.h``, ``model.layers``, ``bert.encoder.layer``): the transformer stack(s)."""
+    prefixes: list[str] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if any(name.startswith(p + ".") for p in prefixes):
+            continue  # nested lists (experts inside a block) are already covered
+        if len({type(child) for child in mod}) != 1:
+            continue
+        if any(isinstance(sub, LINEAR_TYPES) for sub in mod.modules()):
+            prefixes.append(name)
+    return prefixes
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"no default SVFit targets for model_type {model_type!r}; pass target_modules explicitly "
+            f"(known: {', '.join(sorted(DEFAULT_TARGETS))})",
+            code="no_default_targets",
+        )
+    return list(DEFAULT_TARGETS[model_type])
+
+
+def _not_found(what: str, missing: list[str], available: list[str]) -> TargetModulesNotFoundError:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in available})
+    example = f" (e.g. {available[0]})" if available else ""
+    return TargetModulesNotFoundError(
+        f"{what} {missing!r} matched no linear module; linear modules in this model: "
+        f"{', '.join(leaves) or 'none'}{example}",
+        missing=missing,
+        available=available,
+    )
+
+
+def resolve_targets(model: nn.Module, spec: list[str] | str | None) -> list[str]:
+    """Full names of the linear modules ``spec`` selects (see ``config.py`` for the rule)."""
+    linear = linear_module_names(model)
+    if spec is None:
+        spec = default_target_modules(model)
+    if spec == ALL_LINEAR:
+        prefixes = block_prefixes(model)
+        found = [n for n in linear if any(n.startswith(p + ".") for p in prefixes)]
+        if not found:
+            raise _not_found("target_modules", [ALL_LINEAR], linear)
+        return found
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        found = [n for n in linear if pattern.fullmatch(n)]
+        if not found:
+            raise _not_found("target_modules regex", [spec], linear)
+        return found
+    missing = [entry for entry in spec if not any(_matches_name(n, entry) for n in linear)]
+    if missing:
+        raise _not_found("target_modules", missing, linear)
+    return [n for n in linear if any(_matches_name(n, entry) for entry in spec)]
+
+
+def is_classification_model(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
+
+
+def resolve_modules_to_save(model: nn.Module, spec: list[str] | None) -> list[str]:
+    """Full names of the modules trained in full. ``None``: the classification head when there is one."""
+    names = [name for name, _ in model.named_modules() if name]
+    if spec is None:
+        if not is_classification_model(model):
+            return []
+        return [n for n in names if n in CLASSIFICATION_HEADS]
+    missing = [e for e in spec if not any(_matches_name(n, e) for n in names)]
+    if missing:
+        raise TargetModulesNotFoundError(
+            f"modules_to_save {missing!r} matched no module of the model", missing=missing
+        )
+    found = [n for n in names if any(_matches_name(n, e) for e in spec)]
+    # keep only outermost matches: a saved module carries its children
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def fused_targets(names: list[str]) -> list[str]:
+    return [n for n in names if n.rsplit(".", 1)[-1] in FUSED_PROJECTION_NAMES]

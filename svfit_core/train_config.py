@@ -1,0 +1,189 @@
+"""What a training run is asked to do: ``PeftSpec`` (which parameters train, and how) and ``TrainConfig`` (the
+optimisation), their validation, and the defaults that fill every ``None`` before the run starts.
+
+Validation happens before any model is loaded, so a bad request fails in milliseconds with a
+``HyperparameterError`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from svfit_core.errors import ConfigError
+
+METHODS = ("svfit", "lora", "pissa", "full", "head_only")
+SCHEDULERS = ("linear", "cosine")
+ENERGY_MEASURES = ("squared", "linear")
+
+# Default learning rates per method (see docs in the report / README): σ needs one to two orders of
+# magnitude more than LoRA's factors because a step of Δσ moves a whole singular direction of a weight
+# whose singular values are O(1–10); LoRA's B starts at zero and its A is random; full fine-tuning moves
+# every weight.
+DEFAULT_LEARNING_RATE = {"svfit": 5e-2, "lora": 5e-4, "pissa": 5e-4, "full": 5e-5, "head_only": 5e-3}
+# A freshly initialised classification head learns at its own rate: the SVFT recipe (6e-3) for σ-based
+# training; for the others the method's rate, which is what their usual recipes use for the whole model.
+DEFAULT_HEAD_LEARNING_RATE = {"svfit": 5e-3, "lora": 5e-4, "pissa": 5e-4, "full": 5e-5}
+DEFAULT_LORA_RANK = 8
+
+
+class HyperparameterError(ConfigError):
+    """A training option is out of range or unknown. ``param`` names it (``"rank"``, ``"learning_rate"``)."""
+
+    code = "invalid_hyperparameter"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code or "invalid_hyperparameter")
+        self.param = param
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class PeftSpec:
+    """Which parameters train. ``rank``/``energy`` follow ``SVFitConfig`` for svfit (neither: r = k) and
+    ``rank`` is LoRA's r for lora/pissa (default 8). ``target_modules`` None means the architecture's q/v
+    projections. ``lora_alpha`` None means 2·rank."""
+
+    method: Literal["svfit", "lora", "pissa", "full", "head_only"] = "svfit"
+    rank: int | None = None
+    energy: float | None = None
+    energy_measure: Literal["squared", "linear"] = "squared"
+    target_modules: list[str] | str | None = None
+    lora_alpha: float | None = None
+    train_bottom: bool = False
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise HyperparameterError(f"unknown method {self.method!r} (expected one of {METHODS})", param="method")
+        if self.rank is not None and not _positive_int(self.rank):
+            raise HyperparameterError(f"rank must be a positive integer, got {self.rank!r}", param="rank")
+        if self.energy is not None and not (_number(self.energy) and 0.0 < self.energy <= 1.0):
+            raise HyperparameterError(f"energy must be in (0, 1], got {self.energy!r}", param="energy")
+        if self.energy_measure not in ENERGY_MEASURES:
+            raise HyperparameterError(
+                f"energy_measure must be one of {ENERGY_MEASURES}, got {self.energy_measure!r}",
+                param="energy_measure",
+            )
+        if self.energy is not None and self.method != "svfit":
+            raise HyperparameterError("energy applies to the svfit method only", param="energy")
+        if self.lora_alpha is not None and not (_number(self.lora_alpha) and self.lora_alpha > 0):
+            raise HyperparameterError(f"lora_alpha must be > 0, got {self.lora_alpha!r}", param="lora_alpha")
+        if self.target_modules is not None and not (
+            (isinstance(self.target_modules, str) and self.target_modules)
+            or (isinstance(self.target_modules, list) and self.target_modules
+                and all(isinstance(t, str) and t for t in self.target_modules))
+        ):
+            raise HyperparameterError(
+                f"target_modules must be a non-empty list of names or a string, got {self.target_modules!r}",
+                param="target_modules",
+            )
+
+    def resolved(self, default_targets: list[str] | str | None) -> PeftSpec:
+        """A copy with the method's defaults filled in (targets are given by the caller, who knows the model)."""
+        spec = replace(self)
+        if spec.method in ("lora", "pissa"):
+            spec.rank = spec.rank or DEFAULT_LORA_RANK
+            spec.lora_alpha = spec.lora_alpha if spec.lora_alpha is not None else float(2 * spec.rank)
+        if spec.method in ("svfit", "lora", "pissa") and spec.target_modules is None:
+            spec.target_modules = default_targets
+        if isinstance(spec.target_modules, list):
+            spec.target_modules = list(spec.target_modules)
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise.
+
+    ``batch_size`` is the number of examples per optimizer step (OpenAI's meaning); with
+    ``gradient_accumulation_steps`` = g each step runs g micro-batches of about batch_size / g examples, so
+    g trades memory for time without changing the result. ``learning_rate`` / ``head_learning_rate`` None
+    take the method's default. ``weight_decay`` never applies to σ. ``eval_every`` / ``checkpoint_every``
+    count optimizer steps. ``label_names`` names classification labels 0..n-1 (default: the integers).
+    """
+
+    n_epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float | None = None
+    head_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    max_seq_length: int = 512
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    label_names: list[str] | None = None
+    device: str | None = None  # None: CUDA when available, else CPU
+
+    def validate(self) -> None:
+        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length"):
+            if not _positive_int(getattr(self, name)):
+                raise HyperparameterError(f"{name} must be a positive integer, got {getattr(self, name)!r}", param=name)
+        for name in ("eval_every", "checkpoint_every", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise HyperparameterError(f"{name} must be a positive integer or None, got {value!r}", param=name)
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (_number(value) and value > 0):
+                raise HyperparameterError(f"{name} must be > 0, got {value!r}", param=name)
+        if not (_number(self.weight_decay) and self.weight_decay >= 0):
+            raise HyperparameterError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}", param="weight_decay")
+        if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", param="warmup_ratio")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise HyperparameterError(
+                f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}", param="lr_scheduler"
+            )
+        if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise HyperparameterError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}",
+                                      param="max_grad_norm")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise HyperparameterError(f"seed must be a non-negative integer, got {self.seed!r}", param="seed")
+        if self.label_names is not None and not (
+            isinstance(self.label_names, list) and self.label_names
+            and all(isinstance(n, str) and n for n in self.label_names)
+            and len(set(self.label_names)) == len(self.label_names)
+        ):
+            raise HyperparameterError("label_names must be a non-empty list of distinct strings", param="label_names")
+
+    def resolved(self, method: str) -> TrainConfig:
+        """A copy with the method's learning rates filled in. For head_only the head *is* the method, so
+        an explicit ``learning_rate`` applies to it."""
+        lr = self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[method]
+        if self.head_learning_rate is not None:
+            head_lr = self.head_learning_rate
+        else:
+            head_lr = lr if method == "head_only" else DEFAULT_HEAD_LEARNING_RATE[method]
+        return replace(
+            self,
+            learning_rate=lr,
+            head_learning_rate=head_lr,
+            label_names=list(self.label_names) if self.label_names is not None else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -1,0 +1,447 @@
+"""The training loop: SFT of a causal LM (chat or prompt/completion) or training a sequence classifier, with
+SVFit or a baseline method, resumable from any checkpoint.
+
+``run_training`` reads top to bottom: validate, set up the model, the data and the optimizer, then loop over
+optimizer steps (poll the callbacks, step, report, evaluate, checkpoint) and write the final adapter. It
+knows nothing of queues or databases; the caller listens through ``TrainingCallbacks``.
+
+Output layout under ``output_dir``: ``checkpoints/step-N/`` (servable adapter + training state) and
+``final/`` (servable adapter). Every adapter folder carries ``training_meta.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svfit_core.checkpointing import (
+    TrainingState,
+    atomic_dir,
+    capture_rng,
+    flatten_optimizer,
+    load_training_state,
+    restore_optimizer,
+    restore_rng,
+    save_training_state,
+)
+from svfit_core.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
+from svfit_core.data import check_examples, task_for_format
+from svfit_core.encoding import IGNORE_INDEX, Encoded, encode_example
+from svfit_core.errors import ConfigError, DataError
+from svfit_core.loading import head_module_names, load_base_model, max_positions
+from svfit_core.methods import Method, default_targets, get_method, setup_method
+from svfit_core.param_groups import count_trainable
+from svfit_core.schedule import apply_lr, lr_multiplier, warmup_steps_for
+from svfit_core.train_config import HyperparameterError, PeftSpec, TrainConfig
+
+__all__ = ["PeftSpec", "TrainConfig", "TrainingCallbacks", "TrainResult", "run_training", "TRAINING_META"]
+
+TRAINING_META = "training_meta.json"
+META_FORMAT_VERSION = 1
+
+StopDecision = Literal["continue", "cancel", "pause"]
+
+
+class TrainingCallbacks:
+    """Hooks the loop calls; every default does nothing. Subclass and override what you need."""
+
+    def on_start(self, info: dict) -> None:
+        """Once, before the first step: total_steps, task, num_examples, truncated_examples,
+        trainable_params, the resolved ``config`` and ``peft`` (no None/"auto" left), label_names."""
+
+    def on_step(self, metrics: dict) -> None:
+        """After each optimizer step: step, total_steps, epoch (float), train_loss,
+        train_mean_token_accuracy (accuracy for classification), learning_rate, trained_tokens."""
+
+    def on_eval(self, metrics: dict) -> None:
+        """After each evaluation: step, valid_loss, valid_mean_token_accuracy."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After checkpoint ``step-N`` is complete on disk (renamed into place)."""
+
+    def should_stop(self) -> StopDecision:
+        """Polled before every optimizer step."""
+        return "continue"
+
+
+@dataclass
+class TrainResult:
+    status: Literal["succeeded", "cancelled", "paused"]
+    step: int
+    total_steps: int
+    trained_tokens: int
+    metrics: dict = field(default_factory=dict)
+    adapter_dir: Path | None = None  # final servable adapter (succeeded only)
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class _Run:
+    """Everything set up for one run; the loop reads it, never rebuilds it."""
+
+    base_model_path: Path
+    output_dir: Path
+    task: str
+    method: Method
+    peft: PeftSpec  # resolved
+    config: TrainConfig  # resolved
+    label_names: list[str] | None
+    head_modules: list[str]
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    train: list[Encoded] = field(default_factory=list)
+    valid: list[Encoded] = field(default_factory=list)
+    truncated: int = 0
+    truncated_valid: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    steps_per_epoch: int = 0
+    param_groups: list[dict] = field(default_factory=list)
+
+
+def run_training(
+    base_model_path: str | Path,
+    train_examples: list[dict],
+    valid_examples: list[dict] | None,
+    peft: PeftSpec,
+    config: TrainConfig,
+    output_dir: str | Path,
+    callbacks: TrainingCallbacks | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train and write ``output_dir/final``; or stop early (cancel / pause) as the callbacks ask.
+
+    With ``resume_from`` (a ``checkpoints/step-N`` folder written by an earlier call with the same
+    arguments) the run continues from that step exactly: same batches, RNG, optimizer moments and schedule.
+    """
+    callbacks = callbacks or TrainingCallbacks()
+    peft.validate()
+    config.validate()
+    fmt, label_names = _check_data(train_examples, valid_examples, config.label_names)
+    state = load_training_state(Path(resume_from)) if resume_from is not None else None
+
+    # Seed before the model loads: a classification head is initialised from torch's global RNG.
+    _seed_everything(config.seed)
+    run = _setup_model(Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config,
+                       resume_from)
+    _setup_data(run, fmt, train_examples, valid_examples or [])
+    optimizer = _setup_optimizer(run)
+    step, epoch, batch_index, trained_tokens, metrics = 0, 0, 0, 0, {}
+    if state is not None:
+        _check_resume(run, state)
+        restore_optimizer(optimizer, state.optimizer_tensors, state.optimizer_json)
+        restore_rng(state.rng_tensors, state.rng_json)
+        step, epoch, batch_index = state.step, state.epoch, state.batch_index
+        trained_tokens, metrics = state.trained_tokens, dict(state.metrics)
+
+    callbacks.on_start(_start_info(run, optimizer, resumed_step=step if state else None))
+    last_checkpoint = Path(resume_from) if resume_from is not None else None
+    saved_step = step if state is not None else None  # the step whose checkpoint is already on disk
+    batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
+
+    def result(status: str, adapter_dir: Path | None = None) -> TrainResult:
+        return TrainResult(status, step, run.total_steps, trained_tokens, dict(metrics), adapter_dir, last_checkpoint)
+
+    def checkpoint() -> Path:
+        position = TrainingState(step, epoch, batch_index, run.config.seed, trained_tokens, run.total_steps,
+                                 _run_identity(run), dict(metrics))
+        path = _save_checkpoint(run, optimizer, position)
+        callbacks.on_checkpoint(step, path)
+        return path
+
+    while step < run.total_steps:
+        decision = callbacks.should_stop()
+        if decision == "cancel":
+            return result("cancelled")
+        if decision == "pause":
+            if saved_step != step:
+                last_checkpoint, saved_step = checkpoint(), step
+            return result("paused")
+
+        apply_lr(optimizer, lr_multiplier(step, run.total_steps, run.warmup_steps, run.config.lr_scheduler))
+        step_metrics = _train_step(run, optimizer, batches[batch_index])
+        step += 1
+        trained_tokens += step_metrics["tokens"]
+
+        # Advance the data position; a new epoch draws its own order from (seed, epoch).
+        batch_index += 1
+        if batch_index == len(batches):
+            epoch, batch_index = epoch + 1, 0
+            batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
+
+        metrics.update(train_loss=step_metrics["loss"], train_mean_token_accuracy=step_metrics["accuracy"])
+        callbacks.on_step({
+            "step": step,
+            "total_steps": run.total_steps,
+            "epoch": epoch + batch_index / len(batches),
+            "train_loss": step_metrics["loss"],
+            "train_mean_token_accuracy": step_metrics["accuracy"],
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "trained_tokens": trained_tokens,
+        })
+
+        every_eval = run.config.eval_every
+        if run.valid and ((every_eval and step % every_eval == 0) or step == run.total_steps):
+            valid = _evaluate(run)
+            metrics.update(valid_loss=valid["loss"], valid_mean_token_accuracy=valid["accuracy"])
+            callbacks.on_eval({"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]})
+
+        every_ckpt = run.config.checkpoint_every
+        if every_ckpt and step % every_ckpt == 0:
+            last_checkpoint, saved_step = checkpoint(), step
+
+    final = run.output_dir / "final"
+    with atomic_dir(final) as part:
+        _write_servable(run, part, step)
+    return result("succeeded", adapter_dir=final)
+
+
+# -- validation and seeding ---------------------------------------------------------------------------
+
+
+def _check_data(
+    train: list[dict], valid: list[dict] | None, given_names: list[str] | None
+) -> tuple[str, list[str] | None]:
+    """The data's format, and the label names of a classification task (given, or the integers seen)."""
+    fmt = check_examples(train, "training data")
+    if valid:
+        valid_fmt = check_examples(valid, "validation data")
+        if valid_fmt != fmt:
+            raise DataError(f"validation data is {valid_fmt} but training data is {fmt}",
+                            errors=[f"format mismatch: {valid_fmt} vs {fmt}"])
+    if task_for_format(fmt) != "classification":
+        return fmt, None
+    labels = [ex["label"] for ex in train + list(valid or [])]
+    if given_names is not None:
+        out_of_range = sorted({label for label in labels if label >= len(given_names)})
+        if out_of_range:
+            raise DataError(
+                f"labels {out_of_range} are out of range for {len(given_names)} label names",
+                errors=[f"label {label} out of range" for label in out_of_range],
+            )
+        return fmt, list(given_names)
+    num_labels = max(labels) + 1
+    if num_labels < 2:
+        raise DataError("classification needs at least two labels (0 and 1)", errors=["only label 0 present"])
+    return fmt, [str(i) for i in range(num_labels)]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# -- setup ----------------------------------------------------------------------------------------------
+
+
+def _pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _setup_model(
+    base_model_path: Path,
+    output_dir: Path,
+    task: str,
+    label_names: list[str] | None,
+    peft: PeftSpec,
+    config: TrainConfig,
+    resume_from: str | Path | None,
+) -> _Run:
+    method = get_method(peft.method)
+    id2label = dict(enumerate(label_names)) if label_names else None
+    model, tokenizer = load_base_model(
+        base_model_path, task, num_labels=len(label_names) if label_names else None, id2label=id2label
+    )
+    if task == "classification":
+        model.config.problem_type = "single_label_classification"
+    head_modules = head_module_names(model) if task == "classification" else []
+    resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
+    resolved_config = config.resolved(peft.method)
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, which frozen embeddings lack.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model, groups = setup_method(
+        model, resolved_peft, head_modules, task,
+        lr=resolved_config.learning_rate, head_lr=resolved_config.head_learning_rate,
+        weight_decay=resolved_config.weight_decay,
+        checkpoint_dir=Path(resume_from) if resume_from is not None else None,
+    )
+    device = _pick_device(config.device)
+    model.to(device)
+    return _Run(base_model_path, output_dir, task, method, resolved_peft, resolved_config, label_names,
+                head_modules, model, tokenizer, device, param_groups=groups)
+
+
+def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples: list[dict]) -> None:
+    limit = run.config.max_seq_length
+    positions = max_positions(run.model)
+    if positions is not None:
+        limit = min(limit, positions)  # longer rows would index past the position embeddings
+    # Segment (token type) embeddings exist only in BERT-style models; others must not receive the ids.
+    token_types = bool(getattr(run.model.config, "type_vocab_size", 0))
+    run.train = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in train_examples]
+    run.valid = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in valid_examples]
+    run.truncated = sum(row.truncated for row in run.train)
+    run.truncated_valid = sum(row.truncated for row in run.valid)
+    run.steps_per_epoch = batches_per_epoch(len(run.train), run.config.batch_size)
+    run.total_steps = run.config.n_epochs * run.steps_per_epoch
+    if run.config.max_steps is not None:
+        run.total_steps = min(run.total_steps, run.config.max_steps)
+    run.warmup_steps = warmup_steps_for(run.total_steps, run.config.warmup_ratio)
+
+
+def _setup_optimizer(run: _Run) -> torch.optim.Optimizer:
+    # Each group carries its own lr and weight decay (σ: none; head: its own rate); see param_groups.py.
+    return torch.optim.AdamW(run.param_groups, lr=run.config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _run_identity(run: _Run) -> dict:
+    """What must match for a checkpoint to continue this run exactly."""
+    trajectory = {k: v for k, v in run.config.to_dict().items()
+                  if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing")}
+    return {"method": run.method.name, "task": run.task, "peft": run.peft.to_dict(), "config": trajectory,
+            "label_names": run.label_names, "num_examples": len(run.train)}
+
+
+def _check_resume(run: _Run, state: TrainingState) -> None:
+    expected = _run_identity(run)
+    if state.run != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
+        differing = sorted(k for k in expected if state.run.get(k) != json.loads(json.dumps(expected[k])))
+        raise ConfigError(
+            f"the checkpoint belongs to a run with other settings ({', '.join(differing) or 'total_steps'})",
+            code="checkpoint_mismatch",
+        )
+
+
+def _start_info(run: _Run, optimizer: torch.optim.Optimizer, resumed_step: int | None) -> dict:
+    return {
+        "total_steps": run.total_steps,
+        "task": run.task,
+        "method": run.method.name,
+        "num_examples": len(run.train),
+        "num_valid_examples": len(run.valid),
+        "truncated_examples": run.truncated,
+        "truncated_valid_examples": run.truncated_valid,
+        "trainable_params": count_trainable(optimizer.param_groups),
+        "config": run.config.to_dict(),
+        "peft": run.peft.to_dict(),
+        "label_names": run.label_names,
+        "device": str(run.device),
+        "resumed_from_step": resumed_step,
+    }
+
+
+# -- one step ---------------------------------------------------------------------------------------------
+
+
+def _autocast(run: _Run):
+    # bf16 autocast on CUDA keeps master weights (σ, adapters) in fp32; CPU runs stay fp32 for determinism.
+    if run.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the batch's targets and the number of correct predictions.
+
+    Sums, not means: the caller divides by the targets of the whole optimizer batch, so micro-batches of
+    different sizes weigh each target equally.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with _autocast(run):
+        logits = run.model(**inputs).logits
+    logits = logits.float()
+    if run.task == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != IGNORE_INDEX)).sum()
+    return loss_sum, correct
+
+
+def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -> dict:
+    """One optimizer step over ``batch`` (example indices), in micro-batches when accumulating."""
+    run.model.train()
+    targets = max(1, batch_targets([run.train[i] for i in batch]))
+    loss_total = torch.zeros((), device=run.device)
+    correct_total = torch.zeros((), dtype=torch.long, device=run.device)
+    tokens = 0
+    for micro in micro_batches(batch, run.train, run.config.gradient_accumulation_steps):
+        inputs = {k: v.to(run.device) for k, v in collate([run.train[i] for i in micro], run.tokenizer.pad_token_id).items()}
+        loss_sum, correct = _loss_step(run, inputs)
+        (loss_sum / targets).backward()
+        loss_total += loss_sum.detach()
+        correct_total += correct
+        tokens += int(inputs["attention_mask"].sum())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if run.config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # .item() syncs with the GPU once per step, after the work is queued; cheap next to the step itself.
+    return {"loss": loss_total.item() / targets, "accuracy": correct_total.item() / targets, "tokens": tokens}
+
+
+@torch.no_grad()
+def _evaluate(run: _Run) -> dict:
+    run.model.eval()
+    size = max(1, run.config.batch_size // run.config.gradient_accumulation_steps)
+    loss_total, correct_total = 0.0, 0
+    for start in range(0, len(run.valid), size):
+        rows = run.valid[start : start + size]
+        inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
+        loss_sum, correct = _loss_step(run, inputs)
+        loss_total += loss_sum.item()
+        correct_total += int(correct)
+    run.model.train()
+    targets = max(1, batch_targets(run.valid))
+    return {"loss": loss_total / targets, "accuracy": correct_total / targets}
+
+
+# -- writing adapters -------------------------------------------------------------------------------------
+
+
+def training_meta(run: _Run, step: int) -> dict:
+    return {
+        "format_version": META_FORMAT_VERSION,
+        "method": run.method.name,
+        "task": run.task,
+        "label_names": run.label_names,
+        "base_model_path": str(run.base_model_path.resolve()),
+        "base_model_name": run.base_model_path.resolve().name,
+        "step": step,
+        "peft": run.peft.to_dict(),
+        "max_seq_length": run.config.max_seq_length,
+    }
+
+
+def _write_servable(run: _Run, folder: Path, step: int) -> None:
+    run.method.save(run.model, folder)
+    (folder / TRAINING_META).write_text(json.dumps(training_meta(run, step), indent=2))
+
+
+def _save_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, position: TrainingState) -> Path:
+    final = run.output_dir / "checkpoints" / f"step-{position.step}"
+    with atomic_dir(final) as part:
+        _write_servable(run, part, position.step)
+        run.method.save_resume_state(run.model, part)
+        position.optimizer_tensors, position.optimizer_json = flatten_optimizer(optimizer)
+        position.rng_tensors, position.rng_json = capture_rng()
+        save_training_state(part, position)
+    return final

@@ -1,0 +1,258 @@
+"""Fine-tuning jobs: creation (resolution, validation, idempotency, enqueue after commit), listing, and the
+cancel / pause / resume transitions against the states a worker leaves."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select, update
+
+from api.core.hyperparameters import METHOD_DEFAULT_LEARNING_RATE
+from api.core.tables import Job
+from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl
+
+
+def set_job(api, job_id: str, **values) -> None:
+    """What the worker would write."""
+    with api.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+        session.commit()
+
+
+def job_count(api) -> int:
+    with api.session() as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+def test_create_resolves_everything_and_enqueues_after_commit(any_db_api):
+    api = any_db_api
+    seen_committed = []
+
+    def dispatch(job_id: str) -> None:
+        # A worker must find the row the moment it receives the id: look from another session.
+        with api.session() as session:
+            seen_committed.append(session.scalar(select(Job.status).where(Job.id == job_id)))
+
+    api.app.state.dispatch = dispatch
+    job = api.job_ok(suffix="my-model", seed=7, metadata={"team": "nlp"})
+    assert seen_committed == ["queued"]
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "queued" and job["queue_position"] == 1
+    assert job["model"] == BASE_MODEL and job["organization_id"] == api.org_ids["alpha"]
+    assert job["seed"] == 7 and job["metadata"] == {"team": "nlp"} and job["user_provided_suffix"] == "my-model"
+    hyper = job["hyperparameters"]
+    assert hyper["n_epochs"] >= 1 and hyper["batch_size"] >= 1 and hyper["learning_rate_multiplier"] == 1.0
+    assert hyper["learning_rate"] == pytest.approx(METHOD_DEFAULT_LEARNING_RATE["svfit"])
+    assert job["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {k: hyper[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}},
+    }
+    assert job["peft"] == {"type": "svfit", "rank": None, "energy": None, "target_modules": None}
+    assert job["result_files"] == [] and job["error"] is None and job["fine_tuned_model"] is None
+    assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0, "seconds_remaining": None}
+
+
+def test_method_block_and_peft_extension(api):
+    job = api.job_ok(
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}}},
+        peft={"type": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj"], "max_seq_length": 64, "bogus": 1},
+    )
+    assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["batch_size"] == 4
+    assert job["hyperparameters"]["learning_rate"] == pytest.approx(0.5 * METHOD_DEFAULT_LEARNING_RATE["lora"])
+    assert job["peft"] == {"type": "lora", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "max_seq_length": 64}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": 51}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": "lots"}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"batch_size": True}}, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+        ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}}, "method.supervised.hyperparameters.batch_size"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"peft": {"type": "adapter"}}, "peft.type"),
+        ({"peft": {"rank": 0}}, "peft.rank"),
+        ({"peft": {"energy": 1.5}}, "peft.energy"),
+        ({"peft": {"energy": 0}}, "peft.energy"),
+        ({"peft": {"target_modules": []}}, "peft.target_modules"),
+        ({"peft": {"checkpoint_every": -3}}, "peft.checkpoint_every"),
+        ({"suffix": "has:colon"}, "suffix"),
+        ({"seed": -1}, "seed"),
+        ({"model": "no-such-model"}, "model"),
+        ({"training_file": "file-doesnotexist"}, "training_file"),
+        ({"validation_file": "file-doesnotexist"}, "validation_file"),
+    ],
+)
+def test_invalid_requests_name_the_parameter(api, body, param):
+    response = api.create_job(**body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert not api.dispatch.job_ids
+
+
+def test_unknown_model_is_model_not_found(api):
+    error = api.create_job(model="gpt-nope").json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+
+
+def test_error_file_and_too_small_file_cannot_train(api):
+    error_file = api.upload(b"{broken\n").json()["id"]
+    response = api.create_job(training_file=error_file)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "training_file"
+    small = api.upload_ok(chat_file(MIN_EXAMPLES - 1))
+    response = api.create_job(training_file=small)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "training_file"
+    assert "at least" in response.json()["error"]["message"]
+    assert job_count(api) == 0
+
+
+def test_validation_file_must_match_the_training_format(api):
+    classification = api.upload_ok(jsonl([{"text": "x", "label": 0}] * 4))
+    response = api.create_job(validation_file=classification)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "validation_file"
+
+
+def test_another_orgs_file_is_unknown_training_file(any_db_api):
+    api = any_db_api
+    beta_file = api.upload_ok(org="beta")
+    response = api.create_job(training_file=beta_file)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "training_file"
+    assert beta_file in response.json()["error"]["message"]
+
+
+def test_idempotency_key_returns_the_same_job(any_db_api):
+    api = any_db_api
+    training_file = api.upload_ok()
+    first = api.create_job(training_file=training_file, headers={"Idempotency-Key": "k-1"}).json()
+    again = api.create_job(training_file=training_file, headers={"Idempotency-Key": "k-1"}).json()
+    assert again["id"] == first["id"] and api.dispatch.job_ids == [first["id"]]
+    other_body = api.create_job(training_file=training_file, suffix="x", headers={"Idempotency-Key": "k-1"})
+    assert other_body.status_code == 400 and other_body.json()["error"]["code"] == "idempotency_key_reused"
+    # With a new key the same body is a new job: the key, not the body, decides.
+    fresh = api.create_job(training_file=training_file, headers={"Idempotency-Key": "k-2"}).json()
+    assert fresh["id"] != first["id"]
+
+
+def test_identical_retried_body_returns_the_existing_job(any_db_api):
+    api = any_db_api
+    training_file = api.upload_ok()
+    first = api.job_ok(training_file=training_file, seed=1)
+    retried = api.job_ok(training_file=training_file, seed=1)
+    assert retried["id"] == first["id"] and len(api.dispatch.job_ids) == 1
+    assert api.job_ok(training_file=training_file, seed=2)["id"] != first["id"]
+    # Another organization sending the same body gets its own job (and its own file check).
+    assert api.create_job(org="beta", training_file=training_file).status_code == 400
+
+
+def test_a_cancelled_job_is_not_handed_back_for_an_identical_body(api):
+    training_file = api.upload_ok()
+    first = api.job_ok(training_file=training_file)
+    api.client.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel", headers=api.headers())
+    assert api.job_ok(training_file=training_file)["id"] != first["id"]
+
+
+def test_unavailable_queue_withdraws_the_job(api):
+    api.dispatch.fail = True
+    training_file = api.upload_ok()
+    response = api.create_job(training_file=training_file)
+    assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+    assert job_count(api) == 0
+    api.dispatch.fail = False
+    assert api.job_ok(training_file=training_file)["status"] == "queued"
+
+
+def test_list_newest_first_with_cursor_and_queue_positions(any_db_api):
+    api = any_db_api
+    training_file = api.upload_ok()
+    ids = [api.job_ok(training_file=training_file, seed=i)["id"] for i in range(3)]
+    set_job(api, ids[0], status="running")
+    page = api.client.get("/v1/fine_tuning/jobs", params={"limit": 2}, headers=api.headers()).json()
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]] and page["has_more"] is True
+    assert [j["queue_position"] for j in page["data"]] == [2, 1]
+    rest = api.client.get("/v1/fine_tuning/jobs", params={"after": page["last_id"]}, headers=api.headers()).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    assert rest["data"][0]["queue_position"] is None
+
+
+def _post(api, job_id: str, action: str):
+    return api.client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=api.headers())
+
+
+def test_cancel_pause_resume_transitions(any_db_api):
+    api = any_db_api
+    training_file = api.upload_ok()
+
+    queued = api.job_ok(training_file=training_file, seed=1)["id"]
+    cancelled = _post(api, queued, "cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    again = _post(api, queued, "cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "invalid_state"
+
+    running = api.job_ok(training_file=training_file, seed=2)["id"]
+    set_job(api, running, status="running")
+    assert _post(api, running, "pause").json()["status"] == "running"
+    with api.session() as session:
+        assert session.get(Job, _pk(api, running)).requested_action == "pause"
+    assert _post(api, running, "resume").json()["status"] == "running"  # withdraws the pause
+    with api.session() as session:
+        assert session.get(Job, _pk(api, running)).requested_action is None
+    assert _post(api, running, "cancel").json()["status"] == "running"
+    with api.session() as session:
+        assert session.get(Job, _pk(api, running)).requested_action == "cancel"
+    assert _post(api, running, "pause").status_code == 400  # a cancel is on its way
+
+    paused = api.job_ok(training_file=training_file, seed=3)["id"]
+    dispatched_before = len(api.dispatch.job_ids)
+    assert _post(api, paused, "pause").json()["status"] == "paused"  # queued: parked at once
+    assert _post(api, paused, "pause").json()["status"] == "paused"  # idempotent
+    resumed = _post(api, paused, "resume").json()
+    assert resumed["status"] == "queued" and resumed["queue_position"] is not None
+    assert api.dispatch.job_ids[dispatched_before:] == [paused]
+
+    for status in ("succeeded", "failed"):
+        finished = api.job_ok(training_file=training_file, seed=10 + len(status))["id"]
+        set_job(api, finished, status=status)
+        for action in ("cancel", "pause", "resume"):
+            response = _post(api, finished, action)
+            assert response.status_code == 400, (status, action)
+            assert response.json()["error"]["code"] == "invalid_state"
+
+
+def _pk(api, job_id: str) -> int:
+    with api.session() as session:
+        return session.scalar(select(Job.pk).where(Job.id == job_id))
+
+
+def test_paused_job_cancels_at_once_and_resume_failure_keeps_it_paused(api):
+    job_id = api.job_ok()["id"]
+    set_job(api, job_id, status="paused", last_checkpoint_step=5)
+    api.dispatch.fail = True
+    response = _post(api, job_id, "resume")
+    assert response.status_code == 503
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers()).json()["status"] == "paused"
+    assert _post(api, job_id, "cancel").json()["status"] == "cancelled"
+
+
+def test_worker_written_fields_are_shaped_for_strict_clients(api):
+    job_id = api.job_ok()["id"]
+    set_job(
+        api,
+        job_id,
+        status="failed",
+        error={"message": "out of memory"},
+        progress={"step": 3, "total_steps": 10, "epoch": 0.3, "seconds_remaining": 12.5, "extra": 1},
+        fine_tuned_model="ft:tiny-base:org:x:abc",
+    )
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers()).json()
+    assert job["error"] == {"code": "internal_error", "message": "out of memory", "param": None}
+    assert job["progress"] == {"step": 3, "total_steps": 10, "epoch": 0.3, "seconds_remaining": 12.5}
+    assert job["fine_tuned_model"] is None  # only a succeeded job names its model
+    set_job(api, job_id, status="succeeded", error=None, result_files=["file-results"])
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers()).json()
+    assert job["fine_tuned_model"] == "ft:tiny-base:org:x:abc" and job["result_files"] == ["file-results"]
+    assert job["error"] is None

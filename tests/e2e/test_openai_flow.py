@@ -1,0 +1,169 @@
+"""The whole user journey through real processes, driven by the official `openai` client.
+
+Production path: `svfit api` + `svfit worker` on Postgres + Redis. Embedded default: `svfit serve`.
+Upload → create → poll → events → checkpoints → artifacts (svfit, peft_lora, merged; PEFT loads the
+LoRA export and matches the merged model) → cancel a second job → pause and resume a third.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+from tests.e2e.conftest import ROOT, SVFIT, Service
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def make_client(service: Service, api_key: str) -> OpenAI:
+    return OpenAI(base_url=f"{service.base_url}/v1", api_key=api_key, max_retries=2, timeout=30)
+
+
+def create_key(service: Service, org: str) -> str:
+    out = subprocess.run(
+        [*SVFIT, "keys", "create", "--org", org], cwd=ROOT, env=service.env, check=True, capture_output=True, text=True
+    ).stdout
+    # The key is the one token on the output that looks like a key; the CLI prints it once.
+    keys = [tok for tok in out.split() if tok.startswith("sk-")]
+    assert keys, f"no key printed: {out!r}"
+    return keys[0]
+
+
+def wait_for(client: OpenAI, job_id: str, statuses: set[str], timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    while job.status not in statuses:
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {job.status}"
+        assert job.status not in TERMINAL - statuses, f"job {job_id} ended {job.status}: {job.error}"
+        time.sleep(0.3)
+        job = client.fine_tuning.jobs.retrieve(job_id)
+    return job
+
+
+def create_job(client: OpenAI, file_id: str, *, n_epochs: int = 2, checkpoint_every: int = 4, suffix: str = "e2e"):
+    return client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=file_id,
+        suffix=suffix,
+        seed=7,
+        hyperparameters={"n_epochs": n_epochs, "batch_size": 2},
+        extra_body={"peft": {"type": "svfit", "target_modules": "all-linear", "checkpoint_every": checkpoint_every}},
+    )
+
+
+def download_artifact(service: Service, api_key: str, job_id: str, fmt: str, dest: Path) -> Path:
+    response = httpx.get(
+        f"{service.base_url}/v1/fine_tuning/jobs/{job_id}/artifacts",
+        params={"format": fmt},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    digest = response.headers.get("x-content-sha256")
+    assert digest == hashlib.sha256(response.content).hexdigest()
+    out = dest / fmt
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:*") as archive:
+        archive.extractall(out, filter="data")
+    return out
+
+
+def folder_with(root: Path, name: str) -> Path:
+    found = sorted(p.parent for p in root.rglob(name))
+    assert found, f"no {name} under {root}"
+    return found[0]
+
+
+def check_artifacts(service: Service, api_key: str, job_id: str, models_dir: Path, tmp_path: Path) -> None:
+    """All three formats download, and PEFT + our loader + the merged model agree on the logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from svfit_core import load_svfit_adapter
+
+    base_dir = models_dir / "tiny-llama"
+    ids = torch.tensor([[5, 9, 12, 30, 41, 7]])
+
+    def fresh_base():
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    with torch.no_grad():
+        base_logits = fresh_base()(input_ids=ids).logits
+        merged_dir = folder_with(download_artifact(service, api_key, job_id, "merged", tmp_path), "config.json")
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        lora_dir = folder_with(download_artifact(service, api_key, job_id, "peft_lora", tmp_path), "adapter_config.json")
+        peft_logits = PeftModel.from_pretrained(fresh_base(), lora_dir).eval()(input_ids=ids).logits
+        svfit_dir = folder_with(download_artifact(service, api_key, job_id, "svfit", tmp_path), "adapter_config.json")
+        svfit_logits = load_svfit_adapter(fresh_base(), svfit_dir).eval()(input_ids=ids).logits
+
+    assert (merged_logits - base_logits).abs().max() > 1e-4, "training changed nothing"
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-4)
+    assert torch.allclose(svfit_logits, merged_logits, atol=1e-4)
+
+
+def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Path, tmp_path: Path) -> None:
+    client = make_client(service, api_key)
+
+    uploaded = client.files.create(file=chat_jsonl.open("rb"), purpose="fine-tune")
+    assert uploaded.status in {"uploaded", "processed"}
+    assert client.files.retrieve(uploaded.id).status == "processed"
+    assert client.files.content(uploaded.id).read() == chat_jsonl.read_bytes()
+
+    job = create_job(client, uploaded.id)
+    assert job.hyperparameters.n_epochs == 2
+    assert job.model_extra["peft"]["type"] == "svfit"
+    job = wait_for(client, job.id, {"succeeded"})
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tiny-llama:")
+    assert job.trained_tokens and job.trained_tokens > 0
+    assert job.result_files
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all("train_loss" in e.data for e in metrics)
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and all(c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model) for c in checkpoints)
+    results_csv = client.files.content(job.result_files[0]).read().decode()
+    assert results_csv.splitlines()[0].startswith("step")
+
+    listed = {m.id for m in client.models.list()}
+    assert job.fine_tuned_model in listed and "tiny-llama" in listed
+
+    check_artifacts(service, api_key, job.id, models_dir, tmp_path)
+
+    # A second job, cancelled while it runs (or before it starts): it ends `cancelled`, not `succeeded`.
+    doomed = create_job(client, uploaded.id, n_epochs=40, suffix="cancel")
+    wait_for(client, doomed.id, {"running", "queued"})
+    client.fine_tuning.jobs.cancel(doomed.id)
+    assert wait_for(client, doomed.id, {"cancelled"}).fine_tuned_model is None
+
+    # A third job: paused mid-run, then resumed from its checkpoint to success.
+    paused = create_job(client, uploaded.id, n_epochs=30, suffix="pause")
+    wait_for(client, paused.id, {"running"})
+    client.post(f"/fine_tuning/jobs/{paused.id}/pause", cast_to=object)
+    wait_for(client, paused.id, {"paused"})
+    client.post(f"/fine_tuning/jobs/{paused.id}/resume", cast_to=object)
+    resumed = wait_for(client, paused.id, {"succeeded"}, timeout=400)
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(resumed.id, limit=200)]
+    assert any("pause" in m.lower() for m in messages)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_journey_on_postgres_and_redis(production_service, chat_jsonl, models_dir, tmp_path):
+    api_key = create_key(production_service, "e2e-org")
+    run_journey(production_service, api_key, chat_jsonl, models_dir, tmp_path)
+
+
+def test_journey_embedded_default(embedded_service, chat_jsonl, models_dir, tmp_path):
+    api_key = create_key(embedded_service, "embedded-org")
+    run_journey(embedded_service, api_key, chat_jsonl, models_dir, tmp_path)

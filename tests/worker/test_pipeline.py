@@ -1,0 +1,244 @@
+"""The job pipeline without Celery, on SQLite and a tiny random Llama: success, cancel, pause/resume,
+failures with stable codes, and idempotent publishing after a crash."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+import pytest
+import torch
+
+from api.core.tables import Checkpoint, File, FineTunedModel
+from tests.worker.helpers import adapter_tensors, assert_same_adapter
+from worker import pipeline, publishing, recovery
+from worker.reporting import JobReporter
+
+pytestmark = pytest.mark.slow
+
+
+def request_action_at(monkeypatch: pytest.MonkeyPatch, service, job_id: str, action: str, step: int) -> None:
+    """Play the API's part: set `requested_action` once the run reaches `step`."""
+    original = JobReporter.on_step
+
+    def on_step(self, metrics):  # noqa: ANN001
+        original(self, metrics)
+        if metrics["step"] == step:
+            service.update_job(job_id, requested_action=action)
+
+    monkeypatch.setattr(JobReporter, "on_step", on_step)
+
+
+def test_run_job_succeeds_and_publishes(service):
+    job_id = service.add_job()
+
+    assert pipeline.run_job(job_id) == "succeeded"
+
+    job = service.job(job_id)
+    assert job.status == "succeeded"
+    assert job.error is None
+    assert re.fullmatch(rf"ft:tiny-llama:org-test:unit:{job_id[6:18]}", job.fine_tuned_model)
+    assert job.trained_tokens and job.trained_tokens > 0
+    assert job.finished_at and job.started_at and job.attempt == 1
+    assert job.progress["step"] == job.progress["total_steps"] == 20
+    assert job.requested_action is None
+
+    messages = [e.message for e in service.events(job_id)]
+    assert messages[0] == "Fine-tuning job started"
+    assert messages[-1] == "The job has successfully completed"
+    metrics = [e.data for e in service.events(job_id) if e.type == "metrics"]
+    train = [m for m in metrics if "train_loss" in m]
+    valid = [m for m in metrics if "valid_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 21))
+    assert all(m["total_steps"] == 20 and m["train_mean_token_accuracy"] is not None for m in train)
+    assert valid and all(m["valid_mean_token_accuracy"] is not None for m in valid)
+
+    # Checkpoints: rows, servable model rows, published directories.
+    checkpoints = sorted(service.rows(Checkpoint, job_id=job_id), key=lambda c: c.step_number)
+    assert [c.step_number for c in checkpoints][:3] == [5, 10, 15]
+    for ckpt in checkpoints:
+        assert ckpt.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{ckpt.step_number}"
+        assert ckpt.metrics["step"] == ckpt.step_number and "train_loss" in ckpt.metrics
+        assert (service.store_path(ckpt.storage_key) / publishing.MANIFEST_NAME).is_file()
+    assert job.last_checkpoint_step == checkpoints[-1].step_number
+    models = {m.id: m for m in service.rows(FineTunedModel, job_id=job_id)}
+    assert models[job.fine_tuned_model].step_number is None
+    assert models[job.fine_tuned_model].parent == "tiny-llama"
+    assert len(models) == len(checkpoints) + 1
+
+    final = service.store_path(publishing.final_key(job_id))
+    assert (final / "adapter_config.json").is_file()
+    adapter_tensors(final)
+    assert not list(final.parent.rglob("*.part"))
+    assert not (service.settings.jobs_dir / job_id).exists(), "scratch space is cleaned up"
+
+    # The results file.
+    [results] = service.rows(File, purpose="fine-tune-results")
+    assert job.result_files == [results.id]
+    assert results.status == "processed" and results.org_id == "org-test"
+    body = service.store_path(results.storage_key).read_bytes()
+    assert results.bytes == len(body)
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert all(r["train_loss"] for r in rows)
+    assert any(r["valid_loss"] for r in rows)
+
+
+def test_cancel_through_requested_action(service, monkeypatch):
+    job_id = service.add_job(validation=False)
+    request_action_at(monkeypatch, service, job_id, "cancel", step=3)
+
+    assert pipeline.run_job(job_id) == "cancelled"
+
+    job = service.job(job_id)
+    assert job.status == "cancelled"
+    assert job.requested_action is None and job.finished_at is not None
+    assert job.fine_tuned_model is None
+    assert job.progress["step"] < 20
+    assert service.events(job_id)[-1].message == "Fine-tuning job cancelled"
+    assert not service.store_path(publishing.final_key(job_id)).exists()
+    assert not service.rows(FineTunedModel, job_id=job_id, step_number=None)
+
+
+def test_pause_then_resume_equals_uninterrupted_run(service, monkeypatch):
+    reference = service.add_job(validation=False)
+    assert pipeline.run_job(reference) == "succeeded"
+
+    job_id = service.add_job(validation=False)
+    with monkeypatch.context() as patch:
+        request_action_at(patch, service, job_id, "pause", step=7)
+        assert pipeline.run_job(job_id) == "paused"
+
+    job = service.job(job_id)
+    assert job.status == "paused" and job.requested_action is None
+    assert job.last_checkpoint_step is not None and 5 <= job.last_checkpoint_step < 20
+    assert service.events(job_id)[-1].message == f"Fine-tuning job paused at step {job.last_checkpoint_step}"
+    assert service.store_path(publishing.checkpoint_key(job_id, job.last_checkpoint_step)).is_dir()
+    paused_at = job.last_checkpoint_step
+
+    # A paused job's message is moot; the API's resume puts it back in line.
+    assert pipeline.run_job(job_id) == "paused"
+    service.update_job(job_id, status="queued")
+    assert pipeline.run_job(job_id) == "succeeded"
+
+    job = service.job(job_id)
+    assert job.attempt == 2
+    assert f"Fine-tuning job resumed from step {paused_at}" in [e.message for e in service.events(job_id)]
+    assert_same_adapter(
+        service.store_path(publishing.final_key(reference)), service.store_path(publishing.final_key(job_id))
+    )
+    # One CSV row per step even though steps after the checkpoint ran twice.
+    [results] = [f for f in service.rows(File, purpose="fine-tune-results") if f.id in job.result_files]
+    steps = [int(r["step"]) for r in csv.DictReader(io.StringIO(service.store_path(results.storage_key).read_text()))]
+    assert steps == list(range(1, 21))
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing records it on the job."""
+
+
+def test_crash_mid_publish_then_retry_publishes_once(service, monkeypatch):
+    job_id = service.add_job(validation=False)
+    original = publishing.ensure_results_file
+
+    def crash_after_dir_publish(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise Crash()
+
+    # First attempt dies after the final directory is in place but before the rows commit.
+    monkeypatch.setattr(publishing, "ensure_results_file", crash_after_dir_publish)
+    with pytest.raises(Crash):
+        pipeline.run_job(job_id)
+    assert service.store_path(publishing.final_key(job_id)).is_dir()
+    job = service.job(job_id)
+    assert job.status == "running" and job.fine_tuned_model is None
+
+    # The reaper notices the silent worker; the retry resumes and publishes.
+    monkeypatch.setattr(publishing, "ensure_results_file", original)
+    service.update_job(job_id, heartbeat_at=time.time() - 3600)
+    monkeypatch.setattr("worker.dispatch.enqueue_job", lambda job_id, **kw: True)
+    assert recovery.reap_stale_jobs() == [job_id]
+    assert pipeline.run_job(job_id) == "succeeded"
+
+    job = service.job(job_id)
+    assert len(service.rows(FineTunedModel, job_id=job_id, step_number=None)) == 1
+    assert len(service.rows(File, purpose="fine-tune-results")) == 1
+    assert len({c.step_number for c in service.rows(Checkpoint, job_id=job_id)}) == len(
+        service.rows(Checkpoint, job_id=job_id)
+    )
+    assert not list(service.store_path(f"jobs/{job_id}").rglob("*.part"))
+
+
+def test_publish_dir_is_atomic_and_idempotent(service, tmp_path):
+    from api.core.storage import get_storage
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    storage = get_storage()
+    key = "jobs/ftjob-x/final"
+    # A leftover from a crashed copy is discarded, not merged.
+    stale = storage.path(key).with_name("final.part")
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("half")
+
+    target = publishing.publish_dir(storage, src, key, {"job_id": "ftjob-x"})
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_model.safetensors", publishing.MANIFEST_NAME]
+    assert not stale.exists()
+    (src / "adapter_model.safetensors").write_bytes(b"other")
+    assert publishing.publish_dir(storage, src, key, {}) == target
+    assert (target / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(
+    "case, code, param",
+    [
+        ("unknown_model", "model_not_found", "model"),
+        ("bad_training_file", "invalid_training_file", "training_file"),
+        ("missing_file_content", "invalid_training_file", "training_file"),
+        ("internal", "internal_error", None),
+        ("oom", "out_of_memory", None),
+    ],
+)
+def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param):
+    overrides = {}
+    if case == "unknown_model":
+        overrides["model"] = "no-such-model"
+    elif case == "bad_training_file":
+        overrides["training_file"] = service.add_file(b'{"messages": [{"role": "user"}]}\nnot json\n')
+    elif case == "missing_file_content":
+        file_id = service.add_file([{"prompt": "a", "completion": "b"}] * 10)
+        service.store_path(f"files/{file_id}.jsonl").unlink()
+        overrides["training_file"] = file_id
+    elif case in ("internal", "oom"):
+        error = RuntimeError("secret stack detail") if case == "internal" else torch.OutOfMemoryError("CUDA out of memory")
+
+        def explode(*args, **kwargs):  # noqa: ANN002, ANN003
+            raise error
+
+        monkeypatch.setattr("svfit_core.training.run_training", explode)
+    job_id = service.add_job(validation=False, **overrides)
+
+    assert pipeline.run_job(job_id) == "failed"
+
+    job = service.job(job_id)
+    assert job.status == "failed" and job.finished_at is not None
+    assert set(job.error) == {"code", "message", "param"}
+    assert job.error["code"] == code and job.error["param"] == param
+    assert "Traceback" not in job.error["message"] and "secret" not in job.error["message"]
+    last = service.events(job_id)[-1]
+    assert last.level == "error" and last.message == job.error["message"]
+
+
+def test_validating_files_job_with_a_rejected_file_fails_before_running(service):
+    bad = service.add_file(chat_examples_bytes(), status="error")
+    job_id = service.add_job(training_file=bad, validation=False, status="validating_files")
+
+    assert pipeline.run_job(job_id) == "failed"
+    job = service.job(job_id)
+    assert job.error["code"] == "invalid_training_file" and job.started_at is None
+
+
+def chat_examples_bytes() -> bytes:
+    return b'{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}]}\n'

@@ -1,0 +1,403 @@
+"""One fine-tuning job, run as plain functions: claim the row, train with reporting callbacks, then publish,
+pause, cancel, re-queue or fail. Callable without Celery (tests and tools call `run_job` directly).
+
+State changes are conditional updates on the job row (`queued → running` only while queued; every later
+write only while this worker still holds it), so duplicate messages, racing workers and a reaper that took
+the job away all resolve to exactly one worker training it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from api.core.db import session_scope
+from api.core.errors import InvalidTrainingFile, ModelNotFound, ServiceError
+from api.core.settings import Settings, get_settings
+from api.core.storage import LocalStorage, get_storage
+from api.core.tables import File, Job, now
+from worker import publishing
+from worker.recovery import Heartbeat, shutdown_requested
+from worker.reporting import JobLost, JobReporter, add_event, owned
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+# What `run_job` returns, for logs and tests: the job's new status, or why nothing was done.
+Outcome = str
+
+
+def new_worker_id() -> str:
+    """Unique per attempt, so even the same process never mistakes an old claim for its own."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+
+def run_job(job_id: str, *, worker_id: str | None = None) -> Outcome:
+    """Run job `job_id` to its next resting state. Safe to call for any id, any number of times."""
+    worker_id = worker_id or new_worker_id()
+    settings = get_settings()
+    moot = _precheck(job_id, settings)
+    if moot is not None:
+        log.info("job %s: nothing to do (%s)", job_id, moot)
+        return moot
+    if not claim_job(job_id, worker_id):
+        log.info("job %s: claimed by another worker", job_id)
+        return "skipped"
+    log.info("job %s: running as %s", job_id, worker_id)
+    with Heartbeat(job_id, worker_id, settings.heartbeat_interval_s) as heartbeat:
+        try:
+            return _train(job_id, worker_id, heartbeat, settings)
+        except JobLost:
+            return "lost"
+        except OperationalError:
+            # Transient: give the job back so the task's retry (or another worker) can claim it again and
+            # resume from the last checkpoint. If even this fails, the reaper will do it.
+            _release(job_id, worker_id, "Database unavailable; the job will be retried")
+            raise
+        except Exception as exc:  # noqa: BLE001 - every other failure is recorded on the job
+            fail_job(job_id, exc, worker_id=worker_id)
+            return "failed"
+
+
+# --- state transitions ---------------------------------------------------------------------------------
+
+
+def _precheck(job_id: str, settings: Settings) -> Outcome | None:
+    """Why the message is moot, or None when the job should be claimed (files validated on the way)."""
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).one_or_none()
+        if job is None:
+            return "missing"
+        if job.status in TERMINAL or job.status == "paused":
+            return job.status
+        if job.status == "running":
+            # Held by a live worker (a re-delivered message), or by a dead one: the reaper's business.
+            return "held" if (job.heartbeat_at or 0) > time.time() - settings.heartbeat_timeout_s else "stale"
+        if job.status != "validating_files":
+            return None
+        problem = _file_problem(session, job)
+    if problem is not None:
+        fail_job(job_id, problem, from_status="validating_files")
+        return "failed"
+    with session_scope() as session:
+        moved = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "validating_files").values(status="queued")
+        ).rowcount
+        if moved:
+            add_event(session, job_id, "Files validated, moving job to queued state")
+    return None
+
+
+def _file_problem(session, job: Job) -> ServiceError | None:  # noqa: ANN001 - Session
+    for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
+        if file_id is None:
+            continue
+        row = session.scalars(select(File).where(File.id == file_id, File.org_id == job.org_id)).one_or_none()
+        if row is None:
+            return InvalidTrainingFile(f"File '{file_id}' does not exist.", param=param)
+        if row.status == "error":
+            return InvalidTrainingFile(
+                f"File '{file_id}' failed validation: {row.status_details or 'invalid data'}", param=param
+            )
+    return None
+
+
+def claim_job(job_id: str, worker_id: str) -> bool:
+    """`queued → running` for this worker, only if still queued. Of two racing claims exactly one wins."""
+    with session_scope() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(
+                status="running",
+                worker_id=worker_id,
+                started_at=func.coalesce(Job.started_at, now()),
+                attempt=Job.attempt + 1,
+                heartbeat_at=time.time(),
+            )
+        ).rowcount
+    return claimed == 1
+
+
+def _release(job_id: str, worker_id: str, message: str) -> bool:
+    """`running → queued` for a job this worker holds (it will resume from its last checkpoint)."""
+    try:
+        with session_scope() as session:
+            released = session.execute(
+                owned(job_id, worker_id).values(status="queued", worker_id=None, heartbeat_at=None)
+            ).rowcount
+            if released:
+                add_event(session, job_id, message, level="warn")
+    except SQLAlchemyError:
+        log.warning("could not release job %s", job_id, exc_info=True)
+        return False
+    return released == 1
+
+
+def error_for(exc: BaseException) -> tuple[str, str, str | None]:
+    """(code, message, param) for a failure: stable codes and human messages, never a traceback."""
+    from svfit_core.errors import DataError, SVFitError
+
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message, exc.param
+    if isinstance(exc, DataError):
+        details = "; ".join(exc.errors[:5])
+        message = f"The training data is invalid: {exc.message}" + (f" ({details})" if details else "")
+        return "invalid_training_file", message, "training_file"
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return (
+            "out_of_memory",
+            "The job ran out of memory on the worker. Try a smaller batch_size or max_seq_length.",
+            None,
+        )
+    if isinstance(exc, SVFitError):
+        # The library's typed errors are about the request (a rank, a target module); their codes are stable.
+        return exc.code, exc.message, getattr(exc, "param", None)
+    return "internal_error", "The job failed due to an internal error.", None
+
+
+def fail_job(
+    job_id: str, exc: BaseException, *, worker_id: str | None = None, from_status: str = "running"
+) -> bool:
+    """Mark the job failed with a stable error code, if it is still in `from_status` (and ours)."""
+    code, message, param = error_for(exc)
+    if code == "internal_error":
+        log.error("job %s failed", job_id, exc_info=exc)
+    else:
+        log.info("job %s failed: %s: %s", job_id, code, message)
+    stmt = update(Job).where(Job.id == job_id, Job.status == from_status)
+    if worker_id is not None:
+        stmt = stmt.where(Job.worker_id == worker_id)
+    with session_scope() as session:
+        failed = session.execute(
+            stmt.values(
+                status="failed",
+                error={"code": code, "message": message, "param": param},
+                finished_at=now(),
+                estimated_finish=None,
+                requested_action=None,
+            )
+        ).rowcount
+        if failed:
+            add_event(session, job_id, message, level="error")
+    return failed == 1
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def peft_spec_for(peft: dict[str, Any]):  # noqa: ANN201 - svfit_core.training.PeftSpec
+    """The library's PeftSpec from the job's resolved `peft` object."""
+    from svfit_core.training import PeftSpec
+
+    method = peft.get("type") or peft.get("method") or "svfit"
+    if method == "lora" and str(peft.get("init", "")).lower() == "pissa":
+        method = "pissa"
+    values = {
+        "method": method,
+        "rank": peft.get("rank"),
+        "energy": peft.get("energy"),
+        "energy_measure": peft.get("energy_measure"),
+        "target_modules": peft.get("target_modules"),
+        "lora_alpha": peft.get("lora_alpha", peft.get("alpha")),
+        "train_bottom": peft.get("train_bottom"),
+    }
+    # None means "the library's default" for every field, so leave those out.
+    return PeftSpec(**{k: v for k, v in values.items() if v is not None})
+
+
+def train_config_for(job: Job, settings: Settings):  # noqa: ANN201 - svfit_core.training.TrainConfig
+    """The library's TrainConfig: epochs and batch size from `hyperparameters`, the absolute learning rate
+    and training extras from `peft`, the seed from the job."""
+    from svfit_core.training import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    hyper = job.hyperparameters or {}
+    peft = job.peft or {}
+    values: dict[str, Any] = {k: v for k, v in peft.items() if k in names and v is not None}
+    for key in ("n_epochs", "batch_size"):
+        if hyper.get(key) is not None:
+            values[key] = hyper[key]
+    learning_rate = peft.get("learning_rate", hyper.get("learning_rate"))
+    if learning_rate is not None:
+        values["learning_rate"] = learning_rate
+    values["seed"] = int(job.seed)
+    values.setdefault("checkpoint_every", settings.default_checkpoint_every)
+    return TrainConfig(**values)
+
+
+def _load_file(storage: LocalStorage, file_id: str, param: str) -> list[dict]:
+    from svfit_core.data import load_examples
+    from svfit_core.errors import DataError
+
+    with session_scope() as session:
+        row = session.scalars(select(File).where(File.id == file_id)).one_or_none()
+    if row is None or not storage.exists(row.storage_key):
+        raise InvalidTrainingFile(f"File '{file_id}' is no longer available.", param=param)
+    try:
+        return load_examples(storage.path(row.storage_key))
+    except DataError as exc:
+        details = "; ".join(exc.errors[:5])
+        raise InvalidTrainingFile(
+            f"File '{file_id}' is invalid: {exc.message}" + (f" ({details})" if details else ""), param=param
+        ) from exc
+
+
+def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings) -> Outcome:
+    from svfit_core.training import run_training
+
+    from api.core.base_models import resolve_base_model
+
+    storage = get_storage()
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+    model_name = publishing.fine_tuned_model_name(job)
+
+    base_path = resolve_base_model(job.model)
+    train_examples = _load_file(storage, job.training_file, "training_file")
+    valid_examples = _load_file(storage, job.validation_file, "validation_file") if job.validation_file else None
+    peft = peft_spec_for(job.peft or {})
+    config = train_config_for(job, settings)
+
+    # Resume from the published copy: it survives this machine, the scratch directory may not.
+    resume_step = job.last_checkpoint_step
+    resume_from = storage.path(publishing.checkpoint_key(job_id, resume_step)) if resume_step else None
+    if resume_from is not None and not resume_from.is_dir():
+        log.warning("job %s: checkpoint step %s is missing from the store; starting over", job_id, resume_step)
+        resume_step, resume_from = None, None
+
+    # Scratch space for this attempt only; anything from an earlier attempt is stale.
+    output_dir = settings.jobs_dir / job_id
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    reporter = JobReporter(
+        job,
+        worker_id,
+        storage=storage,
+        model_name=model_name,
+        progress_interval_s=settings.progress_interval_s,
+        control_poll_interval_s=settings.control_poll_interval_s,
+        lost=heartbeat.lost.is_set,
+        shutdown=shutdown_requested,
+        resumed_step=resume_step,
+    )
+    if resume_step:
+        reporter.published_steps.add(resume_step)
+    result = run_training(
+        base_path,
+        train_examples,
+        valid_examples,
+        peft,
+        config,
+        output_dir,
+        callbacks=reporter,
+        resume_from=resume_from,
+    )
+    reporter.flush()
+    if reporter.stop_reason == "lost":
+        return "lost"
+
+    if result.status == "succeeded":
+        _succeed(job, worker_id, storage, reporter, result, model_name)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return "succeeded"
+    if result.status == "cancelled":
+        _finish(job_id, worker_id, "cancelled", "Fine-tuning job cancelled", finished=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return "cancelled"
+    if result.status == "paused":
+        step = _publish_pause_checkpoint(reporter, result)
+        if reporter.stop_reason == "shutdown":
+            # The worker is stopping, not the user: put the job back in line for the next worker.
+            message = f"Worker stopped; the job will resume from step {step}" if step else "Worker stopped; the job will restart"
+            if _release(job_id, worker_id, message):
+                from worker.dispatch import enqueue_job
+
+                enqueue_job(job_id)
+            return "queued"
+        _finish(job_id, worker_id, "paused", f"Fine-tuning job paused at step {step or 0}", finished=False)
+        return "paused"
+    raise RuntimeError(f"unknown training result status {result.status!r}")
+
+
+def _publish_pause_checkpoint(reporter: JobReporter, result) -> int | None:  # noqa: ANN001 - TrainResult
+    """Make sure the checkpoint the library saved when pausing is published; returns the resume step."""
+    if result.last_checkpoint is not None:
+        path = Path(result.last_checkpoint)
+        step = _step_of(path, default=result.step)
+        reporter.publish_checkpoint(step, path)
+        if reporter.stop_reason == "lost":
+            raise JobLost(reporter.job_id)
+        return step
+    return max(reporter.published_steps, default=None)
+
+
+def _step_of(path: Path, default: int) -> int:
+    name = path.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return int(default)
+
+
+def _finish(job_id: str, worker_id: str, status: str, message: str, *, finished: bool) -> None:
+    values: dict[str, Any] = {"status": status, "requested_action": None, "estimated_finish": None}
+    if finished:
+        values["finished_at"] = now()
+    with session_scope() as session:
+        if session.execute(owned(job_id, worker_id).values(**values)).rowcount != 1:
+            raise JobLost(job_id)
+        add_event(session, job_id, message)
+
+
+def _succeed(job: Job, worker_id: str, storage: LocalStorage, reporter: JobReporter, result, model_name: str) -> None:  # noqa: ANN001
+    """Publish the final adapter, the results file and the model row, and mark the job succeeded.
+
+    The directory copy is idempotent by key; the rows and the status change commit in one transaction
+    that only applies while this worker holds the job, so a crash anywhere leaves either nothing or all of it.
+    """
+    if result.adapter_dir is None:
+        raise RuntimeError("training succeeded without an adapter directory")
+    key = publishing.final_key(job.id)
+    publishing.publish_dir(
+        storage, Path(result.adapter_dir), key, {"job_id": job.id, "step": result.step, "fine_tuned_model": model_name}
+    )
+    with session_scope() as session:
+        results = publishing.ensure_results_file(session, storage, job)
+        publishing.ensure_model_row(session, job, model_name, key, None)
+        session.flush()
+        done = session.execute(
+            owned(job.id, worker_id).values(
+                status="succeeded",
+                fine_tuned_model=model_name,
+                trained_tokens=result.trained_tokens,
+                result_files=[results.id],
+                finished_at=now(),
+                estimated_finish=None,
+                requested_action=None,
+                progress={
+                    "step": result.step,
+                    "total_steps": result.total_steps,
+                    "epoch": reporter.epoch,
+                    "seconds_remaining": 0,
+                },
+            )
+        ).rowcount
+        if done != 1:
+            raise JobLost(job.id)
+        add_event(session, job.id, f"New fine-tuned model created: {model_name}", data={"fine_tuned_model": model_name})
+        add_event(session, job.id, "The job has successfully completed")

@@ -1,0 +1,194 @@
+"""Publishing a job's artifacts: checkpoint and final adapter directories in the store, the results CSV,
+and the rows that make them servable and listable.
+
+Every step is idempotent so a crash mid-publish followed by a retry never yields a second artifact or row:
+directories are copied to `<key>.part` and renamed into place (a published key is never rewritten), and
+rows are looked up by their natural key before insertion.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.core.ids import new_id
+from api.core.storage import LocalStorage
+from api.core.tables import Checkpoint, File, FineTunedModel, Job, JobEvent
+
+# Written into every published directory; bump when the layout of what we publish changes.
+PUBLISH_FORMAT_VERSION = 1
+MANIFEST_NAME = "publish_manifest.json"
+
+RESULTS_FILENAME = "step_metrics.csv"
+RESULTS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    """`ft:{base}:{org}:{suffix}:{id}`, computed from the job alone so checkpoints can use it before success.
+
+    The id part is the first 12 hex digits of the job id (48 bits: no practical collision within one
+    org/base/suffix); an absent suffix leaves its field empty, as OpenAI does (`ft:base:org::id`).
+    """
+    short = job.id.removeprefix("ftjob-")[:12]
+    return f"ft:{job.model}:{job.org_id}:{job.suffix or ''}:{short}"
+
+
+def checkpoint_model_name(model_name: str, step: int) -> str:
+    return f"{model_name}:ckpt-step-{step}"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    return f"jobs/{job_id}/checkpoints/step-{step}"
+
+
+def final_key(job_id: str) -> str:
+    return f"jobs/{job_id}/final"
+
+
+def results_key(job_id: str) -> str:
+    return f"jobs/{job_id}/{RESULTS_FILENAME}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_dir(storage: LocalStorage, src: Path, key: str, manifest: dict[str, Any]) -> Path:
+    """Copy directory `src` to store `key` atomically; a key already published is left as it is.
+
+    The copy lands in `<key>.part` (any leftover from a crashed attempt is discarded first) together with
+    a manifest (format version, sha256 per file), and one rename makes it visible. Readers therefore see
+    either nothing or the whole directory.
+    """
+    target = storage.path(key)
+    if target.is_dir():
+        return target
+    part = target.with_name(target.name + ".part")
+    if part.exists():
+        shutil.rmtree(part)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, part)
+    files = {
+        str(p.relative_to(part)): _sha256(p) for p in sorted(part.rglob("*")) if p.is_file()
+    }
+    body = {"format_version": PUBLISH_FORMAT_VERSION, **manifest, "files": files}
+    (part / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=True))
+    os.replace(part, target)
+    return target
+
+
+def ensure_checkpoint_rows(
+    session: Session, job: Job, step: int, metrics: dict[str, Any], model_name: str
+) -> Checkpoint:
+    """The Checkpoint row and its servable FineTunedModel row for `step`, inserted once."""
+    key = checkpoint_key(job.id, step)
+    ckpt_name = checkpoint_model_name(model_name, step)
+    checkpoint = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+    ).one_or_none()
+    if checkpoint is None:
+        checkpoint = Checkpoint(
+            id=new_id("ftckpt"),
+            job_id=job.id,
+            org_id=job.org_id,
+            step_number=step,
+            metrics=metrics,
+            fine_tuned_model_checkpoint=ckpt_name,
+            storage_key=key,
+        )
+        session.add(checkpoint)
+    ensure_model_row(session, job, ckpt_name, key, step)
+    return checkpoint
+
+
+def ensure_model_row(session: Session, job: Job, name: str, key: str, step: int | None) -> FineTunedModel:
+    model = session.scalars(select(FineTunedModel).where(FineTunedModel.id == name)).one_or_none()
+    if model is None:
+        model = FineTunedModel(
+            id=name, org_id=job.org_id, parent=job.model, job_id=job.id, step_number=step, storage_key=key
+        )
+        session.add(model)
+    return model
+
+
+def results_csv(session: Session, job_id: str) -> bytes:
+    """The step metrics CSV, built from the job's metrics events.
+
+    Events are the durable record across pauses and worker restarts. Steps re-run after a resume appear
+    twice in the events; the later value wins, so the CSV has one row per step.
+    """
+    rows: dict[int, dict[str, Any]] = {}
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.pk)
+    )
+    for event in events:
+        data = event.data or {}
+        if "step" not in data:
+            continue
+        row = rows.setdefault(int(data["step"]), {})
+        for column, source in (
+            ("train_loss", "train_loss"),
+            ("train_accuracy", "train_mean_token_accuracy"),
+            ("valid_loss", "valid_loss"),
+            ("valid_mean_token_accuracy", "valid_mean_token_accuracy"),
+        ):
+            if data.get(source) is not None:
+                row[column] = data[source]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULTS_COLUMNS)
+    for step in sorted(rows):
+        row = rows[step]
+        writer.writerow([step, *(_cell(row.get(c)) for c in RESULTS_COLUMNS[1:])])
+    return out.getvalue().encode()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def ensure_results_file(session: Session, storage: LocalStorage, job: Job) -> File:
+    """The `fine-tune-results` File row for the job, with its CSV written atomically; created once."""
+    key = results_key(job.id)
+    existing = session.scalars(
+        select(File).where(File.storage_key == key, File.purpose == "fine-tune-results")
+    ).one_or_none()
+    if existing is not None:
+        return existing
+    body = results_csv(session, job.id)
+    part = storage.part_path(key)
+    with part.open("wb") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    storage.commit(key)
+    row = File(
+        id=new_id("file"),
+        org_id=job.org_id,
+        filename=RESULTS_FILENAME,
+        purpose="fine-tune-results",
+        bytes=len(body),
+        status="processed",
+        data_format="csv",
+        storage_key=key,
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+    session.add(row)
+    return row
