@@ -1,0 +1,276 @@
+"""Service benchmark: GET-job latency under concurrency, dispatch latency, upload throughput and memory.
+
+One command: `python -m benchmarks.service [--quick]`. It starts real `svfit` processes on loopback:
+- `api_get_job`: p50/p99 of `GET /v1/fine_tuning/jobs/{id}` from 50 concurrent clients, on SQLite and on
+  Postgres, against the same server's `GET /healthz` (no database) measured in the same run as baseline.
+- `dispatch`: seconds from the create call returning to the job reading `running`, with an idle worker,
+  for Redis + Postgres (`svfit api` + `svfit worker`) and for the embedded default (`svfit serve`).
+- `upload`: throughput and the API process's resident-memory growth while a large JSONL streams in
+  (200 MB; 20 MB with --quick).
+Writes benchmarks/results/service.json. Targets (2 cores): p99 < 25 ms, dispatch < 1 s Redis and < 2 s
+embedded, upload memory growth < 64 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import REPO_ROOT, format_table, log, quantile, write_result
+
+SVFIT = [sys.executable, "-m", "api.cli"]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+CLIENTS = 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_chat_model(models_dir: Path) -> None:
+    """A 2-layer random Llama with a chat template, as base model `tiny-llama` (no download)."""
+    from tests.core.tiny_models import build_tiny
+
+    build_tiny("llama", "causal", models_dir).rename(models_dir / "tiny-llama")
+
+
+@contextmanager
+def postgres_database():
+    import psycopg
+
+    name = f"svfit_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def running_service(workdir: Path, models_dir: Path, *, database_url: str | None, broker_url: str | None,
+                    roles: list[list[str]]):
+    """Start `svfit` processes (each `roles` entry is a sub-command line); yield (base_url, {role: pid})."""
+    port = free_port()
+    data_dir = Path(tempfile.mkdtemp(dir=workdir))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SVFIT_")}
+    env.update(SVFIT_DATA_DIR=str(data_dir), SVFIT_MODELS_DIR=str(models_dir), SVFIT_MIN_TRAINING_EXAMPLES="1",
+               SVFIT_WORKER_QUEUE=f"bench-{secrets.token_hex(3)}", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    if database_url:
+        env["SVFIT_DATABASE_URL"] = database_url
+    if broker_url:
+        env["SVFIT_BROKER_URL"] = broker_url
+    if database_url:
+        subprocess.run([*SVFIT, "migrate"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    procs = {}
+    for role in roles:
+        args = [a.replace("{port}", str(port)).replace("{queue}", env["SVFIT_WORKER_QUEUE"]) for a in role]
+        log_file = (data_dir / f"{role[0]}.log").open("ab")
+        procs[role[0]] = subprocess.Popen([*SVFIT, *args], cwd=REPO_ROOT, env=env, stdout=log_file,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
+                raise RuntimeError(f"service did not start; logs in {data_dir}")
+            time.sleep(0.2)
+        if any(role[0] in {"worker", "serve"} for role in roles):
+            time.sleep(3)  # let the worker finish booting so "idle worker" means idle, not starting
+        yield base_url, {name: p.pid for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+CHAT_LINE = json.dumps({"messages": [{"role": "user", "content": "hello world"},
+                                     {"role": "assistant", "content": "hello . how are you ?"}]}) + "\n"
+
+
+def upload_chat_file(client: httpx.Client, lines: int = 8) -> str:
+    response = client.post("/v1/files", data={"purpose": "fine-tune"},
+                           files={"file": ("train.jsonl", (CHAT_LINE * lines).encode(), "application/jsonl")})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def create_job(client: httpx.Client, file_id: str, n_epochs: int = 1) -> str:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2}})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+async def latency_under_load(base_url: str, path: str, clients: int, requests_per_client: int) -> list[float]:
+    """Each of `clients` connections issues its requests back to back; returns every request's seconds."""
+    samples: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+        async def one_client() -> None:
+            for _ in range(requests_per_client):
+                start = time.perf_counter()
+                response = await client.get(path)
+                samples.append(time.perf_counter() - start)
+                response.raise_for_status()
+
+        await client.get(path)  # warm the route and the connection pool
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return samples
+
+
+def bench_get_job(workdir: Path, models_dir: Path, quick: bool) -> list[dict]:
+    per_client = 10 if quick else 40
+    arms = []
+    with postgres_database() as pg_url:
+        for backend, db_url in (("sqlite", _sqlite_url(workdir)), ("postgres", pg_url)):
+            # The API alone: no worker, so the job stays queued and every GET reads the same row.
+            with running_service(workdir, models_dir, database_url=db_url, broker_url=None,
+                                 roles=[["api", "--host", "127.0.0.1", "--port", "{port}"]]) as (base_url, _):
+                with httpx.Client(base_url=base_url, timeout=30) as client:
+                    job_id = create_job(client, upload_chat_file(client))
+                for name, path in ((f"healthz_{backend}", "/healthz"),
+                                   (f"get_job_{backend}", f"/v1/fine_tuning/jobs/{job_id}")):
+                    samples = asyncio.run(latency_under_load(base_url, path, CLIENTS, per_client))
+                    arms.append({"name": name, "requests": len(samples), "clients": CLIENTS,
+                                 "p50_ms": 1000 * quantile(samples, 0.5), "p99_ms": 1000 * quantile(samples, 0.99)})
+                    log(f"{name}: p50 {arms[-1]['p50_ms']:.1f} ms, p99 {arms[-1]['p99_ms']:.1f} ms")
+    return arms
+
+
+def _sqlite_url(workdir: Path) -> str:
+    return f"sqlite:///{Path(tempfile.mkdtemp(dir=workdir)) / 'bench.db'}"
+
+
+def measure_dispatch(base_url: str, jobs: int) -> list[float]:
+    """Create a job on an idle worker, time until it reads `running`, cancel it, wait for the worker to be idle."""
+    latencies = []
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        file_id = upload_chat_file(client)
+        for _ in range(jobs):
+            job_id = create_job(client, file_id, n_epochs=50)
+            start = time.perf_counter()
+            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "running":
+                if time.perf_counter() - start > 60:
+                    raise TimeoutError(f"job {job_id} never started")
+                time.sleep(0.01)
+            latencies.append(time.perf_counter() - start)
+            client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "cancelled":
+                time.sleep(0.05)
+            time.sleep(1.0)  # the worker acks and returns to polling: "idle" again
+    return latencies
+
+
+def bench_dispatch(workdir: Path, models_dir: Path, quick: bool) -> list[dict]:
+    jobs = 3 if quick else 8
+    arms = []
+    with postgres_database() as pg_url:
+        setups = (
+            ("dispatch_redis", dict(database_url=pg_url, broker_url=f"redis://127.0.0.1:6379/{secrets.randbelow(8) + 8}",
+                                    roles=[["api", "--host", "127.0.0.1", "--port", "{port}"],
+                                           ["worker", "--queue", "{queue}"]])),
+            ("dispatch_embedded", dict(database_url=None, broker_url=None,
+                                       roles=[["serve", "--host", "127.0.0.1", "--port", "{port}"]])),
+        )
+        for name, kwargs in setups:
+            with running_service(workdir, models_dir, **kwargs) as (base_url, _):
+                samples = measure_dispatch(base_url, jobs)
+            arms.append({"name": name, "jobs": jobs, "p50_s": quantile(samples, 0.5), "max_s": max(samples)})
+            log(f"{name}: p50 {arms[-1]['p50_s']:.3f} s, max {arms[-1]['max_s']:.3f} s")
+    return arms
+
+
+def _proc_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def bench_upload(workdir: Path, models_dir: Path, quick: bool) -> list[dict]:
+    target_mb = 20 if quick else 200
+    path = workdir / "big.jsonl"
+    line = json.dumps({"text": "a moderately long sentence about a movie that was good " * 2, "label": 1}) + "\n"
+    with path.open("w") as fh:
+        fh.write(line * (target_mb * 1024 * 1024 // len(line)))
+    size = path.stat().st_size
+    arms = []
+    with running_service(workdir, models_dir, database_url=_sqlite_url(workdir), broker_url=None,
+                         roles=[["api", "--host", "127.0.0.1", "--port", "{port}"]]) as (base_url, pids):
+        pid = pids["api"]
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+        rss_before = _proc_kb(pid, "VmRSS")
+        start = time.perf_counter()
+        with path.open("rb") as fh, httpx.Client(base_url=base_url, timeout=600) as client:
+            response = client.post("/v1/files", data={"purpose": "fine-tune"},
+                                   files={"file": ("big.jsonl", fh, "application/jsonl")})
+        seconds = time.perf_counter() - start
+        response.raise_for_status()
+        growth_mb = (_proc_kb(pid, "VmHWM") - rss_before) / 1024
+    arms.append({"name": f"upload_{target_mb}mb", "bytes": size, "seconds": seconds,
+                 "throughput_mb_s": size / 1024 / 1024 / seconds, "rss_growth_mb": growth_mb,
+                 "file_status": response.json().get("status")})
+    log(f"upload {size / 1e6:.0f} MB: {arms[-1]['throughput_mb_s']:.1f} MB/s, RSS growth {growth_mb:.1f} MB")
+    path.unlink()
+    return arms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and jobs, a 20 MB upload")
+    args = parser.parse_args()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        models_dir = workdir / "models"
+        models_dir.mkdir()
+        build_tiny_chat_model(models_dir)
+        arms = bench_get_job(workdir, models_dir, args.quick)
+        arms += bench_dispatch(workdir, models_dir, args.quick)
+        arms += bench_upload(workdir, models_dir, args.quick)
+
+    by_name = {a["name"]: a for a in arms}
+    for backend in ("sqlite", "postgres"):
+        get, base = by_name[f"get_job_{backend}"], by_name[f"healthz_{backend}"]
+        get["p99_ratio_to_healthz"] = get["p99_ms"] / base["p99_ms"]
+    targets = {"get_job_p99_ms": 25, "dispatch_redis_s": 1.0, "dispatch_embedded_s": 2.0, "upload_rss_growth_mb": 64}
+    print(format_table(["arm", "p50", "p99 / max", "note"], [
+        *[(a["name"], f"{a['p50_ms']:.1f} ms", f"{a['p99_ms']:.1f} ms", f"{a['requests']} requests")
+          for a in arms if "p50_ms" in a],
+        *[(a["name"], f"{a['p50_s']:.3f} s", f"{a['max_s']:.3f} s", f"{a['jobs']} jobs") for a in arms if "p50_s" in a],
+        *[(a["name"], f"{a['throughput_mb_s']:.1f} MB/s", f"+{a['rss_growth_mb']:.1f} MB RSS", a["file_status"])
+          for a in arms if "throughput_mb_s" in a],
+    ]))
+    path = write_result("service", {"quick": args.quick, "targets": targets, "arms": arms}, started)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
