@@ -346,10 +346,10 @@ def summarise(case: ModelCase, arm: Arm, runs: list[dict[str, Any]]) -> dict[str
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     by = {r["name"]: r for r in rows}
-    floor, full = by["floor"], by["full"]
+    floor, full = by.get("floor"), by.get("full")
     for r in rows:
-        r["ratio_to_floor"] = r["step_ms_median"] / floor["step_ms_median"]
-        r["ratio_to_full"] = r["step_ms_median"] / full["step_ms_median"]
+        r["ratio_to_floor"] = r["step_ms_median"] / floor["step_ms_median"] if floor else None
+        r["ratio_to_full"] = r["step_ms_median"] / full["step_ms_median"] if full else None
         lora = by.get(f"lora_r{LORA_RANK}_{r['targets']}") if r["targets"] else None
         r["ratio_to_lora_r8"] = r["step_ms_median"] / lora["step_ms_median"] if lora else None
         r["mem_ratio_to_lora_r8"] = r["peak_mem_mb"] / lora["peak_mem_mb"] if lora else None

@@ -39,10 +39,9 @@ def encode_example(
         return encode_chat(example["messages"], tokenizer, max_length)
     if fmt == "completion":
         return encode_completion(example["prompt"], example["completion"], tokenizer, max_length)
-    encoded = encode_classification(example["text"], example.get("text_pair"), example["label"], tokenizer, max_length)
-    if not token_types:
-        encoded.token_type_ids = None
-    return encoded
+    return encode_classification(
+        example["text"], example.get("text_pair"), example["label"], tokenizer, max_length, token_types=token_types
+    )
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -125,13 +124,21 @@ def _truncate_causal(input_ids: list[int], labels: list[int], max_length: int) -
 
 
 def encode_classification(
-    text: str, text_pair: str | None, label: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+    text: str,
+    text_pair: str | None,
+    label: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    token_types: bool = False,
 ) -> Encoded:
-    full = tokenizer(text, text_pair)
+    kwargs = {"return_token_type_ids": token_types}
+    full = tokenizer(text, text_pair, **kwargs)
     truncated = len(full["input_ids"]) > max_length
     if truncated:
-        full = tokenizer(text, text_pair, truncation=True, max_length=max_length)
-    return Encoded(full["input_ids"], int(label), token_type_ids=full.get("token_type_ids"), truncated=truncated)
+        full = tokenizer(text, text_pair, truncation=True, max_length=max_length, **kwargs)
+    type_ids = full["token_type_ids"] if token_types else None
+    return Encoded(full["input_ids"], int(label), token_type_ids=type_ids, truncated=truncated)
 
 
 def count_targets(encoded: Encoded) -> int:

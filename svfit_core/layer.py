@@ -159,12 +159,13 @@ class _SVFitLinear(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
 
         if need_sigma:
+            # accumulate in at least fp32: a bf16 sum over thousands of tokens loses the signal
+            acc = torch.promote_types(dtype, torch.float32)
             if plan.grad_sigma == "skinny":
-                # accumulate in fp32: a bf16 sum over thousands of tokens loses the signal
-                grad_d = (gu * xv).sum(0, dtype=torch.float32)
+                grad_d = (gu * xv).sum(0, dtype=acc)
             else:
                 outer = g2.mT @ x.reshape(-1, n)  # (m, n) = Gᵀ X
-                grad_d = ((u_c.mT @ outer) * v_c.mT).sum(1, dtype=torch.float32)  # diag(Uᵀ Gᵀ X V)
+                grad_d = ((u_c.mT @ outer) * v_c.mT).sum(1, dtype=acc)  # diag(Uᵀ Gᵀ X V)
             grad_d = grad_d.to(d.dtype)
         return grad_x, grad_d, None, None, None, None, None, None
 

@@ -40,7 +40,7 @@ def build_param_groups(
         decays = param.ndim >= 2 and (head or decay_body)
         buckets.setdefault((("head" if head else body_name), decays), []).append((name, param))
     groups = []
-    for group_name in (body_name, "head"):
+    for group_name in dict.fromkeys((body_name, "head")):  # head_only's body *is* the head
         for decays in (True, False):
             members = buckets.get((group_name, decays))
             if not members:

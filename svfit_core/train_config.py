@@ -133,6 +133,7 @@ class TrainConfig:
     max_steps: int | None = None
     label_names: list[str] | None = None
     device: str | None = None  # None: CUDA when available, else CPU
+    bf16: bool | None = None  # bf16 autocast; None: on for a CUDA device that supports it, off on CPU
 
     def validate(self) -> None:
         for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length"):
@@ -150,6 +151,8 @@ class TrainConfig:
             raise HyperparameterError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}", param="weight_decay")
         if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", param="warmup_ratio")
+        if self.bf16 not in (None, True, False):
+            raise HyperparameterError(f"bf16 must be true, false or null, got {self.bf16!r}", param="bf16")
         if self.lr_scheduler not in SCHEDULERS:
             raise HyperparameterError(
                 f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}", param="lr_scheduler"

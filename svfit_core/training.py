@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -269,10 +269,15 @@ def _setup_model(
         model.config.problem_type = "single_label_classification"
     head_modules = head_module_names(model) if task == "classification" else []
     resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
-    resolved_config = config.resolved(peft.method)
+    device = _pick_device(config.device)
+    resolved_config = replace(config.resolved(peft.method), device=str(device))
+    resolved_config.bf16 = _use_bf16(resolved_config, device)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which frozen embeddings lack.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model, groups = setup_method(
         model, resolved_peft, head_modules, task,
@@ -280,7 +285,6 @@ def _setup_model(
         weight_decay=resolved_config.weight_decay,
         checkpoint_dir=Path(resume_from) if resume_from is not None else None,
     )
-    device = _pick_device(config.device)
     model.to(device)
     return _Run(base_model_path, output_dir, task, method, resolved_peft, resolved_config, label_names,
                 head_modules, model, tokenizer, device, param_groups=groups)
@@ -311,8 +315,9 @@ def _setup_optimizer(run: _Run) -> torch.optim.Optimizer:
 
 def _run_identity(run: _Run) -> dict:
     """What must match for a checkpoint to continue this run exactly."""
+    # Cadences and placement may change between the two halves of a run; the trajectory may not.
     trajectory = {k: v for k, v in run.config.to_dict().items()
-                  if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing")}
+                  if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing", "bf16")}
     return {"method": run.method.name, "task": run.task, "peft": run.peft.to_dict(), "config": trajectory,
             "label_names": run.label_names, "num_examples": len(run.train)}
 
@@ -348,10 +353,18 @@ def _start_info(run: _Run, optimizer: torch.optim.Optimizer, resumed_step: int |
 # -- one step ---------------------------------------------------------------------------------------------
 
 
+def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.bf16 is not None:
+        return config.bf16
+    # By default only on CUDA: CPU runs stay fp32, where resumed runs are bit-identical.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def _autocast(run: _Run):
-    # bf16 autocast on CUDA keeps master weights (σ, adapters) in fp32; CPU runs stay fp32 for determinism.
-    if run.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    # Autocast computes in bf16 but keeps the trained tensors (σ, adapters, head) and their Adam moments
+    # in fp32, which small updates to σ need.
+    if run.config.bf16:
+        return torch.autocast(run.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

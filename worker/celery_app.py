@@ -29,7 +29,8 @@ def broker_config(settings: Settings) -> tuple[str, dict[str, Any]]:
         control = settings.queue_dir / "control"
         for folder in (messages, control):
             folder.mkdir(parents=True, exist_ok=True)
-        return "filesystem://", {
+        # The host part means nothing to this transport; naming one keeps kombu from warning on every connect.
+        return "filesystem://localhost/", {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "control_folder": str(control),
@@ -92,8 +93,12 @@ def __getattr__(name: str) -> Celery:
 
 @signals.worker_ready.connect
 def _on_worker_ready(**_kwargs: Any) -> None:
+    from transformers.utils import logging as hf_logging
+
     from worker.recovery import start_reaper
 
+    # Celery logs stdout/stderr as warnings; a progress bar per model load would drown the real ones.
+    hf_logging.disable_progress_bar()
     start_reaper()
 
 

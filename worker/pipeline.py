@@ -328,7 +328,10 @@ def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings
             if _release(job_id, worker_id, message):
                 from worker.dispatch import enqueue_job
 
-                enqueue_job(job_id)
+                try:
+                    enqueue_job(job_id)
+                except Exception:  # noqa: BLE001 - the job is safely queued in the DB either way
+                    log.exception("could not re-enqueue job %s", job_id)
             return "queued"
         _finish(job_id, worker_id, "paused", f"Fine-tuning job paused at step {step or 0}", finished=False)
         return "paused"

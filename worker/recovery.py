@@ -101,13 +101,26 @@ def reap_stale_jobs(timeout_s: float | None = None) -> list[str]:
                 requeued.append(job_id)
         except SQLAlchemyError:
             log.warning("could not reap job %s", job_id, exc_info=True)
-    if requeued:
-        # Enqueue only after the commits: a worker must never see an id whose new state is not visible.
-        from worker.dispatch import enqueue_job
-
-        for job_id in requeued:
-            enqueue_job(job_id)
+    _send(requeued)
     return requeued
+
+
+# Re-queued jobs whose message could not be sent (broker down); every reaper pass tries them again.
+_unsent: set[str] = set()
+
+
+def _send(job_ids: list[str]) -> None:
+    # Called only after the commits: a worker must never see an id whose new state is not visible.
+    from worker.dispatch import enqueue_job
+
+    for job_id in [*job_ids, *sorted(_unsent.difference(job_ids))]:
+        try:
+            enqueue_job(job_id)
+        except Exception:  # noqa: BLE001 - any broker failure; the job is safely queued in the DB
+            log.warning("could not enqueue job %s; will retry", job_id, exc_info=True)
+            _unsent.add(job_id)
+        else:
+            _unsent.discard(job_id)
 
 
 def _reap_one(job_id: str, cutoff: float, max_attempts: int) -> bool:

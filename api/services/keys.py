@@ -61,13 +61,6 @@ def revoke_api_key(session: Session, key: str) -> bool:
     return True
 
 
-def list_api_keys(session: Session, org_name: str | None = None) -> list[ApiKey]:
-    stmt = select(ApiKey).order_by(ApiKey.pk)
-    if org_name is not None:
-        stmt = stmt.join(Organization, Organization.id == ApiKey.org_id).where(Organization.name == org_name)
-    return list(session.scalars(stmt))
-
-
 def authenticate(session: Session, presented_key: str | None, *, auth_required: bool, default_org: str) -> str:
     """The organization id a request acts as.
 

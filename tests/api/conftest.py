@@ -22,7 +22,6 @@ if str(ROOT) not in sys.path:
 
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from api.core.migrations import upgrade_to_head  # noqa: E402
@@ -114,9 +113,12 @@ class Api:
 
 
 def _make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
-    models_dir = tmp_path / "models"
-    (models_dir / BASE_MODEL).mkdir(parents=True, exist_ok=True)
-    (models_dir / BASE_MODEL / "config.json").write_text('{"model_type": "llama"}')
+    models_dir = overrides.pop("models_dir", None)
+    if models_dir is None:
+        # Job creation only checks that the base model exists: a folder with a config.json is one.
+        models_dir = tmp_path / "models"
+        (models_dir / BASE_MODEL).mkdir(parents=True, exist_ok=True)
+        (models_dir / BASE_MODEL / "config.json").write_text('{"model_type": "llama"}')
     values: dict[str, Any] = dict(
         data_dir=tmp_path / "data",
         database_url=database_url,
@@ -159,7 +161,8 @@ def postgres_database() -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that takes this runs on SQLite and on PostgreSQL (emptied between tests)."""
+    """Each test that takes this runs on SQLite and on PostgreSQL (one migrated database for the session,
+    emptied before each test)."""
     if request.param == "sqlite":
         path = tmp_path / "svfit.db"
         shutil.copyfile(request.getfixturevalue("migrated_sqlite_template"), path)
@@ -169,8 +172,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        # DELETE, not TRUNCATE: on a handful of rows it is several times faster.
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
     engine.dispose()
     return url
 

@@ -287,9 +287,14 @@ class WorkerProcess:
                 raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def terminate(self) -> None:
+        """Ask for a warm shutdown without waiting (stop several workers in parallel)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.terminate()
+        if self.process.poll() is None:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -316,5 +321,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
 
     yield _start
     for worker in workers:
-        if worker.process.poll() is None:
+        worker.terminate()
+    for worker in workers:
+        if not worker._log.closed:
             worker.stop()

@@ -18,11 +18,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def run_one_job(service, worker) -> float:  # noqa: ANN001
+def run_one_job(service, worker, *, validation: bool = True) -> float:  # noqa: ANN001
     """Enqueue a job to a ready worker; return create → running latency in seconds, after it succeeds."""
-    job_id = service.add_job()
+    job_id = service.add_job(validation=validation)
     created = time.monotonic()
-    assert enqueue_job(job_id)
+    enqueue_job(job_id)
     service.wait_for(job_id, lambda j: j.status != "queued", timeout=30, poll=0.005)
     latency = time.monotonic() - created
     job = service.wait_for(job_id, lambda j: j.status in TERMINAL, timeout=120, poll=0.05)
@@ -32,6 +32,16 @@ def run_one_job(service, worker) -> float:  # noqa: ANN001
     return latency
 
 
+def measure_dispatch(service, worker, record_property, transport: str) -> None:  # noqa: ANN001
+    """Two jobs in a row: the first pays the worker's first database connection, the second is steady state."""
+    first = run_one_job(service, worker)
+    second = run_one_job(service, worker, validation=False)
+    record_property("dispatch_latency_first_s", first)
+    record_property("dispatch_latency_s", second)
+    print(f"\n{transport}: create -> running {first * 1000:.0f} ms (first job), {second * 1000:.0f} ms (next)")
+    assert second < 5
+
+
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_worker_on_redis_and_postgres(configure, postgres_url, redis_url, start_worker, record_property):
@@ -39,10 +49,7 @@ def test_worker_on_redis_and_postgres(configure, postgres_url, redis_url, start_
     worker = start_worker()
     worker.wait_ready()
 
-    latency = run_one_job(service, worker)
-    record_property("dispatch_latency_s", latency)
-    print(f"\nredis: create -> running {latency * 1000:.0f} ms")
-    assert latency < 5
+    measure_dispatch(service, worker, record_property, "redis")
 
     # Two claims of one row on Postgres: exactly one wins.
     job_id = service.add_job(validation=False)
@@ -55,10 +62,7 @@ def test_worker_on_the_filesystem_transport(configure, service_sqlite_url, start
     worker = start_worker()
     worker.wait_ready()
 
-    latency = run_one_job(service, worker)
-    record_property("dispatch_latency_s", latency)
-    print(f"\nfilesystem: create -> running {latency * 1000:.0f} ms")
-    assert latency < 5
+    measure_dispatch(service, worker, record_property, "filesystem")
     assert (service.settings.queue_dir / "messages").is_dir()
 
 
@@ -74,7 +78,7 @@ def test_sigkilled_worker_is_reaped_and_another_worker_finishes_identically(
         worker.wait_ready()
 
     job_id = service.add_job(validation=False)
-    assert enqueue_job(job_id)
+    enqueue_job(job_id)
     job = service.wait_for(
         job_id, lambda j: j.status == "running" and (j.last_checkpoint_step or 0) >= 5, timeout=60
     )
@@ -93,8 +97,7 @@ def test_sigkilled_worker_is_reaped_and_another_worker_finishes_identically(
     assert any(m.startswith("Worker lost; resuming from step ") for m in messages), messages
     assert sum(m.startswith("Fine-tuning job resumed from step") for m in messages) == 1
 
-    for worker in workers:
-        worker.stop()
+    survivor.kill()  # its job is done; a graceful stop would only add seconds
     # The same job, uninterrupted, in this process.
     reference = service.add_job(validation=False)
     assert pipeline.run_job(reference) == "succeeded"

@@ -135,6 +135,31 @@ def test_pause_then_resume_equals_uninterrupted_run(service, monkeypatch):
     assert steps == list(range(1, 21))
 
 
+def test_worker_shutdown_checkpoints_and_requeues_the_job(service, monkeypatch):
+    sent: list[str] = []
+    monkeypatch.setattr("worker.dispatch.enqueue_job", lambda job_id, **kw: sent.append(job_id))
+    job_id = service.add_job(validation=False)
+    original = JobReporter.on_step
+
+    def on_step(self, metrics):  # noqa: ANN001
+        original(self, metrics)
+        if metrics["step"] == 6:
+            recovery.request_shutdown()  # what Celery's worker_shutting_down signal does on SIGTERM
+
+    monkeypatch.setattr(JobReporter, "on_step", on_step)
+    try:
+        assert pipeline.run_job(job_id) == "queued"
+    finally:
+        recovery._shutdown.clear()
+
+    job = service.job(job_id)
+    assert (job.status, job.worker_id, job.last_checkpoint_step) == ("queued", None, 6)
+    assert service.events(job_id)[-1].message == "Worker stopped; the job will resume from step 6"
+    assert sent == [job_id], "re-enqueued for the next worker"
+    monkeypatch.setattr(JobReporter, "on_step", original)
+    assert pipeline.run_job(job_id) == "succeeded"
+
+
 class Crash(BaseException):
     """Stands for the process dying: not an Exception, so nothing records it on the job."""
 
