@@ -109,6 +109,13 @@ class JobReporter(TrainingCallbacks):
     def on_start(self, info: dict[str, Any]) -> None:
         self.total_steps = info.get("total_steps")
         self._t0 = self._clock()
+        # Progress always carries a number for the epoch (clients read it as a float): 0 on a fresh start,
+        # and on a resume the position the checkpoint implies (steps are spread evenly over the epochs).
+        n_epochs = (self.job.hyperparameters or {}).get("n_epochs")
+        if self.resumed_step and self.total_steps and n_epochs:
+            self.epoch = self.resumed_step * n_epochs / self.total_steps
+        else:
+            self.epoch = 0.0
         data = {
             key: info[key]
             for key in ("total_steps", "task", "num_examples", "truncated_examples", "trainable_params", "label_names")

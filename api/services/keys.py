@@ -64,9 +64,13 @@ def revoke_api_key(session: Session, key: str) -> bool:
 def authenticate(session: Session, presented_key: str | None, *, auth_required: bool, default_org: str) -> str:
     """The organization id a request acts as.
 
-    No key: the default organization when auth is off (loopback), else 401. A presented key is always
-    checked, so a mistyped key fails loudly instead of silently landing in the default organization.
+    No key: the default organization when auth is off (loopback), else 401. With auth off, a placeholder
+    that is not one of ours (the `openai` client insists on *some* key, e.g. "local") also means no key;
+    a key with our prefix is always checked, so a mistyped real key fails loudly instead of silently
+    landing in the default organization.
     """
+    if presented_key and not auth_required and not presented_key.startswith(KEY_PREFIX):
+        presented_key = None
     if not presented_key:
         if auth_required:
             raise Unauthorized(

@@ -93,10 +93,23 @@ def test_no_key_acts_as_the_default_org_when_auth_is_off(api):
     assert job["organization_id"] not in api.org_ids.values()
 
 
-def test_a_presented_key_is_always_checked(api):
-    for headers in ({"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic dXNlcjpwYXNz"}):
+def test_a_presented_key_of_ours_is_always_checked(api):
+    for headers in ({"Authorization": "Bearer sk-svfit-wrong"}, {"Authorization": "Basic dXNlcjpwYXNz"}):
         response = api.client.get("/v1/files", headers=headers)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_placeholder_key_acts_as_the_default_org_when_auth_is_off(api):
+    """The openai client insists on some key; "local" must work against the loopback default."""
+    file_id = api.upload_ok(org=None)
+    response = api.client.get(f"/v1/files/{file_id}", headers={"Authorization": "Bearer local"})
+    assert response.status_code == 200
+
+
+def test_a_placeholder_key_is_refused_when_auth_is_on(make_api):
+    api = make_api(require_auth=True)
+    response = api.client.get("/v1/files", headers={"Authorization": "Bearer local"})
+    assert response.status_code == 401
 
 
 def test_auth_required_refuses_missing_and_revoked_keys(make_api):
