@@ -84,7 +84,7 @@ def load_base_model(
     tokenizer = load_tokenizer(path)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": False}
     if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+        kwargs.update(_gguf_kwargs(gguf_file))
     if task == "causal":
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     elif task == "classification":
@@ -103,10 +103,31 @@ def load_base_model(
     else:
         raise ConfigError(f"unknown task {task!r} (expected 'causal' or 'classification')",
                           code="invalid_hyperparameter")
+    if gguf_file:
+        _drop_gguf_quantizer(model)
     # Sequence classifiers find each row's last token through pad_token_id; causal LMs need it for generate.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _gguf_kwargs(gguf_file: str) -> dict:
+    """Load a GGUF file as a plain dense model. Recent transformers can keep the weights packed in GGUF
+    blocks (special linear modules) when a kernel is installed; training needs ordinary dense weights
+    (SVD, LoRA wrappers, gradients), so ask for them to be unpacked."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF files
+        return {"gguf_file": gguf_file}
+    return {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    # The unpacked model is an ordinary dense one, but still carries the GGUF quantizer, which makes
+    # save_pretrained (full fine-tuning checkpoints, merged exports) refuse to write it.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

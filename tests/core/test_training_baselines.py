@@ -184,3 +184,21 @@ def test_bf16_autocast_path_trains(llama, method, tmp_path):
     result, rec = _run(llama, OVERFIT_CHAT, PeftSpec(method=method, rank=4), tmp_path, **config)
     assert rec.info["config"]["bf16"] is True
     assert all(torch.isfinite(torch.tensor(rec.losses)))
+
+
+# -- resume, for the baselines too -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "full", "head_only"])
+def test_pause_and_resume_baselines_is_exact(llama, llama_cls, method, tmp_path):
+    path, examples = (llama_cls, OVERFIT_PAIRS) if method == "head_only" else (llama, OVERFIT_CHAT)
+    spec = PeftSpec(method=method, rank=4 if method in ("lora", "pissa") else None)
+    config = TrainConfig(n_epochs=3, batch_size=2, learning_rate=1e-3, seed=3)
+    full = Recorder()
+    run_training(path, examples, None, spec, config, tmp_path / "full", full)
+    first, second = Recorder(stop_after=2), Recorder()
+    paused = run_training(path, examples, None, spec, config, tmp_path / "split", first)
+    resumed = run_training(path, examples, None, spec, config, tmp_path / "split", second,
+                           resume_from=paused.last_checkpoint)
+    assert paused.status == "paused" and resumed.status == "succeeded"
+    assert first.losses + second.losses == full.losses

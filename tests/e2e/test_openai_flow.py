@@ -153,7 +153,7 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     wait_for(client, paused.id, {"paused"})
     client.post(f"/fine_tuning/jobs/{paused.id}/resume", cast_to=object)
     resumed = wait_for(client, paused.id, {"succeeded"}, timeout=400)
-    messages = [e.message for e in client.fine_tuning.jobs.list_events(resumed.id, limit=200)]
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(resumed.id, limit=100)]
     assert any("pause" in m.lower() for m in messages)
 
 

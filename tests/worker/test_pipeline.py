@@ -97,6 +97,7 @@ def test_cancel_through_requested_action(service, monkeypatch):
     assert job.requested_action is None and job.finished_at is not None
     assert job.fine_tuned_model is None
     assert job.progress["step"] < 20
+    assert isinstance(job.progress["epoch"], float), "clients read the epoch as a number"
     assert service.events(job_id)[-1].message == "Fine-tuning job cancelled"
     assert not service.store_path(publishing.final_key(job_id)).exists()
     assert not service.rows(FineTunedModel, job_id=job_id, step_number=None)
