@@ -57,6 +57,23 @@ def _worker_command(queue: str, loglevel: str) -> list[str]:
     return [sys.executable, "-m", "api.cli", "worker", "--queue", queue, "--loglevel", loglevel]
 
 
+def _die_with_parent() -> None:
+    """Runs in the worker child before exec: if `serve` dies without stopping it (SIGKILL, a crash), the
+    kernel sends the worker SIGTERM, so no orphan keeps consuming jobs. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    # uvicorn handles SIGTERM itself, then re-raises it once the server has stopped; with the default
+    # action that would kill us before `finally` stops the worker, so turn it into a normal exit.
+    raise SystemExit(0)
+
+
 def _stop(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
     """SIGTERM (the running job checkpoints and goes back to the queue), then SIGKILL if it hangs."""
     if process.poll() is not None:
@@ -84,8 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Migrate before the worker starts: its reaper reads the jobs table as soon as it is ready.
     upgrade_to_head()
     # Its own session: a Ctrl+C in the terminal reaches only us, and we stop the worker deliberately.
-    worker = subprocess.Popen(_worker_command(settings.worker_queue, args.loglevel), start_new_session=True)
+    worker = subprocess.Popen(
+        _worker_command(settings.worker_queue, args.loglevel), start_new_session=True, preexec_fn=_die_with_parent
+    )
     print(f"  worker:    pid {worker.pid}", flush=True)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
     finally:
@@ -119,7 +139,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.concurrency > 1:
         # One job per process (training owns the device and its memory): N slots are N worker processes.
-        children = [subprocess.Popen(_worker_command(settings.worker_queue, args.loglevel)) for _ in range(args.concurrency)]
+        command = _worker_command(settings.worker_queue, args.loglevel)
+        children = [subprocess.Popen(command) for _ in range(args.concurrency)]
 
         def _forward(signum: int, _frame: object) -> None:
             for child in children:

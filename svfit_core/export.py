@@ -76,7 +76,9 @@ def export_peft_lora(
     layouts = {layer.transposed for layer in layers.values()}
     if len(layouts) > 1:
         # PEFT's fan_in_fan_out is one flag per adapter
-        raise SVFitError("cannot export a mix of Linear and Conv1D targets as one LoRA adapter", code="mixed_layouts")
+        raise SVFitError(
+            "cannot export a mix of Linear and Conv1D targets as one LoRA adapter", code="mixed_layouts"
+        )
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -127,7 +129,9 @@ def merged_state_dict(svfit_model: SVFitModel) -> dict[str, torch.Tensor]:
         if not layer.merged:
             merged = weight.to(torch.float32) + layer.get_delta_weight()
             if not torch.isfinite(merged).all():
-                raise NonFiniteMergeError(f"merging SVFit layer {name} would produce non-finite weights", module=name)
+                raise NonFiniteMergeError(
+                    f"merging SVFit layer {name} would produce non-finite weights", module=name
+                )
             weight = merged.to(weight.dtype)
         state[f"{name}.weight"] = weight
         if f"{name}.base_layer.bias" in state:

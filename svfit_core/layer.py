@@ -2,11 +2,12 @@
 
 ``SVFitLayer`` wraps an ``nn.Linear`` or a transformers ``Conv1D`` (kept as ``base_layer``) and computes
 
-    y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ        (equivalently x W'ᵀ + b, W' = W + U_r diag(σ − s_r) V_rᵀ)
+    y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ      (= x W'ᵀ + b with W' = W + U_r diag(σ − s_r) V_rᵀ)
 
 with σ ∈ ℝ^r the only trainable tensor. ``_SVFitLinear`` is a custom autograd function that picks, per
-call, the cheaper of two ways to evaluate this (skinny matmuls through V_r and U_r, or a dense W' rebuilt
-on the fly) and never keeps a materialised W' alive for backward.
+call and by a cost rule, the cheapest of three plans (skinny matmuls through V_r and U_r; or W' rebuilt on
+the fly, with the σ-gradient from Gᵀ X or from skinny matmuls) and never keeps a materialised W' alive for
+backward.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 FORMULATIONS = ("auto", "skinny", "dense", "dense_skinny")
 
 # Cost rule. A matmul (a, b) @ (b, c) costs max(a·b·c, BALANCE · (a·b + b·c + a·c)) multiply-add
-# equivalents: below a certain inner size a skinny matmul is bound by moving its operands, not by
-# arithmetic. 16 fits both a CPU and a GPU in the measurements reported with this module well enough to
-# pick the right side of the crossover; the choice is only a speed choice, never a numerical one.
+# equivalents: below some inner size a skinny matmul is bound by moving its operands, not by arithmetic.
+# BALANCE = 16 picked the fastest (or within a few percent of the fastest) plan in CPU measurements over
+# r ∈ {8, 64, 256, k} and 512–2048 tokens on 768-wide layers. It is a speed choice only: every plan
+# computes the same function and the same gradients.
 BALANCE = 16
 
 
@@ -90,73 +92,89 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
     return F.linear(x, weight, bias)
 
 
-def _rebuild(weight: torch.Tensor, u: torch.Tensor, d: torch.Tensor, v: torch.Tensor, transposed: bool) -> torch.Tensor:
+def _rebuild(
+    weight: torch.Tensor, u: torch.Tensor, d: torch.Tensor, v: torch.Tensor, transposed: bool
+) -> torch.Tensor:
     """W + U_r diag(d) V_rᵀ in the base layer's layout (a fresh tensor)."""
     if transposed:
         return torch.addmm(weight, v * d, u.mT)  # (in, out)
     return torch.addmm(weight, u * d, v.mT)  # (out, in)
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer would compute in: the autocast dtype when autocast is on, else W's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and weight.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class _SVFitLinear(torch.autograd.Function):
-    """y = x Wᵀ + b + ((x V) ⊙ d) Uᵀ with gradients for x and d only (W, b, U, V are frozen)."""
+    """y = x Wᵀ + b + ((x V) ⊙ d) Uᵀ with gradients for x and d only (W, b, U, V are frozen).
+
+    Autocast is resolved by hand: operands are cast to the dtype the base layer would have used and the
+    body runs with autocast off, so outputs match the base layer bit for bit at init in either mode. The
+    backward recasts W instead of keeping a low-precision copy alive between the passes.
+    """
 
     @staticmethod
-    def forward(ctx, x, d, weight, bias, u, v, transposed, formulation):  # noqa: D401
+    def forward(ctx, x, d, weight, bias, u, v, transposed, formulation):
         m, n = u.shape[0], v.shape[0]
-        r = d.shape[0]
         tokens = x.numel() // n if n else 0
         need_x, need_sigma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         plan = (
-            choose_plan(tokens, m, n, r, need_x, need_sigma)
+            choose_plan(tokens, m, n, d.shape[0], need_x, need_sigma)
             if formulation == "auto"
             else _PLANS[formulation]
         )
-        dtype = weight.dtype
-        u_c, v_c, d_c = u.to(dtype), v.to(dtype), d.to(dtype)
-        x2 = x.reshape(-1, n)  # (T, n)
+        dtype = _compute_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, w_c, u_c, v_c, d_c = (t.to(dtype) for t in (x, weight, u, v, d))
+            b_c = None if bias is None else bias.to(dtype)
+            x2 = x_c.reshape(-1, n)  # (T, n)
+            xv = None
+            if plan.forward == "skinny":
+                y = _affine(x_c, w_c, b_c, transposed)
+                xv = x2 @ v_c  # (T, r)
+                # In place into the fresh output: with d == 0 this adds exact zeros, so y is
+                # bit-identical to the base layer's output at init.
+                y.view(-1, m).addmm_(xv * d_c, u_c.mT)
+            else:
+                y = _affine(x_c, _rebuild(w_c, u_c, d_c, v_c, transposed), b_c, transposed)
+                if need_sigma and plan.grad_sigma == "skinny":
+                    xv = x2 @ v_c
 
-        xv = None
-        if plan.forward == "skinny":
-            y = _affine(x, weight, bias, transposed)
-            xv = x2 @ v_c  # (T, r)
-            # In place into the fresh output: with d == 0 this adds exact zeros, so y is bit-identical
-            # to the base layer's output at init.
-            y.view(-1, m).addmm_(xv * d_c, u_c.mT)
-        else:
-            y = _affine(x, _rebuild(weight, u_c, d_c, v_c, transposed), bias, transposed)
-            if need_sigma and plan.grad_sigma == "skinny":
-                xv = x2 @ v_c
-
+        # x itself (not its cast) for the outer product: the caller usually keeps x alive anyway
         saved_x = x if need_sigma and plan.grad_sigma == "outer" else None
-        ctx.save_for_backward(saved_x, xv, d, weight, u, v)
-        ctx.plan, ctx.transposed, ctx.x_shape = plan, transposed, x.shape
+        saved_xv = xv if need_sigma else None
+        ctx.save_for_backward(saved_x, saved_xv, d, weight, u, v)
+        ctx.plan, ctx.transposed, ctx.dtype = plan, transposed, dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xv, d, weight, u, v = ctx.saved_tensors
-        plan, transposed = ctx.plan, ctx.transposed
+        plan, transposed, dtype = ctx.plan, ctx.transposed, ctx.dtype
         need_x, need_sigma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dtype = weight.dtype
-        u_c, v_c, d_c = u.to(dtype), v.to(dtype), d.to(dtype)
         m, n = u.shape[0], v.shape[0]
-        g2 = grad_y.reshape(-1, m)  # (T, m)
+        u_c, v_c, d_c = u.to(dtype), v.to(dtype), d.to(dtype)
+        g2 = grad_y.to(dtype).reshape(-1, m)  # (T, m)
 
-        grad_x = grad_d = None
-        gu = None
+        grad_x = grad_d = gu = None
         if plan.forward == "skinny" or (need_sigma and plan.grad_sigma == "skinny"):
             gu = g2 @ u_c  # (T, r)
 
         if need_x:
+            w_c = weight.to(dtype)
             if plan.forward == "skinny":
-                w_out_in = weight.mT if transposed else weight  # (m, n)
-                grad_x = g2 @ w_out_in
+                grad_x = g2 @ (w_c.mT if transposed else w_c)  # G W, W as (out, in)
                 grad_x.addmm_(gu * d_c, v_c.mT)
             else:
-                w_new = _rebuild(weight, u_c, d_c, v_c, transposed)
+                w_new = _rebuild(w_c, u_c, d_c, v_c, transposed)  # rebuilt, never kept from forward
                 grad_x = g2 @ (w_new.mT if transposed else w_new)
                 del w_new
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
 
         if need_sigma:
             # accumulate in at least fp32: a bf16 sum over thousands of tokens loses the signal
@@ -164,7 +182,7 @@ class _SVFitLinear(torch.autograd.Function):
             if plan.grad_sigma == "skinny":
                 grad_d = (gu * xv).sum(0, dtype=acc)
             else:
-                outer = g2.mT @ x.reshape(-1, n)  # (m, n) = Gᵀ X
+                outer = g2.mT @ x.to(dtype).reshape(-1, n)  # (m, n) = Gᵀ X
                 grad_d = ((u_c.mT @ outer) * v_c.mT).sum(1, dtype=acc)  # diag(Uᵀ Gᵀ X V)
             grad_d = grad_d.to(d.dtype)
         return grad_x, grad_d, None, None, None, None, None, None
@@ -300,10 +318,8 @@ class SVFitLayer(nn.Module):
         weight = self.base_layer.weight
         merged = weight.detach().to(torch.float32) + self.get_delta_weight(d)
         if not torch.isfinite(merged).all():
-            raise NonFiniteMergeError(
-                f"merging SVFit layer {name or ''} would produce non-finite weights".replace("  ", " "),
-                module=name,
-            )
+            where = f" {name}" if name else ""
+            raise NonFiniteMergeError(f"merging SVFit layer{where} would produce non-finite weights", module=name)
         with torch.no_grad():
             weight.copy_(merged.to(weight.dtype))
         self.merged_delta = d

@@ -18,6 +18,7 @@ from svfit_core.config import SVFitConfig
 from svfit_core.errors import ConfigError
 from svfit_core.model import SVFitModel, inject_svfit
 from svfit_core.param_groups import build_param_groups
+from svfit_core.serialization import load_svfit_adapter
 from svfit_core.targets import DEFAULT_TARGETS
 from svfit_core.train_config import HyperparameterError, PeftSpec
 
@@ -62,13 +63,7 @@ class SVFitMethod:
         model.save_adapter(out_dir)
 
     def load(self, base_model, adapter_dir, trainable=False):
-        from svfit_core.serialization import load_svfit_adapter
-
-        model = load_svfit_adapter(base_model, adapter_dir)
-        if trainable:
-            for param in model.svfit_parameters() + model.head_parameters():
-                param.requires_grad_(True)
-        return model
+        return load_svfit_adapter(base_model, adapter_dir, is_trainable=trainable)
 
     def save_resume_state(self, model, checkpoint_dir):
         """Nothing beyond the adapter: it stores σ, the bases and the head exactly."""

@@ -111,7 +111,8 @@ def save_adapter(svfit_model: SVFitModel, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(svfit_model)
     config = adapter_config(svfit_model)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "method": METHOD}))
+    metadata = {"format": "pt", "method": METHOD}
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return out
 
@@ -174,7 +175,9 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) 
     return t
 
 
-def _build_layer(module: nn.Module, name: str, spec: dict[str, Any], tensors: dict, store_bases: bool) -> SVFitLayer:
+def _build_layer(
+    module: nn.Module, name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor], store_bases: bool
+) -> SVFitLayer:
     r = spec.get("rank")
     if not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"module {name!r} has invalid rank {r!r}")
@@ -232,7 +235,9 @@ def load_svfit_adapter(
         raise AdapterFormatError(f"{weights} not found")
     check_not_injected(base_model)
     store_bases = bool(cfg.get("store_bases", True))
-    modules = {name: _check_base_module(base_model, name, spec, verify_base) for name, spec in cfg["modules"].items()}
+    modules = {
+        name: _check_base_module(base_model, name, spec, verify_base) for name, spec in cfg["modules"].items()
+    }
     tensors = load_file(str(weights), device="cpu")
     layers = {
         name: _build_layer(module, name, cfg["modules"][name], tensors, store_bases)

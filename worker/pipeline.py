@@ -21,8 +21,9 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from api.core.base_models import resolve_base_model
 from api.core.db import session_scope
-from api.core.errors import InvalidTrainingFile, ModelNotFound, ServiceError
+from api.core.errors import InvalidTrainingFile, ServiceError
 from api.core.settings import Settings, get_settings
 from api.core.storage import LocalStorage, get_storage
 from api.core.tables import File, Job, now
@@ -258,15 +259,36 @@ def _load_file(storage: LocalStorage, file_id: str, param: str) -> list[dict]:
 
 
 def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings) -> Outcome:
-    from svfit_core.training import run_training
-
-    from api.core.base_models import resolve_base_model
-
     storage = get_storage()
     with session_scope() as session:
         job = session.scalars(select(Job).where(Job.id == job_id)).one()
     model_name = publishing.fine_tuned_model_name(job)
 
+    # Scratch space per attempt: a worker that was reaped while merely stalled may still be writing into
+    # its own folder, so an attempt never touches another's. The store holds everything that must last.
+    job_scratch = settings.jobs_dir / job_id
+    output_dir = job_scratch / f"attempt-{job.attempt}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_attempt(job, worker_id, heartbeat, settings, storage, model_name, output_dir, job_scratch)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _run_attempt(
+    job: Job,
+    worker_id: str,
+    heartbeat: Heartbeat,
+    settings: Settings,
+    storage: LocalStorage,
+    model_name: str,
+    output_dir: Path,
+    job_scratch: Path,
+) -> Outcome:
+    from svfit_core.training import run_training
+
+    job_id = job.id
     base_path = resolve_base_model(job.model)
     train_examples = _load_file(storage, job.training_file, "training_file")
     valid_examples = _load_file(storage, job.validation_file, "validation_file") if job.validation_file else None
@@ -279,11 +301,6 @@ def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings
     if resume_from is not None and not resume_from.is_dir():
         log.warning("job %s: checkpoint step %s is missing from the store; starting over", job_id, resume_step)
         resume_step, resume_from = None, None
-
-    # Scratch space for this attempt only; anything from an earlier attempt is stale.
-    output_dir = settings.jobs_dir / job_id
-    shutil.rmtree(output_dir, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     reporter = JobReporter(
         job,
@@ -314,17 +331,17 @@ def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings
 
     if result.status == "succeeded":
         _succeed(job, worker_id, storage, reporter, result, model_name)
-        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(job_scratch, ignore_errors=True)  # earlier attempts' leftovers too
         return "succeeded"
     if result.status == "cancelled":
         _finish(job_id, worker_id, "cancelled", "Fine-tuning job cancelled", finished=True)
-        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(job_scratch, ignore_errors=True)
         return "cancelled"
     if result.status == "paused":
         step = _publish_pause_checkpoint(reporter, result)
         if reporter.stop_reason == "shutdown":
             # The worker is stopping, not the user: put the job back in line for the next worker.
-            message = f"Worker stopped; the job will resume from step {step}" if step else "Worker stopped; the job will restart"
+            message = "Worker stopped; the job will " + (f"resume from step {step}" if step else "restart")
             if _release(job_id, worker_id, message):
                 from worker.dispatch import enqueue_job
 

@@ -92,10 +92,8 @@ def reap_stale_jobs(timeout_s: float | None = None) -> list[str]:
     cutoff = time.time() - timeout_s
     requeued: list[str] = []
     with session_scope() as session:
-        stale = session.execute(
-            select(Job.id, Job.heartbeat_at).where(Job.status == "running", Job.heartbeat_at < cutoff)
-        ).all()
-    for job_id, _beat in stale:
+        stale = list(session.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+    for job_id in stale:
         try:
             if _reap_one(job_id, cutoff, settings.max_job_attempts):
                 requeued.append(job_id)

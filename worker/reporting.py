@@ -19,12 +19,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from svfit_core.training import TrainingCallbacks
 
 from api.core.db import session_scope
 from api.core.ids import new_id
 from api.core.storage import LocalStorage
 from api.core.tables import Job, JobEvent, now
+from svfit_core.training import TrainingCallbacks
 from worker import publishing
 
 log = logging.getLogger(__name__)
@@ -116,15 +116,13 @@ class JobReporter(TrainingCallbacks):
             self.epoch = self.resumed_step * n_epochs / self.total_steps
         else:
             self.epoch = 0.0
-        data = {
-            key: info[key]
-            for key in ("total_steps", "task", "num_examples", "truncated_examples", "trainable_params", "label_names")
-            if info.get(key) is not None
-        }
+        # What will actually run: the job's hyperparameters plus the library's resolved method and config
+        # (default targets, learning rates, schedule), so the event log answers "what did it train with?".
+        keys = ("total_steps", "task", "method", "device", "num_examples", "truncated_examples", "trainable_params",
+                "label_names", "config")
+        data = {key: info[key] for key in keys if info.get(key) is not None}
         data["hyperparameters"] = self.job.hyperparameters
-        data["peft"] = self.job.peft
-        if info.get("config") is not None:
-            data["config"] = info["config"]
+        data["peft"] = info.get("peft") or self.job.peft
         if self.resumed_step:
             message = f"Fine-tuning job resumed from step {self.resumed_step}"
         else:
@@ -201,7 +199,11 @@ class JobReporter(TrainingCallbacks):
             self.storage,
             path,
             publishing.checkpoint_key(self.job_id, step),
-            {"job_id": self.job_id, "step": step, "fine_tuned_model": publishing.checkpoint_model_name(self.model_name, step)},
+            {
+                "job_id": self.job_id,
+                "step": step,
+                "fine_tuned_model": publishing.checkpoint_model_name(self.model_name, step),
+            },
         )
         try:
             with session_scope() as session:
@@ -255,7 +257,9 @@ class JobReporter(TrainingCallbacks):
         if session.execute(owned(self.job_id, self.worker_id).values(**values)).rowcount != 1:
             raise JobLost(self.job_id)
 
-    def _queue_event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+    def _queue_event(
+        self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> None:
         self._events.append(
             {"message": message, "level": level, "type": type, "data": data, "created_at": now()}
         )

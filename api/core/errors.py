@@ -41,6 +41,18 @@ class ModelNotFound(InvalidRequest):
     code = "model_not_found"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested completion do not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class WrongModelTask(InvalidRequest):
+    """A chat/completion request to a classifier, or a classification request to a language model."""
+
+    code = "invalid_model"
+
+
 class InvalidTrainingFile(InvalidRequest):
     code = "invalid_training_file"
 
@@ -67,6 +79,12 @@ class NotFound(ServiceError):
     """Also what another organization's id answers: existence is not leaked."""
 
     status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class UnknownModel(NotFound):
+    """An inference request names no model this organization can use: 404, `param: "model"`, as OpenAI."""
+
+    code = "model_not_found"
 
 
 class MethodNotAllowed(ServiceError):

@@ -42,6 +42,22 @@ class Settings(BaseSettings):
     control_poll_interval_s: float = 0.5  # how often a running job re-reads requested_action (cancel/pause)
     max_job_attempts: int = 3  # a job whose worker died this many times fails instead of looping
 
+    # Hosted inference (api/inference): one engine thread per API process owns the models.
+    inference_device: str = Field(default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda'...")
+    inference_dtype: str = Field(default="auto", description="'auto' (bfloat16 on GPU, float32 on CPU) or a torch dtype name.")
+    inference_max_batch: int = Field(default=32, ge=1, description="Rows (sequences) decoded together per model copy.")
+    inference_batch_window_ms: float = Field(
+        default=5.0, ge=0, description="How long an idle engine waits for more requests before its first forward."
+    )
+    inference_memory_budget_mb: int = Field(
+        default=8192, ge=1, description="Model copies kept loaded; least recently used ones beyond this are dropped."
+    )
+    inference_max_adapters: int = Field(default=256, ge=1, description="Adapters kept registered per base model copy.")
+    inference_serving_rank: int | None = Field(
+        default=None, ge=1, description="Serve SVFit adapters at this rank r' (largest |Δσ| kept); None: exact."
+    )
+    inference_max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per prompt) a request may ask for.")
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         self.data_dir = self.data_dir.resolve()

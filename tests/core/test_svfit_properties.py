@@ -79,16 +79,21 @@ def test_gradients_match_naive_formula(formulation, transposed):
     torch.testing.assert_close((gx, gd), (rx, rd))
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("layer_cls", [nn.Linear, Conv1D])
-def test_every_formulation_is_the_base_layer_at_init(layer_cls):
+def test_every_formulation_is_the_base_layer_at_init(layer_cls, autocast):
     torch.manual_seed(0)
     base = nn.Linear(24, 16) if layer_cls is nn.Linear else Conv1D(16, 24)
     layer = SVFitLayer.from_base(base, SVFitConfig(rank=8))
-    x = torch.randn(3, 5, 24)
-    expected = base(x)
-    for formulation in FORMULATIONS:
-        layer.formulation = formulation
-        assert torch.equal(layer(x), expected), formulation
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = base(x)
+        for formulation in FORMULATIONS:
+            layer.formulation = formulation
+            y = layer(x)
+            assert y.dtype == expected.dtype and torch.equal(y, expected), formulation
+    y.float().sum().backward()
+    assert x.grad.dtype == x.dtype and layer.sigma.grad.dtype == torch.float32
     assert not any(p.requires_grad for p in base.parameters())
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["sigma"]
 
@@ -266,7 +271,9 @@ EXPECTED_ALL_LINEAR = {"gpt2": 4, "llama": 7, "bert": 6}  # linear layers per bl
 FORBIDDEN = ("wte", "wpe", "embed", "lm_head", "classifier", "score", "pooler")
 
 
-@pytest.mark.parametrize("arch,task", [("gpt2", "causal"), ("llama", "classification"), ("bert", "classification")])
+@pytest.mark.parametrize(
+    "arch,task", [("gpt2", "causal"), ("llama", "classification"), ("bert", "classification")]
+)
 def test_all_linear_stays_inside_the_blocks(tiny_case_factory, arch, task):
     model = tiny_case_factory(arch, task).load()
     names = resolve_targets(model, "all-linear")

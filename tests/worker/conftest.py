@@ -16,26 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from sqlalchemy import select
+
+from tests.core.tiny_models import build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from sqlalchemy import select  # noqa: E402
-
-# Tiny models on a shared 2-core machine: intra-op threads only spin against each other (a 32-wide linear
-# takes ~2 ms with two threads under load, ~30 µs with one). Subprocess workers get OMP_NUM_THREADS=1.
-torch.set_num_threads(1)
-
-from tests.core.tiny_models import build_tiny  # noqa: E402
 
 BASE_MODEL = "tiny-llama"
 
 # Short, fast jobs: 40 examples, batch 4, 2 epochs = 20 steps, a checkpoint every 5.
 N_EXAMPLES = 40
 HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
-PEFT = {"type": "svfit", "rank": 4, "learning_rate": 5e-2, "max_seq_length": 32, "checkpoint_every": 5, "warmup_ratio": 0.1}
+PEFT = {
+    "type": "svfit", "rank": 4, "learning_rate": 5e-2, "max_seq_length": 32, "checkpoint_every": 5, "warmup_ratio": 0.1,
+}
 
 SUBJECTS = "movie film book food service".split()
 OPINIONS = ["good", "bad", "great", "terrible"]
@@ -73,6 +68,17 @@ def clear_caches() -> None:
         get_engine().dispose()
     for cached in (get_settings, get_engine, get_sessionmaker, get_app):
         cached.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny models on a shared 2-core machine: intra-op threads only spin against each other (a 32-wide
+    # linear takes ~2 ms with two threads under load, ~30 µs with one). Subprocess workers get
+    # OMP_NUM_THREADS=1 for the same reason.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -237,14 +243,20 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
+    """A Redis database for the broker; the test's queue keys are deleted afterwards."""
     redis = pytest.importorskip("redis")
     url = "redis://127.0.0.1:6379/11"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        client.ping()
     except redis.RedisError as exc:
         pytest.skip(f"Redis is not reachable: {exc}")
-    return url
+    yield url
+    queue = os.environ.get("SVFIT_WORKER_QUEUE", "")
+    if queue.startswith("test-"):
+        for key in client.scan_iter(match=f"*{queue}*"):
+            client.delete(key)
 
 
 @pytest.fixture

@@ -62,7 +62,8 @@ def test_parser_rejects_zero_concurrency(fresh):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(tmp_path, stop_signal):
     import socket
 
     with socket.socket() as s:
@@ -94,7 +95,7 @@ def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(tmp_path):
         worker_pid = int(text.split("worker:    pid ")[1].split()[0])
         os.kill(worker_pid, 0)  # alive
 
-        serve.send_signal(signal.SIGINT)
+        serve.send_signal(stop_signal)
         assert serve.wait(timeout=60) == 0, log.read_text()
         with pytest.raises(ProcessLookupError):
             os.kill(worker_pid, 0)

@@ -7,6 +7,7 @@ import csv
 import io
 import re
 import time
+
 import pytest
 import torch
 
@@ -238,7 +239,7 @@ def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param
         service.store_path(f"files/{file_id}.jsonl").unlink()
         overrides["training_file"] = file_id
     elif case in ("internal", "oom"):
-        error = RuntimeError("secret stack detail") if case == "internal" else torch.OutOfMemoryError("CUDA out of memory")
+        error = RuntimeError("secret detail") if case == "internal" else torch.OutOfMemoryError("CUDA out of memory")
 
         def explode(*args, **kwargs):  # noqa: ANN002, ANN003
             raise error

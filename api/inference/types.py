@@ -1,0 +1,106 @@
+"""The plain values that cross between the HTTP side and the engine thread: what to run and what came out.
+
+No torch here: the routes build these before the engine (and its imports) is ever touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Task = Literal["causal", "classification"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A servable model as the engine needs it: the base weights and, for a fine-tune, its adapter folder.
+
+    ``method`` is the training method (``svfit``, ``lora``, ``pissa``, ``full``, ``head_only``), None for a
+    base model; ``label_names`` are a classifier's labels.
+    """
+
+    model_id: str
+    base_id: str
+    base_path: Path
+    task: Task = "causal"
+    adapter_dir: Path | None = None
+    method: str | None = None
+    label_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling options. ``max_tokens`` None: the request did not say (the engine picks, knowing
+    the prompt's length). ``temperature`` 0 is greedy decoding."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completions or chat request. Exactly one of ``prompts`` (each a string or token ids) and
+    ``messages`` is set; every prompt gets ``sampling.n`` choices."""
+
+    ref: ModelRef
+    sampling: SamplingParams
+    prompts: tuple[str | tuple[int, ...], ...] = ()
+    messages: tuple[dict, ...] | None = None
+    default_max_tokens: int | None = None  # None: as many as the context leaves
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the engine knows once it accepted a request: its prompt sizes and the row count."""
+
+    prompt_tokens: int
+    choices: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceFinished:
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Choice:
+    """A finished choice, assembled from its events (non-streaming responses)."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ClassificationRequest:
+    ref: ModelRef
+    inputs: tuple[str, ...]
+
+
+@dataclass
+class ClassificationResult:
+    labels: list[str]
+    probabilities: list[list[float]] = field(default_factory=list)  # per input, in label order
+    prompt_tokens: int = 0
