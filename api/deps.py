@@ -1,7 +1,7 @@
 """Request dependencies as `Annotated` aliases, so route signatures read like prose.
 
 Everything comes from `app.state`, set once by `create_app()`: one settings object, one engine and
-session factory, one store and the job dispatcher. Nothing here reads global state.
+session factory, one store, the job dispatcher and the inference engine. Nothing here reads global state.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.core.errors import Unauthorized
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
+from api.inference.engine import InferenceEngine
 from api.services.jobs import Dispatch
 from api.services.keys import authenticate
 
@@ -37,10 +38,15 @@ def get_dispatch(request: Request) -> Dispatch:
     return request.app.state.dispatch
 
 
+def get_inference(request: Request) -> InferenceEngine:
+    return request.app.state.inference
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 DispatchDep = Annotated[Dispatch, Depends(get_dispatch)]
+InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 
 # Declared for the OpenAPI "Authorize" button; the check itself is below.
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `svfit keys create --org NAME`.")

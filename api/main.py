@@ -1,4 +1,5 @@
-"""The application factory: settings, database (checked to be migrated), store, dispatcher, routes, errors.
+"""The application factory: settings, database (checked to be migrated), store, dispatcher, inference engine,
+routes, errors.
 
 `create_app()` builds everything an app needs into `app.state` and reads no globals afterwards, so tests
 and the embedded server each get an app over their own data directory. Serve it with
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.core.db import make_engine
@@ -20,7 +22,8 @@ from api.core.migrations import ensure_up_to_date
 from api.core.settings import Settings, get_settings
 from api.core.storage import storage_for
 from api.errors import error_response, register_error_handlers
-from api.routes import files, health, jobs, models
+from api.inference.engine import InferenceEngine
+from api.routes import files, health, inference as inference_routes, jobs, models
 from api.schemas import ErrorEnvelope
 from api.services.jobs import Dispatch
 
@@ -83,9 +86,12 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         engine.dispose()
         raise
 
+    inference = InferenceEngine(settings)  # its thread starts with the first inference request
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        await run_in_threadpool(inference.stop)
         engine.dispose()
 
     app = FastAPI(
@@ -99,13 +105,14 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.storage = storage_for(settings)
     app.state.dispatch = dispatch or enqueue_with_worker
+    app.state.inference = inference
 
     register_error_handlers(app)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
 
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
-    for resource in (files, jobs, models):
+    for resource in (files, jobs, models, inference_routes):
         v1.include_router(resource.router)
     app.include_router(v1)
     return app

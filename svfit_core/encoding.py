@@ -94,15 +94,37 @@ def _assistant_span(tokenizer, plain: list[dict], i: int, full: str, cursor: int
     return start, end
 
 
-def encode_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+def encode_chat(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, *, by_offsets: bool | None = None
+) -> Encoded:
+    """Tokens of the rendered chat; only the pieces ``chat_segments`` marks as trained get labels.
+
+    Fast tokenizers tokenise the whole text once (as inference does) and label a token by where its first
+    character falls. Others tokenise piece by piece: exact by construction, but a SentencePiece tokenizer
+    would add its word-start marker at every piece border, hence the preference for offsets.
+    """
+    segments = chat_segments(messages, tokenizer)
+    if by_offsets is None:
+        by_offsets = bool(getattr(tokenizer, "is_fast", False))
     input_ids: list[int] = []
     labels: list[int] = []
-    # Tokenise piece by piece so that every token belongs to exactly one piece: the mask is exact by
-    # construction. Templates put special tokens at piece borders, so this matches whole-text tokenisation.
-    for text, trained in chat_segments(messages, tokenizer):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    if by_offsets:
+        trained_spans, position = [], 0
+        for text, trained in segments:
+            if trained:
+                trained_spans.append((position, position + len(text)))
+            position += len(text)
+        encoding = tokenizer("".join(text for text, _ in segments), add_special_tokens=False,
+                             return_offsets_mapping=True)
+        input_ids = list(encoding["input_ids"])
+        for token, (start, _) in zip(input_ids, encoding["offset_mapping"]):
+            trained = any(lo <= start < hi for lo, hi in trained_spans)
+            labels.append(token if trained else IGNORE_INDEX)
+    else:
+        for text, trained in segments:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            input_ids.extend(ids)
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
     return _truncate_causal(input_ids, labels, max_length)
 
 

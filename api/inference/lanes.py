@@ -13,6 +13,7 @@ first use and dropped least-recently-used beyond a per-lane limit, never while a
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import Counter, OrderedDict
 from typing import Any
 
@@ -39,6 +40,8 @@ class Lane:
         self.eos_ids = eos_token_ids(model, tokenizer) if task == "causal" else frozenset()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.nbytes = model_bytes(model)
+        # Most causal LMs can skip the vocabulary projection for all but the last position.
+        self.keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.in_use: Counter = Counter()  # tag -> rows holding it
 
     def tag_for(self, ref: ModelRef) -> Any:

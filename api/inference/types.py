@@ -41,6 +41,7 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says; benchmarks
 
 
 @dataclass(frozen=True)

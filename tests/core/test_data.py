@@ -158,6 +158,16 @@ def test_chat_loss_only_on_assistant_tokens_and_weight_zero_is_masked(llama_toke
     assert text == llama_tokenizer.apply_chat_template(example["messages"], tokenize=False)
 
 
+def test_offsets_and_piecewise_tokenisation_agree(llama_tokenizer):
+    from svfit_core.encoding import encode_chat
+
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes good"},
+                {"role": "user", "content": "why"}, {"role": "assistant", "content": "the movie"}]
+    by_offsets = encode_chat(messages, llama_tokenizer, 512, by_offsets=True)
+    by_pieces = encode_chat(messages, llama_tokenizer, 512, by_offsets=False)
+    assert by_offsets.input_ids == by_pieces.input_ids and by_offsets.labels == by_pieces.labels
+
+
 def test_chat_with_fallback_template_masks_each_answer():
     tokenizer = build_tokenizer("gpt2")  # ships no chat template
     tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE

@@ -1,0 +1,418 @@
+"""Continuous batching on the engine thread: admit requests, prefill newcomers, decode every running row one
+token per step, and retire rows as they finish, each lane (model copy) on its own batch.
+
+One ``step()`` does, for every lane with work: drop cancelled rows; prefill waiting rows (up to the batch
+limit) in one left-padded forward and merge their key/value cache into the running batch; then one decode
+forward for all running rows. A row that finishes (EOS, stop sequence, max_tokens, client gone) leaves the
+batch at once, so its slot is free for the next step. Requests never wait for a "wave" to end.
+
+Everything here runs on the engine thread only; results leave through the tickets (``engine.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from svfit_core.errors import SVFitError
+from svfit_core.serialization import read_adapter_config
+
+from api.core.errors import (
+    ContextLengthExceeded,
+    InternalError,
+    InvalidParameter,
+    ServiceError,
+    WrongModelTask,
+)
+from api.core.settings import Settings
+from api.inference.kv import PaddedCache, left_pad
+from api.inference.lanes import Lane, LoraLane, ModelLane, SharedBaseLane
+from api.inference.loading import (
+    load_adapted_model,
+    load_causal_base,
+    load_full_model,
+    resolve_device,
+    resolve_dtype,
+)
+from api.inference.model_cache import ModelCache
+from api.inference.sampling import next_tokens, row_generator
+from api.inference.text import TextTracker
+from api.inference.types import (
+    Admission,
+    ChoiceFinished,
+    ClassificationResult,
+    GenerationDone,
+    ModelRef,
+    TextDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+LORA_METHODS = ("lora", "pissa")  # PiSSA adapters are published as plain LoRA adapters
+
+
+@dataclass(eq=False)
+class Row:
+    """One choice being generated: a prompt, the tokens so far, how to sample and when to stop."""
+
+    ticket: Any  # engine.GenerationTicket
+    index: int
+    prompt: list[int]
+    tag: Any
+    tracker: TextTracker
+    generator: torch.Generator
+    temperature: float
+    top_p: float
+    max_tokens: int
+    ignore_eos: bool
+    generated: list[int] = field(default_factory=list)
+    position: int = 0  # position id of the next token fed to the model
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class LaneState:
+    lane: Lane
+    waiting: deque = field(default_factory=deque)
+    running: list[Row] = field(default_factory=list)
+    cache: PaddedCache | None = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+
+def _message_text(content: Any) -> str:
+    """Chat content as text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return str(content)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.inference_device)
+        self.dtype = resolve_dtype(settings.inference_dtype, self.device)
+        self.max_batch = settings.inference_max_batch
+        self.cache = ModelCache(settings.inference_memory_budget_mb * 2**20)
+        self.states: dict[tuple, LaneState] = {}
+
+    # -- lanes -------------------------------------------------------------------------------------------
+
+    def _kind(self, ref: ModelRef) -> str:
+        if ref.task == "classification":
+            return "model"
+        if ref.method is None:
+            return "shared"
+        if ref.method == "svfit":
+            # An adapter that trains a whole module (a head) cannot share the base copy with others.
+            return "model" if read_adapter_config(ref.adapter_dir).get("modules_to_save") else "shared"
+        if ref.method in LORA_METHODS:
+            return "lora"
+        return "model"
+
+    def lane_for(self, ref: ModelRef) -> Lane:
+        kind = self._kind(ref)
+        weights = str(ref.base_path if kind in ("shared", "lora") else ref.adapter_dir or ref.base_path)
+        key = (kind, weights, str(self.dtype), str(self.device))
+        s = self.settings
+
+        def load() -> Lane:
+            logger.info("loading %s model %s", kind, weights)
+            if kind == "shared":
+                model, tokenizer, hashes = load_causal_base(ref.base_path, self.dtype, self.device)
+                return SharedBaseLane(key, model, tokenizer, max_adapters=s.inference_max_adapters,
+                                      serving_rank=s.inference_serving_rank, base_hashes=hashes)
+            if kind == "lora":
+                model, tokenizer, _ = load_causal_base(ref.base_path, self.dtype, self.device)
+                return LoraLane(key, model, tokenizer, max_adapters=s.inference_max_adapters)
+            if ref.task == "causal" and ref.method == "full":
+                return ModelLane(key, *load_full_model(ref, self.dtype, self.device))
+            if ref.adapter_dir is None:
+                raise WrongModelTask(f"The model '{ref.model_id}' is not a classification model.", param="model")
+            model, tokenizer = load_adapted_model(ref, self.dtype, self.device)
+            return ModelLane(key, model, tokenizer, task=ref.task)
+
+        try:
+            lane = self.cache.get(key, load)
+        except ServiceError:
+            raise
+        except ValueError as exc:  # transformers' answer to "this folder is not that kind of model"
+            logger.warning("cannot load %s as a %s model: %s", ref.model_id, ref.task, exc)
+            raise WrongModelTask(
+                f"The model '{ref.model_id}' cannot be served as a {'text generation' if ref.task == 'causal' else 'classification'} model.",
+                param="model",
+            ) from exc
+        except Exception as exc:
+            logger.exception("loading %s failed", ref.model_id)
+            raise InternalError(f"The model '{ref.model_id}' could not be loaded.", code="model_load_failed") from exc
+        if key not in self.states:
+            self.states[key] = LaneState(lane)
+        return lane
+
+    def _tag(self, lane: Lane, ref: ModelRef) -> Any:
+        try:
+            return lane.tag_for(ref)
+        except (SVFitError, OSError, ValueError) as exc:
+            logger.exception("registering adapter %s failed", ref.adapter_dir)
+            code = exc.code if isinstance(exc, SVFitError) else "model_load_failed"
+            raise InternalError(f"The fine-tuned model '{ref.model_id}' could not be loaded: {exc}", code=code) from exc
+
+    # -- admission ---------------------------------------------------------------------------------------
+
+    def _encode(self, lane: Lane, request) -> tuple[list[list[int]], str]:
+        """Token ids of each prompt, and the request field they came from (for error messages)."""
+        tokenizer = lane.tokenizer
+        if request.messages is not None:
+            messages = [{**m, "content": _message_text(m.get("content"))} for m in request.messages]
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja templates raise their own errors ("roles must alternate")
+                raise InvalidParameter(f"The chat template cannot render these messages: {exc}", param="messages") from exc
+            # The template writes the special tokens itself, as training renders it (svfit_core.encoding).
+            return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
+        prompts = []
+        vocab = len(tokenizer)
+        for prompt in request.prompts:
+            if isinstance(prompt, str):
+                ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                ids = list(prompt)
+                if any(not 0 <= t < vocab for t in ids):
+                    raise InvalidParameter(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
+            if not ids:
+                raise InvalidParameter("A prompt must hold at least one token.", param="prompt")
+            prompts.append(ids)
+        return prompts, "prompt"
+
+    def admit(self, ticket) -> None:
+        """Turn a generation ticket into rows waiting on their lane, or fail it (before any event)."""
+        request = ticket.request
+        lane = self.lane_for(request.ref)
+        if lane.task != "causal":
+            raise WrongModelTask(
+                f"The model '{request.ref.model_id}' is a classification model; use /v1/classifications.", param="model"
+            )
+        prompts, field_name = self._encode(lane, request)
+        sampling = request.sampling
+        limits = []
+        for ids in prompts:
+            room = lane.context_length - len(ids)
+            wanted = sampling.max_tokens
+            if wanted is None:
+                wanted = room if request.default_max_tokens is None else min(request.default_max_tokens, room)
+            if room < 1 or len(ids) + wanted > lane.context_length:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {lane.context_length} tokens. However, you requested "
+                    f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field_name}, {max(wanted, 1)} in the "
+                    f"completion). Please reduce the length of the {field_name} or the completion.",
+                    param=field_name,
+                )
+            limits.append(wanted)
+        tag = self._tag(lane, request.ref)
+        state = self.states[lane.key]
+        rows = []
+        for p, (ids, max_tokens) in enumerate(zip(prompts, limits)):
+            for j in range(sampling.n):
+                rows.append(Row(
+                    ticket=ticket,
+                    index=p * sampling.n + j,
+                    prompt=ids,
+                    tag=tag,
+                    tracker=TextTracker(lane.tokenizer, sampling.stop),
+                    generator=row_generator(sampling.seed, p, j, lane.device),
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=max_tokens,
+                    ignore_eos=sampling.ignore_eos,
+                ))
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        ticket.rows_left = len(rows)
+        ticket.prompt_tokens = prompt_tokens
+        for row in rows:
+            lane.hold(row.tag)  # from now on the adapter may not be dropped
+        state.waiting.extend(rows)
+        ticket.admit(Admission(prompt_tokens=prompt_tokens, choices=len(rows), max_tokens=max(limits)))
+
+    # -- classification ----------------------------------------------------------------------------------
+
+    def classify(self, request) -> ClassificationResult:
+        lane = self.lane_for(request.ref)
+        if lane.task != "classification":
+            raise WrongModelTask(
+                f"The model '{request.ref.model_id}' is not a classification model.", param="model"
+            )
+        model, tokenizer = lane.model, lane.tokenizer
+        config = model.config
+        labels = list(request.ref.label_names or [config.id2label[i] for i in range(config.num_labels)])
+        token_types = bool(getattr(config, "type_vocab_size", 0))  # as training encodes (svfit_core.training)
+        result = ClassificationResult(labels=labels)
+        inputs = list(request.inputs)
+        for start in range(0, len(inputs), self.max_batch):
+            chunk = inputs[start:start + self.max_batch]
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=lane.context_length,
+                            return_token_type_ids=token_types, return_tensors="pt")
+            result.prompt_tokens += int(enc["attention_mask"].sum())
+            logits = model(**{k: v.to(lane.device) for k, v in enc.items()}).logits
+            result.probabilities.extend(torch.softmax(logits.float(), dim=-1).tolist())
+        return result
+
+    # -- the decode loop ---------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return any(state.has_work for state in self.states.values())
+
+    def snapshot(self) -> dict:
+        """Counts for monitoring and tests (read from other threads; plain ints and lists)."""
+        return {
+            "running": sum(len(s.running) for s in self.states.values()),
+            "waiting": sum(len(s.waiting) for s in self.states.values()),
+            "lanes": [list(key[:2]) for key in self.cache.lanes],
+            "loaded_bytes": self.cache.total_bytes,
+        }
+
+    def step(self) -> None:
+        for state in list(self.states.values()):
+            if not state.has_work:
+                continue
+            try:
+                self._step_lane(state)
+            except Exception as exc:  # noqa: BLE001 - one broken batch must not stop the engine
+                logger.exception("inference step failed on %s", state.lane.key)
+                self._fail_lane(state, InternalError("The server had an error while generating."))
+            if not state.has_work and state.lane.key not in self.cache.lanes:
+                del self.states[state.lane.key]  # evicted while it still had rows; now idle
+        self.cache.evict()
+
+    def _step_lane(self, state: LaneState) -> None:
+        self._drop_cancelled(state)
+        room = self.max_batch - len(state.running)
+        if room > 0 and state.waiting:
+            newcomers = [state.waiting.popleft() for _ in range(min(room, len(state.waiting)))]
+            self._prefill(state, newcomers)
+        if state.running:
+            self._decode(state)
+
+    def _forward(self, lane: Lane, rows: list[Row], **inputs: Any) -> torch.Tensor:
+        """Next-token logits (rows, vocab), computed for the last position only."""
+        if lane.keeps_last_logits:
+            inputs["logits_to_keep"] = 1
+        return lane.forward([r.tag for r in rows], use_cache=True, **inputs)[:, -1]
+
+    def _prefill(self, state: LaneState, rows: list[Row]) -> None:
+        lane = state.lane
+        ids, mask, positions = left_pad([r.prompt for r in rows], lane.pad_id, lane.device)
+        cache = PaddedCache(DynamicCache(), mask)
+        logits = self._forward(lane, rows, input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache.cache)
+        for row in rows:
+            row.position = len(row.prompt)
+        self._accept(lane, rows, logits)
+        keep = [i for i, row in enumerate(rows) if not row.finished]
+        if len(keep) < len(rows):
+            if not keep:
+                return
+            cache.select(keep)
+        if state.cache is None:
+            state.cache = cache
+        else:
+            state.cache.merge(cache)
+        state.running.extend(rows[i] for i in keep)
+
+    def _decode(self, state: LaneState) -> None:
+        lane, rows = state.lane, state.running
+        tokens = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=lane.device)
+        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=lane.device)
+        mask = state.cache.extend_mask()
+        logits = self._forward(lane, rows, input_ids=tokens, attention_mask=mask, position_ids=positions,
+                               past_key_values=state.cache.cache)
+        for row in rows:
+            row.position += 1
+        self._accept(lane, rows, logits)
+        self._retire(state)
+
+    def _accept(self, lane: Lane, rows: list[Row], logits: torch.Tensor) -> None:
+        """Sample one token per row, turn it into text and events, mark finished rows."""
+        tokens = next_tokens(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                             [r.generator for r in rows])
+        events: dict[Any, list] = {}
+        for row, token in zip(rows, tokens):
+            row.generated.append(token)
+            finish = None
+            if token in lane.eos_ids and not row.ignore_eos:
+                text, finish = row.tracker.finish(), "stop"
+            else:
+                text = row.tracker.add(token)
+                if row.tracker.stopped:
+                    finish = "stop"
+                elif len(row.generated) >= row.max_tokens:
+                    text += row.tracker.finish()
+                    finish = "length"
+            out = events.setdefault(row.ticket, [])
+            if text:
+                out.append(TextDelta(row.index, text))
+            if finish is not None:
+                out.extend(self._finish(lane, row, finish))
+        for ticket, batch in events.items():
+            if batch:
+                ticket.post(batch)
+
+    def _finish(self, lane: Lane, row: Row, reason: str) -> list:
+        row.finished = True
+        lane.release(row.tag)
+        ticket = row.ticket
+        ticket.rows_left -= 1
+        ticket.completion_tokens += len(row.generated)
+        events: list = [ChoiceFinished(row.index, reason, len(row.generated))]
+        if ticket.rows_left == 0:
+            events.append(GenerationDone(ticket.prompt_tokens, ticket.completion_tokens))
+        return events
+
+    def _retire(self, state: LaneState) -> None:
+        keep = [i for i, row in enumerate(state.running) if not row.finished]
+        if len(keep) == len(state.running):
+            return
+        if keep:
+            state.cache.select(keep)
+            state.running = [state.running[i] for i in keep]
+        else:
+            state.cache, state.running = None, []
+
+    def _drop_cancelled(self, state: LaneState) -> None:
+        """Rows whose client went away stop now: no more events, their slots free for this very step."""
+        if any(row.ticket.cancelled for row in state.waiting):
+            for row in [r for r in state.waiting if r.ticket.cancelled]:
+                row.finished = True
+                state.lane.release(row.tag)
+            state.waiting = deque(r for r in state.waiting if not r.finished)
+        for row in state.running:
+            if row.ticket.cancelled and not row.finished:
+                row.finished = True
+                state.lane.release(row.tag)
+        self._retire(state)
+
+    def _fail_lane(self, state: LaneState, error: ServiceError) -> None:
+        failed = {row.ticket for row in [*state.waiting, *state.running] if not row.finished}
+        for row in [*state.waiting, *state.running]:
+            if not row.finished:
+                row.finished = True
+                state.lane.release(row.tag)
+        state.waiting, state.running, state.cache = deque(), [], None
+        for ticket in failed:
+            ticket.post([error])
+
+    def fail_all(self, error: ServiceError) -> None:
+        for state in self.states.values():
+            self._fail_lane(state, error)
+

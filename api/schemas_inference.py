@@ -1,0 +1,124 @@
+"""Request and response bodies of the inference endpoints: completions, chat completions, classifications.
+
+Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
+ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
+`top_p`, `n`, `max_tokens`). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
+Streaming chunks are plain dicts built in the route (they are never validated, only written).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- requests ------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationCreate(BaseModel):
+    """What completions and chat completions share."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS up to max_tokens.")
+
+
+class CompletionCreate(GenerationCreate):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls ... reach the chat template as sent
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionCreate(GenerationCreate):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class ClassificationCreate(BaseModel):
+    model: str
+    input: str | list[str]
+
+
+# --- responses -----------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionPublic(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatMessagePublic(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessagePublic
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionPublic(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassificationPublic(BaseModel):
+    index: int
+    object: Literal["classification"] = "classification"
+    label: str
+    labels: list[LabelProbability] = Field(description="Every label with its probability, most likely first.")
+
+
+class ClassificationsPublic(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    model: str
+    data: list[ClassificationPublic]
+    usage: Usage

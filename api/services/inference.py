@@ -1,0 +1,116 @@
+"""Turning an inference request into what the engine runs: which weights a model id names for this
+organization, and the validated sampling options. Takes a session explicitly; knows nothing of HTTP.
+
+A model id is a base model, a fine-tune (`ft:…`) or a checkpoint (`…:ckpt-step-N`); fine-tunes and
+checkpoints resolve through the organization's FineTunedModel rows to their published adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.core.base_models import list_base_models
+from api.core.errors import InvalidParameter, UnknownModel
+from api.core.settings import Settings
+from api.core.storage import LocalStorage
+from api.core.tables import FineTunedModel
+from api.inference.types import ClassificationRequest, GenerationRequest, ModelRef, SamplingParams
+from api.schemas_inference import ChatCompletionCreate, CompletionCreate, GenerationCreate
+
+# Written next to every servable adapter by the training library (svfit_core.training.TRAINING_META).
+TRAINING_META = "training_meta.json"
+# OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
+MAX_STOP_SEQUENCES = 4
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def _unknown(model_id: str) -> UnknownModel:
+    return UnknownModel(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
+
+
+def resolve_model(session: Session, org_id: str, model_id: str, settings: Settings, storage: LocalStorage) -> ModelRef:
+    """The servable model ``model_id`` names for ``org_id``; 404 (param ``model``) when there is none.
+
+    Another organization's fine-tune answers exactly like a missing one: existence is not leaked.
+    """
+    row = session.scalar(
+        select(FineTunedModel).where(
+            FineTunedModel.id == model_id, FineTunedModel.org_id == org_id, FineTunedModel.deleted_at.is_(None)
+        )
+    )
+    bases = {base.id: base.path for base in list_base_models(settings.models_dir)}
+    if row is None:
+        if model_id in bases:
+            return ModelRef(model_id=model_id, base_id=model_id, base_path=bases[model_id])
+        raise _unknown(model_id)
+    adapter_dir = storage.path(row.storage_key)
+    meta_path = adapter_dir / TRAINING_META
+    if row.parent not in bases or not meta_path.is_file():
+        # The row outlived its weights (base uninstalled, store wiped): nothing to serve.
+        raise _unknown(model_id)
+    meta = json.loads(meta_path.read_text())
+    labels = meta.get("label_names")
+    return ModelRef(
+        model_id=model_id,
+        base_id=row.parent,
+        base_path=Path(bases[row.parent]),
+        task=meta.get("task", "causal"),
+        adapter_dir=adapter_dir,
+        method=meta.get("method"),
+        label_names=tuple(labels) if labels else None,
+    )
+
+
+def sampling_params(body: GenerationCreate, settings: Settings, max_tokens: int | None) -> SamplingParams:
+    """The request's sampling options with OpenAI's defaults (temperature 1, top_p 1, n 1)."""
+    n = body.n or 1
+    if n > settings.inference_max_n:
+        raise InvalidParameter(f"'n' must be at most {settings.inference_max_n}, got {n}.", param="n")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidParameter(f"'stop' holds at most {MAX_STOP_SEQUENCES} sequences.", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        n=n,
+        stop=tuple(s for s in stop if s),
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts: tuple = (prompt,)
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = (tuple(prompt),)  # one prompt given as token ids
+    else:
+        prompts = tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
+    if not prompts:
+        raise InvalidParameter("'prompt' must not be empty.", param="prompt")
+    return GenerationRequest(
+        ref=ref,
+        sampling=sampling_params(body, settings, body.max_tokens),
+        prompts=prompts,
+        default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+    )
+
+
+def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
+    # Without max_tokens a chat answer may run to the end of the context, as OpenAI's does.
+    return GenerationRequest(ref=ref, sampling=sampling_params(body, settings, max_tokens), messages=messages)
+
+
+def classification_request(inputs: str | list[str], ref: ModelRef) -> ClassificationRequest:
+    items = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+    if not items:
+        raise InvalidParameter("'input' must not be empty.", param="input")
+    return ClassificationRequest(ref=ref, inputs=items)
