@@ -146,7 +146,7 @@ class JobErrorPublic(BaseModel):
 class ProgressPublic(BaseModel):
     step: int = 0
     total_steps: int | None = None
-    epoch: float = 0
+    epoch: float | None = None
     seconds_remaining: float | None = None
 
 
