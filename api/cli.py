@@ -2,6 +2,7 @@
 
 `serve` is the one-command local mode: the HTTP API in this process plus one worker subprocess running the
 same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default).
+The client commands (`jobs`, `files`, `artifacts`, `chat`) live in api/client_cli and use the HTTP API only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+
+from api.client_cli import register as register_client_commands
 
 # How long `serve` waits for its worker to checkpoint a running job and exit before killing it.
 WORKER_STOP_TIMEOUT_S = 60.0
@@ -238,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key, by id or by the key itself")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
+    register_client_commands(commands)
     return parser
 
 

@@ -1,8 +1,9 @@
 """Turns every failure into OpenAI's error envelope `{"error": {message, type, param, code}}`.
 
 The table of errors lives in api/core/errors.py; this module only registers handlers: service errors,
-request validation (reported as 400 with the offending field as `param`), unknown routes and methods, and
-anything unexpected (500, logged here, never shown to the client).
+request validation (reported as 400 with the offending field as `param`), unknown routes and methods, the
+database being unreachable (503 with Retry-After, which clients retry), and anything unexpected (500,
+logged here, never shown to the client).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.core.errors import (
@@ -22,6 +25,7 @@ from api.core.errors import (
     MissingParameter,
     NotFound,
     ServiceError,
+    ServiceUnavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,7 +35,7 @@ _LOCATION_PREFIXES = {"body", "query", "path", "header", "cookie"}
 
 
 def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.status, headers=headers)
+    return JSONResponse(error.envelope(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 async def handle_service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -68,10 +72,12 @@ async def handle_http_exception(request: Request, exc: StarletteHTTPException) -
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}.")
     else:
+        # FastAPI's own 400s (a body it cannot parse, a broken multipart stream) and any library's
+        # HTTPException: a strict client still gets a string code, never null.
         error = ServiceError(str(exc.detail))
         error.status = exc.status_code
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        error.code = None
+        error.code = "invalid_request" if exc.status_code < 500 else "internal_error"
     return error_response(error, headers)
 
 
@@ -80,8 +86,19 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
     return error_response(InternalError("The server had an error while processing your request."))
 
 
+async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A lost or refused connection (the database restarting, a network cut, a full pool) is transient:
+    503 with Retry-After. Any other database error is a bug: 500."""
+    if isinstance(exc, (OperationalError, PoolTimeout)) or getattr(exc, "connection_invalidated", False):
+        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
+        return error_response(ServiceUnavailable("The database is temporarily unavailable. Please retry shortly."))
+    return await handle_unexpected_error(request, exc)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, handle_service_error)
+    app.add_exception_handler(DBAPIError, handle_database_error)
+    app.add_exception_handler(PoolTimeout, handle_database_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected_error)

@@ -19,11 +19,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.core.db import make_engine
 from api.core.errors import PayloadTooLarge
 from api.core.migrations import ensure_up_to_date
+from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
 from api.core.storage import storage_for
 from api.errors import error_response, register_error_handlers
 from api.inference.engine import InferenceEngine
-from api.routes import files, health, inference as inference_routes, jobs, models
+from api.routes import files, health, inference as inference_routes, jobs, models, ui
 from api.schemas import ErrorEnvelope
 from api.services.jobs import Dispatch
 
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.storage = storage_for(settings)
     app.state.dispatch = dispatch or enqueue_with_worker
     app.state.inference = inference
+    app.state.rate_limiter = limiter_for(settings)
 
     register_error_handlers(app)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
@@ -115,4 +117,5 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     for resource in (files, jobs, models, inference_routes):
         v1.include_router(resource.router)
     app.include_router(v1)
+    ui.mount(app)
     return app

@@ -35,7 +35,9 @@ class GenerationCreate(BaseModel):
 
 
 class CompletionCreate(GenerationCreate):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # str | list[str] | list[int] | list[list[int]]; typed loosely so that api/services/inference.py (not a
+    # pydantic union error) reports a malformed prompt as `param: "prompt"`.
+    prompt: str | list[str | int | list[int]]
 
 
 class ChatMessage(BaseModel):

@@ -93,7 +93,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         if entry:
             state[index] = entry
     groups = []
-    for saved_group, current_group in zip(saved_groups, current["param_groups"]):
+    for saved_group, current_group in zip(saved_groups, current["param_groups"], strict=True):
         group = dict(saved_group)
         if "betas" in group:
             group["betas"] = tuple(group["betas"])

@@ -117,7 +117,7 @@ def encode_chat(
         encoding = tokenizer("".join(text for text, _ in segments), add_special_tokens=False,
                              return_offsets_mapping=True)
         input_ids = list(encoding["input_ids"])
-        for token, (start, _) in zip(input_ids, encoding["offset_mapping"]):
+        for token, (start, _) in zip(input_ids, encoding["offset_mapping"], strict=True):
             trained = any(lo <= start < hi for lo, hi in trained_spans)
             labels.append(token if trained else IGNORE_INDEX)
     else:

@@ -150,7 +150,8 @@ class TrainConfig:
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
             raise HyperparameterError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}", param="weight_decay")
         if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
-            raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", param="warmup_ratio")
+            raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}",
+                                      param="warmup_ratio")
         if self.bf16 not in (None, True, False):
             raise HyperparameterError(f"bf16 must be true, false or null, got {self.bf16!r}", param="bf16")
         if self.lr_scheduler not in SCHEDULERS:

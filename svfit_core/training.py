@@ -41,7 +41,7 @@ from svfit_core.loading import head_module_names, load_base_model, max_positions
 from svfit_core.methods import Method, default_targets, get_method, setup_method
 from svfit_core.param_groups import count_trainable
 from svfit_core.schedule import apply_lr, lr_multiplier, warmup_steps_for
-from svfit_core.train_config import HyperparameterError, PeftSpec, TrainConfig
+from svfit_core.train_config import PeftSpec, TrainConfig
 
 __all__ = ["PeftSpec", "TrainConfig", "TrainingCallbacks", "TrainResult", "run_training", "TRAINING_META"]
 
@@ -194,7 +194,9 @@ def run_training(
         if run.valid and ((every_eval and step % every_eval == 0) or step == run.total_steps):
             valid = _evaluate(run)
             metrics.update(valid_loss=valid["loss"], valid_mean_token_accuracy=valid["accuracy"])
-            callbacks.on_eval({"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]})
+            callbacks.on_eval(
+                {"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]}
+            )
 
         every_ckpt = run.config.checkpoint_every
         if every_ckpt and step % every_ckpt == 0:
@@ -273,12 +275,7 @@ def _setup_model(
     resolved_config = replace(config.resolved(peft.method), device=str(device))
     resolved_config.bf16 = _use_bf16(resolved_config, device)
     if config.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, which frozen embeddings lack.
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        _enable_gradient_checkpointing(model)
     model, groups = setup_method(
         model, resolved_peft, head_modules, task,
         lr=resolved_config.learning_rate, head_lr=resolved_config.head_learning_rate,
@@ -288,6 +285,15 @@ def _setup_model(
     model.to(device)
     return _Run(base_model_path, output_dir, task, method, resolved_peft, resolved_config, label_names,
                 head_modules, model, tokenizer, device, param_groups=groups)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, which frozen embeddings lack.
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
 
 
 def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples: list[dict]) -> None:
@@ -396,7 +402,8 @@ def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -
     correct_total = torch.zeros((), dtype=torch.long, device=run.device)
     tokens = 0
     for micro in micro_batches(batch, run.train, run.config.gradient_accumulation_steps):
-        inputs = {k: v.to(run.device) for k, v in collate([run.train[i] for i in micro], run.tokenizer.pad_token_id).items()}
+        rows = [run.train[i] for i in micro]
+        inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
         loss_sum, correct = _loss_step(run, inputs)
         (loss_sum / targets).backward()
         loss_total += loss_sum.detach()

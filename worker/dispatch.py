@@ -1,4 +1,5 @@
-"""Enqueueing jobs: the one function the API (and the reaper) call after a commit.
+"""Enqueueing jobs: the one function the API (and the reaper) call after a commit, and a count of the
+messages waiting in a queue (for the reaper's sweep of jobs whose message was lost).
 
 The message carries the job id only. A duplicate message is harmless (the task re-reads the row and
 exits when the work is moot), so re-enqueueing is always safe.
@@ -26,3 +27,15 @@ def enqueue_job(job_id: str, *, queue: str | None = None) -> None:
         retry=True,
         retry_policy=_PUBLISH_RETRY,
     )
+
+
+def waiting_messages(*, queue: str | None = None) -> int:
+    """How many messages wait in the worker queue (delivered, unacknowledged ones not counted).
+
+    Raises the broker's error when it cannot be reached.
+    """
+    app = get_app()
+    name = queue or get_settings().worker_queue
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1)
+        return app.amqp.queues[name].bind(connection.default_channel).queue_declare().message_count

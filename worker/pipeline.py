@@ -8,6 +8,7 @@ the job away all resolve to exactly one worker training it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -159,6 +160,13 @@ def error_for(exc: BaseException) -> tuple[str, str, str | None]:
         details = "; ".join(exc.errors[:5])
         message = f"The training data is invalid: {exc.message}" + (f" ({details})" if details else "")
         return "invalid_training_file", message, "training_file"
+    if _out_of_disk(exc):
+        return (
+            "insufficient_storage",
+            "The job could not save its checkpoints or fine-tuned model: the worker's disk or artifact store "
+            "is full. Free space on the store, then create the job again.",
+            None,
+        )
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return (
             "out_of_memory",
@@ -169,6 +177,17 @@ def error_for(exc: BaseException) -> tuple[str, str, str | None]:
         # The library's typed errors are about the request (a rank, a target module); their codes are stable.
         return exc.code, exc.message, getattr(exc, "param", None)
     return "internal_error", "The job failed due to an internal error.", None
+
+
+def _out_of_disk(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it was raised from, is a full disk (or a full quota)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def fail_job(
@@ -394,7 +413,11 @@ def _succeed(job: Job, worker_id: str, storage: LocalStorage, reporter: JobRepor
         raise RuntimeError("training succeeded without an adapter directory")
     key = publishing.final_key(job.id)
     publishing.publish_dir(
-        storage, Path(result.adapter_dir), key, {"job_id": job.id, "step": result.step, "fine_tuned_model": model_name}
+        storage,
+        Path(result.adapter_dir),
+        key,
+        {"job_id": job.id, "step": result.step, "fine_tuned_model": model_name},
+        kind="final",
     )
     with session_scope() as session:
         results = publishing.ensure_results_file(session, storage, job)

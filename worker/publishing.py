@@ -3,7 +3,8 @@ and the rows that make them servable and listable.
 
 Every step is idempotent so a crash mid-publish followed by a retry never yields a second artifact or row:
 directories are copied to `<key>.part` and renamed into place (a published key is never rewritten), and
-rows are looked up by their natural key before insertion.
+rows are looked up by their natural key before insertion. A write that fails (a full disk) removes its
+`.part` before the error propagates, so nothing half-written outlives it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from api.core.ids import new_id
 from api.core.storage import LocalStorage
 from api.core.tables import Checkpoint, File, FineTunedModel, Job, JobEvent
+from worker import faults
 
 # Written into every published directory; bump when the layout of what we publish changes.
 PUBLISH_FORMAT_VERSION = 1
@@ -66,12 +68,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def publish_dir(storage: LocalStorage, src: Path, key: str, manifest: dict[str, Any]) -> Path:
+def _copy_tree(src: Path, dst: Path) -> None:
+    # Not shutil.copytree: after a failed file it carries on and raises one shutil.Error listing the
+    # failures as text, which hides a full disk's errno from the job's error report.
+    dst.mkdir()
+    for path in sorted(src.rglob("*")):
+        out = dst / path.relative_to(src)
+        if path.is_dir():
+            out.mkdir(exist_ok=True)
+        else:
+            shutil.copyfile(path, out)
+
+
+# The fault-injection point (worker/faults.py) inside each kind of publish.
+_FAULT_POINTS = {"checkpoint": "checkpoint_write", "final": "artifact_publish"}
+
+
+def publish_dir(
+    storage: LocalStorage, src: Path, key: str, manifest: dict[str, Any], *, kind: str = "final"
+) -> Path:
     """Copy directory `src` to store `key` atomically; a key already published is left as it is.
 
     The copy lands in `<key>.part` (any leftover from a crashed attempt is discarded first) together with
     a manifest (format version, sha256 per file), and one rename makes it visible. Readers therefore see
-    either nothing or the whole directory.
+    either nothing or the whole directory. `kind` ("checkpoint" or "final") names what is published.
     """
     target = storage.path(key)
     if target.is_dir():
@@ -80,13 +100,18 @@ def publish_dir(storage: LocalStorage, src: Path, key: str, manifest: dict[str, 
     if part.exists():
         shutil.rmtree(part)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, part)
-    files = {
-        str(p.relative_to(part)): _sha256(p) for p in sorted(part.rglob("*")) if p.is_file()
-    }
-    body = {"format_version": PUBLISH_FORMAT_VERSION, **manifest, "files": files}
-    (part / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=True))
-    os.replace(part, target)
+    try:
+        _copy_tree(src, part)
+        files = {
+            str(p.relative_to(part)): _sha256(p) for p in sorted(part.rglob("*")) if p.is_file()
+        }
+        faults.point(_FAULT_POINTS[kind])
+        body = {"format_version": PUBLISH_FORMAT_VERSION, **manifest, "files": files}
+        (part / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=True))
+        os.replace(part, target)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     return target
 
 
@@ -174,10 +199,14 @@ def ensure_results_file(session: Session, storage: LocalStorage, job: Job) -> Fi
         return existing
     body = results_csv(session, job.id)
     part = storage.part_path(key)
-    with part.open("wb") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with part.open("wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     storage.commit(key)
     row = File(
         id=new_id("file"),

@@ -1,9 +1,11 @@
-"""Crash recovery: the running job's heartbeat, the stale-job reaper, and the worker's shutdown flag.
+"""Crash recovery: the running job's heartbeat, the stale-job reaper, the sweep for queued jobs whose
+message was lost, and the worker's shutdown flag.
 
 A worker that holds a job stamps `Job.heartbeat_at` from a background thread. Every worker also runs a
 reaper thread that finds `running` jobs whose beat is older than `heartbeat_timeout_s`, puts them back to
 `queued` with a conditional update (so two reapers never both win) and re-enqueues them; the next worker
-resumes from the job's last published checkpoint.
+resumes from the job's last published checkpoint. The same thread re-enqueues `queued` jobs that have no
+message left in the broker (see `redispatch_orphaned_jobs`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.core.db import session_scope
@@ -155,8 +157,57 @@ def _reap_one(job_id: str, cutoff: float, max_attempts: int) -> bool:
     return target == "queued"
 
 
+WAITING = ("validating_files", "queued")  # statuses a message is still needed for
+
+# Whether the previous sweep found fewer messages than waiting jobs (this process's reaper thread only).
+_shortfall_seen = False
+
+
+def redispatch_orphaned_jobs(min_age_s: float | None = None) -> list[str]:
+    """Re-enqueue waiting jobs when the queue holds fewer messages than there are jobs waiting for one.
+
+    A message is lost when the broker restarts without persistence or when an enqueue after a commit fails
+    (a worker's SIGTERM hand-back or the API dying between its commit and its send). The counts cannot
+    tell which job lost its message, so every job waiting longer than `min_age_s` is sent again: the
+    duplicates are harmless (the claim is conditional), and afterwards the queue holds at least one
+    message per waiting job, so nothing is re-sent until messages are lost again. The age keeps a job
+    whose enqueue is still in flight from being counted, and a shortfall must be seen on two passes in a
+    row: a worker that has just taken a message but not yet claimed its job shows one for a moment.
+    Returns the re-enqueued ids.
+    """
+    global _shortfall_seen
+    from worker.dispatch import enqueue_job, waiting_messages
+
+    settings = get_settings()
+    min_age_s = settings.redispatch_after_s if min_age_s is None else min_age_s
+    cutoff = now() - min_age_s
+    with session_scope() as session:
+        # A job put back in line (reaped, handed back on SIGTERM) keeps its old created_at: it counts at once.
+        waiting = list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.status.in_(WAITING), or_(Job.created_at <= cutoff, Job.attempt > 0))
+                .order_by(Job.pk)
+            )
+        )
+        queued_total = session.scalar(select(func.count()).where(Job.status.in_(WAITING)))
+    # Jobs younger than the cutoff may hold messages too: count them all against the messages.
+    if not waiting or waiting_messages() >= queued_total:
+        _shortfall_seen = False
+        return []
+    if not _shortfall_seen:
+        _shortfall_seen = True
+        return []
+    _shortfall_seen = False
+    for job_id in waiting:
+        enqueue_job(job_id)
+    log.warning("re-enqueued %d queued job(s) whose message was lost: %s", len(waiting), ", ".join(waiting))
+    return waiting
+
+
 class Reaper:
-    """A daemon thread in every worker process that runs `reap_stale_jobs` periodically."""
+    """A daemon thread in every worker process that runs `reap_stale_jobs` and `redispatch_orphaned_jobs`
+    periodically."""
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -173,10 +224,11 @@ class Reaper:
 
     def _run(self) -> None:
         while True:
-            try:
-                reap_stale_jobs()
-            except Exception:  # noqa: BLE001 - the reaper must outlive any one failure
-                log.warning("reaper pass failed", exc_info=True)
+            for task in (reap_stale_jobs, redispatch_orphaned_jobs):
+                try:
+                    task()
+                except Exception:  # noqa: BLE001 - the reaper must outlive any one failure (a broker down)
+                    log.warning("%s failed", task.__name__, exc_info=True)
             if self._stop.wait(self.interval):
                 return
 

@@ -204,6 +204,7 @@ class JobReporter(TrainingCallbacks):
                 "step": step,
                 "fine_tuned_model": publishing.checkpoint_model_name(self.model_name, step),
             },
+            kind="checkpoint",
         )
         try:
             with session_scope() as session:

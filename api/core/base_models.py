@@ -8,6 +8,7 @@ they are installed. Worker and API both resolve ids here, so a job names the sam
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,27 @@ def resolve_base_model(name: str, models_dir: Path | None = None) -> Path:
         if model.id == name:
             return model.path
     raise ModelNotFound(f"The model '{name}' does not exist or is not a base model you can fine-tune.", param="model")
+
+
+# Config keys that hold a transformer's width across the families transformers ships (Llama/BERT/Qwen...,
+# T5, GPT-2, DistilBERT).
+_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
+
+
+def largest_matrix_rank(model_path: Path) -> int | None:
+    """The largest min(m, n) any weight matrix of the model can have, from its config.json; None if unknown.
+
+    Every linear layer of a transformer maps to or from the model width (attention and MLP projections,
+    the LM or classification head), so the width bounds every matrix's rank: a requested rank above it
+    cannot be honoured anywhere. A GGUF folder has no config.json; reading its header costs seconds, so
+    it is not checked (the training library caps the rank per matrix instead).
+    """
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in _WIDTH_KEYS:
+        width = config.get(key) if isinstance(config, dict) else None
+        if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+            return width
+    return None

@@ -6,16 +6,22 @@ and the offending parameter. Codes are part of the public contract: never rename
 
 from __future__ import annotations
 
+import math
+
 
 class ServiceError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
 
-    def __init__(self, message: str, param: str | None = None, *, code: str | None = None):
+    def __init__(
+        self, message: str, param: str | None = None, *, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        # Response headers that belong to the error (Retry-After on a 429); plain strings, no HTTP types here.
+        self.headers = dict(headers or {})
         if code is not None:
             self.code = code
 
@@ -100,11 +106,33 @@ class Unprocessable(ServiceError):
 
 
 class RateLimited(ServiceError):
+    """Too many requests of one kind from one API key. Carries `Retry-After` (the client waits, then retries)."""
+
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        # Whole seconds for Retry-After (RFC 9110); retry-after-ms is what the openai client reads first.
+        seconds, milliseconds = max(1, math.ceil(retry_after_s)), max(1, math.ceil(retry_after_s * 1000))
+        super().__init__(message, headers={"Retry-After": str(seconds), "retry-after-ms": str(milliseconds)})
+        self.retry_after_s = retry_after_s
 
 
 class ServiceUnavailable(ServiceError):
+    """A dependency (database, job queue) is down or busy: transient, so it carries `Retry-After`."""
+
     status, type, code = 503, "server_error", "service_unavailable"
+    retry_after_s = 2
+
+    def __init__(
+        self, message: str, param: str | None = None, *, code: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message, param, code=code, headers={"Retry-After": str(self.retry_after_s), **(headers or {})})
+
+
+class InsufficientStorage(ServiceError):
+    """The file or artifact store is out of space: nothing was saved, and retrying helps only once space is freed."""
+
+    status, type, code = 507, "server_error", "insufficient_storage"
 
 
 class InternalError(ServiceError):

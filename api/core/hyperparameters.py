@@ -28,8 +28,22 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _finite(value: int | float) -> bool:
+    """Representable as a finite float: not inf or NaN, and not an integer too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400) overflows converting to float
+        return False
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+
+
+def _shown(value: Any) -> str:
+    """A request value as an error message quotes it: a hostile 4,000-digit number is cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # Training options a request may add to `peft`; the worker hands them to the library's PeftSpec and
@@ -87,19 +101,20 @@ def _is_auto(value: Any) -> bool:
 
 
 def _integer(value: Any, param: str, low: int, high: int | None = None) -> int:
-    # bool is an int in Python but never a meaningful count here.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise InvalidParameter(f"'{param}' must be an integer or \"auto\", got {value!r}.", param=param)
+    # bool is an int in Python but never a meaningful count here; inf and NaN (JSON `1e999`, `NaN`) have
+    # no int() at all.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value != int(value):
+        raise InvalidParameter(f"'{param}' must be an integer or \"auto\", got {_shown(value)}.", param=param)
     value = int(value)
     if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidParameter(f"'{param}' must be {bounds}, got {value}.", param=param)
+        raise InvalidParameter(f"'{param}' must be {bounds}, got {_shown(value)}.", param=param)
     return value
 
 
 def _positive_number(value: Any, param: str) -> float:
     if not _number(value) or value <= 0:
-        raise InvalidParameter(f"'{param}' must be a positive finite number or \"auto\", got {value!r}.", param=param)
+        raise InvalidParameter(f"'{param}' must be a positive finite number or \"auto\", got {_shown(value)}.", param=param)
     return float(value)
 
 
@@ -108,12 +123,16 @@ def resolve_peft(requested: Mapping[str, Any] | None) -> dict[str, Any]:
     requested = dict(requested or {})
     peft_type = requested.get("type") or "svfit"
     if peft_type not in PEFT_TYPES:
-        raise InvalidParameter(f"'peft.type' must be one of {', '.join(PEFT_TYPES)}, got {peft_type!r}.", param="peft.type")
+        raise InvalidParameter(
+            f"'peft.type' must be one of {', '.join(PEFT_TYPES)}, got {_shown(peft_type)}.", param="peft.type"
+        )
     extras = {}
     for name, (is_valid, expected) in PEFT_EXTRAS.items():
         if requested.get(name) is not None:
             if not is_valid(requested[name]):
-                raise InvalidParameter(f"'peft.{name}' must be {expected}, got {requested[name]!r}.", param=f"peft.{name}")
+                raise InvalidParameter(
+                    f"'peft.{name}' must be {expected}, got {_shown(requested[name])}.", param=f"peft.{name}"
+                )
             extras[name] = requested[name]
     if peft_type == "full":
         return {"type": "full", **extras}
@@ -143,7 +162,7 @@ def resolve_peft(requested: Mapping[str, Any] | None) -> dict[str, Any]:
     energy = requested.get("energy")
     if energy is not None:
         if not (_number(energy) and 0 < energy <= 1):
-            raise InvalidParameter(f"'peft.energy' must be in (0, 1], got {energy!r}.", param="peft.energy")
+            raise InvalidParameter(f"'peft.energy' must be in (0, 1], got {_shown(energy)}.", param="peft.energy")
         energy = float(energy)
     return {"type": "svfit", "rank": rank, "energy": energy, "target_modules": target_modules, **extras}
 

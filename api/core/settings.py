@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,8 +31,27 @@ class Settings(BaseSettings):
     min_training_examples: int = 10
     upload_chunk_bytes: int = 1024 * 1024
     max_reported_line_errors: int = Field(default=20, description="Per-line errors kept in a file's status_details.")
+    max_line_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1, description="Longest line an upload may hold; a longer one is a line error."
+    )
+    max_line_errors: int = Field(
+        default=1000, ge=1, description="An upload stops being checked (status: error) after this many problems."
+    )
     job_dedupe_window_s: int = Field(
         default=600, description="A retried identical job request within this window returns the existing job."
+    )
+
+    # Per API key (per organization without a key), token buckets: a full minute's worth may come at once,
+    # then requests flow at the per-minute rate. 0 turns a limit off. See api/core/rate_limit.py.
+    rate_limit_uploads_per_minute: int = Field(default=600, ge=0, description="POST /v1/files per key.")
+    rate_limit_jobs_per_minute: int = Field(default=600, ge=0, description="POST /v1/fine_tuning/jobs per key.")
+    rate_limit_inference_per_minute: int = Field(
+        default=12_000, ge=0, description="Completions, chat completions and classifications per key."
+    )
+    rate_limit_store: Literal["auto", "memory", "redis"] = Field(
+        default="auto",
+        description="Where buckets live. 'auto': Redis when the broker is Redis (shared by every API process), "
+        "else this process's memory.",
     )
 
     worker_queue: str = "cpu"
@@ -41,6 +61,11 @@ class Settings(BaseSettings):
     default_checkpoint_every: int = 50
     control_poll_interval_s: float = 0.5  # how often a running job re-reads requested_action (cancel/pause)
     max_job_attempts: int = 3  # a job whose worker died this many times fails instead of looping
+    redispatch_after_s: float = Field(
+        default=60.0,
+        description="Queued longer than this while the queue holds fewer messages than queued jobs: enqueued "
+        "again (a broker restart or a failed enqueue lost its message).",
+    )
 
     # Hosted inference (api/inference): one engine thread per API process owns the models.
     inference_device: str = Field(default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda'...")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, SessionDep, SettingsDep, StorageDep, UploadRateLimit
 from api.schemas import FileDeleted, FilePublic, FilesPublic
 from api.services import files as files_service
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/files", tags=["files"])
 
 # A plain `def`: FastAPI runs it in a worker thread, where reading the spooled upload and validating
 # it line by line does not hold up the event loop.
-@router.post("")
+@router.post("", dependencies=[UploadRateLimit])
 def upload_file(
     session: SessionDep,
     storage: StorageDep,

@@ -22,7 +22,7 @@ from api.core.errors import ServiceError
 from api.core.ids import new_id
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
-from api.deps import CurrentOrg, InferenceDep, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, InferenceDep, InferenceRateLimit, SessionDep, SettingsDep, StorageDep
 from api.inference.engine import GenerationTicket
 from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta
 from api.schemas_inference import (
@@ -41,7 +41,8 @@ from api.schemas_inference import (
 )
 from api.services import inference as inference_service
 
-router = APIRouter(tags=["inference"])
+# Every inference request takes a token from the caller's inference bucket (429 + Retry-After when empty).
+router = APIRouter(tags=["inference"], dependencies=[InferenceRateLimit])
 
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from api.core.tables import Job
-from api.deps import CurrentOrg, DispatchDep, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, DispatchDep, JobRateLimit, SessionDep, SettingsDep, StorageDep
 from api.schemas import CheckpointPublic, CheckpointsPublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from api.services import artifacts as artifacts_service
 from api.services import jobs as jobs_service
@@ -24,7 +24,7 @@ def _public(session: Session, jobs: list[Job]) -> list[JobPublic]:
     return [JobPublic.from_row(job, positions.get(job.id)) for job in jobs]
 
 
-@router.post("")
+@router.post("", dependencies=[JobRateLimit])
 def create_job(
     body: JobCreate,
     session: SessionDep,

@@ -7,7 +7,9 @@ renamed into place, then the row is committed; any failure on the way removes wh
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.core.errors import (
+    InsufficientStorage,
     InvalidParameter,
     InvalidStateTransition,
     InvalidTrainingFile,
@@ -44,12 +47,32 @@ def default_line_validator() -> LineValidator:
     return validate_jsonl_line
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(line: bytes) -> bool:
+    """Whether a line that parsed holds a string with half a surrogate pair (only then is it re-parsed)."""
+    try:
+        json.dumps(json.loads(line.decode("utf-8-sig")), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except ValueError:  # the validator accepted it, so this does not happen; never fail the upload on it
+        return False
+    return False
+
+
+# A reported problem quotes the line's values (a label, a role, its keys); a hostile line must not turn
+# status_details into megabytes.
+MAX_PROBLEM_CHARS = 300
+
+
 @dataclass
 class ValidationReport:
     data_format: str | None = None
     num_examples: int = 0
     error_count: int = 0
     errors: list[str] = field(default_factory=list)
+    stopped_at_line: int | None = None  # checking gave up here, after too many problems
 
     def status_details(self) -> str:
         if not self.error_count:
@@ -57,49 +80,106 @@ class ValidationReport:
         lines = [f"{self.error_count} problem(s) found; the file cannot be used for fine-tuning.", *self.errors]
         if self.error_count > len(self.errors):
             lines.append(f"... and {self.error_count - len(self.errors)} more.")
+        if self.stopped_at_line is not None:
+            lines.append(f"Checking stopped at line {self.stopped_at_line}; later lines were not checked.")
         return "\n".join(lines)
 
 
 class TrainingDataCheck:
-    """Checks JSONL as it streams past, one complete line at a time, so memory is bounded by one line.
+    """Checks JSONL as it streams past, one complete line at a time.
 
-    The per-line schema is the training library's; what only the whole file can tell (one format
-    throughout, at least one example) is checked here.
+    Memory is bounded by `max_line_bytes`: a longer line is dropped as it streams and reported, never
+    buffered. Time is linear in the upload (a line's pieces are joined once, at its newline), and once
+    `max_errors` problems are found the rest of the file is no longer parsed, so a hostile upload of
+    millions of junk lines costs no more than storing it. The per-line schema is the training library's;
+    what only the whole file can tell (one format throughout, at least one example) is checked here.
     """
 
-    def __init__(self, validate_line: LineValidator, max_reported_errors: int):
+    def __init__(
+        self,
+        validate_line: LineValidator,
+        max_reported_errors: int,
+        *,
+        max_line_bytes: int = 16 * 1024 * 1024,
+        max_errors: int = 1000,
+    ):
         self._validate_line = validate_line
         self._max_reported_errors = max_reported_errors
-        self._pending = b""
+        self._max_line_bytes = max_line_bytes
+        self._max_errors = max_errors
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._overlong = False  # the current line passed max_line_bytes; its bytes are dropped until its newline
         self._line_number = 0
         self._format_line = 0
         self.report = ValidationReport()
 
+    @property
+    def stopped(self) -> bool:
+        return self.report.stopped_at_line is not None
+
     def feed(self, chunk: bytes) -> None:
-        lines = (self._pending + chunk).split(b"\n")
-        self._pending = lines.pop()
-        for line in lines:
-            self._check_line(line)
+        for i, piece in enumerate(chunk.split(b"\n")):
+            if self.stopped:
+                return
+            if i:  # a newline came before this piece: the line held so far is complete
+                self._end_line()
+            self._hold(piece)
 
     def finish(self) -> ValidationReport:
         # What follows the last newline is a line only if it holds something (as in load_examples).
-        if self._pending.strip():
-            self._check_line(self._pending)
-        self._pending = b""
+        if not self.stopped and (self._overlong or b"".join(self._pending).strip()):
+            self._end_line()
+        self._pending, self._pending_bytes, self._overlong = [], 0, False
         if self.report.num_examples == 0 and self.report.error_count == 0:
             self._error("the file has no examples (one JSON object per line expected)")
         return self.report
 
+    def _hold(self, piece: bytes) -> None:
+        if self._overlong or not piece:
+            return
+        self._pending_bytes += len(piece)
+        if self._pending_bytes > self._max_line_bytes:
+            self._overlong, self._pending = True, []
+        else:
+            self._pending.append(piece)
+
+    def _end_line(self) -> None:
+        line, overlong = b"".join(self._pending), self._overlong
+        self._pending, self._pending_bytes, self._overlong = [], 0, False
+        self._line_number += 1
+        if overlong:
+            self._error(f"line {self._line_number}: longer than the limit of {self._max_line_bytes} bytes per line")
+        else:
+            self._check_line(line)
+        if self.report.error_count >= self._max_errors:
+            self.report.stopped_at_line = self._line_number
+
     def _error(self, message: str) -> None:
         self.report.error_count += 1
         if len(self.report.errors) < self._max_reported_errors:
+            if len(message) > MAX_PROBLEM_CHARS:
+                message = message[: MAX_PROBLEM_CHARS - 3] + "..."
             self.report.errors.append(message)
+
+    def _validate(self, line: bytes) -> tuple[str | None, list[str]]:
+        n = self._line_number
+        try:
+            line_format, messages = self._validate_line(line, n)
+        except RecursionError:  # json.loads of `[[[[…` thousands deep
+            return None, [f"line {n}: invalid JSON: nested too deeply"]
+        except ValueError as exc:  # json.loads of an integer with more than 4,300 digits, among others
+            return None, [f"line {n}: invalid JSON: {exc}"]
+        if not messages and _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(line):
+            # JSON lets `"\ud83d"` stand alone; Python parses it, but no tokenizer can encode it, so the
+            # job would fail at its first batch. Refused here, where the line number is known.
+            return None, [f"line {n}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"]
+        return line_format, messages
 
     def _check_line(self, line: bytes) -> None:
         # Blank lines go to the validator too: training loads files with the same rules, so a file
         # that passes here never fails to load there.
-        self._line_number += 1
-        line_format, messages = self._validate_line(line, self._line_number)
+        line_format, messages = self._validate(line)
         for message in messages:  # each already starts with "line N:"
             self._error(message)
         if messages or line_format is None:
@@ -122,7 +202,9 @@ def clean_filename(filename: str | None) -> str:
     """The last path component, without control characters: it is echoed back and sent in headers."""
     name = PureWindowsPath(PurePosixPath(filename or "").name).name
     name = _UNSAFE_FILENAME_CHARS.sub("", name).strip()[:255]
-    return name or "upload.jsonl"
+    # "." and ".." survive `.name`; never a path here, but a client saving the download by name would
+    # get a directory's name.
+    return name if name.strip(".") else "upload.jsonl"
 
 
 def create_file(
@@ -141,7 +223,12 @@ def create_file(
         raise InvalidParameter(
             f"'{purpose}' is not a supported purpose; expected one of: {', '.join(UPLOAD_PURPOSES)}.", param="purpose"
         )
-    check = TrainingDataCheck(validate_line or default_line_validator(), settings.max_reported_line_errors)
+    check = TrainingDataCheck(
+        validate_line or default_line_validator(),
+        settings.max_reported_line_errors,
+        max_line_bytes=settings.max_line_bytes,
+        max_errors=settings.max_line_errors,
+    )
     file_id = new_id("file")
     key = f"files/{org_id}/{file_id}.jsonl"
     digest = hashlib.sha256()
@@ -174,9 +261,14 @@ def create_file(
         )
         session.add(file)
         session.commit()
-    except BaseException:
+    except BaseException as exc:
         session.rollback()
         storage.delete(key)  # removes the .part as well as a committed file
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(
+                "The file store is out of space, so the upload was not saved. Try again once space is freed.",
+                param="file",
+            ) from exc
         raise
     return file
 

@@ -90,10 +90,12 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
         prompts: tuple = (prompt,)
     elif prompt and all(isinstance(t, int) for t in prompt):
         prompts = (tuple(prompt),)  # one prompt given as token ids
-    else:
+    elif prompt and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
         prompts = tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
-    if not prompts:
-        raise InvalidParameter("'prompt' must not be empty.", param="prompt")
+    else:
+        raise InvalidParameter(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists.", param="prompt"
+        )
     return GenerationRequest(
         ref=ref,
         sampling=sampling_params(body, settings, body.max_tokens),

@@ -15,13 +15,14 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.core.base_models import resolve_base_model
+from api.core.base_models import largest_matrix_rank, resolve_base_model
 from api.core.errors import (
     InvalidParameter,
     InvalidRequest,
@@ -96,6 +97,22 @@ def _check_suffix_and_metadata(request: JobCreate) -> None:
             )
 
 
+def _check_rank_fits(peft: dict[str, Any], base_model_path: Path, model: str) -> None:
+    """A rank above every matrix's min(m, n) is a mistake worth a 400 now, not a silent cap in training.
+
+    Only the model width is checked (it bounds every matrix, see largest_matrix_rank). Whether
+    `target_modules` match anything needs the model's module tree, which costs seconds of loading: the
+    worker checks that and fails the job with the training library's TargetModulesNotFoundError message.
+    """
+    rank = peft.get("rank")
+    largest = largest_matrix_rank(base_model_path) if rank is not None else None
+    if largest is not None and rank > largest:
+        raise InvalidParameter(
+            f"'peft.rank' is {rank}, but no weight matrix of '{model}' has a rank above {largest} (its width).",
+            param="peft.rank",
+        )
+
+
 def _existing_job(session: Session, settings: Settings, org_id: str, idempotency_key: str | None, body_hash: str) -> Job | None:
     if idempotency_key is not None:
         job = session.scalar(select(Job).where(Job.org_id == org_id, Job.idempotency_key == idempotency_key))
@@ -140,7 +157,7 @@ def create_job(
     if existing is not None:
         return existing
 
-    resolve_base_model(request.model, settings.models_dir)
+    base_model_path = resolve_base_model(request.model, settings.models_dir)
     training = usable_training_file(
         session, org_id, request.training_file, param="training_file", min_examples=settings.min_training_examples
     )
@@ -154,6 +171,7 @@ def create_job(
             )
     _check_suffix_and_metadata(request)
     peft = resolve_peft(request.peft.model_dump() if request.peft else None)
+    _check_rank_fits(peft, base_model_path, request.model)
     requested, param_prefix = _requested_hyperparameters(request)
     hyperparameters = resolve_hyperparameters(
         requested, n_examples=training.num_examples or 0, peft_type=peft["type"], param_prefix=param_prefix

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -61,8 +62,23 @@ def revoke_api_key(session: Session, key: str) -> bool:
     return True
 
 
-def authenticate(session: Session, presented_key: str | None, *, auth_required: bool, default_org: str) -> str:
-    """The organization id a request acts as.
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: an organization, and the key it presented (None: no key, auth off)."""
+
+    org_id: str
+    key_id: str | None = None
+
+    @property
+    def rate_limit_key(self) -> str:
+        """Limits are per key; requests without one share their organization's buckets."""
+        return self.key_id or self.org_id
+
+
+def authenticate(
+    session: Session, presented_key: str | None, *, auth_required: bool, default_org: str
+) -> Principal:
+    """Who a request acts as.
 
     No key: the default organization when auth is off (loopback), else 401. With auth off, a placeholder
     that is not one of ours (the `openai` client insists on *some* key, e.g. "local") also means no key;
@@ -77,9 +93,9 @@ def authenticate(session: Session, presented_key: str | None, *, auth_required: 
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "(create one with `svfit keys create --org NAME`)."
             )
-        return get_or_create_organization(session, default_org).id
+        return Principal(get_or_create_organization(session, default_org).id)
     presented_hash = hash_key(presented_key)
     api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == presented_hash, ApiKey.revoked_at.is_(None)))
     if api_key is None or not hmac.compare_digest(api_key.key_hash, presented_hash):
         raise Unauthorized("Incorrect API key provided.")
-    return api_key.org_id
+    return Principal(api_key.org_id, api_key.id)

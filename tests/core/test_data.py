@@ -22,6 +22,13 @@ def _line(obj) -> bytes:
     return (json.dumps(obj) + "\n").encode()
 
 
+USER = {"role": "user", "content": "hi"}
+
+
+def _chat(*messages) -> bytes:
+    return _line({"messages": list(messages)})
+
+
 # -- format detection --------------------------------------------------------------------------------
 
 
@@ -64,15 +71,12 @@ def test_valid_line_has_format_and_no_errors():
         (_line({"question": "q"}), "unknown format"),
         (_line({"messages": []}), "'messages' is empty"),
         (_line({"messages": "hi"}), "'messages' must be a list"),
-        (_line({"messages": [{"role": "user", "content": "hi"}]}), "no trainable assistant turn"),
-        (
-            _line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]}),
-            "no trainable assistant turn",
-        ),
-        (_line({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}), "unknown role"),
-        (_line({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}), "must be a string"),
-        (_line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]}),
-         "'weight' must be 0 or 1"),
+        (_chat(USER), "no trainable assistant turn"),
+        (_chat(USER, {"role": "assistant", "content": "x", "weight": 0}), "no trainable assistant turn"),
+        (_chat({"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}), "unknown role"),
+        (_chat({"role": "user", "content": 3}, {"role": "assistant", "content": "x"}), "must be a string"),
+        (_chat(USER, {"role": "assistant", "content": "x", "weight": 2}), "'weight' must be 0 or 1"),
+        (_chat(USER, {"role": "assistant"}), "has no 'content'"),
         (_line({"prompt": "p", "completion": ""}), "'completion' is empty"),
         (_line({"prompt": 1, "completion": "c"}), "'prompt' must be a string"),
         (_line({"text": "a"}), "missing 'label'"),
@@ -246,7 +250,7 @@ def test_micro_batches_cover_the_batch(llama_tokenizer):
 def test_schedule_warms_up_then_decays():
     values = [lr_multiplier(s, 10, 2, "linear") for s in range(10)]
     assert values[:3] == [0.5, 1.0, 1.0] and values[-1] == pytest.approx(0.125)
-    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
     assert lr_multiplier(2, 10, 2, "cosine") == 1.0 and lr_multiplier(9, 10, 2, "cosine") < 0.05
 
 

@@ -110,7 +110,8 @@ def test_callbacks_report_start_steps_and_evals(svfit_chat_run):
     assert info["config"]["learning_rate"] == 5e-2 and info["config"]["head_learning_rate"] is not None
     assert [m["step"] for m in rec.steps] == [1, 2, 3, 4, 5, 6]
     assert [m["epoch"] for m in rec.steps] == pytest.approx([1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0])
-    assert {"train_loss", "train_mean_token_accuracy", "learning_rate", "trained_tokens", "total_steps"} <= set(rec.steps[0])
+    reported = {"train_loss", "train_mean_token_accuracy", "learning_rate", "trained_tokens", "total_steps"}
+    assert reported <= set(rec.steps[0])
     assert rec.steps[-1]["trained_tokens"] == result.trained_tokens > 0
     assert [m["step"] for m in rec.evals] == [2, 4, 6]
     assert set(result.metrics) == {"train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"}
@@ -175,7 +176,8 @@ def test_pause_and_resume_svfit_classification_is_exact(bert, tmp_path):
     spec = PeftSpec(rank=4)
     full, full_rec = train(bert, PAIRS, None, spec, PAIR_CONFIG, tmp_path / "full")
     paused, first = train(bert, PAIRS, None, spec, PAIR_CONFIG, tmp_path / "split", stop_after=2)
-    resumed, second = train(bert, PAIRS, None, spec, PAIR_CONFIG, tmp_path / "split", resume_from=paused.last_checkpoint)
+    resumed, second = train(bert, PAIRS, None, spec, PAIR_CONFIG, tmp_path / "split",
+                            resume_from=paused.last_checkpoint)
     assert full_rec.info["label_names"] == ["0", "1", "2"]
     assert first.losses + second.losses == full_rec.losses
     _assert_same_adapter(resumed.adapter_dir, full.adapter_dir)

@@ -1,0 +1,1 @@
+"""Hostile input, bounds, fuzzing, isolation and security checks (see SECURITY.md)."""

@@ -1,0 +1,148 @@
+"""The inference engine on its own thread: batched answers equal each model run alone through the training
+library and transformers' ``generate``, continuous batching, cancellation, seeds and stop sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+
+from api.inference.engine import InferenceEngine
+from api.inference.lanes import LoraLane, SharedBaseLane
+from api.inference.scheduler import Scheduler
+from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
+from svfit_core.artifacts import load_trained_model
+from svfit_core.loading import load_base_model
+from tests.inference.conftest import LLAMA, make_settings
+
+PROMPTS = ["the movie was", "i love this", "what is good ?", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def engine(zoo, tmp_path_factory):
+    engine = InferenceEngine(make_settings(tmp_path_factory.mktemp("engine"), zoo, inference_batch_window_ms=20))
+    yield engine
+    engine.stop()
+
+
+def ref(zoo, name: str | None) -> ModelRef:
+    if name is None:
+        return ModelRef(model_id=LLAMA, base_id=LLAMA, base_path=zoo.llama)
+    folder = zoo.adapters[name]
+    meta = json.loads((folder / "training_meta.json").read_text())
+    return ModelRef(model_id=name, base_id=LLAMA, base_path=zoo.llama, adapter_dir=folder, method=meta["method"])
+
+
+def greedy(model_ref: ModelRef, prompt: str, max_tokens: int = 10, **sampling) -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling)
+    return GenerationRequest(ref=model_ref, sampling=params, prompts=(prompt,))
+
+
+async def answer(engine: InferenceEngine, request: GenerationRequest) -> list:
+    ticket = await engine.generate(request)
+    choices, _ = await ticket.collect()
+    return choices
+
+
+async def answers(engine: InferenceEngine, requests: list[GenerationRequest]) -> list:
+    return await asyncio.gather(*(answer(engine, r) for r in requests))
+
+
+def spy(forward, seen: list):
+    def recording(self, tags, **inputs):
+        seen.append(set(tags))
+        return forward(self, tags, **inputs)
+
+    return recording
+
+
+@torch.no_grad()
+def reference_text(zoo, name: str | None, prompt: str, max_tokens: int = 10) -> str:
+    """The same model alone, loaded by the training library and decoded by transformers' generate."""
+    if name is None:
+        model, tokenizer = load_base_model(zoo.llama, "causal")
+    else:
+        model, tokenizer, _ = load_trained_model(zoo.llama, zoo.adapters[name])
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.eval().generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_mixed_batch_equals_each_model_alone(zoo, engine, monkeypatch):
+    seen: list[set] = []  # the distinct adapters of every forward on a shared or LoRA lane
+    for lane in (SharedBaseLane, LoraLane):
+        monkeypatch.setattr(lane, "forward", spy(lane.forward, seen))
+    names = [None, "sv0", "sv1", "sv2", "sv_qv", "lora0", "lora1", "full0"]
+    requests = [greedy(ref(zoo, n), PROMPTS[i % len(PROMPTS)]) for i, n in enumerate(names)]
+    got = asyncio.run(answers(engine, requests))
+    assert max(len(tags) for tags in seen) == 5  # base + 4 SVFit adapters in one forward
+    assert {len(tags) for tags in seen} >= {2}  # the two LoRA adapters mixed by PEFT
+    texts = [choices[0].text for choices in got]
+    for i, name in enumerate(names):
+        assert texts[i] == reference_text(zoo, name, PROMPTS[i % len(PROMPTS)]), name
+    # adapters change answers: otherwise this test could not tell batching from ignoring them
+    same_prompt = asyncio.run(answers(engine, [greedy(ref(zoo, n), "the movie was") for n in (None, "sv0", "sv1")]))
+    assert len({c[0].text for c in same_prompt}) == 3
+
+
+def test_request_joining_a_running_batch_gets_the_same_answer(zoo, engine, monkeypatch):
+    original = Scheduler._decode
+
+    def slow_decode(self, state):  # keep the first request decoding while the second arrives
+        time.sleep(0.01)
+        original(self, state)
+
+    monkeypatch.setattr(Scheduler, "_decode", slow_decode)
+
+    async def staggered():
+        first = asyncio.ensure_future(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 30, ignore_eos=True)))
+        await asyncio.sleep(0.1)
+        assert engine.stats()["running"] == 1
+        second = await answer(engine, greedy(ref(zoo, "sv1"), PROMPTS[1], 10))
+        return await first, second
+
+    first, second = asyncio.run(staggered())
+    alone = asyncio.run(answers(engine, [greedy(ref(zoo, "sv0"), PROMPTS[0], 30, ignore_eos=True),
+                                         greedy(ref(zoo, "sv1"), PROMPTS[1], 10)]))
+    assert first[0].text == alone[0][0].text and first[0].completion_tokens == 30
+    assert second[0].text == alone[1][0].text
+
+
+def test_cancelled_request_leaves_the_batch(zoo, engine, monkeypatch):
+    original = Scheduler._decode
+    monkeypatch.setattr(Scheduler, "_decode", lambda self, state: (time.sleep(0.01), original(self, state)))
+
+    async def cancel_after_first_token():
+        ticket = await engine.generate(greedy(ref(zoo, "sv2"), PROMPTS[2], 50, ignore_eos=True))
+        async for event in ticket.stream():
+            if isinstance(event, TextDelta):
+                break
+        ticket.cancel()
+        deadline = time.monotonic() + 5
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    stats = asyncio.run(cancel_after_first_token())
+    assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_seed_reproduces_sampled_answers_and_choices_differ(zoo, engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=123)
+    request = GenerationRequest(ref=ref(zoo, "sv1"), sampling=params, prompts=("the movie was",))
+    first, again = asyncio.run(answers(engine, [request, request]))
+    assert [c.text for c in first] == [c.text for c in again]
+    assert len({c.text for c in first}) > 1
+    assert [c.index for c in first] == [0, 1, 2]
+
+
+def test_stop_sequence_ends_the_choice(zoo, engine):
+    full = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 12, ignore_eos=True)))[0]
+    words = full.text.split()
+    stop = " ".join(words[2:4])
+    cut = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 12, ignore_eos=True, stop=(stop,))))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]

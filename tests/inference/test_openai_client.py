@@ -1,0 +1,112 @@
+"""The official `openai` client against a real uvicorn server (a thread on a free port), and a client that
+hangs up mid-stream."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from api.inference.scheduler import Scheduler
+from api.main import create_app
+from api.services.keys import create_api_key
+from tests.inference.conftest import LLAMA, make_settings, publish
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, zoo) -> Iterator[tuple[str, str, object, dict]]:
+    settings = make_settings(tmp_path_factory.mktemp("uvicorn"), zoo)
+    app = create_app(settings, dispatch=lambda job_id: None, auto_migrate=True)
+    with app.state.sessionmaker() as session:
+        org_id, key = create_api_key(session, "alpha")
+    ids = publish(app, org_id, zoo, settings.data_dir)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", key, app, ids
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture
+def client(server) -> OpenAI:
+    base_url, key, _, _ = server
+    return OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_openai_chat_stream_matches_non_streamed(client, server):
+    model = server[3]["sv0"]
+    messages = [{"role": "user", "content": "what is good ?"}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_completions(client):
+    completion = client.completions.create(model=LLAMA, prompt="the movie was", max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+    streamed = client.completions.create(model=LLAMA, prompt="the movie was", max_tokens=5, temperature=0,
+                                         extra_body={"ignore_eos": True}, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+def test_openai_errors(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="ft:nope", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=LLAMA, messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert info.value.body["param"] == "temperature"
+
+
+def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
+    base_url, key, app, ids = server
+    original = Scheduler._decode
+    monkeypatch.setattr(Scheduler, "_decode", lambda self, state: (time.sleep(0.02), original(self, state)))
+    body = {"model": ids["sv1"], "prompt": "the movie was", "max_tokens": 50, "ignore_eos": True, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk read, then hang up
+        print([app.state.inference.stats() for _ in range(3) if not time.sleep(0.3)])
+        wait_until(lambda: app.state.inference.stats()["running"] == 2)  # the stats lag a step behind
+    hung_up = time.monotonic()
+    wait_until(lambda: app.state.inference.stats()["running"] == 0)
+    # 50 tokens at ≥ 20 ms a step take a second: the rows left early because the client did
+    assert time.monotonic() - hung_up < 0.8
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

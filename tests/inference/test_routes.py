@@ -1,0 +1,152 @@
+"""The inference endpoints over HTTP: response shapes, streaming, model resolution, errors, classification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.inference.conftest import BERT, LLAMA
+
+CHAT = [{"role": "user", "content": "what is good ?"}]
+
+
+def chat(served, model: str, **body):
+    return served.post("/chat/completions", {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0, **body})
+
+
+def complete(served, model: str, **body):
+    return served.post("/completions", {"model": model, "prompt": "the movie was", "max_tokens": 8, "temperature": 0, **body})
+
+
+def events(response) -> list:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_chat_completion_shape_and_usage(served):
+    response = chat(served, served.model_ids["sv0"], n=2, unknown_key={"ignored": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["message"]["role"] == "assistant"
+        assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] <= 16
+
+
+def test_streamed_chat_equals_non_streamed(served):
+    model = served.model_ids["sv1"]
+    whole = chat(served, model, max_completion_tokens=12, max_tokens=3).json()  # max_completion_tokens wins
+    chunks = events(chat(served, model, max_completion_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] <= 12
+
+
+def test_streamed_completion_equals_non_streamed(served):
+    model = served.model_ids["sv2"]
+    whole = complete(served, model, ignore_eos=True).json()
+    assert whole["object"] == "text_completion"
+    assert whole["choices"][0]["finish_reason"] == "length" and whole["usage"]["completion_tokens"] == 8
+    chunks = events(complete(served, model, ignore_eos=True, stream=True))
+    assert "usage" not in chunks[0]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+def test_multiple_prompts_each_get_n_choices(served):
+    body = complete(served, LLAMA, prompt=["the movie was", "i love this"], n=2, temperature=1, seed=1).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    text_prompt = complete(served, LLAMA, prompt="i love this").json()["choices"][0]["text"]
+    ids_prompt = complete(served, LLAMA, prompt=[2, 22, 37, 20]).json()  # <s> i love this, as token ids
+    assert ids_prompt["choices"][0]["text"] == text_prompt
+    error(complete(served, LLAMA, prompt=["a", [1, 2]]), 400, "prompt")
+
+
+def test_fine_tune_checkpoint_and_base_answer_differently(served):
+    answers = {
+        name: complete(served, model, ignore_eos=True, max_tokens=12).json()["choices"][0]["text"]
+        for name, model in (("base", LLAMA), ("final", served.model_ids["sv0"]), ("ckpt", served.model_ids["sv0_ckpt"]))
+    }
+    assert len(set(answers.values())) == 3, answers
+
+
+def test_merged_model_answers_as_the_adapter(served):
+    adapter = complete(served, served.model_ids["sv0"], ignore_eos=True, max_tokens=16).json()
+    merged = complete(served, served.model_ids["merged0"], ignore_eos=True, max_tokens=16).json()
+    assert merged["choices"][0]["text"] == adapter["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("name", ["lora0", "full0"])
+def test_lora_and_full_fine_tunes_serve(served, name):
+    base = complete(served, LLAMA, ignore_eos=True).json()["choices"][0]["text"]
+    tuned = complete(served, served.model_ids[name], ignore_eos=True).json()["choices"][0]["text"]
+    assert tuned != base
+
+
+def test_models_list_fine_tunes_and_checkpoints_with_parent(served):
+    listed = {m["id"]: m for m in served.client.get("/v1/models", headers=served.headers()).json()["data"]}
+    assert {LLAMA, BERT} <= set(listed)
+    assert listed[served.model_ids["sv0_ckpt"]]["parent"] == LLAMA
+    assert listed[served.model_ids["clf"]]["parent"] == BERT
+
+
+def error(response, status: int, param: str | None) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["param"] == param, body
+    return body["message"]
+
+
+def test_unknown_and_foreign_models_are_404_model(served):
+    error(chat(served, "ft:tiny-llama:nobody::0"), 404, "model")
+    assert chat(served, "ft:tiny-llama:nobody::0").json()["error"]["code"] == "model_not_found"
+    error(served.post("/chat/completions", {"model": served.model_ids["sv0"], "messages": CHAT}, org="beta"), 404, "model")
+    error(served.post("/classifications", {"model": served.model_ids["clf"], "input": "x"}, org="beta"), 404, "model")
+
+
+def test_context_overflow_states_both_numbers(served):
+    message = error(complete(served, LLAMA, max_tokens=62), 400, "prompt")  # 4 prompt tokens + 62 > 64
+    assert "64 tokens" in message and "4 in the prompt" in message and "62 in the completion" in message
+    assert complete(served, LLAMA, max_tokens=60).status_code == 200  # 4 + 60 fits exactly
+    assert chat(served, LLAMA, max_tokens=60).json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -0.1), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 17),
+     ("max_tokens", 0), ("max_completion_tokens", 0), ("stop", ["a", "b", "c", "d", "e"])],
+)
+def test_invalid_sampling_values_are_400_naming_the_field(served, field, value):
+    error(chat(served, LLAMA, **{field: value}), 400, field)
+
+
+def test_model_of_the_wrong_task_is_refused(served):
+    error(chat(served, served.model_ids["clf"]), 400, "model")
+    error(served.post("/classifications", {"model": served.model_ids["sv0"], "input": "x"}), 400, "model")
+
+
+def test_classification_labels_with_probabilities(served):
+    response = served.post("/classifications", {"model": served.model_ids["clf"], "input": ["good movie", "bad film"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    for item in body["data"]:
+        labels = item["labels"]
+        assert {entry["label"] for entry in labels} == {"negative", "positive"}
+        assert sum(entry["probability"] for entry in labels) == pytest.approx(1.0, abs=1e-5)
+        assert item["label"] == labels[0]["label"] and labels[0]["probability"] >= labels[1]["probability"]
+    single = served.post("/classifications", {"model": served.model_ids["clf"], "input": "good movie"}).json()
+    assert single["data"][0]["labels"] == body["data"][0]["labels"]
