@@ -3,7 +3,7 @@
 The table of errors lives in api/core/errors.py; this module only registers handlers: service errors,
 request validation (reported as 400 with the offending field as `param`), unknown routes and methods, the
 database being unreachable (503 with Retry-After, which clients retry), and anything unexpected (500,
-logged here, never shown to the client).
+logged here, never shown to the client). It also keeps the OpenAPI document truthful about them: no 422.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.core.errors import (
     InternalError,
@@ -32,6 +33,23 @@ logger = logging.getLogger(__name__)
 
 # Where FastAPI found a bad value; not part of the field path a client knows.
 _LOCATION_PREFIXES = {"body", "query", "path", "header", "cookie"}
+# Pydantic names the member of a union it tried (`stop: str | list[str]` fails at ("stop", "str") and at
+# ("stop", "list[str]", 0)); the client's field is the union itself, so the path stops there.
+_UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "bytes", "dict", "list", "none", "any"}
+
+
+def _is_union_member(part: str) -> bool:
+    return part in _UNION_MEMBER_NAMES or "[" in part or "-" in part or part[:1].isupper()
+
+
+def _field_path(location: list[str]) -> str | None:
+    if location and location[0] in _LOCATION_PREFIXES:
+        location = location[1:]
+    for i, part in enumerate(location):
+        if i and _is_union_member(part):
+            location = location[:i]
+            break
+    return ".".join(location) or None
 
 
 def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -45,10 +63,7 @@ async def handle_service_error(_request: Request, exc: ServiceError) -> JSONResp
 def validation_error(exc: RequestValidationError) -> ServiceError:
     """The first problem, as a 400 naming its field path (`hyperparameters.n_epochs`, `limit`)."""
     first = exc.errors()[0] if exc.errors() else {}
-    location = [str(part) for part in first.get("loc", ())]
-    if location and location[0] in _LOCATION_PREFIXES:
-        location = location[1:]
-    param = ".".join(location) or None
+    param = _field_path([str(part) for part in first.get("loc", ())])
     kind = first.get("type", "")
     if kind == "json_invalid":
         return InvalidRequest("We could not parse the JSON body of your request. It should be a JSON object.")
@@ -64,6 +79,17 @@ async def handle_validation_error(_request: Request, exc: RequestValidationError
     return error_response(validation_error(exc))
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own Allow names only the first route that
+    matched the path, and GET and POST on /v1/files are two routes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})  # any method: we want the path match
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 async def handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own 404 (no such route) and 405, plus any HTTPException a library raises."""
     headers = dict(exc.headers or {})
@@ -71,6 +97,7 @@ async def handle_http_exception(request: Request, exc: StarletteHTTPException) -
         error: ServiceError = NotFound(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}.")
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     else:
         # FastAPI's own 400s (a body it cannot parse, a broken multipart stream) and any library's
         # HTTPException: a strict client still gets a string code, never null.
@@ -102,3 +129,25 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected_error)
+    _document_no_422(app)
+
+
+def _document_no_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 `{"detail": [...]}` on every operation with parameters; this API answers a
+    bad request 400 in the error envelope instead (handle_validation_error), so the schema says so and
+    client generators do not expect a shape that never comes."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if isinstance(operation, dict):
+                        operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

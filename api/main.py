@@ -36,9 +36,12 @@ ERROR_RESPONSES = {
     for status, description in {
         400: "Invalid request (the `param` names the field)",
         401: "Missing or invalid API key",
+        403: "Not allowed (a base model cannot be deleted)",
         404: "No such object in this organization",
         413: "Upload too large",
+        429: "Rate limit reached for this API key (see Retry-After)",
         500: "Server error",
+        503: "A dependency (database, job queue) is unavailable; retry",
     }.items()
 }
 

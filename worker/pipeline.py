@@ -150,6 +150,17 @@ def _release(job_id: str, worker_id: str, message: str) -> bool:
     return released == 1
 
 
+# The library knows nothing of the request; its codes that are about one field of it name that field.
+_PARAM_OF_LIBRARY_CODE = {
+    "target_modules_not_found": "peft.target_modules",
+    "invalid_target_modules": "peft.target_modules",
+    "no_default_targets": "peft.target_modules",
+    "invalid_rank": "peft.rank",
+    "invalid_energy": "peft.energy",
+    "invalid_energy_measure": "peft.energy_measure",
+}
+
+
 def error_for(exc: BaseException) -> tuple[str, str, str | None]:
     """(code, message, param) for a failure: stable codes and human messages, never a traceback."""
     from svfit_core.errors import DataError, SVFitError
@@ -175,7 +186,7 @@ def error_for(exc: BaseException) -> tuple[str, str, str | None]:
         )
     if isinstance(exc, SVFitError):
         # The library's typed errors are about the request (a rank, a target module); their codes are stable.
-        return exc.code, exc.message, getattr(exc, "param", None)
+        return exc.code, exc.message, getattr(exc, "param", None) or _PARAM_OF_LIBRARY_CODE.get(exc.code)
     return "internal_error", "The job failed due to an internal error.", None
 
 

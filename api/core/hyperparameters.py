@@ -121,7 +121,8 @@ def _positive_number(value: Any, param: str) -> float:
 def resolve_peft(requested: Mapping[str, Any] | None) -> dict[str, Any]:
     """The PEFT extension with every default filled in: what the job object echoes and the worker reads."""
     requested = dict(requested or {})
-    peft_type = requested.get("type") or "svfit"
+    peft_type = requested.get("type")
+    peft_type = "svfit" if peft_type is None else peft_type  # "" is a wrong type, not the default
     if peft_type not in PEFT_TYPES:
         raise InvalidParameter(
             f"'peft.type' must be one of {', '.join(PEFT_TYPES)}, got {_shown(peft_type)}.", param="peft.type"

@@ -216,7 +216,9 @@ class Scheduler:
                     f"This model's maximum context length is {lane.context_length} tokens. However, you requested "
                     f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field_name}, {max(wanted, 1)} in the "
                     f"completion). Please reduce the length of the {field_name} or the completion.",
-                    param=field_name,
+                    # A completion that could never fit, whatever the prompt, is max_tokens' fault alone.
+                    param="max_tokens" if sampling.max_tokens is not None and wanted >= lane.context_length
+                    else field_name,
                 )
             limits.append(wanted)
         tag = self._tag(lane, request.ref)

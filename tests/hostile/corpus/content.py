@@ -46,7 +46,7 @@ CONTENT_CASES: list[ContentCase] = [
     _case("single_quotes", "error", "line 2:", "invalid JSON"),
     _case("latin1", "error", "line 2:", "not valid UTF-8"),
     _case("utf16_le_bom", "error", "line 1:", "not valid UTF-8"),
-    _case("utf16_be", "error", "line 1:", "not valid UTF-8"),
+    _case("utf16_be", "error", "line 1:", "invalid JSON"),  # ASCII as UTF-16 is NUL-laced valid UTF-8
     _case("utf8_bom_mid_file", "error", "line 3:", "invalid JSON"),
     _case("overlong_utf8", "error", "line 2:", "not valid UTF-8"),
     _case("nul_in_string", "error", "line 2:", "invalid JSON"),

@@ -119,8 +119,8 @@ export function mount(root, jobId) {
     h("button", { class: "secondary", title: hint, dataset: { format }, onclick: () => download(format) }, `Download ${label}`));
   const artifactReport = h("p", { class: "muted small", id: "artifact-report" });
   const checkpointBody = h("tbody");
-  const hyper = h("div");
-  const peft = h("div");
+  const hyper = h("div", { id: "hyperparameters" });
+  const peft = h("div", { id: "peft" });
   const showMetrics = h("input", { type: "checkbox", id: "show-metrics" });
   const log = h("ol", { class: "log", id: "events" });
 

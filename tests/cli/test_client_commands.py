@@ -1,0 +1,190 @@
+"""`svfit` client commands as subprocesses against a real `svfit serve`: upload → create → follow →
+download (checked against the server's sha256), pause / resume / cancel, the key's three sources, chat,
+and the exit codes and `error: <code>: ...` lines scripts rely on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cli.conftest import ROOT, SVFIT, Run, client_env
+from tests.e2e.conftest import CHAT_LINES, Service
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SHORT_JOB = ["--model", "tiny-llama", "--epochs", "2", "--batch-size", "2", "--peft-option", "checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def long_jsonl(tmp_path_factory) -> Path:
+    """Enough examples (320, 50 epochs at batch 1) that a job is still running when a test acts on it."""
+    path = tmp_path_factory.mktemp("datasets") / "long.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in CHAT_LINES * 40))
+    return path
+
+
+def wait_status(svfit: Run, job_id: str, statuses: set[str], timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = svfit("jobs", "get", job_id, "--json").json()
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"{job_id} still {job['status']}"
+        time.sleep(0.5)
+
+
+def test_upload_create_follow_and_download_verified_artifacts(svfit: Run, chat_jsonl: Path, tmp_path: Path,
+                                                               embedded_service: Service):
+    uploaded = svfit("files", "upload", str(chat_jsonl))
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = uploaded.stdout.strip()
+    assert file_id.startswith("file-")
+    assert "100%" in uploaded.stderr and "processed" in uploaded.stderr  # the byte progress bar, then the status
+
+    created = svfit("jobs", "create", "--training-file", file_id, "--suffix", "cli", *SHORT_JOB)
+    assert created.returncode == 0, created.stderr
+    job_id = created.stdout.strip()
+    assert job_id.startswith("ftjob-")
+
+    followed = svfit("jobs", "follow", job_id, "--interval", "0.3")
+    assert followed.returncode == 0, followed.stderr
+    model = followed.stdout.strip()
+    assert model.startswith("ft:tiny-llama:") and ":cli:" in model
+    assert "16/16 100%" in followed.stderr and "loss " in followed.stderr and "succeeded" in followed.stderr
+    assert svfit("jobs", "get", job_id, "--json").json()["fine_tuned_model"] == model
+
+    downloaded = svfit("artifacts", "download", job_id, "--format", "peft_lora", "-o", str(tmp_path), "--json")
+    assert downloaded.returncode == 0, downloaded.stderr
+    result = downloaded.json()
+    archive = Path(result["path"])
+    assert archive.parent == tmp_path and archive.exists() and not list(tmp_path.glob("*.part"))
+    assert result["verified"] and result["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    served = httpx.get(f"{embedded_service.base_url}/v1/fine_tuning/jobs/{job_id}/artifacts",
+                       params={"format": "peft_lora"}, timeout=120)
+    assert served.headers["x-content-sha256"] == result["sha256"]
+    with tarfile.open(archive) as tar:
+        assert any(name.endswith("adapter_model.safetensors") for name in tar.getnames())
+
+    # A checkpoint's native adapter, to an explicit file name, with the path as the only stdout line.
+    step = svfit("artifacts", "download", job_id, "--format", "svfit", "--step", "4", "-o", "ckpt4.tar.gz", cwd=tmp_path)
+    assert step.returncode == 0, step.stderr
+    assert step.stdout.strip() == "ckpt4.tar.gz" and (tmp_path / "ckpt4.tar.gz").stat().st_size > 0
+
+
+def test_one_command_from_a_local_file_to_a_model(svfit: Run, chat_jsonl: Path):
+    """`--training-file PATH` uploads first; `--follow` ends with the model id; `--json` gives the job."""
+    result = svfit("jobs", "create", "--training-file", str(chat_jsonl), *SHORT_JOB, "--follow", "--interval", "0.3",
+                   "--json")
+    assert result.returncode == 0, result.stderr
+    job = result.json()
+    assert job["status"] == "succeeded" and job["fine_tuned_model"]
+    assert "upload train.jsonl" in result.stderr and "100%" in result.stderr  # progress stays off stdout
+
+
+def test_errors_exit_non_zero_with_the_api_error_code(svfit: Run, tmp_path: Path, chat_jsonl: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n')
+    upload = svfit("files", "upload", str(bad))
+    assert upload.returncode == 1
+    bad_id = upload.stdout.strip()
+    assert bad_id.startswith("file-")  # stored (the report is kept), but unusable
+    assert "error: invalid_training_file:" in upload.stderr and "line 2:" in upload.stderr
+
+    refused = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", bad_id)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr.startswith("error: invalid_training_file: ")
+
+    unknown = svfit("jobs", "get", "ftjob-nope")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: not_found: ")
+
+    no_model = svfit("jobs", "create", "--model", "no-such-model", "--training-file", str(chat_jsonl))
+    assert no_model.returncode == 1 and "error: model_not_found: " in no_model.stderr
+
+    unreachable = svfit("files", "list", "--api-base", "http://127.0.0.1:9/v1")
+    assert unreachable.returncode == 3 and unreachable.stderr.startswith("error: api_unreachable: ")
+
+    usage = svfit("artifacts", "download", "ftjob-x", "--format", "onnx")
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+    listed = svfit("files", "get", bad_id, "--json").json()
+    assert listed["status"] == "error"
+    deleted = svfit("files", "delete", bad_id)
+    assert deleted.returncode == 0 and deleted.stdout.strip() == f"deleted {bad_id}"
+    assert svfit("files", "get", bad_id).returncode == 1
+
+
+def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_jsonl: Path, embedded_service: Service,
+                                                           tmp_path: Path):
+    created = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", str(long_jsonl), "--epochs", "50",
+                    "--batch-size", "1", "--peft-option", "checkpoint_every=100000", "--json")
+    assert created.returncode == 0, created.stderr
+    job_id = created.json()["id"]
+    wait_status(svfit, job_id, {"running"})
+
+    paused = svfit("jobs", "pause", job_id)
+    assert paused.returncode == 0 and paused.stdout.startswith(job_id)
+    wait_status(svfit, job_id, {"paused"})
+    assert svfit("jobs", "resume", job_id).returncode == 0
+    wait_status(svfit, job_id, {"running", "queued"})
+
+    listed = svfit("jobs", "list", "--status", "running")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].split() == [
+        "ID", "STATUS", "METHOD", "PROGRESS", "CREATED", "MODEL"]
+
+    follower = subprocess.Popen(
+        [*SVFIT, "jobs", "follow", job_id, "--interval", "0.3"], cwd=ROOT,
+        env=client_env(embedded_service, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)
+        cancelled = svfit("jobs", "cancel", job_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        out, err = follower.communicate(timeout=120)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert follower.returncode == 4, err
+    assert out == "" and "error: job_cancelled: " in err
+    assert " running " in err and "cancelled" in err  # the bar saw it run, then end
+
+    again = svfit("jobs", "cancel", job_id)
+    assert again.returncode == 1 and again.stderr.startswith("error: invalid_state: ")
+
+
+def test_the_key_comes_from_the_flag_then_the_environment_then_the_config_file(svfit: Run, embedded_service: Service):
+    out = subprocess.run([*SVFIT, "keys", "create", "--org", "cli-test"], cwd=ROOT, env=embedded_service.env,
+                         check=True, capture_output=True, text=True).stdout
+    key = next(token for token in out.split() if token.startswith("sk-"))
+    config = svfit.home / ".config" / "svfit" / "config.json"  # type: ignore[attr-defined]
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"api_key": key}))
+
+    # The new organization's view: no jobs at all, unlike the default organization.
+    assert svfit("jobs", "list", "--json").json() == []
+    assert svfit("jobs", "list", "--json", env={"SVFIT_API_KEY": ""}).json() == []  # empty: fall through
+    wrong = svfit("jobs", "list", env={"SVFIT_API_KEY": "sk-svfit-wrong"})
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: invalid_api_key: ")
+    flag = svfit("jobs", "list", "--json", "--api-key", key, env={"SVFIT_API_KEY": "sk-svfit-wrong"})
+    assert flag.returncode == 0 and flag.json() == []
+
+    config.write_text("{not json")
+    broken = svfit("jobs", "list")
+    assert broken.returncode == 1 and broken.stderr.startswith("error: invalid_config: ")
+
+
+def test_chat_one_turn_streams_the_reply(svfit: Run):
+    streamed = svfit("chat", "tiny-llama", "--message", "what is good ?", "--max-tokens", "5", "--seed", "1")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.strip()
+    whole = svfit("chat", "tiny-llama", "-m", "hello", "--max-tokens", "3", "--json")
+    assert whole.returncode == 0, whole.stderr
+    assert whole.json()["object"] == "chat.completion"
+    missing = svfit("chat", "no-such-model", "-m", "hello")
+    assert missing.returncode == 1 and "error: model_not_found: " in missing.stderr

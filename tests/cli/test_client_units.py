@@ -1,0 +1,91 @@
+"""The client CLI's pieces in-process, no server: where settings come from, the progress bar in a log, the
+event reader's paging, and a download whose bytes do not match the announced sha256."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import httpx
+import pytest
+
+from api.client_cli import artifacts, base
+from api.client_cli.client import ApiClient
+from api.client_cli.jobs import EventReader
+from api.client_cli.progress import ProgressBar
+
+
+def args(**values) -> argparse.Namespace:  # noqa: ANN003
+    return argparse.Namespace(**{"api_base": None, "api_key": None, **values})
+
+
+def test_settings_come_from_flag_then_environment_then_config_file_then_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("SVFIT_API_BASE", raising=False)
+    monkeypatch.delenv("SVFIT_API_KEY", raising=False)
+    assert base.resolve_config(args()) == base.ClientConfig(base.DEFAULT_API_BASE, None)
+
+    (tmp_path / "svfit").mkdir()
+    (tmp_path / "svfit" / "config.json").write_text(json.dumps({"api_base": "http://file/v1/", "api_key": "k-file"}))
+    assert base.resolve_config(args()) == base.ClientConfig("http://file/v1", "k-file")
+    monkeypatch.setenv("SVFIT_API_KEY", "k-env")
+    monkeypatch.setenv("SVFIT_API_BASE", "http://env/v1")
+    assert base.resolve_config(args()) == base.ClientConfig("http://env/v1", "k-env")
+    assert base.resolve_config(args(api_key="k-flag", api_base="http://flag/v1")) == base.ClientConfig(
+        "http://flag/v1", "k-flag")
+
+
+def test_the_progress_bar_writes_a_few_whole_lines_when_not_on_a_terminal():
+    out = io.StringIO()
+    bar = ProgressBar("upload", total=100, stream=out)
+    for done in range(0, 101):
+        bar.update(done)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert 3 <= len(lines) <= 6, lines  # a line per quarter, not per update, and no repeated last line
+    assert lines[-1].endswith("100/100 100%")
+
+
+def events_api(pages: list[list[str]]) -> httpx.MockTransport:
+    """An events endpoint serving ids newest first, `pages[i]` being what exists at the i-th poll."""
+    polls = {"n": -1}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("after") is None:
+            polls["n"] += 1
+        ids = pages[min(polls["n"], len(pages) - 1)]
+        after = request.url.params.get("after")
+        start = ids.index(after) + 1 if after else 0
+        limit = int(request.url.params["limit"])
+        chunk = ids[start:start + limit]
+        data = [{"id": i, "type": "message", "level": "info", "message": i, "created_at": 0, "data": None} for i in chunk]
+        return httpx.Response(200, json={"object": "list", "data": data, "has_more": start + limit < len(ids)})
+
+    return httpx.MockTransport(handler)
+
+
+def test_the_event_reader_returns_only_new_events_oldest_first_across_pages():
+    first = [f"e{i}" for i in range(150, 0, -1)]  # newest first, like the API
+    second = [f"e{i}" for i in range(400, 0, -1)]  # 250 more: more than two pages behind
+    client = ApiClient("http://test/v1", None)
+    client._http = httpx.Client(base_url="http://test/v1/", transport=events_api([first, second]))
+    reader = EventReader(client, "ftjob-x")
+    assert [e["id"] for e in reader.new_events()] == [f"e{i}" for i in range(51, 151)]  # the latest page only
+    assert [e["id"] for e in reader.new_events()] == [f"e{i}" for i in range(151, 401)]
+    assert reader.new_events() == []
+
+
+def test_a_download_that_does_not_match_its_sha256_is_refused_and_removed(tmp_path):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not what was promised", headers={
+            "x-content-sha256": "0" * 64, "content-disposition": 'attachment; filename="../../escape.tar.gz"'})
+
+    client = ApiClient("http://test/v1", None)
+    client._http = httpx.Client(base_url="http://test/v1/", transport=httpx.MockTransport(handler))
+    with pytest.raises(base.CliError) as refused:
+        artifacts.download(client, "ftjob-x", "svfit", None, str(tmp_path))
+    assert refused.value.code == "checksum_mismatch"
+    assert list(tmp_path.iterdir()) == []  # neither the archive nor its .part, and nothing outside
+    assert not (tmp_path.parent.parent / "escape.tar.gz").exists()

@@ -1,0 +1,177 @@
+"""The inference endpoints with every parameter at and beyond its bounds: 4xx in the error envelope naming
+the field, on a real (tiny) model so that the checks that need one (context length, token ids, the
+model's task) run too.
+
+Served: `tiny-llama` (a random Llama with a 64-token context) as a base model, and a tiny BERT
+classification fine-tune owned by organization alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from api.core.tables import FineTunedModel, Job
+from tests.api.conftest import Api, _build_api
+from tests.core.tiny_models import build_tiny, load_tiny
+from tests.hostile.conftest import assert_envelope
+from tests.hostile.test_job_bounds import Raw, body_text
+
+LLAMA = "tiny-llama"
+BERT = "tiny-bert"
+CONTEXT = 64
+
+
+def _classifier_adapter(bert_dir: Path, out: Path) -> Path:
+    """A BERT SVFit adapter saved the way training saves one (weights + training_meta.json)."""
+    from svfit_core import SVFitConfig, inject_svfit
+
+    svfit = inject_svfit(load_tiny(bert_dir, "classification"), SVFitConfig(rank=4))
+    svfit.save_adapter(out)
+    meta = {"format_version": 1, "method": "svfit", "task": "classification", "label_names": ["neg", "pos"]}
+    (out / "training_meta.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Api]:  # noqa: ANN001
+    torch.set_num_threads(1)  # tiny models on shared cores: more threads only contend
+    root = tmp_path_factory.mktemp("inference-bounds")
+    models = root / "models"
+    models.mkdir()
+    build_tiny("llama", "causal", root).rename(models / LLAMA)
+    build_tiny("bert", "classification", root).rename(models / BERT)
+    shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
+    api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0)
+    org = api.org_ids["alpha"]
+    key = "jobs/ftjob-clf/final"
+    _classifier_adapter(models / BERT, api.app.state.storage.path(key))
+    api.classifier = f"ft:{BERT}:{org}:clf:ftjob-clf"  # type: ignore[attr-defined]
+    api.add(Job(id="ftjob-clf", org_id=org, model=BERT, training_file="file-x", seed=0, hyperparameters={},
+                method={}, peft={}, status="succeeded"))
+    api.add(FineTunedModel(id=api.classifier, org_id=org, parent=BERT, job_id="ftjob-clf", storage_key=key))  # type: ignore[attr-defined]
+    with api.client:
+        yield api
+    api.app.state.engine.dispose()
+
+
+def post(api: Api, path: str, body: dict[str, Any], org: str = "alpha") -> Any:
+    return api.client.post(
+        f"/v1{path}", content=body_text(body), headers={**api.headers(org), "Content-Type": "application/json"}
+    )
+
+
+COMPLETION = {"model": LLAMA, "prompt": "hello world", "max_tokens": 2}
+CHAT = {"model": LLAMA, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+MISSING = object()
+
+# (case id, path, base body, overrides (MISSING deletes a key), status, param)
+CASES: list[tuple[str, str, dict, dict, int, str]] = [
+    ("max_tokens_zero", "/completions", COMPLETION, {"max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens_negative", "/completions", COMPLETION, {"max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens_fraction", "/completions", COMPLETION, {"max_tokens": 1.5}, 400, "max_tokens"),
+    ("max_tokens_string", "/completions", COMPLETION, {"max_tokens": "many"}, 400, "max_tokens"),
+    ("max_tokens_context", "/completions", COMPLETION, {"max_tokens": CONTEXT}, 400, "max_tokens"),
+    ("max_tokens_huge", "/completions", COMPLETION, {"max_tokens": 10**30}, 400, "max_tokens"),
+    ("max_tokens_400_digits", "/completions", COMPLETION, {"max_tokens": Raw("9" * 400)}, 400, "max_tokens"),
+    ("n_zero", "/completions", COMPLETION, {"n": 0}, 400, "n"),
+    ("n_negative", "/completions", COMPLETION, {"n": -3}, 400, "n"),
+    ("n_above_max", "/completions", COMPLETION, {"n": 17}, 400, "n"),
+    ("n_huge", "/completions", COMPLETION, {"n": 10**30}, 400, "n"),
+    ("temperature_negative", "/completions", COMPLETION, {"temperature": -0.1}, 400, "temperature"),
+    ("temperature_tiny_negative", "/completions", COMPLETION, {"temperature": -1e-12}, 400, "temperature"),
+    ("temperature_above_2", "/completions", COMPLETION, {"temperature": 2.01}, 400, "temperature"),
+    ("temperature_nan", "/completions", COMPLETION, {"temperature": float("nan")}, 400, "temperature"),
+    ("temperature_infinity", "/completions", COMPLETION, {"temperature": float("inf")}, 400, "temperature"),
+    ("temperature_minus_infinity", "/completions", COMPLETION, {"temperature": float("-inf")}, 400, "temperature"),
+    ("temperature_string", "/completions", COMPLETION, {"temperature": "hot"}, 400, "temperature"),
+    ("top_p_zero", "/completions", COMPLETION, {"top_p": 0}, 400, "top_p"),
+    ("top_p_above_one", "/completions", COMPLETION, {"top_p": 1.01}, 400, "top_p"),
+    ("top_p_nan", "/completions", COMPLETION, {"top_p": float("nan")}, 400, "top_p"),
+    ("stop_number", "/completions", COMPLETION, {"stop": 5}, 400, "stop"),
+    ("stop_list_of_numbers", "/completions", COMPLETION, {"stop": [1]}, 400, "stop"),
+    ("stop_too_many", "/completions", COMPLETION, {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("seed_string", "/completions", COMPLETION, {"seed": "lucky"}, 400, "seed"),
+    ("stream_options_string", "/completions", COMPLETION, {"stream_options": "yes"}, 400, "stream_options"),
+    ("prompt_missing", "/completions", COMPLETION, {"prompt": MISSING}, 400, "prompt"),
+    ("prompt_empty_list", "/completions", COMPLETION, {"prompt": []}, 400, "prompt"),
+    ("prompt_empty_tokens", "/completions", COMPLETION, {"prompt": [[]]}, 400, "prompt"),
+    ("prompt_negative_token", "/completions", COMPLETION, {"prompt": [-1]}, 400, "prompt"),
+    ("prompt_token_beyond_vocab", "/completions", COMPLETION, {"prompt": [10**9]}, 400, "prompt"),
+    ("prompt_object", "/completions", COMPLETION, {"prompt": {"text": "hi"}}, 400, "prompt"),
+    ("prompt_beyond_context", "/completions", COMPLETION, {"prompt": "hello " * 200}, 400, "prompt"),
+    ("model_missing", "/completions", COMPLETION, {"model": MISSING}, 400, "model"),
+    ("model_unknown", "/completions", COMPLETION, {"model": "no-such-model"}, 404, "model"),
+    ("model_empty", "/completions", COMPLETION, {"model": ""}, 404, "model"),
+    ("model_traversal", "/completions", COMPLETION, {"model": "../../../etc/passwd"}, 404, "model"),
+    ("model_is_a_classifier", "/completions", COMPLETION, {"model": "CLASSIFIER"}, 400, "model"),
+    ("chat_messages_empty", "/chat/completions", CHAT, {"messages": []}, 400, "messages"),
+    ("chat_messages_missing", "/chat/completions", CHAT, {"messages": MISSING}, 400, "messages"),
+    ("chat_messages_string", "/chat/completions", CHAT, {"messages": "hello"}, 400, "messages"),
+    ("chat_role_missing", "/chat/completions", CHAT, {"messages": [{"content": "x"}]}, 400, "messages.0.role"),
+    ("chat_role_number", "/chat/completions", CHAT, {"messages": [{"role": 5, "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("chat_content_number", "/chat/completions", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
+    ("chat_max_tokens_huge", "/chat/completions", CHAT, {"max_tokens": 10**12}, 400, "max_tokens"),
+    ("chat_max_completion_tokens_zero", "/chat/completions", CHAT, {"max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("chat_n_huge", "/chat/completions", CHAT, {"n": 10**9}, 400, "n"),
+    ("chat_temperature_negative", "/chat/completions", CHAT, {"temperature": -1}, 400, "temperature"),
+    ("chat_top_p_negative", "/chat/completions", CHAT, {"top_p": -1}, 400, "top_p"),
+    ("classify_input_missing", "/classifications", {"model": "CLASSIFIER"}, {}, 400, "input"),
+    ("classify_input_empty", "/classifications", {"model": "CLASSIFIER"}, {"input": []}, 400, "input"),
+    ("classify_input_numbers", "/classifications", {"model": "CLASSIFIER"}, {"input": [1, 2]}, 400, "input"),
+    ("classify_input_object", "/classifications", {"model": "CLASSIFIER"}, {"input": {"a": "b"}}, 400, "input"),
+    ("classify_model_unknown", "/classifications", {"model": "nope", "input": "x"}, {}, 404, "model"),
+    ("classify_language_model", "/classifications", {"model": LLAMA, "input": "x"}, {}, 400, "model"),
+]
+
+
+def _body(api: Api, base: dict, overrides: dict) -> dict:
+    body = {**base, **overrides}
+    for key in [k for k, v in body.items() if v is MISSING]:
+        del body[key]
+    if body.get("model") == "CLASSIFIER":
+        body["model"] = api.classifier  # type: ignore[attr-defined]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "overrides", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_out_of_bounds_inference_parameters_name_the_field(served: Api, path, base, overrides, status, param):  # noqa: ANN001
+    error = assert_envelope(post(served, path, _body(served, base, overrides)), status, param=param)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "overrides"),
+    [
+        ("/completions", COMPLETION, {"temperature": 0}),
+        ("/completions", COMPLETION, {"temperature": 2, "seed": 10**30}),
+        ("/completions", COMPLETION, {"top_p": 1, "n": 16, "stop": ["a", "b", "c", "d"]}),
+        ("/completions", COMPLETION, {"max_tokens": 1, "prompt": [5, 6, 7]}),
+        ("/completions", COMPLETION, {"max_tokens": CONTEXT - 3, "prompt": "hello world"}),
+        ("/chat/completions", CHAT, {"max_completion_tokens": 1, "unknown_key": {"x": 1}}),
+        ("/classifications", {"model": "CLASSIFIER"}, {"input": ["good movie", ""]}),
+    ],
+    ids=["temperature_0", "temperature_2_huge_seed", "top_p_1_n_16_four_stops", "max_tokens_1_token_ids",
+         "max_tokens_fills_context", "max_completion_tokens_1", "classify_empty_string"],
+)
+def test_values_at_the_bounds_are_served(served: Api, path, base, overrides):  # noqa: ANN001
+    response = post(served, path, _body(served, base, overrides))
+    assert response.status_code == 200, response.text
+
+
+def test_another_organizations_fine_tune_is_unknown(served: Api):
+    """beta names alpha's classifier: the same 404 as a model that does not exist."""
+    response = post(served, "/classifications", {"model": served.classifier, "input": "x"}, org="beta")  # type: ignore[attr-defined]
+    error = assert_envelope(response, 404, "model_not_found", "model")
+    assert "does not exist" in error["message"]

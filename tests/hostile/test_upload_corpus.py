@@ -1,0 +1,150 @@
+"""The upload corpus against the real app: every hostile body, request and filename.
+
+- Bad training data is accepted as a file in status "error" whose status_details name each bad line; it
+  stores exactly one row and its bytes (nothing half-written), and it cannot start a job.
+- A bad request is a 4xx in the error envelope and leaves no bytes in the store and no row.
+- A hostile filename is cleaned for display, served back in a safe Content-Disposition, and never
+  becomes part of a storage path (keys are built from generated ids only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from urllib.parse import unquote
+
+import pytest
+from sqlalchemy import select
+
+from api.core.tables import File
+from tests.api.conftest import BASE_MODEL
+from tests.hostile.conftest import assert_envelope, assert_nothing_stored, row_counts, store_entries
+from tests.hostile.corpus.content import CONTENT_CASES, FILES_DIR, ContentCase
+from tests.hostile.corpus.requests import (
+    FILENAME_CASES,
+    MULTIPART,
+    REQUEST_CASES,
+    FilenameCase,
+    RequestCase,
+    good_body,
+    upload_body,
+)
+
+STORAGE_KEY = re.compile(r"^files/org-[0-9a-f]+/file-[0-9a-f]+\.jsonl$")
+# What status_details may grow to, whatever the file: 20 reported problems of at most 300 characters.
+MAX_DETAILS_CHARS = 8_000
+
+
+def the_file_row(api) -> File:  # noqa: ANN001
+    with api.session() as session:
+        return session.scalars(select(File)).one()
+
+
+def assert_stored_exactly(api, body: bytes) -> File:  # noqa: ANN001
+    """One row, and in the store exactly its bytes under an id-built key; no `.part` left over."""
+    row = the_file_row(api)
+    assert STORAGE_KEY.match(row.storage_key), row.storage_key
+    assert store_entries(api) == [api.app.state.storage.path(row.storage_key)]
+    stored = api.app.state.storage.path(row.storage_key).read_bytes()
+    assert row.bytes == len(body) and stored == body
+    assert row.sha256 == hashlib.sha256(body).hexdigest()
+    return row
+
+
+def test_every_corpus_file_has_a_case():
+    on_disk = {p.stem for p in FILES_DIR.glob("*.jsonl")}
+    assert on_disk <= {case.name for case in CONTENT_CASES}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CONTENT_CASES) + len(REQUEST_CASES) + len(FILENAME_CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CONTENT_CASES, ids=lambda case: case.name)
+def test_bad_content_is_an_error_file_naming_its_lines(make_api, case: ContentCase):
+    api = make_api(**case.settings)
+    body = case.body()
+    started = time.perf_counter()
+    response = api.upload(body)
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 200, response.text[:500]
+    file = response.json()
+    assert file["status"] == case.status, file["status_details"][:2000]
+    for fragment in case.details:
+        assert fragment in file["status_details"], (fragment, file["status_details"][:2000])
+    assert len(file["status_details"]) < MAX_DETAILS_CHARS
+    if case.max_seconds is not None:
+        assert elapsed < case.max_seconds, f"{case.name} took {elapsed:.1f}s"
+    assert_stored_exactly(api, body)
+    assert the_file_row(api).filename == "train.jsonl"
+
+    job = api.client.post(
+        "/v1/fine_tuning/jobs", json={"model": BASE_MODEL, "training_file": file["id"]}, headers=api.headers()
+    )
+    if case.status == "processed":
+        assert job.status_code == 200, job.text
+        return
+    assert_envelope(job, 400, "invalid_training_file", "training_file")
+    good = api.upload_ok()
+    as_validation = api.client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": BASE_MODEL, "training_file": good, "validation_file": file["id"]},
+        headers=api.headers(),
+    )
+    assert_envelope(as_validation, 400, "invalid_training_file", "validation_file")
+    assert api.dispatch.job_ids == [] and row_counts(api)["jobs"] == 0
+
+
+@pytest.mark.parametrize("case", REQUEST_CASES, ids=lambda case: case.name)
+def test_bad_upload_requests_are_4xx_and_leave_nothing(make_api, case: RequestCase):
+    api = make_api(**case.settings)
+    headers = {**api.headers(), **case.extra_headers}
+    if case.content_type is not None:
+        headers["Content-Type"] = case.content_type
+    response = api.client.post("/v1/files", content=case.body(), headers=headers)
+    assert_envelope(response, case.status, case.code, case.param)
+    assert_nothing_stored(api)
+
+
+def _disposition_filename(header: str) -> str:
+    """The one filename a Content-Disposition carries; fails on anything but a single safe parameter."""
+    assert not re.search(r"[\x00-\x1f\x7f]", header), header
+    quoted = re.fullmatch(r'attachment; filename="([^"\\]*)"', header)
+    if quoted:
+        return quoted.group(1)
+    extended = re.fullmatch(r"attachment; filename\*=utf-8''([A-Za-z0-9%._~!*'()-]*)", header)
+    assert extended, header
+    return unquote(extended.group(1), errors="strict")
+
+
+@pytest.mark.parametrize("case", FILENAME_CASES, ids=lambda case: case.name)
+def test_hostile_filenames_are_cleaned_and_never_a_path(make_api, case: FilenameCase):
+    api = make_api()
+    response = api.client.post(
+        "/v1/files", content=upload_body(case.filename), headers={**api.headers(), "Content-Type": MULTIPART}
+    )
+    assert response.status_code == 200, response.text
+    file = response.json()
+    assert file["filename"] == case.shown and file["status"] == "processed"
+    row = assert_stored_exactly(api, good_body())
+    assert row.storage_key == f"files/{api.org_ids['alpha']}/{file['id']}.jsonl"
+
+    download = api.client.get(f"/v1/files/{file['id']}/content", headers=api.headers())
+    assert download.status_code == 200 and download.content == good_body()
+    assert _disposition_filename(download.headers["content-disposition"]) == case.shown
+    assert download.headers["content-type"] == "application/octet-stream"
+
+
+def test_many_file_parts_keep_one_file(make_api):
+    """Two `file` parts: one file is stored (the last, as Starlette's form keeps), never two or a mix."""
+    api = make_api()
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files=[("file", ("a.jsonl", good_body(3))), ("file", ("b.jsonl", good_body(4)))],
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200
+    assert_stored_exactly(api, good_body(4))

@@ -1,0 +1,1 @@
+"""Dashboard tests: the page at /ui driven in a real headless Chromium against a real `svfit serve`."""
