@@ -1,5 +1,6 @@
-"""Enqueueing jobs: the one function the API (and the reaper) call after a commit, and a count of the
-messages waiting in a queue (for the reaper's sweep of jobs whose message was lost).
+"""Enqueueing jobs: the one function the API (and the reaper) call after a commit, plus two broker probes
+the worker needs: how many messages wait in the queue (the reaper's sweep for lost messages) and whether
+the broker answers again (before a finished task's message is acknowledged).
 
 The message carries the job id only. A duplicate message is harmless (the task re-reads the row and
 exits when the work is moot), so re-enqueueing is always safe.
@@ -7,8 +8,14 @@ exits when the work is moot), so re-enqueueing is always safe.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 from api.core.settings import get_settings
 from worker.celery_app import TASK_RUN_JOB, get_app
+
+log = logging.getLogger(__name__)
 
 # Fail fast when the broker is down instead of hanging the request that created the job: the caller
 # decides what a failed enqueue means (the API withdraws the new job and answers 503).
@@ -39,3 +46,21 @@ def waiting_messages(*, queue: str | None = None) -> int:
     with app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1)
         return app.amqp.queues[name].bind(connection.default_channel).queue_declare().message_count
+
+
+def wait_for_broker(*, give_up: Callable[[], bool], interval_s: float = 1.0) -> bool:
+    """Block until the broker accepts a connection (True), or until `give_up()` says stop (False)."""
+    app = get_app()
+    warned = False
+    while True:
+        try:
+            with app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+            return True
+        except Exception:  # noqa: BLE001 - whatever the transport raises for "not reachable"
+            if give_up():
+                return False
+            if not warned:
+                log.warning("the broker is unreachable; waiting for it before taking the next job")
+                warned = True
+            time.sleep(interval_s)

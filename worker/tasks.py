@@ -11,6 +11,8 @@ from sqlalchemy.exc import OperationalError
 
 from worker import pipeline
 from worker.celery_app import TASK_RUN_JOB
+from worker.dispatch import wait_for_broker
+from worker.recovery import shutdown_requested
 
 
 @shared_task(
@@ -24,4 +26,11 @@ from worker.celery_app import TASK_RUN_JOB
     max_retries=5,
 )
 def run_job(job_id: str) -> str:
-    return pipeline.run_job(job_id)
+    try:
+        return pipeline.run_job(job_id)
+    finally:
+        # The message is acknowledged as soon as this returns (with the solo pool even an early ack waits
+        # for the task). If the broker went away meanwhile, that ack fails, kombu keeps the message counted
+        # as unacknowledged, and with a prefetch of one the worker never asks for another message: it sits
+        # idle for good once the broker is back. Waiting for the broker first lets the ack through.
+        wait_for_broker(give_up=shutdown_requested)

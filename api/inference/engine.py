@@ -207,6 +207,8 @@ class InferenceEngine:
         from api.inference.scheduler import Scheduler
 
         torch.set_grad_enabled(False)  # grad mode is per thread: this one never trains
+        if self.settings.inference_threads:
+            torch.set_num_threads(self.settings.inference_threads)  # process-wide: the API only serves
         try:
             scheduler = self.scheduler = Scheduler(self.settings)
         except Exception as exc:  # noqa: BLE001 - a bad setting must fail requests, not hang them

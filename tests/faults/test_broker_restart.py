@@ -18,16 +18,16 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.e2e, pytest.mark
 
 
 def test_redis_restart_loses_no_job(cluster, file_id):
-    # Two workers: two jobs run, the third waits in the queue.
-    jobs = [cluster.submit(file_id, suffix=f"broker-{i}") for i in range(3)]
-    running = wait_until(
-        lambda: (lambda rows: rows if len(rows) == 2 else None)(
-            [j for j in jobs if (cluster.job(j).progress or {}).get("step", 0) >= 1]
-        ),
-        90,
-        "two jobs to be training",
-    )
-    [waiting] = [j for j in jobs if j not in running]
+    # Two workers: the first two jobs run (60 steps: long enough to outlast what follows), the third waits.
+    jobs = []
+    for i, n_epochs in enumerate((6, 6, 2)):
+        response = cluster.create_job(file_id, suffix=f"broker-{i}", hyperparameters={"n_epochs": n_epochs, "batch_size": 4})
+        assert response.status_code == 200, response.text
+        jobs.append(response.json()["id"])
+    running, waiting = jobs[:2], jobs[2]
+    for job_id in running:
+        cluster.wait_job(job_id, lambda j: j.status == "running" and (j.progress or {}).get("step", 0) >= 1, 90,
+                         "training")
     assert cluster.job(waiting).status == "queued"
 
     cluster.redis.kill()

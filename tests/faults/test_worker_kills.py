@@ -42,7 +42,7 @@ def test_worker_killed_mid_write_leaves_nothing_torn(cluster, file_id, reference
 
     job = cluster.wait_terminal(job_id)
     assert job.status == "succeeded", (job.error, cluster.logs())
-    assert job.attempt == 2 and int(job.worker_id.split(":")[1]) != pid
+    assert job.attempt >= 2 and int(job.worker_id.split(":")[1]) != pid
     messages = cluster.messages(job_id)
     assert any(m.startswith("Worker lost;") for m in messages), messages
     assert_trained_once(cluster, job_id)

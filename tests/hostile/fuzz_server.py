@@ -1,6 +1,7 @@
 """The fuzzing target: the real app (auth required, SQLite, a recording dispatcher instead of a worker)
-served by uvicorn on a free loopback port in a background thread, with a little data of its own (a file,
-a job, a fine-tuned model) so that some generated ids hit real rows.
+served by uvicorn on a free loopback port in a background thread, with real tiny models (so inference
+requests that name one run generation) and a little data of its own (a file, a job, a classification
+fine-tune), whose ids the fuzzer mixes into what it generates.
 
 Run by hand, it serves until interrupted and prints the key, for a long `st run` against it:
 
@@ -22,11 +23,9 @@ import uvicorn
 
 from api.core.migrations import upgrade_to_head
 from api.core.settings import Settings
-from api.core.tables import FineTunedModel
 from api.main import create_app
 from api.services.keys import create_api_key
-
-BASE_MODEL = "tiny-base"
+from tests.hostile.served_models import LLAMA, build_models, publish_classifier
 
 
 def free_port() -> int:
@@ -39,50 +38,46 @@ def free_port() -> int:
 class FuzzTarget:
     base_url: str
     key: str  # organization alpha's
-    other_key: str  # organization beta's
     data_dir: Path
-    dispatched: list[str]
+    ids: dict[str, list[str]]  # real ids by kind ("file", "job", "model"), for the fuzzer's dictionaries
 
     @property
     def schema_url(self) -> str:
         return f"{self.base_url}/openapi.json"
 
 
-def _seed(app, base_url: str, key: str) -> None:  # noqa: ANN001
-    """One processed file, one queued job and one fine-tuned model in organization alpha."""
+def _seed(app, base_url: str, key: str, models_dir: Path) -> dict[str, list[str]]:  # noqa: ANN001
+    """A processed file, a queued job and a classification fine-tune in organization alpha."""
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"}
-    body = b"".join(json.dumps({"text": f"t{i}", "label": i % 2}).encode() + b"\n" for i in range(5))
+    body = b"".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}).encode()
+        + b"\n"
+        for i in range(5)
+    )
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
         file_id = client.post("/v1/files", files={"file": ("seed.jsonl", body)}, data={"purpose": "fine-tune"}).json()["id"]
-        job = client.post("/v1/fine_tuning/jobs", json={"model": BASE_MODEL, "training_file": file_id}).json()
-    with app.state.sessionmaker() as session:
-        session.add(FineTunedModel(
-            id=f"ft:{BASE_MODEL}:{job['organization_id']}:seed:{job['id']}", org_id=job["organization_id"],
-            parent=BASE_MODEL, job_id=job["id"], storage_key=f"jobs/{job['id']}/final",
-        ))
-        session.commit()
+        job = client.post("/v1/fine_tuning/jobs", json={"model": LLAMA, "training_file": file_id}).json()
+    classifier = publish_classifier(app, job["organization_id"], models_dir)
+    return {"file": [file_id], "job": [job["id"], "ftjob-clf"], "model": [LLAMA, classifier]}
 
 
 @contextmanager
 def serve(root: Path, **overrides) -> Iterator[FuzzTarget]:  # noqa: ANN003
     """The app over `root`, listening until the block exits."""
-    models = root / "models"
-    (models / BASE_MODEL).mkdir(parents=True, exist_ok=True)
-    (models / BASE_MODEL / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    models = build_models(root)
     database = root / "svfit.db"
     upgrade_to_head(f"sqlite:///{database}")
     values = dict(
         data_dir=root / "data", database_url=f"sqlite:///{database}", models_dir=models, require_auth=True,
         min_training_examples=3, max_upload_bytes=1024 * 1024, upload_chunk_bytes=64 * 1024,
+        inference_batch_window_ms=0,
     )
     values.update(overrides)
-    dispatched: list[str] = []
-    app = create_app(Settings(**values), dispatch=dispatched.append)
+    app = create_app(Settings(**values), dispatch=lambda job_id: None)
     with app.state.sessionmaker() as session:
         _, key = create_api_key(session, "alpha")
-        _, other_key = create_api_key(session, "beta")
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -95,8 +90,8 @@ def serve(root: Path, **overrides) -> Iterator[FuzzTarget]:  # noqa: ANN003
         time.sleep(0.05)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _seed(app, base_url, key)
-        yield FuzzTarget(base_url, key, other_key, root / "data", dispatched)
+        ids = _seed(app, base_url, key, models)
+        yield FuzzTarget(base_url, key, root / "data", ids)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -107,7 +102,7 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="svfit-fuzz-") as tmp, serve(Path(tmp)) as target:
-        print(f"schema: {target.schema_url}\nkey:    {target.key}", flush=True)
+        print(f"schema: {target.schema_url}\nkey:    {target.key}\nids:    {json.dumps(target.ids)}", flush=True)
         try:
             while True:
                 time.sleep(1)

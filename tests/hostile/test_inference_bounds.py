@@ -8,57 +8,32 @@ classification fine-tune owned by organization alpha.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from api.core.tables import FineTunedModel, Job
 from tests.api.conftest import Api, _build_api
-from tests.core.tiny_models import build_tiny, load_tiny
 from tests.hostile.conftest import assert_envelope
-from tests.hostile.test_job_bounds import Raw, body_text
-
-LLAMA = "tiny-llama"
-BERT = "tiny-bert"
-CONTEXT = 64
-
-
-def _classifier_adapter(bert_dir: Path, out: Path) -> Path:
-    """A BERT SVFit adapter saved the way training saves one (weights + training_meta.json)."""
-    from svfit_core import SVFitConfig, inject_svfit
-
-    svfit = inject_svfit(load_tiny(bert_dir, "classification"), SVFitConfig(rank=4))
-    svfit.save_adapter(out)
-    meta = {"format_version": 1, "method": "svfit", "task": "classification", "label_names": ["neg", "pos"]}
-    (out / "training_meta.json").write_text(json.dumps(meta))
-    return out
+from tests.hostile.served_models import CONTEXT, LLAMA, build_models, publish_classifier
+from tests.hostile.raw_json import Raw, body_text
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Api]:  # noqa: ANN001
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on shared cores: more threads only contend
     root = tmp_path_factory.mktemp("inference-bounds")
-    models = root / "models"
-    models.mkdir()
-    build_tiny("llama", "causal", root).rename(models / LLAMA)
-    build_tiny("bert", "classification", root).rename(models / BERT)
+    models = build_models(root)
     shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
     api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0)
-    org = api.org_ids["alpha"]
-    key = "jobs/ftjob-clf/final"
-    _classifier_adapter(models / BERT, api.app.state.storage.path(key))
-    api.classifier = f"ft:{BERT}:{org}:clf:ftjob-clf"  # type: ignore[attr-defined]
-    api.add(Job(id="ftjob-clf", org_id=org, model=BERT, training_file="file-x", seed=0, hyperparameters={},
-                method={}, peft={}, status="succeeded"))
-    api.add(FineTunedModel(id=api.classifier, org_id=org, parent=BERT, job_id="ftjob-clf", storage_key=key))  # type: ignore[attr-defined]
+    api.classifier = publish_classifier(api.app, api.org_ids["alpha"], models)  # type: ignore[attr-defined]
     with api.client:
         yield api
     api.app.state.engine.dispose()
+    torch.set_num_threads(threads)
 
 
 def post(api: Api, path: str, body: dict[str, Any], org: str = "alpha") -> Any:

@@ -17,32 +17,10 @@ import pytest
 
 from tests.api.conftest import Api, _build_api, chat_file
 from tests.hostile.conftest import assert_envelope, row_counts
+from tests.hostile.raw_json import Raw, body_text
 
 MODEL = "wide-64"
 WIDTH = 64
-
-
-class Raw(str):
-    """A JSON literal sent as written (`1e999`, a 400-digit integer), not as a string."""
-
-
-def body_text(body: dict[str, Any]) -> str:
-    raws: dict[str, str] = {}
-
-    def mark(value: Any) -> Any:
-        if isinstance(value, Raw):
-            raws[f"__raw_{len(raws)}__"] = str(value)
-            return f"__raw_{len(raws) - 1}__"
-        if isinstance(value, dict):
-            return {k: mark(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [mark(v) for v in value]
-        return value
-
-    text = json.dumps(mark(body))  # allow_nan: NaN and Infinity are written as JavaScript literals
-    for placeholder, literal in raws.items():
-        text = text.replace(f'"{placeholder}"', literal)
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """The dashboard in a real browser: upload (drag-and-drop and picker) with the validation report, create a
 job from the page, watch its curves gain points, cancel it; a finished job's page (curves, checkpoints,
 hyperparameters, resolved peft) and its artifact downloads; the jobs filter; the playground; the API key.
-
-Set SVFIT_DASHBOARD_SCREENSHOT=docs/img/dashboard.png to refresh the README's picture from this run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import tarfile
@@ -118,10 +115,6 @@ def test_a_finished_job_shows_curves_checkpoints_settings_and_downloads_artifact
     expect(page.locator("#peft")).to_contain_text("typesvfit")
     expect(page.locator("#peft")).to_contain_text("checkpoint_every4")
 
-    if os.environ.get("SVFIT_DASHBOARD_SCREENSHOT"):
-        page.wait_for_timeout(500)  # let the charts settle at their final width
-        page.screenshot(path=os.environ["SVFIT_DASHBOARD_SCREENSHOT"], full_page=True)
-
     with page.expect_download() as download_info:
         page.locator("button[data-format=svfit]").click()
     saved = tmp_path / "svfit.tar.gz"
@@ -139,6 +132,14 @@ def test_a_finished_job_shows_curves_checkpoints_settings_and_downloads_artifact
     download_info.value.save_as(saved)
     with tarfile.open(saved) as archive:
         assert any(name.endswith("adapter_model.safetensors") for name in archive.getnames())
+
+    # The per-step metrics CSV from `result_files`.
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download metrics CSV").click()
+    saved = tmp_path / "metrics.csv"
+    download_info.value.save_as(saved)
+    header, *rows = saved.read_text().splitlines()
+    assert "train_loss" in header and len(rows) >= total
 
 
 def test_jobs_list_shows_progress_and_filters_by_status(page: Page, finished_job: dict):

@@ -5,6 +5,7 @@ import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { h } from "./dom.js";
 
 const COLORS = { train: "#2563eb", valid: "#ea580c" };
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000, 20000, 50000, 100000];
 
 export class MetricsCurves {
   constructor() {
@@ -44,7 +45,8 @@ export class MetricsCurves {
       width,
       height: 220,
       scales: { x: { time: false }, y: chart.range ? { range: chart.range } : {} },
-      axes: [{ label: "step" }, { size: 56 }],
+      // Steps are whole numbers: offer the x axis only integer tick spacings.
+      axes: [{ label: "step", incrs: STEP_INCREMENTS }, { size: 56 }],
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       series: [{ label: "step" }, series("train", COLORS.train), series("validation", COLORS.valid, [6, 4])],

@@ -91,12 +91,14 @@ export function mount(root) {
     return [
       h("tr", { dataset: { file: file.id, status: file.status } },
         h("td", { class: "mono" }, file.id),
-        h("td", {}, file.filename),
+        h("td", {}, file.filename, file.purpose !== "fine-tune" ? h("div", { class: "muted small" }, file.purpose) : null),
         h("td", {}, bytes(file.bytes)),
         h("td", {}, statusBadge(file.status)),
         h("td", {}, when(file.created_at)),
         h("td", { class: "row-actions" }, toggle,
-          file.status === "processed" ? h("a", { href: `#/jobs?new&file=${file.id}` }, "fine-tune") : null, remove)),
+          file.status === "processed" && file.purpose === "fine-tune"
+            ? h("a", { href: `#/jobs?new&file=${file.id}` }, "fine-tune") : null,
+          remove)),
       report,
     ];
   }

@@ -2,9 +2,10 @@
 // metrics events, the events log, checkpoints with their metrics, hyperparameters and the resolved `peft`
 // block, and artifact downloads. Polls while the job can still change; stops once it has ended.
 
-import { apiKey, get, post, request, url } from "../api.js";
+import { get, post } from "../api.js";
 import { MetricsCurves } from "../charts.js";
-import { TERMINAL, bytes, duration, errorBox, every, fill, h, num, progressBar, statusBadge, when } from "../dom.js";
+import { TERMINAL, duration, errorBox, every, fill, h, num, progressBar, statusBadge, when } from "../dom.js";
+import { saveFromApi } from "../download.js";
 import { method } from "./jobs.js";
 
 const POLL_MS = 1000;
@@ -50,53 +51,6 @@ function definitionList(object) {
     h("dd", { class: "mono" }, typeof v === "object" ? JSON.stringify(v) : String(v))]));
 }
 
-function filenameFrom(response, fallback) {
-  const disposition = response.headers.get("content-disposition") || "";
-  const encoded = disposition.match(/filename\*=utf-8''([^;]+)/i);
-  if (encoded) return decodeURIComponent(encoded[1]);
-  const plain = disposition.match(/filename="?([^";]+)"?/i);
-  return plain ? plain[1] : fallback;
-}
-
-async function sha256Hex(blob) {
-  if (!(crypto && crypto.subtle)) return null; // only in secure contexts (https, localhost)
-  const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-// Without a key the browser downloads straight from the API (streamed to disk, any size). A link cannot
-// carry an Authorization header, so with a key the archive is fetched, checked against X-Content-SHA256
-// and handed over as a blob.
-async function downloadArtifact(jobId, format, step, report) {
-  const params = { format, step };
-  const fallback = `${jobId}-${format}${step !== undefined ? `-step-${step}` : ""}.tar.gz`;
-  if (!apiKey()) {
-    const a = h("a", { href: url(`fine_tuning/jobs/${jobId}/artifacts`, params), download: fallback });
-    document.body.append(a);
-    a.click();
-    a.remove();
-    fill(report, `Downloading ${fallback}: the archive's sha256 is in its X-Content-SHA256 header `,
-      "(", h("code", {}, "svfit artifacts download"), " checks it).");
-    return;
-  }
-  fill(report, `Preparing ${format}... (a merged model can take a while)`);
-  const response = await request(`fine_tuning/jobs/${jobId}/artifacts`, { params, raw: true });
-  const blob = await response.blob();
-  const expected = response.headers.get("x-content-sha256");
-  const actual = await sha256Hex(blob);
-  if (expected && actual && actual !== expected) {
-    fill(report, errorBox({ code: "checksum_mismatch", message: `sha256 ${actual}, expected ${expected}` }));
-    return;
-  }
-  const name = filenameFrom(response, fallback);
-  const a = h("a", { href: URL.createObjectURL(blob), download: name });
-  document.body.append(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
-  fill(report, `${name}: ${bytes(blob.size)}, sha256 ${expected || "?"}${actual ? " (verified)" : ""}`);
-}
-
 export function mount(root, jobId) {
   const feed = new EventFeed(jobId);
   const curves = new MetricsCurves();
@@ -118,6 +72,7 @@ export function mount(root, jobId) {
   const artifactButtons = FORMATS.map(([format, label, hint]) =>
     h("button", { class: "secondary", title: hint, dataset: { format }, onclick: () => download(format) }, `Download ${label}`));
   const artifactReport = h("p", { class: "muted small", id: "artifact-report" });
+  const resultFiles = h("span", { id: "result-files" });
   const checkpointBody = h("tbody");
   const hyper = h("div", { id: "hyperparameters" });
   const peft = h("div", { id: "peft" });
@@ -131,7 +86,7 @@ export function mount(root, jobId) {
     h("section", { class: "panel" }, h("h2", {}, "Training curves"), curves.el),
     h("div", { class: "columns" },
       h("section", { class: "panel" }, h("h2", {}, "Artifacts"),
-        h("div", { class: "actions wrap" }, stepSelect, artifactButtons), artifactReport,
+        h("div", { class: "actions wrap" }, stepSelect, artifactButtons, resultFiles), artifactReport,
         h("h2", {}, "Checkpoints"),
         h("table", { class: "grid compact", id: "checkpoints" },
           h("thead", {}, h("tr", {}, ["Step", "Train loss", "Valid loss", "Accuracy", "Created", "Model"].map((t) => h("th", {}, t)))),
@@ -179,6 +134,9 @@ export function mount(root, jobId) {
     // The final weights exist once the job succeeded; a checkpoint's as soon as it is listed.
     const available = stepSelect.value ? true : job && job.status === "succeeded";
     for (const button of artifactButtons) button.disabled = !available;
+    fill(resultFiles, (job ? job.result_files : []).map((id) =>
+      h("button", { class: "link", dataset: { file: id }, onclick: () => save(`files/${id}/content`, {}, `${jobId}-metrics.csv`) },
+        "Download metrics CSV")));
   }
   stepSelect.addEventListener("change", renderArtifacts);
 
@@ -212,13 +170,18 @@ export function mount(root, jobId) {
     }
   }
 
-  async function download(format) {
-    const step = stepSelect.value ? Number(stepSelect.value) : undefined;
+  async function save(path, params, name) {
     try {
-      await downloadArtifact(jobId, format, step, artifactReport);
+      await saveFromApi(path, params, name, artifactReport);
     } catch (e) {
       fill(artifactReport, errorBox(e));
     }
+  }
+
+  function download(format) {
+    const step = stepSelect.value ? Number(stepSelect.value) : undefined;
+    const name = `${jobId}-${format}${step !== undefined ? `-step-${step}` : ""}.tar.gz`;
+    return save(`fine_tuning/jobs/${jobId}/artifacts`, { format, step }, name);
   }
 
   async function refresh() {

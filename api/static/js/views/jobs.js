@@ -78,7 +78,8 @@ export function mount(root, query) {
       const page = await get("fine_tuning/jobs", { limit: 100 });
       // Newest page replaces what it covers; older pages loaded with "Load older jobs" stay below.
       const fresh = new Set(page.data.map((j) => j.id));
-      const older = jobs.filter((j) => !fresh.has(j.id) && page.data.length && j.created_at <= page.data[page.data.length - 1].created_at);
+      const oldestFresh = page.data.length ? page.data[page.data.length - 1].created_at : -Infinity;
+      const older = jobs.filter((j) => !fresh.has(j.id) && j.created_at <= oldestFresh);
       jobs = [...page.data, ...older];
       if (!older.length) hasMore = page.has_more;
       fill(problem);
@@ -116,6 +117,12 @@ function numberOrAuto(text, name) {
   const n = Number(value);
   if (!Number.isFinite(n)) throw new ApiError(0, "invalid_parameter", `${name}: a number or "auto"`, name);
   return n;
+}
+
+function idempotencyKey() {
+  // randomUUID exists only in secure contexts (https, localhost); a plain-http LAN address gets the fallback.
+  if (crypto.randomUUID) return crypto.randomUUID();
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function newJobForm(fileId, close) {
@@ -191,8 +198,8 @@ function newJobForm(fileId, close) {
         }
       }
       body.peft = peft;
-      // One key per submitted form: a double click or a retried request creates one job, not two.
-      const job = await post("fine_tuning/jobs", body, { headers: { "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : String(Math.random()) } });
+      // A key per submission: should the request be retried (a proxy, a flaky link), one job is created, not two.
+      const job = await post("fine_tuning/jobs", body, { headers: { "Idempotency-Key": idempotencyKey() } });
       location.hash = `#/jobs/${job.id}`;
     } catch (e) {
       fill(problem, errorBox(e));

