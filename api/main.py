@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.db import make_engine
 from api.core.errors import PayloadTooLarge
@@ -54,25 +54,68 @@ def enqueue_with_worker(job_id: str) -> None:
 
 
 class RequestSizeLimit:
-    """Refuses a request whose declared Content-Length is over the limit before any of it is read.
+    """Refuses a request body over its limit: an upload (multipart, to `upload_path`) up to the upload
+    limit, any other body up to `max_json_bytes`.
 
-    Starlette spools a multipart upload to disk before a route runs; without this, an oversized upload
-    would be written out in full only to be refused. The upload service still counts the bytes it
-    streams, which covers chunked requests that declare no length.
+    A declared Content-Length over the limit is refused before any of it is read: Starlette spools a
+    multipart upload to disk, and reads a JSON body whole into memory, before a route runs. A body that
+    declares no length (chunked) is counted as it arrives; at the limit the app is told the client left,
+    its answer is dropped and a 413 sent instead, so neither the spool nor a parser holds more than that.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_json_bytes: int | None = None, upload_path: str = "/v1/files"):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_bytes = max_json_bytes if max_json_bytes is not None else max_bytes
+        self.upload_path = upload_path
+
+    def _limit(self, scope: Scope, headers: dict[bytes, bytes]) -> PayloadTooLarge:
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        if multipart and scope["path"].rstrip("/") == self.upload_path:
+            return PayloadTooLarge(f"The request exceeds the limit of {self.max_bytes} bytes.", param="file")
+        return PayloadTooLarge(
+            f"The request body exceeds the limit of {self.max_json_bytes} bytes.", code="request_too_large"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                error = PayloadTooLarge(f"The request exceeds the limit of {self.max_bytes} bytes.", param="file")
-                await error_response(error, headers={"Connection": "close"})(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        too_large = self._limit(scope, headers)
+        limit = self.max_bytes if too_large.param == "file" else self.max_json_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await error_response(too_large, headers={"Connection": "close"})(scope, receive, send)
+            return
+
+        received, cut_off, answered = 0, False, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, cut_off
+            if cut_off:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                cut_off = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if cut_off:
+                return  # the app's answer to a body it never got whole; the 413 below replaces it
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not cut_off:
+                raise
+        if cut_off and not answered:
+            await error_response(too_large, headers={"Connection": "close"})(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None, auto_migrate: bool = False) -> FastAPI:
@@ -113,7 +156,11 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.rate_limiter = limiter_for(settings)
 
     register_error_handlers(app)
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(
+        RequestSizeLimit,
+        max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        max_json_bytes=settings.max_json_body_bytes,
+    )
 
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)

@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"building the base model ({'quick: random' if args.quick else 'SmolLM2-135M, dequantizing'}) in {workdir}")
         base = build_base(workdir, args.quick)
-        log(f"building {max(ADAPTER_COUNTS)} SVFit adapters (rank {args.rank}, all linear layers) and their LoRA exports")
+        log(f"building {max(ADAPTER_COUNTS)} SVFit adapters (rank {args.rank}, all linear layers) "
+            "and their LoRA exports")
         adapters = build_adapters(base, workdir, max(ADAPTER_COUNTS), args.rank)
         payload = asyncio.run(_serve_arms(args, base, adapters, workdir, rounds, max_tokens))
         if quality:
@@ -397,8 +398,8 @@ def _print(payload: dict[str, Any]) -> None:
           f"{payload['config']['max_tokens']} tokens each\n")
     print(format_table(headers, rows))
     print()
-    print(format_table(["target", "value", "at least", "met"],
-                       [[t["what"], t["value"], t["at_least"], "yes" if t["met"] else "NO"] for t in payload["targets"]]))
+    targets = [[t["what"], t["value"], t["at_least"], "yes" if t["met"] else "NO"] for t in payload["targets"]]
+    print(format_table(["target", "value", "at least", "met"], targets))
     quality = payload.get("serving_rank_quality")
     if quality:
         print(f"\nserving rank r' (adapter r = {quality['trained_rank']} on q, v): held-out answer loss\n")

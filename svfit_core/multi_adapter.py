@@ -281,7 +281,9 @@ class MultiAdapterModel:
             u, s, v = self._read_bases(slot, module_name, spec, tensors, store_bases)
             sigma = tensors.get(f"svfit.{module_name}.sigma")
             if sigma is None or sigma.shape != s.shape:
-                raise AdapterFormatError(f"tensor svfit.{module_name}.sigma is missing or not of shape {tuple(s.shape)}")
+                raise AdapterFormatError(
+                    f"tensor svfit.{module_name}.sigma is missing or not of shape {tuple(s.shape)}"
+                )
             staged[module_name] = (u, v, sigma.to(torch.float32) - s, spec.get("selection", "top"))
         if name in self.adapters:
             self.remove_adapter(name)

@@ -173,6 +173,7 @@ def redispatch_orphaned_jobs(min_age_s: float | None = None) -> list[str]:
     message per waiting job, so nothing is re-sent until messages are lost again. The age keeps a job
     whose enqueue is still in flight from being counted, and a shortfall must be seen on two passes in a
     row: a worker that has just taken a message but not yet claimed its job shows one for a moment.
+    Like the reaper, it sends to this worker's queue: the service routes every job to one worker queue.
     Returns the re-enqueued ids.
     """
     global _shortfall_seen
@@ -205,6 +206,13 @@ def redispatch_orphaned_jobs(min_age_s: float | None = None) -> list[str]:
     return waiting
 
 
+def _unreachable(exc: Exception) -> bool:
+    """Whether `exc` says the database or the broker cannot be reached (rather than a bug)."""
+    from kombu.exceptions import OperationalError as BrokerUnreachable
+
+    return isinstance(exc, (SQLAlchemyError, BrokerUnreachable, ConnectionError, TimeoutError))
+
+
 class Reaper:
     """A daemon thread in every worker process that runs `reap_stale_jobs` and `redispatch_orphaned_jobs`
     periodically."""
@@ -227,8 +235,9 @@ class Reaper:
             for task in (reap_stale_jobs, redispatch_orphaned_jobs):
                 try:
                     task()
-                except Exception:  # noqa: BLE001 - the reaper must outlive any one failure (a broker down)
-                    log.warning("%s failed", task.__name__, exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - the reaper must outlive any one failure
+                    # A database or broker that is down is expected here, once per pass: no traceback for it.
+                    log.warning("%s failed: %s", task.__name__, exc, exc_info=not _unreachable(exc))
             if self._stop.wait(self.interval):
                 return
 

@@ -72,7 +72,7 @@ def resolve_config(args: argparse.Namespace) -> ClientConfig:
 def client_options() -> argparse.ArgumentParser:
     """Options every client command takes (as a parent parser, so they go after the command)."""
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("connection")
+    group = common.add_argument_group("client options")
     group.add_argument("--api-base", help=f"API base URL (default: $SVFIT_API_BASE, the config file, or {DEFAULT_API_BASE})")
     group.add_argument("--api-key", help="API key (default: $SVFIT_API_KEY or the config file; none on loopback)")
     group.add_argument("--json", dest="json_output", action="store_true", help="print JSON objects for scripts")

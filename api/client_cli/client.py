@@ -57,13 +57,15 @@ def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
 class ApiClient:
     """One connection pool to one API base URL, sending the key on every request."""
 
-    def __init__(self, api_base: str, api_key: str | None, timeout: float = 60.0):
+    def __init__(self, api_base: str, api_key: str | None, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None):
         self.api_base = api_base.rstrip("/")
         headers = {"User-Agent": "svfit-cli"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(
-            base_url=self.api_base + "/", headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
+            base_url=self.api_base + "/", headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,  # tests pass an httpx.MockTransport
         )
 
     def __enter__(self) -> "ApiClient":

@@ -15,7 +15,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         # The last column is not padded: it is often long (a model id) and trailing blanks help no one.
-        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "") + row[-1])
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)) + ("  " if len(row) > 1 else "") + row[-1])
 
 
 def fields(pairs: Sequence[tuple[str, object]]) -> None:

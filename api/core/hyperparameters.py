@@ -114,7 +114,9 @@ def _integer(value: Any, param: str, low: int, high: int | None = None) -> int:
 
 def _positive_number(value: Any, param: str) -> float:
     if not _number(value) or value <= 0:
-        raise InvalidParameter(f"'{param}' must be a positive finite number or \"auto\", got {_shown(value)}.", param=param)
+        raise InvalidParameter(
+            f"'{param}' must be a positive finite number or \"auto\", got {_shown(value)}.", param=param
+        )
     return float(value)
 
 

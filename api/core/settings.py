@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     default_org: str = "org-local"
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_json_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest non-upload (JSON) request body; larger is a 413."
+    )
     min_training_examples: int = 10
     upload_chunk_bytes: int = 1024 * 1024
     max_reported_line_errors: int = Field(default=20, description="Per-line errors kept in a file's status_details.")
@@ -68,14 +71,18 @@ class Settings(BaseSettings):
     )
 
     # Hosted inference (api/inference): one engine thread per API process owns the models.
-    inference_device: str = Field(default="auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda'...")
-    inference_dtype: str = Field(default="auto", description="'auto' (bfloat16 on GPU, float32 on CPU) or a torch dtype name.")
+    inference_device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto': cuda when available, else cpu."
+    )
+    inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="'auto': bfloat16 on a GPU, float32 on a CPU."
+    )
     inference_max_batch: int = Field(default=32, ge=1, description="Rows (sequences) decoded together per model copy.")
     inference_batch_window_ms: float = Field(
         default=5.0, ge=0, description="How long an idle engine waits for more requests before its first forward."
     )
-    inference_memory_budget_mb: int = Field(
-        default=8192, ge=1, description="Model copies kept loaded; least recently used ones beyond this are dropped."
+    inference_memory_budget_mb: float = Field(
+        default=8192, gt=0, description="Model copies kept loaded; least recently used ones beyond this are dropped."
     )
     inference_max_adapters: int = Field(default=256, ge=1, description="Adapters kept registered per base model copy.")
     inference_serving_rank: int | None = Field(

@@ -79,12 +79,16 @@ class Row:
 class LaneState:
     lane: Lane
     waiting: deque = field(default_factory=deque)
+    joining: list[Row] = field(default_factory=list)  # being prefilled this step
     running: list[Row] = field(default_factory=list)
     cache: PaddedCache | None = None
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def rows(self) -> list[Row]:
+        return [*self.waiting, *self.joining, *self.running]
 
 
 def _message_text(content: Any) -> str:
@@ -94,7 +98,7 @@ def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return str(content)
 
 
@@ -104,7 +108,7 @@ class Scheduler:
         self.device = resolve_device(settings.inference_device)
         self.dtype = resolve_dtype(settings.inference_dtype, self.device)
         self.max_batch = settings.inference_max_batch
-        self.cache = ModelCache(settings.inference_memory_budget_mb * 2**20)
+        self.cache = ModelCache(int(settings.inference_memory_budget_mb * 2**20))
         self.states: dict[tuple, LaneState] = {}
 
     # -- lanes -------------------------------------------------------------------------------------------
@@ -149,14 +153,14 @@ class Scheduler:
             raise
         except ValueError as exc:  # transformers' answer to "this folder is not that kind of model"
             logger.warning("cannot load %s as a %s model: %s", ref.model_id, ref.task, exc)
-            raise WrongModelTask(
-                f"The model '{ref.model_id}' cannot be served as a {'text generation' if ref.task == 'causal' else 'classification'} model.",
-                param="model",
-            ) from exc
+            what = "text generation" if ref.task == "causal" else "classification"
+            raise WrongModelTask(f"The model '{ref.model_id}' cannot be served as a {what} model.",
+                                 param="model") from exc
         except Exception as exc:
             logger.exception("loading %s failed", ref.model_id)
             raise InternalError(f"The model '{ref.model_id}' could not be loaded.", code="model_load_failed") from exc
-        if key not in self.states:
+        state = self.states.get(key)
+        if state is None or state.lane is not lane:  # new, or reloaded after an eviction
             self.states[key] = LaneState(lane)
         return lane
 
@@ -178,7 +182,8 @@ class Scheduler:
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # jinja templates raise their own errors ("roles must alternate")
-                raise InvalidParameter(f"The chat template cannot render these messages: {exc}", param="messages") from exc
+                raise InvalidParameter(f"The chat template cannot render these messages: {exc}",
+                                       param="messages") from exc
             # The template writes the special tokens itself, as training renders it (svfit_core.encoding).
             return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         prompts = []
@@ -290,19 +295,20 @@ class Scheduler:
                 continue
             try:
                 self._step_lane(state)
-            except Exception as exc:  # noqa: BLE001 - one broken batch must not stop the engine
+            except Exception:  # noqa: BLE001 - one broken batch must not stop the engine
                 logger.exception("inference step failed on %s", state.lane.key)
                 self._fail_lane(state, InternalError("The server had an error while generating."))
-            if not state.has_work and state.lane.key not in self.cache.lanes:
-                del self.states[state.lane.key]  # evicted while it still had rows; now idle
         self.cache.evict()
+        for key in [k for k, st in self.states.items() if k not in self.cache.lanes and not st.has_work]:
+            del self.states[key]  # its lane was dropped from memory
 
     def _step_lane(self, state: LaneState) -> None:
         self._drop_cancelled(state)
         room = self.max_batch - len(state.running)
         if room > 0 and state.waiting:
-            newcomers = [state.waiting.popleft() for _ in range(min(room, len(state.waiting)))]
-            self._prefill(state, newcomers)
+            state.joining = [state.waiting.popleft() for _ in range(min(room, len(state.waiting)))]
+            self._prefill(state, state.joining)
+            state.joining = []
         if state.running:
             self._decode(state)
 
@@ -405,13 +411,13 @@ class Scheduler:
         self._retire(state)
 
     def _fail_lane(self, state: LaneState, error: ServiceError) -> None:
-        failed = {row.ticket for row in [*state.waiting, *state.running] if not row.finished}
-        for row in [*state.waiting, *state.running]:
-            if not row.finished:
-                row.finished = True
-                state.lane.release(row.tag)
-        state.waiting, state.running, state.cache = deque(), [], None
-        for ticket in failed:
+        """Every unfinished row of the lane ends with ``error``; the lane starts over with an empty batch."""
+        rows = list(dict.fromkeys(row for row in state.rows() if not row.finished))  # a row may be in two lists
+        for row in rows:
+            row.finished = True
+            state.lane.release(row.tag)
+        state.waiting, state.joining, state.running, state.cache = deque(), [], [], None
+        for ticket in {row.ticket for row in rows}:
             ticket.post([error])
 
     def fail_all(self, error: ServiceError) -> None:

@@ -127,7 +127,12 @@ async def _chunks(
             yield {**header, "choices": [], "usage": _usage(event)}
 
 
-@router.post("/completions", response_model=CompletionPublic)
+# With `stream: true` the answer is server-sent events instead of the JSON object.
+STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "The completion, or with `stream: true` its chunks as server-sent events."}}
+
+
+@router.post("/completions", response_model=CompletionPublic, responses=STREAMABLE)
 async def create_completion(
     body: CompletionCreate,
     request: Request,
@@ -157,7 +162,7 @@ async def create_completion(
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionPublic)
+@router.post("/chat/completions", response_model=ChatCompletionPublic, responses=STREAMABLE)
 async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,

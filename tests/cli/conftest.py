@@ -1,4 +1,4 @@
-"""Fixtures for the client CLI tests: a real `svfit serve` (the e2e harness, tiny Llama) and a way to run
+"""Fixtures for the client CLI tests: a real `svfit serve` (tests/client_harness.py, tiny Llama) and a way to run
 `svfit ...` against it as a user would: a subprocess with its own HOME (so no real config file leaks in)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, SVFIT, Service, chat_jsonl, embedded_service, models_dir  # noqa: F401 - fixtures
+from tests.client_harness import shared_service
+from tests.e2e.conftest import ROOT, SVFIT, Service, chat_jsonl, models_dir  # noqa: F401 - fixtures
 
 CLI_TIMEOUT_S = 180
 
@@ -36,15 +37,20 @@ def client_env(service: Service, home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def service(request, tmp_path_factory, models_dir) -> Service:  # noqa: F811 - the imported fixture
+    return shared_service(request, tmp_path_factory, models_dir)
+
+
 @pytest.fixture
-def svfit(embedded_service: Service, tmp_path: Path) -> Run:  # noqa: F811 - the imported fixture
+def svfit(service: Service, tmp_path: Path) -> Run:
     """`svfit(*args, env={...}, cwd=...)` runs the CLI against the test server and returns its Result."""
     home = tmp_path / "home"
     home.mkdir()
 
     def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
         completed = subprocess.run(
-            [*SVFIT, *args], cwd=cwd or tmp_path, env=client_env(embedded_service, home, **(env or {})),
+            [*SVFIT, *args], cwd=cwd or tmp_path, env=client_env(service, home, **(env or {})),
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
         )
         return Result(completed.returncode, completed.stdout, completed.stderr)

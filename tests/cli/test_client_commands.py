@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.cli.conftest import ROOT, SVFIT, Run, client_env
+from tests.client_harness import cancel_unfinished
 from tests.e2e.conftest import CHAT_LINES, Service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,7 +42,7 @@ def wait_status(svfit: Run, job_id: str, statuses: set[str], timeout: float = 12
 
 
 def test_upload_create_follow_and_download_verified_artifacts(svfit: Run, chat_jsonl: Path, tmp_path: Path,
-                                                               embedded_service: Service):
+                                                               service: Service):
     uploaded = svfit("files", "upload", str(chat_jsonl))
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = uploaded.stdout.strip()
@@ -66,7 +67,7 @@ def test_upload_create_follow_and_download_verified_artifacts(svfit: Run, chat_j
     archive = Path(result["path"])
     assert archive.parent == tmp_path and archive.exists() and not list(tmp_path.glob("*.part"))
     assert result["verified"] and result["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
-    served = httpx.get(f"{embedded_service.base_url}/v1/fine_tuning/jobs/{job_id}/artifacts",
+    served = httpx.get(f"{service.base_url}/v1/fine_tuning/jobs/{job_id}/artifacts",
                        params={"format": "peft_lora"}, timeout=120)
     assert served.headers["x-content-sha256"] == result["sha256"]
     with tarfile.open(archive) as tar:
@@ -120,12 +121,19 @@ def test_errors_exit_non_zero_with_the_api_error_code(svfit: Run, tmp_path: Path
     assert svfit("files", "get", bad_id).returncode == 1
 
 
-def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_jsonl: Path, embedded_service: Service,
+def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_jsonl: Path, service: Service,
                                                            tmp_path: Path):
     created = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", str(long_jsonl), "--epochs", "50",
                     "--batch-size", "1", "--peft-option", "checkpoint_every=100000", "--json")
     assert created.returncode == 0, created.stderr
     job_id = created.json()["id"]
+    try:
+        pause_resume_and_cancel_while_following(svfit, job_id, service, tmp_path)
+    finally:
+        cancel_unfinished(service, job_id)
+
+
+def pause_resume_and_cancel_while_following(svfit: Run, job_id: str, service: Service, tmp_path: Path) -> None:
     wait_status(svfit, job_id, {"running"})
 
     paused = svfit("jobs", "pause", job_id)
@@ -140,7 +148,7 @@ def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_json
 
     follower = subprocess.Popen(
         [*SVFIT, "jobs", "follow", job_id, "--interval", "0.3"], cwd=ROOT,
-        env=client_env(embedded_service, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=client_env(service, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         time.sleep(1.5)
@@ -158,8 +166,8 @@ def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_json
     assert again.returncode == 1 and again.stderr.startswith("error: invalid_state: ")
 
 
-def test_the_key_comes_from_the_flag_then_the_environment_then_the_config_file(svfit: Run, embedded_service: Service):
-    out = subprocess.run([*SVFIT, "keys", "create", "--org", "cli-test"], cwd=ROOT, env=embedded_service.env,
+def test_the_key_comes_from_the_flag_then_the_environment_then_the_config_file(svfit: Run, service: Service):
+    out = subprocess.run([*SVFIT, "keys", "create", "--org", "cli-test"], cwd=ROOT, env=service.env,
                          check=True, capture_output=True, text=True).stdout
     key = next(token for token in out.split() if token.startswith("sk-"))
     config = svfit.home / ".config" / "svfit" / "config.json"  # type: ignore[attr-defined]

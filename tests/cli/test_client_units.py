@@ -69,8 +69,7 @@ def events_api(pages: list[list[str]]) -> httpx.MockTransport:
 def test_the_event_reader_returns_only_new_events_oldest_first_across_pages():
     first = [f"e{i}" for i in range(150, 0, -1)]  # newest first, like the API
     second = [f"e{i}" for i in range(400, 0, -1)]  # 250 more: more than two pages behind
-    client = ApiClient("http://test/v1", None)
-    client._http = httpx.Client(base_url="http://test/v1/", transport=events_api([first, second]))
+    client = ApiClient("http://test/v1", None, transport=events_api([first, second]))
     reader = EventReader(client, "ftjob-x")
     assert [e["id"] for e in reader.new_events()] == [f"e{i}" for i in range(51, 151)]  # the latest page only
     assert [e["id"] for e in reader.new_events()] == [f"e{i}" for i in range(151, 401)]
@@ -82,8 +81,7 @@ def test_a_download_that_does_not_match_its_sha256_is_refused_and_removed(tmp_pa
         return httpx.Response(200, content=b"not what was promised", headers={
             "x-content-sha256": "0" * 64, "content-disposition": 'attachment; filename="../../escape.tar.gz"'})
 
-    client = ApiClient("http://test/v1", None)
-    client._http = httpx.Client(base_url="http://test/v1/", transport=httpx.MockTransport(handler))
+    client = ApiClient("http://test/v1", None, transport=httpx.MockTransport(handler))
     with pytest.raises(base.CliError) as refused:
         artifacts.download(client, "ftjob-x", "svfit", None, str(tmp_path))
     assert refused.value.code == "checksum_mismatch"

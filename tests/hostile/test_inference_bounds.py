@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -21,17 +22,23 @@ from tests.hostile.served_models import CONTEXT, LLAMA, build_models, publish_cl
 from tests.hostile.raw_json import Raw, body_text
 
 
+@dataclass
+class Served:
+    api: Api
+    classifier: str  # alpha's classification fine-tune
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Api]:  # noqa: ANN001
+def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Served]:  # noqa: ANN001
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on shared cores: more threads only contend
     root = tmp_path_factory.mktemp("inference-bounds")
     models = build_models(root)
     shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
     api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0)
-    api.classifier = publish_classifier(api.app, api.org_ids["alpha"], models)  # type: ignore[attr-defined]
+    classifier = publish_classifier(api.app, api.org_ids["alpha"], models)
     with api.client:
-        yield api
+        yield Served(api, classifier)
     api.app.state.engine.dispose()
     torch.set_num_threads(threads)
 
@@ -109,20 +116,20 @@ CASES: list[tuple[str, str, dict, dict, int, str]] = [
 ]
 
 
-def _body(api: Api, base: dict, overrides: dict) -> dict:
+def _body(served: Served, base: dict, overrides: dict) -> dict:
     body = {**base, **overrides}
     for key in [k for k, v in body.items() if v is MISSING]:
         del body[key]
     if body.get("model") == "CLASSIFIER":
-        body["model"] = api.classifier  # type: ignore[attr-defined]
+        body["model"] = served.classifier
     return body
 
 
 @pytest.mark.parametrize(
     ("path", "base", "overrides", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_out_of_bounds_inference_parameters_name_the_field(served: Api, path, base, overrides, status, param):  # noqa: ANN001
-    error = assert_envelope(post(served, path, _body(served, base, overrides)), status, param=param)
+def test_out_of_bounds_inference_parameters_name_the_field(served: Served, path, base, overrides, status, param):  # noqa: ANN001, E501
+    error = assert_envelope(post(served.api, path, _body(served, base, overrides)), status, param=param)
     assert error["type"] == "invalid_request_error"
 
 
@@ -140,13 +147,13 @@ def test_out_of_bounds_inference_parameters_name_the_field(served: Api, path, ba
     ids=["temperature_0", "temperature_2_huge_seed", "top_p_1_n_16_four_stops", "max_tokens_1_token_ids",
          "max_tokens_fills_context", "max_completion_tokens_1", "classify_empty_string"],
 )
-def test_values_at_the_bounds_are_served(served: Api, path, base, overrides):  # noqa: ANN001
-    response = post(served, path, _body(served, base, overrides))
+def test_values_at_the_bounds_are_served(served: Served, path, base, overrides):  # noqa: ANN001
+    response = post(served.api, path, _body(served, base, overrides))
     assert response.status_code == 200, response.text
 
 
-def test_another_organizations_fine_tune_is_unknown(served: Api):
+def test_another_organizations_fine_tune_is_unknown(served: Served):
     """beta names alpha's classifier: the same 404 as a model that does not exist."""
-    response = post(served, "/classifications", {"model": served.classifier, "input": "x"}, org="beta")  # type: ignore[attr-defined]
+    response = post(served.api, "/classifications", {"model": served.classifier, "input": "x"}, org="beta")
     error = assert_envelope(response, 404, "model_not_found", "model")
     assert "does not exist" in error["message"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,8 +24,16 @@ MODEL = "wide-64"
 WIDTH = 64
 
 
+@dataclass
+class Bounds:
+    """The app every case posts to, and the files a job could name (by role)."""
+
+    api: Api
+    files: dict[str, str]  # "training" (alpha's, valid), "beta_file" (beta's), "error_file" (alpha's, bad)
+
+
 @pytest.fixture(scope="module")
-def bounds_api(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Api]:  # noqa: ANN001
+def bounds(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Bounds]:  # noqa: ANN001
     """One app for the whole table (each case is one refused POST), with a base model of known width."""
     root = tmp_path_factory.mktemp("bounds")
     models = root / "models"
@@ -33,11 +42,12 @@ def bounds_api(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_templat
     shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
     api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models)
     with api.client:
-        api.training_file = api.upload_ok(chat_file(5))  # type: ignore[attr-defined]
-        api.beta_file = api.upload_ok(chat_file(5), org="beta")  # type: ignore[attr-defined]
-        bad = api.upload(b"{oops\n")
-        api.error_file = bad.json()["id"]  # type: ignore[attr-defined]
-        yield api
+        files = {
+            "training": api.upload_ok(chat_file(5)),
+            "beta_file": api.upload_ok(chat_file(5), org="beta"),
+            "error_file": api.upload(b"{oops\n").json()["id"],
+        }
+        yield Bounds(api, files)
     api.app.state.engine.dispose()
 
 
@@ -167,17 +177,15 @@ def _assert_refused(api: Api, response: Any, param: str) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_out_of_bounds_job_parameters_are_400_naming_the_field(bounds_api: Api, overrides: dict, param: str):
-    body = {"model": MODEL, "training_file": bounds_api.training_file, **overrides}  # type: ignore[attr-defined]
-    _assert_refused(bounds_api, _post(bounds_api, body), param)
+def test_out_of_bounds_job_parameters_are_400_naming_the_field(bounds: Bounds, overrides: dict, param: str):
+    body = {"model": MODEL, "training_file": bounds.files["training"], **overrides}
+    _assert_refused(bounds.api, _post(bounds.api, body), param)
 
 
 @pytest.mark.parametrize(("which", "param"), [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
-def test_unusable_files_are_400_naming_the_field(bounds_api: Api, which: str, param: str):
-    file_id = getattr(bounds_api, which, which)
-    body = {"model": MODEL, "training_file": bounds_api.training_file}  # type: ignore[attr-defined]
-    body[param] = file_id
-    _assert_refused(bounds_api, _post(bounds_api, body), param)
+def test_unusable_files_are_400_naming_the_field(bounds: Bounds, which: str, param: str):
+    body = {"model": MODEL, "training_file": bounds.files["training"], param: bounds.files.get(which, which)}
+    _assert_refused(bounds.api, _post(bounds.api, body), param)
 
 
 @pytest.mark.parametrize(

@@ -105,9 +105,9 @@ def _unsafe_calls(tree: ast.AST) -> list[str]:
             name = ast.unparse(node.func)
             kw = {k.arg: k.value for k in node.keywords if k.arg}
             is_true = lambda arg: arg in kw and not (isinstance(kw[arg], ast.Constant) and kw[arg].value is False)  # noqa: E731
-            if name.endswith("torch.load") or name in ("load", "torch.serialization.load"):
+            if name in ("torch.load", "torch.serialization.load"):
                 weights_only = kw.get("weights_only")
-                if name != "load" and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
                     found.append(f"{name}( without weights_only=True")
             if is_true("trust_remote_code"):
                 found.append(f"{name}(trust_remote_code=...)")

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from api.core.errors import InternalError
 from api.inference.engine import InferenceEngine
 from api.inference.lanes import LoraLane, SharedBaseLane
 from api.inference.scheduler import Scheduler
@@ -146,3 +147,35 @@ def test_stop_sequence_ends_the_choice(zoo, engine):
     cut = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 12, ignore_eos=True, stop=(stop,))))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(zoo, engine, monkeypatch):
+    original = SharedBaseLane.forward
+    calls = {"n": 0}
+
+    def broken_once(self, tags, **inputs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return original(self, tags, **inputs)
+
+    monkeypatch.setattr(SharedBaseLane, "forward", broken_once)
+    with pytest.raises(InternalError):
+        asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))
+    recovered = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))
+    assert recovered[0].text == reference_text(zoo, "sv0", PROMPTS[0])
+    assert engine.stats()["running"] == 0
+
+
+def test_memory_budget_unloads_idle_models_and_reloads_them(zoo, tmp_path):
+    # 0.15 MB holds one tiny model copy (about 0.1 MB), not two: each new lane pushes the idle one out.
+    small = InferenceEngine(make_settings(tmp_path, zoo, inference_memory_budget_mb=0.15))
+    try:
+        first = asyncio.run(answer(small, greedy(ref(zoo, "sv0"), PROMPTS[0])))
+        asyncio.run(answer(small, greedy(ref(zoo, "full0"), PROMPTS[0])))
+        assert [kind for kind, _ in small.stats()["lanes"]] == ["model"]
+        again = asyncio.run(answer(small, greedy(ref(zoo, "sv0"), PROMPTS[0])))
+        assert [kind for kind, _ in small.stats()["lanes"]] == ["shared"]
+        assert again[0].text == first[0].text
+    finally:
+        small.stop()

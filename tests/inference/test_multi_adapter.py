@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from svfit_core import load_svfit_adapter
 from svfit_core.errors import BaseModelMismatchError, ConfigError
 from svfit_core.multi_adapter import MultiAdapterLinear, MultiAdapterModel
-from tests.core.tiny_models import load_tiny, sample_batch
+from tests.core.tiny_models import build_tiny, load_tiny, sample_batch
+from tests.inference.conftest import perturbed_svfit
 
 ATOL = 1e-4  # fp32
 
@@ -173,3 +174,23 @@ def test_compact_adapter_recomputes_the_same_basis(zoo, tmp_path):
     out = multi.model(**batch).logits
     torch.testing.assert_close(out[0], out[1], atol=ATOL, rtol=0)
 
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_layers(tmp_path):
+    """GPT-2 stores weights (in, out) in Conv1D layers; the shared bases are in (out, in) layout all the same."""
+    base_dir = build_tiny("gpt2", "causal", tmp_path)
+    folders = [perturbed_svfit(base_dir, tmp_path / f"g{i}", i, rank=4) for i in range(2)]
+    multi = MultiAdapterModel(load_tiny(base_dir, "causal"))
+    for i, folder in enumerate(folders):
+        multi.add_adapter(f"g{i}", folder)
+    rows = ["g0", "g1", None]
+    batch = sample_batch(3, 6, seed=2)
+    multi.set_batch(rows)
+    mixed = multi.model(**batch).logits
+    for i, name in enumerate(rows):
+        model = load_tiny(base_dir, "causal")
+        if name is not None:
+            model = load_svfit_adapter(model, folders[i])
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        torch.testing.assert_close(mixed[i:i + 1], model(**one).logits, atol=ATOL, rtol=0)

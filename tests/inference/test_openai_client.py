@@ -90,7 +90,8 @@ def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
     base_url, key, app, ids = server
     original = Scheduler._decode
     monkeypatch.setattr(Scheduler, "_decode", lambda self, state: (time.sleep(0.02), original(self, state)))
-    body = {"model": ids["sv1"], "prompt": "the movie was", "max_tokens": 50, "ignore_eos": True, "stream": True, "n": 2}
+    body = {"model": ids["sv1"], "prompt": "the movie was", "max_tokens": 50, "ignore_eos": True, "stream": True,
+            "n": 2}
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {key}"}, timeout=30) as response:
         assert response.status_code == 200

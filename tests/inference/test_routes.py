@@ -12,11 +12,13 @@ CHAT = [{"role": "user", "content": "what is good ?"}]
 
 
 def chat(served, model: str, **body):
-    return served.post("/chat/completions", {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0, **body})
+    body = {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0, **body}
+    return served.post("/chat/completions", body)
 
 
 def complete(served, model: str, **body):
-    return served.post("/completions", {"model": model, "prompt": "the movie was", "max_tokens": 8, "temperature": 0, **body})
+    body = {"model": model, "prompt": "the movie was", "max_tokens": 8, "temperature": 0, **body}
+    return served.post("/completions", body)
 
 
 def events(response) -> list:
@@ -113,7 +115,8 @@ def error(response, status: int, param: str | None) -> str:
 def test_unknown_and_foreign_models_are_404_model(served):
     error(chat(served, "ft:tiny-llama:nobody::0"), 404, "model")
     assert chat(served, "ft:tiny-llama:nobody::0").json()["error"]["code"] == "model_not_found"
-    error(served.post("/chat/completions", {"model": served.model_ids["sv0"], "messages": CHAT}, org="beta"), 404, "model")
+    foreign = {"model": served.model_ids["sv0"], "messages": CHAT}
+    error(served.post("/chat/completions", foreign, org="beta"), 404, "model")
     error(served.post("/classifications", {"model": served.model_ids["clf"], "input": "x"}, org="beta"), 404, "model")
 
 

@@ -1,5 +1,5 @@
-"""Fixtures for the dashboard tests: a real `svfit serve` (the e2e harness, tiny Llama), Debian's Chromium
-driven by Playwright, a fresh page per test, and a screenshot of the page whenever a test fails.
+"""Fixtures for the dashboard tests: a real `svfit serve` (tests/client_harness.py, tiny Llama), Debian's
+Chromium driven by Playwright, a fresh page per test, and a screenshot of the page whenever a test fails.
 
 The tests skip only when no Chromium binary can be found; `scripts/test` and `.ci/run` install one.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import CHAT_LINES, Service, chat_jsonl, embedded_service, models_dir  # noqa: F401 - fixtures
+from tests.client_harness import shared_service
+from tests.e2e.conftest import Service, chat_jsonl, models_dir  # noqa: F401 - fixtures
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 # Generous: the first upload makes the server import the training stack, and this machine is shared.
@@ -30,6 +31,11 @@ def find_chromium() -> str | None:
         if path and os.access(path, os.X_OK):
             return path
     return None
+
+
+@pytest.fixture(scope="session")
+def service(request, tmp_path_factory, models_dir) -> Service:  # noqa: F811 - the imported fixture
+    return shared_service(request, tmp_path_factory, models_dir)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +75,9 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def page(browser, embedded_service: Service):  # noqa: F811 - the imported fixture
+def page(browser, service: Service):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True,
-                                  base_url=embedded_service.base_url)
+                                  base_url=service.base_url)
     context.set_default_timeout(EXPECT_TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
@@ -82,8 +88,8 @@ def page(browser, embedded_service: Service):  # noqa: F811 - the imported fixtu
 
 
 @pytest.fixture(scope="module")
-def api(embedded_service: Service) -> Iterator[httpx.Client]:  # noqa: F811
-    with httpx.Client(base_url=f"{embedded_service.base_url}/v1", timeout=60) as client:
+def api(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{service.base_url}/v1", timeout=60) as client:
         yield client
 
 

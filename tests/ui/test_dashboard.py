@@ -16,6 +16,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.e2e.conftest import CHAT_LINES, ROOT, SVFIT, Service
+from tests.client_harness import cancel_unfinished
 from tests.ui.conftest import upload, wait_for_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -64,7 +65,7 @@ def test_upload_by_drop_shows_the_validation_report_with_line_numbers(page: Page
     expect(page.locator("#files tr.details:visible .lineno").first).to_have_text("line 1")
 
 
-def test_create_a_job_from_the_page_watch_its_curves_grow_and_cancel_it(page: Page, tmp_path: Path):
+def test_create_a_job_from_the_page_watch_its_curves_grow_and_cancel_it(page: Page, service: Service, tmp_path: Path):
     # Enough steps (50 epochs x 320 examples, batch 1) that the run is still going when we cancel it.
     big = tmp_path / "long.jsonl"
     big.write_text("".join(json.dumps(line) + "\n" for line in CHAT_LINES * 40))
@@ -85,6 +86,14 @@ def test_create_a_job_from_the_page_watch_its_curves_grow_and_cancel_it(page: Pa
     form.get_by_role("button", name="Create job").click()
 
     page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    try:
+        watch_and_cancel(page)
+    finally:
+        cancel_unfinished(service, job_id)
+
+
+def watch_and_cancel(page: Page) -> None:
     expect(page.locator(".toolbar .badge")).to_have_text("running", timeout=60_000)
     page.wait_for_function("() => Number(document.querySelector('.charts').dataset.points) >= 2", timeout=60_000)
     seen = points(page)
@@ -169,7 +178,7 @@ def test_playground_streams_a_chat_reply_from_a_fine_tune(page: Page, finished_j
     expect(page.locator("#pg-send")).to_be_enabled()
 
 
-def test_the_key_typed_into_the_page_is_the_one_the_api_checks(page: Page, embedded_service: Service, finished_job: dict):
+def test_the_key_typed_into_the_page_is_the_one_the_api_checks(page: Page, service: Service, finished_job: dict):
     page.goto("/ui/#/jobs")
     expect(page.locator(f"#jobs tr[data-job='{finished_job['id']}']")).to_have_count(1)
 
@@ -180,7 +189,7 @@ def test_the_key_typed_into_the_page_is_the_one_the_api_checks(page: Page, embed
     expect(page.locator(".error[data-code=invalid_api_key]")).to_be_visible()
 
     # A real key acts as its own organization, which sees none of the default organization's jobs.
-    out = subprocess.run([*SVFIT, "keys", "create", "--org", "ui-test"], cwd=ROOT, env=embedded_service.env,
+    out = subprocess.run([*SVFIT, "keys", "create", "--org", "ui-test"], cwd=ROOT, env=service.env,
                          check=True, capture_output=True, text=True).stdout
     key = next(token for token in out.split() if token.startswith("sk-"))
     page.locator("#apikey").fill(key)

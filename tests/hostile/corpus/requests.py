@@ -57,6 +57,7 @@ class RequestCase:
     param: str | None
     settings: dict = field(default_factory=dict)
     extra_headers: dict = field(default_factory=dict)
+    chunked: bool = False  # sent without a Content-Length, in pieces
 
 
 def _mp(*parts: bytes, close: bool = True) -> Callable[[], bytes]:
@@ -94,6 +95,9 @@ REQUEST_CASES: list[RequestCase] = [
                 "file_too_large", "file", settings={"max_upload_bytes": 20_000}),
     RequestCase("over_size_limit_declared", lambda: b"x" * 10, MULTIPART, 413, "file_too_large", "file",
                 settings={"max_upload_bytes": 1000}, extra_headers={"Content-Length": str(10**12)}),
+    # No Content-Length: cut off as it streams, far beyond the limit (the multipart envelope allowance is 64 KB).
+    RequestCase("over_size_limit_chunked", lambda: upload_body(b"big.jsonl", good_body(40_000)), MULTIPART, 413,
+                "file_too_large", "file", settings={"max_upload_bytes": 20_000}, chunked=True),
 ]
 
 
