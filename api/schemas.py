@@ -146,7 +146,7 @@ class JobErrorPublic(BaseModel):
 class ProgressPublic(BaseModel):
     step: int = 0
     total_steps: int | None = None
-    epoch: float | None = None
+    epoch: float | None = 0
     seconds_remaining: float | None = None
 
 

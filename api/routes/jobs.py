@@ -17,6 +17,7 @@ from api.services import jobs as jobs_service
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+MAX_STEP = 2**31 - 1  # checkpoints.step_number is a 32-bit INTEGER
 
 
 def _public(session: Session, jobs: list[Job]) -> list[JobPublic]:
@@ -91,7 +92,10 @@ def download_job_artifact(
     org_id: CurrentOrg,
     job_id: str,
     artifact_format: Annotated[Literal["svfit", "peft_lora", "merged"], Query(alias="format")] = "svfit",
-    step: Annotated[int | None, Query(ge=0, description="A checkpoint's step; default: the final adapter.")] = None,
+    # Bounded by the column type: a larger integer cannot be a step, and the database would refuse it.
+    step: Annotated[
+        int | None, Query(ge=0, le=MAX_STEP, description="A checkpoint's step; default: the final adapter.")
+    ] = None,
 ) -> FileResponse:
     archive = artifacts_service.artifact_archive(
         session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step
