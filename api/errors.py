@@ -13,7 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -79,15 +79,19 @@ async def handle_validation_error(_request: Request, exc: RequestValidationError
     return error_response(validation_error(exc))
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path. Starlette's own Allow names only the first route that
-    matched the path, and GET and POST on /v1/files are two routes."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})  # any method: we want the path match
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    matched the path, and GET and POST on /v1/files are two routes; asking each route whether it would
+    take the request with each method uses nothing but the routing protocol."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 async def handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -97,7 +101,7 @@ async def handle_http_exception(request: Request, exc: StarletteHTTPException) -
         error: ServiceError = NotFound(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}.")
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+        headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
     else:
         # FastAPI's own 400s (a body it cannot parse, a broken multipart stream) and any library's
         # HTTPException: a strict client still gets a string code, never null.
@@ -115,10 +119,17 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
 
 async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
     """A lost or refused connection (the database restarting, a network cut, a full pool) is transient:
-    503 with Retry-After. Any other database error is a bug: 500."""
+    503 with Retry-After. A value the database refuses (PostgreSQL's text type takes no NUL character, a
+    number out of its column's range) came from the request: 400. Any other database error is a bug: 500."""
     if isinstance(exc, (OperationalError, PoolTimeout)) or getattr(exc, "connection_invalidated", False):
         logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
         return error_response(ServiceUnavailable("The database is temporarily unavailable. Please retry shortly."))
+    if isinstance(exc, DataError):
+        # Logged: a value of our own making that the database refused would be a bug to look at.
+        logger.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+        return error_response(InvalidRequest(
+            "A value in the request cannot be used: it holds a NUL character, or is too long or too large."
+        ))
     return await handle_unexpected_error(request, exc)
 
 

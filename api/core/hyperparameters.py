@@ -24,8 +24,11 @@ METHOD_DEFAULT_LEARNING_RATE = {"svfit": 5e-2, "lora": 5e-4, "full": 5e-5}
 DEFAULT_LORA_RANK = 8  # and lora_alpha = 2 x rank, as svfit_core.train_config.PeftSpec resolves them
 
 
+MAX_INT32 = 2**31 - 1  # counts (steps, lengths) go into 32-bit columns and tensors' index types
+
+
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INT32
 
 
 def _finite(value: int | float) -> bool:
@@ -51,11 +54,11 @@ def _shown(value: Any) -> str:
 PEFT_EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "energy_measure": (lambda v: v in ("squared", "linear"), '"squared" or "linear"'),
     "train_bottom": (lambda v: isinstance(v, bool), "a boolean"),
-    "max_seq_length": (_positive_int, "a positive integer"),
-    "checkpoint_every": (_positive_int, "a positive integer"),
-    "eval_every": (_positive_int, "a positive integer"),
-    "max_steps": (_positive_int, "a positive integer"),
-    "gradient_accumulation_steps": (_positive_int, "a positive integer"),
+    "max_seq_length": (_positive_int, "an integer from 1 to 2^31-1"),
+    "checkpoint_every": (_positive_int, "an integer from 1 to 2^31-1"),
+    "eval_every": (_positive_int, "an integer from 1 to 2^31-1"),
+    "max_steps": (_positive_int, "an integer from 1 to 2^31-1"),
+    "gradient_accumulation_steps": (_positive_int, "an integer from 1 to 2^31-1"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "a boolean"),
     "warmup_ratio": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
@@ -142,7 +145,7 @@ def resolve_peft(requested: Mapping[str, Any] | None) -> dict[str, Any]:
 
     rank = requested.get("rank")
     if rank is not None:
-        rank = _integer(rank, "peft.rank", 1)
+        rank = _integer(rank, "peft.rank", 1, MAX_INT32)
     target_modules = requested.get("target_modules")
     if target_modules is not None and not (
         (isinstance(target_modules, str) and target_modules)

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     rate_limit_uploads_per_minute: int = Field(default=600, ge=0, description="POST /v1/files per key.")
     rate_limit_jobs_per_minute: int = Field(default=600, ge=0, description="POST /v1/fine_tuning/jobs per key.")
     rate_limit_inference_per_minute: int = Field(
-        default=12_000, ge=0, description="Completions, chat completions and classifications per key."
+        default=60_000, ge=0, description="Completions, chat completions and classifications per key."
     )
     rate_limit_store: Literal["auto", "memory", "redis"] = Field(
         default="auto",

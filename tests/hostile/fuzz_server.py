@@ -64,13 +64,15 @@ def _seed(app, base_url: str, key: str, models_dir: Path) -> dict[str, list[str]
 
 
 @contextmanager
-def serve(root: Path, **overrides) -> Iterator[FuzzTarget]:  # noqa: ANN003
-    """The app over `root`, listening until the block exits."""
+def serve(root: Path, database_url: str | None = None, **overrides) -> Iterator[FuzzTarget]:  # noqa: ANN003
+    """The app over `root` (on a migrated `database_url`, default a new SQLite file), listening until the
+    block exits."""
     models = build_models(root)
-    database = root / "svfit.db"
-    upgrade_to_head(f"sqlite:///{database}")
+    if database_url is None:
+        database_url = f"sqlite:///{root / 'svfit.db'}"
+        upgrade_to_head(database_url)
     values = dict(
-        data_dir=root / "data", database_url=f"sqlite:///{database}", models_dir=models, require_auth=True,
+        data_dir=root / "data", database_url=database_url, models_dir=models, require_auth=True,
         min_training_examples=3, max_upload_bytes=1024 * 1024, upload_chunk_bytes=64 * 1024,
         inference_batch_window_ms=0,
     )

@@ -5,7 +5,8 @@ rejected, missing auth refused, and 405s naming the methods a path really serves
 The suite runs a bounded pass (SVFIT_FUZZ_MAX_EXAMPLES per operation, default 10: well under a minute).
 A long pass is the same test with a bigger number, run by hand:
 
-    SVFIT_FUZZ_MAX_EXAMPLES=500 SVFIT_FUZZ_SEED=random pytest tests/hostile/test_schemathesis.py -s
+    SVFIT_FUZZ_MAX_EXAMPLES=200 SVFIT_FUZZ_SEED=random pytest tests/hostile/test_schemathesis.py -s
+    SVFIT_FUZZ_DATABASE=postgres ...                      # the same against a fresh PostgreSQL database
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.hostile.fuzz_server import FuzzTarget, serve
 
@@ -69,10 +72,14 @@ def run_schemathesis(target: FuzzTarget, config: Path, max_examples: int, seed: 
     return subprocess.run(command, capture_output=True, text=True, timeout=int(os.environ.get("SVFIT_FUZZ_TIMEOUT_S", "900")))
 
 
-def test_the_whole_schema_survives_fuzzing(tmp_path: Path):
+def test_the_whole_schema_survives_fuzzing(tmp_path: Path, request: pytest.FixtureRequest):
     max_examples = int(os.environ.get("SVFIT_FUZZ_MAX_EXAMPLES", "10"))
     seed = os.environ.get("SVFIT_FUZZ_SEED", "20261122")
-    with serve(tmp_path) as target:
+    # SQLite by default; SVFIT_FUZZ_DATABASE=postgres for a fresh database on the local PostgreSQL.
+    database_url = None
+    if os.environ.get("SVFIT_FUZZ_DATABASE") == "postgres":
+        database_url = request.getfixturevalue("postgres_database")
+    with serve(tmp_path, database_url) as target:
         result = run_schemathesis(
             target, write_config(target, tmp_path / "schemathesis.toml"), max_examples, None if seed == "random" else seed
         )
@@ -81,3 +88,27 @@ def test_the_whole_schema_survives_fuzzing(tmp_path: Path):
     print(f"schemathesis, {max_examples} examples per operation: {summary.group(0) if summary else '?'}")
     assert result.returncode == 0, output[-15000:]
     assert summary and "failures" not in summary.group(0), output[-15000:]
+
+
+# What the fuzzer found and what now holds without it (quick, no server).
+
+
+def test_the_schema_documents_the_errors_the_api_gives(api):
+    schema = api.client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)  # a bad request is a 400 in the envelope
+            if path.startswith("/v1/"):
+                assert {"400", "401", "404", "429", "500"} <= set(responses), (method, path)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize(("path", "allowed"), [
+    ("/v1/files", "GET, POST"), ("/v1/files/file-x", "DELETE, GET"), ("/v1/fine_tuning/jobs", "GET, POST"),
+    ("/v1/models/ft:x:y", "DELETE, GET"),
+])
+def test_a_405_names_every_method_of_the_path(api, path: str, allowed: str):
+    response = api.client.request("PATCH", path, headers=api.headers())
+    assert response.status_code == 405 and response.headers["allow"] == allowed
+    assert response.json()["error"]["code"] == "method_not_allowed"

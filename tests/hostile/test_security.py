@@ -177,8 +177,9 @@ def finished(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template)
 @pytest.mark.parametrize(
     ("query", "param"),
     [("format=../../../etc/passwd", "format"), ("format=svfit%00", "format"), ("format=svfit&step=-1", "step"),
-     ("format=svfit&step=1%2F..%2F..", "step"), ("format=svfit&step=99", "step")],
-    ids=["format-traversal", "format-nul", "step-negative", "step-traversal", "step-missing"],
+     ("format=svfit&step=1%2F..%2F..", "step"), ("format=svfit&step=99", "step"),
+     ("format=peft_lora&step=9223372036854775809", "step")],
+    ids=["format-traversal", "format-nul", "step-negative", "step-traversal", "step-missing", "step-beyond-int64"],
 )
 def test_artifact_parameters_never_reach_a_path(finished: Api, query: str, param: str):
     before = sorted((finished.settings.data_dir / "store").rglob("*"))

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import select
 
 from api.core.tables import File
-from tests.api.conftest import BASE_MODEL
-from tests.hostile.conftest import assert_envelope, assert_nothing_stored, row_counts, store_entries
+from tests.api.conftest import BASE_MODEL, Api, _build_api
+from tests.hostile.conftest import assert_envelope, row_counts, store_entries
 from tests.hostile.corpus.content import CONTENT_CASES, FILES_DIR, ContentCase
 from tests.hostile.corpus.requests import (
     FILENAME_CASES,
@@ -36,16 +41,47 @@ STORAGE_KEY = re.compile(r"^files/org-[0-9a-f]+/file-[0-9a-f]+\.jsonl$")
 MAX_DETAILS_CHARS = 8_000
 
 
-def the_file_row(api) -> File:  # noqa: ANN001
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Callable[..., Api]]:  # noqa: ANN001
+    """One app per distinct settings, shared by the cases that use them (building one per case costs more
+    than the case): each case checks what *it* added to the store and the tables, against a snapshot."""
+    built: dict[tuple, Api] = {}
+
+    def app_for(**settings: Any) -> Api:
+        key = tuple(sorted(settings.items()))
+        if key not in built:
+            root = tmp_path_factory.mktemp("corpus")
+            shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
+            built[key] = _build_api(root, f"sqlite:///{root / 'svfit.db'}", **settings)
+        return built[key]
+
+    yield app_for
+    for api in built.values():
+        api.client.close()
+        api.app.state.engine.dispose()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    store: frozenset[Path]
+    files: frozenset[str]
+    rows: tuple
+
+    @classmethod
+    def of(cls, api: Api) -> "Snapshot":
+        with api.session() as session:
+            files = frozenset(session.scalars(select(File.id)))
+        return cls(frozenset(store_entries(api)), files, tuple(sorted(row_counts(api).items())))
+
+
+def assert_stored_exactly(api: Api, before: Snapshot, body: bytes) -> File:
+    """Exactly one new row, and exactly its bytes added to the store under an id-built key (no `.part`)."""
+    after = Snapshot.of(api)
+    (file_id,) = after.files - before.files
     with api.session() as session:
-        return session.scalars(select(File)).one()
-
-
-def assert_stored_exactly(api, body: bytes) -> File:  # noqa: ANN001
-    """One row, and in the store exactly its bytes under an id-built key; no `.part` left over."""
-    row = the_file_row(api)
+        row = session.scalars(select(File).where(File.id == file_id)).one()
     assert STORAGE_KEY.match(row.storage_key), row.storage_key
-    assert store_entries(api) == [api.app.state.storage.path(row.storage_key)]
+    assert after.store - before.store == {api.app.state.storage.path(row.storage_key)}
     stored = api.app.state.storage.path(row.storage_key).read_bytes()
     assert row.bytes == len(body) and stored == body
     assert row.sha256 == hashlib.sha256(body).hexdigest()
@@ -62,9 +98,10 @@ def test_the_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("case", CONTENT_CASES, ids=lambda case: case.name)
-def test_bad_content_is_an_error_file_naming_its_lines(make_api, case: ContentCase):
-    api = make_api(**case.settings)
+def test_bad_content_is_an_error_file_naming_its_lines(apps, case: ContentCase):  # noqa: ANN001
+    api = apps(**case.settings)
     body = case.body()
+    before = Snapshot.of(api)
     started = time.perf_counter()
     response = api.upload(body)
     elapsed = time.perf_counter() - started
@@ -77,9 +114,9 @@ def test_bad_content_is_an_error_file_naming_its_lines(make_api, case: ContentCa
     assert len(file["status_details"]) < MAX_DETAILS_CHARS
     if case.max_seconds is not None:
         assert elapsed < case.max_seconds, f"{case.name} took {elapsed:.1f}s"
-    assert_stored_exactly(api, body)
-    assert the_file_row(api).filename == "train.jsonl"
+    assert assert_stored_exactly(api, before, body).filename == "train.jsonl"
 
+    jobs_before = len(api.dispatch.job_ids)
     job = api.client.post(
         "/v1/fine_tuning/jobs", json={"model": BASE_MODEL, "training_file": file["id"]}, headers=api.headers()
     )
@@ -94,20 +131,22 @@ def test_bad_content_is_an_error_file_naming_its_lines(make_api, case: ContentCa
         headers=api.headers(),
     )
     assert_envelope(as_validation, 400, "invalid_training_file", "validation_file")
-    assert api.dispatch.job_ids == [] and row_counts(api)["jobs"] == 0
+    assert len(api.dispatch.job_ids) == jobs_before
 
 
 @pytest.mark.parametrize("case", REQUEST_CASES, ids=lambda case: case.name)
-def test_bad_upload_requests_are_4xx_and_leave_nothing(make_api, case: RequestCase):
-    api = make_api(**case.settings)
+def test_bad_upload_requests_are_4xx_and_leave_nothing(apps, case: RequestCase):  # noqa: ANN001
+    api = apps(**case.settings)
     headers = {**api.headers(), **case.extra_headers}
     if case.content_type is not None:
         headers["Content-Type"] = case.content_type
     body = case.body()
     content = (body[i:i + 65536] for i in range(0, len(body), 65536)) if case.chunked else body
+    before = Snapshot.of(api)
     response = api.client.post("/v1/files", content=content, headers=headers)
     assert_envelope(response, case.status, case.code, case.param)
-    assert_nothing_stored(api)
+    assert Snapshot.of(api) == before
+    assert not any(p.name.endswith(".part") for p in store_entries(api))
 
 
 def _disposition_filename(header: str) -> str:
@@ -122,15 +161,16 @@ def _disposition_filename(header: str) -> str:
 
 
 @pytest.mark.parametrize("case", FILENAME_CASES, ids=lambda case: case.name)
-def test_hostile_filenames_are_cleaned_and_never_a_path(make_api, case: FilenameCase):
-    api = make_api()
+def test_hostile_filenames_are_cleaned_and_never_a_path(apps, case: FilenameCase):  # noqa: ANN001
+    api = apps()
+    before = Snapshot.of(api)
     response = api.client.post(
         "/v1/files", content=upload_body(case.filename), headers={**api.headers(), "Content-Type": MULTIPART}
     )
     assert response.status_code == 200, response.text
     file = response.json()
     assert file["filename"] == case.shown and file["status"] == "processed"
-    row = assert_stored_exactly(api, good_body())
+    row = assert_stored_exactly(api, before, good_body())
     assert row.storage_key == f"files/{api.org_ids['alpha']}/{file['id']}.jsonl"
 
     download = api.client.get(f"/v1/files/{file['id']}/content", headers=api.headers())
@@ -139,9 +179,10 @@ def test_hostile_filenames_are_cleaned_and_never_a_path(make_api, case: Filename
     assert download.headers["content-type"] == "application/octet-stream"
 
 
-def test_many_file_parts_keep_one_file(make_api):
+def test_many_file_parts_keep_one_file(apps):  # noqa: ANN001
     """Two `file` parts: one file is stored (the last, as Starlette's form keeps), never two or a mix."""
-    api = make_api()
+    api = apps()
+    before = Snapshot.of(api)
     response = api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -149,4 +190,4 @@ def test_many_file_parts_keep_one_file(make_api):
         data={"purpose": "fine-tune"},
     )
     assert response.status_code == 200
-    assert_stored_exactly(api, good_body(4))
+    assert_stored_exactly(api, before, good_body(4))
