@@ -81,11 +81,17 @@ def machine_info() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
                        "cuda": torch.version.cuda}
-    try:
-        info["load_avg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
+    # Other users of a shared machine slow every figure down; the load average says how busy it was.
+    info["load_avg_at_start"] = _START_LOAD
+    info["load_avg_at_end"] = _load_avg()
     return info
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def git_revision() -> str | None:
@@ -97,6 +103,17 @@ def git_revision() -> str | None:
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def svfit_core_digest() -> str:
+    """sha256 (first 12 hex digits) over svfit_core's sources: which version of the method was measured,
+    even when the working tree was not committed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "svfit_core").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def command_line() -> str:
@@ -113,6 +130,7 @@ def write_result(name: str, payload: dict[str, Any], started: float) -> Path:
         "command": command_line(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
+        "svfit_core_sha256": _START_DIGEST,
         "machine": machine_info(),
         "runtime_s": round(time.time() - started, 1),
         **payload,
@@ -243,3 +261,8 @@ def _fmt(value: Any) -> str:
 def log(msg: str) -> None:
     """Progress lines go to stderr so stdout stays for the tables."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# Taken when the benchmark starts: the sources it imported and the load it started under.
+_START_DIGEST = svfit_core_digest()
+_START_LOAD = _load_avg()

@@ -49,11 +49,6 @@ def store_entries(api: Api) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def assert_nothing_stored(api: Api) -> None:
-    assert store_entries(api) == []
-    assert set(row_counts(api).values()) == {0}, row_counts(api)
-
-
 def assert_envelope(response, status: int, code: str | None = None, param: str | None = "*") -> dict:  # noqa: ANN001
     """The response is `status` with OpenAI's error envelope (and `code` / `param` when given)."""
     assert response.status_code == status, (response.status_code, response.text[:500])

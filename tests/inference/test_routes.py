@@ -153,3 +153,25 @@ def test_classification_labels_with_probabilities(served):
         assert item["label"] == labels[0]["label"] and labels[0]["probability"] >= labels[1]["probability"]
     single = served.post("/classifications", {"model": served.model_ids["clf"], "input": "good movie"}).json()
     assert single["data"][0]["labels"] == body["data"][0]["labels"]
+
+
+def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch):
+    from api.inference.lanes import SharedBaseLane
+
+    original = SharedBaseLane.forward
+    calls = {"n": 0}
+
+    def fails_on_the_third_forward(self, tags, **inputs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return original(self, tags, **inputs)
+
+    monkeypatch.setattr(SharedBaseLane, "forward", fails_on_the_third_forward)
+    response = complete(served, served.model_ids["sv0"], ignore_eos=True, stream=True)
+    lines = [line for line in response.text.split("\n") if line]
+    last = json.loads(lines[-1][len("data: "):])
+    assert last["error"]["type"] == "server_error"
+    assert "data: [DONE]" not in lines
+    monkeypatch.undo()
+    assert complete(served, served.model_ids["sv0"]).status_code == 200  # the engine goes on
