@@ -11,17 +11,20 @@ Arms, per model: floor; full fine-tuning; and on the q,v targets and on all-line
 small fixed rank, SVFit at r = k (every singular value), LoRA r=8 (HF PEFT, alpha 16, no dropout).
 Classification models train their head in every arm except the floor (the head's cost is negligible).
 
-Each arm runs in its own fresh subprocess so its peak memory is its own:
-- CPU: peak resident memory (the kernel's VmHWM, reset after warm-up) minus the resident memory of the
-  loaded base model before the arm was set up. This counts what the method adds: stored bases or LoRA
-  factors, gradients, optimizer state and the activations kept for backward.
-- GPU: torch.cuda.max_memory_allocated minus the memory the base model holds.
-With --rounds > 1 every arm runs that many times, interleaved (round 1 of every arm, then round 2 ...),
-and the timed steps are pooled: load from other users of a shared machine then hits all arms alike.
+Two measurements per model, each in fresh subprocesses:
+- **Time**: every arm is built in one process, each on its own copy of the base model, and the arms are
+  stepped round-robin (round i starts at arm i mod n), after untimed warm-up rounds. The figure is the
+  median step per arm. On a machine shared with other work, load then falls on all arms alike, so the
+  ratios hold even when the absolute times move.
+- **Memory**: each arm alone in its own process. CPU: peak resident memory (the kernel's VmHWM, reset
+  after a warm-up step so the optimizer state exists) minus the resident memory of the loaded base model
+  before the arm was set up; it counts what the method adds: stored bases or LoRA factors, gradients,
+  optimizer state and the activations kept for backward. GPU: torch.cuda.max_memory_allocated minus what
+  the base model holds.
 
 Models: MiniLM-L6 (sequence classification, batch 16, seq 128) and SmolLM2-135M (causal LM, batch 4,
 seq 128). --quick replaces SmolLM2 with a random Llama of SmolLM2's shape halved (hidden 288, 15 layers,
-intermediate 768) and times fewer steps.
+intermediate 768, vocabulary 24,576) and times 10 steps per arm instead of 30.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchmarks.common import (
+    REPO_ROOT,
     format_table,
     log,
     median,
@@ -88,14 +92,14 @@ class Arm:
 
 @dataclass
 class WorkerSpec:
+    mode: str  # "memory" (one arm) | "timing" (every arm, interleaved)
     case: ModelCase
-    arm: Arm
+    arms: list[Arm]
     warmup: int
     steps: int
     threads: int
     device: str
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def arms_for() -> list[Arm]:
@@ -109,8 +113,9 @@ def arms_for() -> list[Arm]:
     return arms
 
 
-# ----------------------------------------------------------------------------------------- the worker
-# Runs inside a fresh subprocess: builds one arm, times it and prints one JSON line.
+# ---------------------------------------------------------------------------------------- the workers
+# Both run inside fresh subprocesses and print one JSON line. The memory worker builds one arm and reads
+# its peak; the timing worker builds every arm of a model side by side and steps them in turn.
 
 
 def _load(case: ModelCase, device: str):
@@ -143,8 +148,7 @@ def _set_up_arm(model, case: ModelCase, arm: Arm):
         from svfit_core import SVFitConfig, inject_svfit
 
         model.requires_grad_(False)
-        cfg = SVFitConfig(rank=arm.rank, target_modules=targets, modules_to_save=[])
-        wrapped = inject_svfit(model, cfg)
+        wrapped = inject_svfit(model, SVFitConfig(rank=arm.rank, target_modules=targets, modules_to_save=[]))
     elif arm.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -160,101 +164,113 @@ def _set_up_arm(model, case: ModelCase, arm: Arm):
     return wrapped
 
 
-def _batch(case: ModelCase, vocab: int, device: str, seed: int):
-    import torch
+class _ArmRunner:
+    """One arm ready to step: its model, optimizer and a fixed random batch."""
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, min(vocab, 30000), (case.batch, case.seq), generator=g)
-    mask = torch.ones_like(ids)
-    if case.task == "classification":
-        labels = torch.randint(0, 2, (case.batch,), generator=g)
-    else:
-        labels = ids.clone()
-    return ids.to(device), mask.to(device), labels.to(device)
+    def __init__(self, base, case: ModelCase, arm: Arm, device: str, seed: int) -> None:
+        import torch
+
+        self.arm = arm
+        t0 = time.perf_counter()
+        self.model = _set_up_arm(base, case, arm)
+        self.setup_s = time.perf_counter() - t0
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        head = set(_head_names(base))
+        self.trainable = sum(p.numel() for p in params)
+        self.head_params = sum(p.numel() for n, p in base.named_parameters() if n in head and p.requires_grad)
+        self.svfit_ranks = [m.rank for m in self.model.modules() if type(m).__name__ == "SVFitLayer"]
+        # The learning rate is irrelevant to timing; a small one keeps the weights sane over many steps.
+        self.opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
+        self.embed = base.get_input_embeddings()
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(100, min(base.config.vocab_size, 30000), (case.batch, case.seq), generator=g)
+        labels = torch.randint(0, 2, (case.batch,), generator=g) if case.task == "classification" else ids.clone()
+        self.ids, self.mask, self.labels = ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
+        self.cuda = device.startswith("cuda")
+
+    def step(self) -> float:
+        """One forward + backward + optimizer step; returns its wall time in seconds."""
+        import torch
+
+        t = time.perf_counter()
+        if self.arm.method == "floor":
+            # Backward must reach the inputs, so the embeddings' output is a leaf that requires grad.
+            x = self.embed(self.ids).detach().requires_grad_(True)
+            out = self.model(inputs_embeds=x, attention_mask=self.mask, labels=self.labels)
+        else:
+            out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.labels)
+        out.loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
 
-def run_worker(spec: WorkerSpec) -> dict[str, Any]:
+def memory_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Peak memory of one arm, alone in this process (see the module docstring for what is counted)."""
     import torch
 
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     cuda = spec.device.startswith("cuda")
-
     base = _load(spec.case, spec.device)
     gc.collect()
     rss_base = rss_mb()
     gpu_base = torch.cuda.memory_allocated() if cuda else 0
-
-    t0 = time.perf_counter()
-    model = _set_up_arm(base, spec.case, spec.arm)
-    setup_s = time.perf_counter() - t0
-    model.train()
+    arm = spec.arms[0]
+    runner = _ArmRunner(base, spec.case, arm, spec.device, spec.seed)
     gc.collect()
-    adapter_state_mb = rss_mb() - rss_base
-    if cuda:
-        adapter_state_mb = (torch.cuda.memory_allocated() - gpu_base) / 2**20
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    head = set(_head_names(base))
-    trainable = sum(p.numel() for p in params)
-    head_params = sum(p.numel() for n, p in base.named_parameters() if n in head and p.requires_grad)
-    # Learning rate is irrelevant to timing; a small one keeps the weights sane over the timed steps.
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if params else None
-
-    ids, mask, labels = _batch(spec.case, base.config.vocab_size, spec.device, spec.seed)
-    embed = base.get_input_embeddings()
-
-    def step() -> None:
-        if spec.arm.method == "floor":
-            # Backward must reach the inputs, so the embeddings' output is a leaf that requires grad.
-            x = embed(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=x, attention_mask=mask, labels=labels)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+    state_mb = (torch.cuda.memory_allocated() - gpu_base) / 2**20 if cuda else rss_mb() - rss_base
+    # Warm-up creates the optimizer state; the measured steps then hold everything a step ever holds.
     for _ in range(spec.warmup):
-        step()
+        runner.step()
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
     hwm_reset = reset_peak_rss()
-
-    times = []
-    for _ in range(spec.steps):
-        t = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-
+    times = [runner.step() for _ in range(spec.steps)]
     if cuda:
-        peak_mb = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
         peak_abs = torch.cuda.max_memory_allocated() / 2**20
-        mem_probe = "torch.cuda.max_memory_allocated"
+        peak = peak_abs - gpu_base / 2**20
+        probe = "torch.cuda.max_memory_allocated"
     else:
         peak_abs = peak_rss_mb()
-        peak_mb = peak_abs - rss_base
-        mem_probe = "VmHWM after clear_refs" if hwm_reset else "ru_maxrss (whole process)"
-
-    ranks = [m.rank for m in model.modules() if type(m).__name__ == "SVFitLayer"]
+        peak = peak_abs - rss_base
+        probe = "VmHWM after clear_refs" if hwm_reset else "ru_maxrss (whole process)"
     return {
-        "step_s": times,
-        "trainable_params": trainable,
-        "head_params": head_params,
-        "setup_s": setup_s,
-        "adapter_state_mb": adapter_state_mb,
-        "peak_mem_mb": peak_mb,
-        "peak_abs_mb": peak_abs,
-        "base_mb": rss_base if not cuda else gpu_base / 2**20,
-        "mem_probe": mem_probe,
-        "svfit_layers": len(ranks),
-        "svfit_rank_total": sum(ranks),
+        "arm": arm.name, "trainable_params": runner.trainable, "head_params": runner.head_params,
+        "svfit_layers": len(runner.svfit_ranks), "svfit_rank_total": sum(runner.svfit_ranks),
+        "setup_s": runner.setup_s, "adapter_state_mb": state_mb, "peak_mem_mb": peak, "peak_abs_mb": peak_abs,
+        "base_mb": gpu_base / 2**20 if cuda else rss_base, "mem_probe": probe, "isolated_step_s": times,
     }
+
+
+def timing_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Every arm of one model in this process, each on its own copy of the base model, stepped in turn:
+    round i steps every arm once, starting from arm i mod n. Load from other users of the machine then
+    falls on all arms alike instead of on whichever arm happened to run during a busy minute."""
+    import copy
+
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    base = _load(spec.case, spec.device)
+    runners = [_ArmRunner(copy.deepcopy(base), spec.case, arm, spec.device, spec.seed) for arm in spec.arms]
+    del base
+    gc.collect()
+    times: dict[str, list[float]] = {r.arm.name: [] for r in runners}
+    n = len(runners)
+    for rnd in range(spec.warmup + spec.steps):
+        for j in range(n):
+            runner = runners[(rnd + j) % n]
+            t = runner.step()
+            if rnd >= spec.warmup:
+                times[runner.arm.name].append(t)
+    return {"step_s": times}
 
 
 # ----------------------------------------------------------------------------------------- the parent
@@ -288,35 +304,32 @@ out, src, gguf = sys.argv[1:4]
 AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf).save_pretrained(out)
 """
 
-# SmolLM2-135M's architecture with every width and the depth halved; random weights (seeded). The vocabulary
-# is kept so the LM head's share of the step stays realistic.
+# SmolLM2-135M's architecture with every width, the depth and the vocabulary halved; random weights (seeded).
 _HALF_LLAMA = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 out = sys.argv[1]
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=49152, hidden_size=288, intermediate_size=768, num_hidden_layers=15,
+cfg = LlamaConfig(vocab_size=24576, hidden_size=288, intermediate_size=768, num_hidden_layers=15,
                   num_attention_heads=9, num_key_value_heads=3, head_dim=32, tie_word_embeddings=True,
                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
 LlamaForCausalLM(cfg).save_pretrained(out)
 """
 
 
-def run_arm(spec: WorkerSpec, timeout: int) -> dict[str, Any]:
+def run_worker(spec: WorkerSpec, timeout: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--worker", json.dumps(asdict(spec))],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"arm {spec.arm.name} on {spec.case.key} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{spec.mode} worker on {spec.case.key} ({', '.join(a.name for a in spec.arms)}) "
+                           f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
-def summarise(case: ModelCase, arm: Arm, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    steps = [t for r in runs for t in r["step_s"]]
-    first = runs[0]
+def summarise(case: ModelCase, arm: Arm, mem: dict[str, Any], steps: list[float]) -> dict[str, Any]:
     return {
         "model": case.key,
         "name": arm.name,
@@ -324,23 +337,23 @@ def summarise(case: ModelCase, arm: Arm, runs: list[dict[str, Any]]) -> dict[str
         "targets": arm.targets,
         "target_modules": case.targets.get(arm.targets) if arm.targets else None,
         "rank": "k" if arm.method == "svfit" and arm.rank is None else arm.rank,
-        "trainable_params": first["trainable_params"],
-        "trainable_params_excl_head": first["trainable_params"] - first["head_params"],
-        "head_params": first["head_params"],
-        "svfit_layers": first["svfit_layers"],
-        "svfit_rank_total": first["svfit_rank_total"],
+        "trainable_params": mem["trainable_params"],
+        "trainable_params_excl_head": mem["trainable_params"] - mem["head_params"],
+        "head_params": mem["head_params"],
+        "svfit_layers": mem["svfit_layers"],
+        "svfit_rank_total": mem["svfit_rank_total"],
         "steps_timed": len(steps),
         "step_ms_median": 1000 * median(steps),
         "step_ms_p25": 1000 * quantile(steps, 0.25),
         "step_ms_p75": 1000 * quantile(steps, 0.75),
-        "step_ms_per_round": [1000 * median(r["step_s"]) for r in runs],
-        # The largest over rounds: a peak is a worst case.
-        "peak_mem_mb": max(r["peak_mem_mb"] for r in runs),
-        "peak_abs_mb": max(r["peak_abs_mb"] for r in runs),
-        "adapter_state_mb": max(r["adapter_state_mb"] for r in runs),
-        "base_model_mb": first["base_mb"],
-        "setup_s": median(r["setup_s"] for r in runs),
-        "mem_probe": first["mem_probe"],
+        # From the memory worker, where the arm ran alone: a second, unpaired view of its speed.
+        "isolated_step_ms_median": 1000 * median(mem["isolated_step_s"]),
+        "peak_mem_mb": mem["peak_mem_mb"],
+        "peak_abs_mb": mem["peak_abs_mb"],
+        "adapter_state_mb": mem["adapter_state_mb"],
+        "base_model_mb": mem["base_mb"],
+        "setup_s": mem["setup_s"],
+        "mem_probe": mem["mem_probe"],
     }
 
 
@@ -396,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and a half-size random Llama (< 5 min)")
     ap.add_argument("--models", default="minilm,smollm2", help="comma list of minilm, smollm2")
-    ap.add_argument("--arms", default=None, help="comma list of arm names (default: all)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved repeats of every arm")
+    ap.add_argument("--arms", default=None, help="comma list of arm names (default: all; floor always runs)")
+    ap.add_argument("--steps", type=int, default=None, help="timed rounds (steps per arm)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
+    ap.add_argument("--mem-steps", type=int, default=None, help="steps the memory worker measures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--name", default=None, help="result file name (default speed / speed_quick)")
@@ -408,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         raw = json.loads(args.worker)
-        spec = WorkerSpec(case=ModelCase(**raw.pop("case")), arm=Arm(**raw.pop("arm")), **raw)
-        print(json.dumps(run_worker(spec)))
+        spec = WorkerSpec(case=ModelCase(**raw.pop("case")), arms=[Arm(**a) for a in raw.pop("arms")], **raw)
+        result = memory_worker(spec) if spec.mode == "memory" else timing_worker(spec)
+        print(json.dumps(result))
         return 0
 
     import torch
@@ -417,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    steps = args.steps or (10 if args.quick else 15)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    rounds = args.rounds or (1 if args.quick else 2)
+    steps = args.steps or (10 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    mem_steps = args.mem_steps or (1 if args.quick else 3)
     name = args.name or ("speed_quick" if args.quick else "speed")
     arms = arms_for()
     if args.arms:
@@ -432,17 +446,19 @@ def main(argv: list[str] | None = None) -> int:
         arms_out: list[dict[str, Any]] = []
         targets: list[dict[str, Any]] = []
         for case in cases:
-            runs: dict[str, list[dict[str, Any]]] = {a.name: [] for a in arms}
-            for rnd in range(rounds):
-                for arm in arms:
-                    log(f"{case.key} round {rnd + 1}/{rounds}: {arm.name}")
-                    spec = WorkerSpec(case, arm, warmup, steps, args.threads, device)
-                    res = run_arm(spec, timeout=3600)
-                    runs[arm.name].append(res)
-                    log(f"  median {1000 * median(res['step_s']):.0f} ms, peak +{res['peak_mem_mb']:.0f} MB, "
-                        f"{res['trainable_params']:,} trainable")
-            rows = [summarise(case, a, runs[a.name]) for a in arms]
+            mems = {}
+            for arm in arms:
+                log(f"{case.key} memory: {arm.name}")
+                mems[arm.name] = run_worker(WorkerSpec("memory", case, [arm], 1, mem_steps, args.threads, device),
+                                            timeout=3600)
+                log(f"  peak +{mems[arm.name]['peak_mem_mb']:.0f} MB, {mems[arm.name]['trainable_params']:,} "
+                    f"trainable")
+            log(f"{case.key} timing: {len(arms)} arms x {steps} steps, interleaved")
+            timing = run_worker(WorkerSpec("timing", case, arms, warmup, steps, args.threads, device), timeout=7200)
+            rows = [summarise(case, a, mems[a.name], timing["step_s"][a.name]) for a in arms]
             add_ratios(rows)
+            for r in rows:
+                log(f"  {r['name']}: {r['step_ms_median']:.0f} ms ({r['ratio_to_floor']:.2f}x floor)")
             arms_out += rows
             if len(arms) == len(arms_for()):
                 targets += check_targets(rows)
@@ -451,15 +467,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print_tables(cases, arms_out, targets)
     path = write_result(name, {
-        "settings": {"quick": args.quick, "device": device, "threads": args.threads, "warmup": warmup,
-                     "steps_per_round": steps, "rounds": rounds, "optimizer": "AdamW (torch default)",
-                     "svfit_small_rank": SMALL_RANK, "lora": {"r": LORA_RANK, "alpha": 2 * LORA_RANK,
-                                                              "dropout": 0.0},
+        "settings": {"quick": args.quick, "device": device, "threads": args.threads, "warmup_rounds": warmup,
+                     "timed_steps": steps, "memory_steps": mem_steps, "optimizer": "AdamW (torch default)",
+                     "timing": "all arms of a model in one process, stepped round-robin; median per arm",
+                     "memory": "one fresh process per arm; peak minus the loaded base model",
+                     "svfit_small_rank": SMALL_RANK,
+                     "lora": {"r": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0},
                      "models": [asdict(c) | {"source": None} for c in cases]},
         "arms": arms_out,
         "targets": targets,
     }, started)
-    print(f"\nwrote {path.relative_to(path.parents[2])}")
+    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
     return 0
 
 
