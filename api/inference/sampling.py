@@ -31,7 +31,11 @@ def next_tokens(
         if temperature == 0:
             out.append(greedy[i])
             continue
-        probs = torch.softmax(logits[i] / temperature, dim=-1)
+        # Shifted so the largest logit is 0, and in float64 (where a temperature of 5e-324 is not 0): at a
+        # tiny temperature the rest overflow to -inf and the softmax is one-hot, where logits / temperature
+        # would be inf - inf = NaN and fail the step of every request batched with this one.
+        row = logits[i].double()
+        probs = torch.softmax((row - row.max()) / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

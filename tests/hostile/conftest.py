@@ -15,9 +15,7 @@ from sqlalchemy import func, select
 from api.core.tables import Base
 from tests.api.conftest import (  # noqa: F401 — fixtures, re-exported for this directory
     Api,
-    any_db_api,
     api,
-    database_url,
     make_api,
     migrated_sqlite_template,
     postgres_database,

@@ -57,7 +57,8 @@ def _seed(app, base_url: str, key: str, models_dir: Path) -> dict[str, list[str]
         for i in range(5)
     )
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
-        file_id = client.post("/v1/files", files={"file": ("seed.jsonl", body)}, data={"purpose": "fine-tune"}).json()["id"]
+        upload = client.post("/v1/files", files={"file": ("seed.jsonl", body)}, data={"purpose": "fine-tune"})
+        file_id = upload.json()["id"]
         job = client.post("/v1/fine_tuning/jobs", json={"model": LLAMA, "training_file": file_id}).json()
     classifier = publish_classifier(app, job["organization_id"], models_dir)
     return {"file": [file_id], "job": [job["id"], "ftjob-clf"], "model": [LLAMA, classifier]}

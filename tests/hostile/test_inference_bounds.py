@@ -128,7 +128,7 @@ def _body(served: Served, base: dict, overrides: dict) -> dict:
 @pytest.mark.parametrize(
     ("path", "base", "overrides", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_out_of_bounds_inference_parameters_name_the_field(served: Served, path, base, overrides, status, param):  # noqa: ANN001, E501
+def test_out_of_bounds_inference_parameters_name_the_field(served: Served, path, base, overrides, status, param):  # noqa: ANN001
     error = assert_envelope(post(served.api, path, _body(served, base, overrides)), status, param=param)
     assert error["type"] == "invalid_request_error"
 
@@ -138,14 +138,17 @@ def test_out_of_bounds_inference_parameters_name_the_field(served: Served, path,
     [
         ("/completions", COMPLETION, {"temperature": 0}),
         ("/completions", COMPLETION, {"temperature": 2, "seed": 10**30}),
+        ("/completions", COMPLETION, {"temperature": 5e-324, "top_p": 5e-324, "n": 2}),  # found by fuzzing
+        ("/chat/completions", CHAT, {"temperature": 1e-300, "ignore_eos": True}),
         ("/completions", COMPLETION, {"top_p": 1, "n": 16, "stop": ["a", "b", "c", "d"]}),
         ("/completions", COMPLETION, {"max_tokens": 1, "prompt": [5, 6, 7]}),
         ("/completions", COMPLETION, {"max_tokens": CONTEXT - 3, "prompt": "hello world"}),
         ("/chat/completions", CHAT, {"max_completion_tokens": 1, "unknown_key": {"x": 1}}),
         ("/classifications", {"model": "CLASSIFIER"}, {"input": ["good movie", ""]}),
     ],
-    ids=["temperature_0", "temperature_2_huge_seed", "top_p_1_n_16_four_stops", "max_tokens_1_token_ids",
-         "max_tokens_fills_context", "max_completion_tokens_1", "classify_empty_string"],
+    ids=["temperature_0", "temperature_2_huge_seed", "temperature_denormal", "chat_temperature_tiny",
+         "top_p_1_n_16_four_stops", "max_tokens_1_token_ids", "max_tokens_fills_context", "max_completion_tokens_1",
+         "classify_empty_string"],
 )
 def test_values_at_the_bounds_are_served(served: Served, path, base, overrides):  # noqa: ANN001
     response = post(served.api, path, _body(served, base, overrides))

@@ -42,7 +42,9 @@ MAX_DETAILS_CHARS = 8_000
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -> Iterator[Callable[..., Api]]:  # noqa: ANN001
+def apps(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template: Path
+) -> Iterator[Callable[..., Api]]:
     """One app per distinct settings, shared by the cases that use them (building one per case costs more
     than the case): each case checks what *it* added to the store and the tables, against a snapshot."""
     built: dict[tuple, Api] = {}
