@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from api.core.settings import Settings
@@ -33,7 +34,7 @@ class RateLimiter(Protocol):
 class MemoryRateLimiter:
     """Buckets in a dict under a lock: exact within one process."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, last refill time)

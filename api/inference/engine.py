@@ -8,6 +8,8 @@ step; the row leaves the batch at the next step.
 
 When the engine is idle, the first request waits ``inference_batch_window_ms`` for others to join it, so a
 burst of requests shares its first forward pass. Torch is imported on the engine thread, on first use.
+Loading a model that is not in memory yet also happens on this thread, so it pauses the other lanes' decoding
+for that long (seconds for a small model; a loader thread of its own would lift that).
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def run_schemathesis(
     if seed is not None:
         command += ["--seed", seed]
     timeout = int(os.environ.get("SVFIT_FUZZ_TIMEOUT_S", "900"))
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    # Run beside the config, not in the repository: schemathesis keeps a cache in its working directory.
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=config.parent)
 
 
 def test_the_whole_schema_survives_fuzzing(tmp_path: Path, request: pytest.FixtureRequest):
