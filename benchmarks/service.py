@@ -32,7 +32,6 @@ import httpx
 from benchmarks.common import REPO_ROOT, format_table, log, quantile, write_result
 
 SVFIT = [sys.executable, "-m", "api.cli"]
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLIENTS = 50
 
 
@@ -49,18 +48,11 @@ def build_tiny_chat_model(models_dir: Path) -> None:
     build_tiny("llama", "causal", models_dir).rename(models_dir / "tiny-llama")
 
 
-@contextmanager
 def postgres_database():
-    import psycopg
+    """A throwaway database; `running_service` migrates it with `svfit migrate`."""
+    from tests.databases import fresh_postgres_database
 
-    name = f"svfit_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return fresh_postgres_database("svfit_bench", migrate=False)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,10 @@ from api.core.settings import Settings  # noqa: E402
 from api.core.tables import Base  # noqa: E402
 from api.main import create_app  # noqa: E402
 from api.services.keys import create_api_key  # noqa: E402
+from tests.databases import fresh_postgres_database
 
 BASE_MODEL = "tiny-base"
 MIN_EXAMPLES = 3
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def chat_line(i: int = 0) -> dict:
@@ -143,20 +142,8 @@ def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the session, migrated with upgrade_to_head and dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"svfit_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        upgrade_to_head(url)
+    with fresh_postgres_database("svfit_test") as url:
         yield url
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
 from tests.core.tiny_models import build_tiny
+from tests.databases import fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 SVFIT = [sys.executable, "-m", "api.cli"]
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def free_port() -> int:
@@ -109,12 +108,8 @@ def base_env(data_dir: Path, models_dir: Path, port: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    name = f"svfit_e2e_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("svfit_e2e", migrate=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ unfinished jobs after it, so one test's wreckage never becomes the next test's f
 
 from __future__ import annotations
 
-import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.core.tiny_models import build_tiny
+from tests.databases import fresh_postgres_database
 from tests.faults.checks import ReferenceRuns
 from tests.faults.cluster import BASE_MODEL, Cluster, training_file
 from tests.faults.redis_server import RedisServer
 from tests.faults.tcp_proxy import TcpProxy
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def free_port() -> int:
@@ -47,22 +45,8 @@ def references(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, train
 @pytest.fixture(scope="package")
 def fault_database() -> Iterator[str]:
     """A fresh, migrated Postgres database (direct URL), dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"svfit_faults_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        from api.core.migrations import upgrade_to_head
-
-        upgrade_to_head(url)
+    with fresh_postgres_database("svfit_faults") as url:
         yield url
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="package")

@@ -20,6 +20,7 @@ import torch
 from sqlalchemy import select
 
 from tests.core.tiny_models import build_tiny
+from tests.databases import fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,21 +226,11 @@ def service(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, migrated Postgres database, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    name = f"svfit_test_{uuid.uuid4().hex[:10]}"
     try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        yield url
+        with fresh_postgres_database("svfit_test") as url:
+            yield url
     finally:
         clear_caches()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
