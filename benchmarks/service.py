@@ -127,12 +127,18 @@ async def latency_under_load(base_url: str, path: str, clients: int, requests_pe
     loop, where latency is mostly queueing behind the other 49), or one every `interval_s` (a polling
     client); returns every request's seconds."""
     samples: list[float] = []
+    errors: list[str] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
         async def one_client() -> None:
             for _ in range(requests_per_client):
                 start = time.perf_counter()
-                response = await client.get(path)
+                try:
+                    response = await client.get(path)
+                except (httpx.ReadError, httpx.RemoteProtocolError):
+                    # A keep-alive connection the server closed as we reused it: counted, retried once.
+                    errors.append(path)
+                    response = await client.get(path)
                 samples.append(time.perf_counter() - start)
                 response.raise_for_status()
                 if interval_s:
