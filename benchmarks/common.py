@@ -22,7 +22,8 @@ from typing import Any, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-DATA_DIR = Path(os.environ.get("SVFIT_BENCH_DATA", "/work/shared/data"))
+# The shared datasets sit beside the checkout (`../shared/data`); SVFIT_BENCH_DATA points elsewhere.
+DATA_DIR = Path(os.environ.get("SVFIT_BENCH_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
