@@ -297,11 +297,21 @@ def prepare_models(quick: bool, workdir: str, which: list[str]) -> list[ModelCas
 
 
 # Dequantise the GGUF once and save fp32 safetensors, so each of the many workers loads in a second.
+# transformers refuses to save a GGUF-loaded model, so the weights move into a model built from the same
+# config without its quantization_config.
 _DEQUANTISE = """
-import sys
-from transformers import AutoModelForCausalLM
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
 out, src, gguf = sys.argv[1:4]
-AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf).save_pretrained(out)
+gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+cfg = gguf_model.config.to_dict()
+cfg.pop("quantization_config", None)
+cfg = AutoConfig.for_model(**cfg)
+model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+model.tie_weights()
+model.save_pretrained(out)
 """
 
 # SmolLM2-135M's architecture with every width, the depth and the vocabulary halved; random weights (seeded).
