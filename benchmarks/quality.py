@@ -15,7 +15,8 @@ Protocol (the same for every arm):
 - Data: a fixed random training subset and a disjoint held-out slice, both drawn from the task's training
   split. Accuracy is reported on the task's own evaluation split (SST-2: the 872-example GLUE validation
   set; TREC: the 500-question test set), which no selection ever looks at.
-- Learning rate: each arm has a grid of three values around its usual recipe. On the sweep task (SST-2)
+- Learning rate: each arm has a grid of three values around its usual recipe, widened by one step where
+  the first full run chose an edge value (head-only, PiSSA). On the sweep task (SST-2)
   seed 0 trains once per value and the value with the best held-out accuracy is kept; the other task
   uses the value chosen there. A sweep run at the chosen value doubles as that task's seed 0 (its
   selection never saw the evaluation split).
@@ -78,12 +79,12 @@ class ArmSpec:
 ARMS = [
     # MiniLM's pooler (inside the backbone, frozen for every arm but full) gives nearly constant outputs,
     # so a probe on it needs a high rate; the grid sits higher than usual for that reason.
-    ArmSpec("head_only", {"method": "head_only"}, (3e-3, 1e-2, 3e-2), "linear probe; sweeps the head lr"),
+    ArmSpec("head_only", {"method": "head_only"}, (3e-3, 1e-2, 3e-2, 1e-1), "linear probe; sweeps the head lr"),
     ArmSpec("full", {"method": "full"}, (2e-5, 5e-5, 1e-4), "every weight trains"),
     ArmSpec("lora_r8_qv", {"method": "lora", "rank": 8, "lora_alpha": 16, "target_modules": QV},
             (3e-4, 1e-3, 3e-3), "HF PEFT LoRA, alpha 16, no dropout"),
     ArmSpec("pissa_r8_qv", {"method": "pissa", "rank": 8, "lora_alpha": 16, "target_modules": QV},
-            (1e-4, 3e-4, 1e-3), "HF PEFT PiSSA initialisation"),
+            (1e-4, 3e-4, 1e-3, 3e-3), "HF PEFT PiSSA initialisation"),
     ArmSpec("svfit_rk_qv", {"method": "svfit", "target_modules": QV}, (1e-2, 3e-2, 1e-1),
             "r = k: every singular value of W_q, W_v"),
     ArmSpec("svfit_e099_all", {"method": "svfit", "energy": 0.99, "target_modules": "all-linear"},
@@ -104,6 +105,7 @@ class Settings:
     seeds: int
     jobs: int
     threads_per_job: int
+    device: str = "cpu"
 
 
 FULL = Settings(tasks=["sst2", "trec"], sweep_task="sst2", train_size=2000, heldout_size=500, n_epochs=3,
@@ -150,7 +152,8 @@ def _init_worker(threads: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: int, batch: int = 64) -> float:
+def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: int, device: str = "cpu",
+             batch: int = 64) -> float:
     """Accuracy of the adapter ``run_training`` wrote, loaded the way the service loads it."""
     import torch
 
@@ -159,6 +162,7 @@ def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: i
     from svfit_core.encoding import encode_example
 
     model, tokenizer, _ = load_trained_model(base_path, adapter_dir)
+    model.to(device)
     token_types = bool(getattr(model.config, "type_vocab_size", 0))
     rows = [encode_example(ex, "classification", tokenizer, max_len, token_types=token_types) for ex in examples]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
@@ -166,7 +170,7 @@ def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: i
     with torch.no_grad():
         for start in range(0, len(order), batch):
             chunk = [rows[i] for i in order[start:start + batch]]
-            inputs = collate(chunk, tokenizer.pad_token_id)
+            inputs = {k: t.to(device) for k, t in collate(chunk, tokenizer.pad_token_id).items()}
             labels = inputs.pop("labels")
             correct += int((model(**inputs).logits.argmax(-1) == labels).sum())
     return correct / len(rows)
@@ -192,7 +196,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig(n_epochs=settings.n_epochs, batch_size=settings.batch_size, learning_rate=lr,
                          head_learning_rate=head_lr, weight_decay=0.0, warmup_ratio=0.1, lr_scheduler="linear",
                          max_grad_norm=1.0, max_seq_length=settings.max_seq_length, seed=seed,
-                         label_names=data["label_names"], device="cpu")
+                         label_names=data["label_names"], device=settings.device)
     base = minilm_path()
     out = Path(tempfile.mkdtemp(prefix=f"svfit-quality-{arm.name}-"))
     try:
@@ -200,7 +204,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             result = run_training(base, data["train"], data["heldout"], PeftSpec(**arm.peft), config, out,
                                   callbacks=Recorder())
         with Stopwatch() as eval_sw:
-            accuracy = evaluate(base, result.adapter_dir, data["evaluation"], settings.max_seq_length)
+            accuracy = evaluate(base, result.adapter_dir, data["evaluation"], settings.max_seq_length,
+                                settings.device)
         record.update(
             status=result.status, steps=result.step, trained_tokens=result.trained_tokens,
             trainable_params=started.get("trainable_params"),
@@ -398,12 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
     ap.add_argument("--name", default=None, help="result file name (default quality / quality_quick)")
     ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (runs in parallel share the one GPU)")
     args = ap.parse_args(argv)
 
     started = time.time()
     settings = QUICK if args.quick else FULL
     overrides = {"tasks": args.tasks.split(",") if args.tasks else None, "seeds": args.seeds,
-                 "train_size": args.train_size, "n_epochs": args.epochs, "jobs": args.jobs}
+                 "train_size": args.train_size, "n_epochs": args.epochs, "jobs": args.jobs,
+                 "device": args.device}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if settings.sweep_task and settings.sweep_task not in settings.tasks:
         settings = replace(settings, sweep_task=settings.tasks[0])

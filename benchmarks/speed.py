@@ -276,22 +276,32 @@ def timing_worker(spec: WorkerSpec) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- the parent
 
 
-def prepare_models(quick: bool, workdir: str, which: list[str]) -> list[ModelCase]:
-    """Model cases with a folder each worker can load quickly (SmolLM2's GGUF is dequantised once)."""
+def prepare_models(quick: bool, workdir: str, which: list[str], random_smollm2: bool = False,
+                   batch_scale: int = 1) -> list[ModelCase]:
+    """Model cases with a folder each worker can load quickly (SmolLM2's GGUF is dequantised once).
+
+    ``random_smollm2`` builds SmolLM2-135M's exact architecture with random weights instead of reading the
+    GGUF (for a machine without the package; step time depends on shapes, not values). ``batch_scale``
+    multiplies every batch size (a GPU is launch-bound at the CPU batch sizes)."""
     cases = []
     if "minilm" in which:
-        cases.append(ModelCase("minilm", "MiniLM-L6 (cls, batch 16, seq 128)", "classification", 16, 128,
+        b = 16 * batch_scale
+        cases.append(ModelCase("minilm", f"MiniLM-L6 (cls, batch {b}, seq 128)", "classification", b, 128,
                                {"qv": BERT_QV, "all": BERT_ALL}, source=minilm_path()))
     if "smollm2" in which:
-        folder = os.path.join(workdir, "smollm2_half" if quick else "smollm2")
-        script = _HALF_LLAMA if quick else _DEQUANTISE
-        log(f"preparing {'a random half-size SmolLM2-shaped Llama' if quick else 'SmolLM2-135M (GGUF -> fp32)'}")
-        src_dir, gguf = smollm2_location()
+        b = 4 * batch_scale
+        if quick:
+            key, script, label = "smollm2_half", _HALF_LLAMA, "Llama, SmolLM2 shape halved (random"
+        elif random_smollm2:
+            key, script, label = "smollm2_random", _RANDOM_SMOLLM2, "SmolLM2-135M architecture (random weights"
+        else:
+            key, script, label = "smollm2", _DEQUANTISE, "SmolLM2-135M (GGUF dequantised to fp32"
+        folder = os.path.join(workdir, key)
+        log(f"preparing {label})")
+        src_dir, gguf = ("", "") if (quick or random_smollm2) else smollm2_location()
         subprocess.run([sys.executable, "-c", script, folder, src_dir, gguf], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        label = "Llama, SmolLM2 shape halved (random, causal, batch 4, seq 128)" if quick else \
-            "SmolLM2-135M (causal, batch 4, seq 128)"
-        cases.append(ModelCase("smollm2_half" if quick else "smollm2", label, "causal", 4, 128,
+        cases.append(ModelCase(key, f"{label}, causal, batch {b}, seq 128)", "causal", b, 128,
                                {"qv": LLAMA_QV, "all": LLAMA_ALL}, source=folder))
     return cases
 
@@ -314,17 +324,21 @@ model.tie_weights()
 model.save_pretrained(out)
 """
 
-# SmolLM2-135M's architecture with every width, the depth and the vocabulary halved; random weights (seeded).
-_HALF_LLAMA = """
+# SmolLM2-135M's architecture (as its GGUF declares it), random weights (seeded); and the same with every
+# width, the depth and the vocabulary halved.
+_RANDOM_LLAMA = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 out = sys.argv[1]
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=24576, hidden_size=288, intermediate_size=768, num_hidden_layers=15,
-                  num_attention_heads=9, num_key_value_heads=3, head_dim=32, tie_word_embeddings=True,
-                  max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
+cfg = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={inter},
+                  num_hidden_layers={layers}, num_attention_heads=9, num_key_value_heads=3, head_dim={head_dim},
+                  tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                  rope_theta=100000.0)
 LlamaForCausalLM(cfg).save_pretrained(out)
 """
+_RANDOM_SMOLLM2 = _RANDOM_LLAMA.format(vocab=49152, hidden=576, inter=1536, layers=30, head_dim=64)
+_HALF_LLAMA = _RANDOM_LLAMA.format(vocab=24576, hidden=288, inter=768, layers=15, head_dim=32)
 
 
 def run_worker(spec: WorkerSpec, timeout: int) -> dict[str, Any]:
@@ -426,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--name", default=None, help="result file name (default speed / speed_quick)")
+    ap.add_argument("--random-smollm2", action="store_true",
+                    help="SmolLM2-135M's architecture with random weights instead of the GGUF")
+    ap.add_argument("--batch-scale", type=int, default=1, help="multiply every batch size (GPU runs)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -452,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = tempfile.mkdtemp(prefix="svfit-speed-")
     try:
-        cases = prepare_models(args.quick, workdir, args.models.split(","))
+        cases = prepare_models(args.quick, workdir, args.models.split(","), args.random_smollm2,
+                               args.batch_scale)
         arms_out: list[dict[str, Any]] = []
         targets: list[dict[str, Any]] = []
         for case in cases:
@@ -481,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                      "timed_steps": steps, "memory_steps": mem_steps, "optimizer": "AdamW (torch default)",
                      "timing": "all arms of a model in one process, stepped round-robin; median per arm",
                      "memory": "one fresh process per arm; peak minus the loaded base model",
-                     "svfit_small_rank": SMALL_RANK,
+                     "svfit_small_rank": SMALL_RANK, "batch_scale": args.batch_scale,
+                     "random_smollm2": args.random_smollm2,
                      "lora": {"r": LORA_RANK, "alpha": 2 * LORA_RANK, "dropout": 0.0},
                      "models": [asdict(c) | {"source": None} for c in cases]},
         "arms": arms_out,
