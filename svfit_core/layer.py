@@ -12,6 +12,7 @@ backward.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ def plan_cost(plan: Plan, tokens: int, m: int, n: int, r: int, need_x: bool, nee
     return cost
 
 
+# Cached: a training run sees a handful of (tokens, shape) combinations, and on a GPU at small batch sizes
+# the per-call Python of scoring three plans is a visible part of a layer's time.
+@functools.lru_cache(maxsize=4096)
 def choose_plan(tokens: int, m: int, n: int, r: int, need_x: bool, need_sigma: bool) -> Plan:
     """The cheapest plan under the cost rule (ties go to the skinny form)."""
     return min(
