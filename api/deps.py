@@ -1,45 +1,82 @@
 """Request dependencies as `Annotated` aliases, so route signatures read like prose.
 
 Everything comes from `app.state`, set once by `create_app()`: one settings object, one engine and
-session factory, one store, the job dispatcher, the inference engine and the rate limiter. Nothing here
-reads global state.
+session factory, one store, the job dispatcher, the inference engine, the rate limiter and the default
+organization. Nothing here reads global state.
+
+FastAPI runs a plain `def` dependency in a worker thread, and each hop there costs about as much CPU as a
+small query. So the ones that only read `app.state` are `async def`, and database work is handed to a
+thread only when there is some: a polled route that reads one row (`run_in_session`) makes one hop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
+from anyio import CancelScope, CapacityLimiter
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.core.errors import RateLimited, Unauthorized
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.inference.engine import InferenceEngine
 from api.services.jobs import Dispatch
-from api.services.keys import Principal, authenticate
+from api.services.keys import DefaultOrganization, Principal, authenticate, usable_key
+
+T = TypeVar("T")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, built here (that does no I/O: a connection is checked out on first use, in
+    the route's worker thread) and closed after the response.
+
+    Closing a session that still holds a connection rolls it back and returns it to the pool, which is I/O,
+    so that runs in a worker thread too: shielded, so a client that leaves cannot leak the connection, and
+    outside the threadpool's limit, as FastAPI does for its own generator dependencies, so a full threadpool
+    whose requests all wait for a pooled connection cannot keep the ones returning it from running.
+    """
+    session: Session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            with CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close, limiter=CapacityLimiter(1))
+        else:
+            session.close()  # nothing to hand back: no I/O
 
 
-def get_storage(request: Request) -> LocalStorage:
+async def run_in_session(session: Session, work: Callable[..., T], *args: Any) -> T:
+    """`work(session, *args)` in a worker thread, closing the session there once it returns: a route that
+    builds its whole answer in `work` makes one hop for its database work, not a second one to close."""
+
+    def run() -> T:
+        try:
+            return work(session, *args)
+        finally:
+            session.close()
+
+    return await run_in_threadpool(run)
+
+
+async def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
-def get_dispatch(request: Request) -> Dispatch:
+async def get_dispatch(request: Request) -> Dispatch:
     return request.app.state.dispatch
 
 
-def get_inference(request: Request) -> InferenceEngine:
+async def get_inference(request: Request) -> InferenceEngine:
     return request.app.state.inference
 
 
@@ -53,27 +90,30 @@ InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `svfit keys create --org NAME`.")
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    """The organization (and key) the request acts as."""
+    """The organization (and key) the request acts as.
+
+    A key is looked up in the database on every request (a worker thread); no key means the default
+    organization, whose id is read once per process.
+    """
     if credentials is None and request.headers.get("authorization"):
         raise Unauthorized("The Authorization header must be 'Bearer <key>'.")
-    return authenticate(
-        session,
-        credentials.credentials if credentials else None,
-        auth_required=settings.auth_required,
-        default_org=settings.default_org,
-    )
+    key = usable_key(credentials.credentials if credentials else None, auth_required=settings.auth_required)
+    if key is not None:
+        return await run_in_threadpool(authenticate, session, key)
+    default_org: DefaultOrganization = request.app.state.default_org
+    return Principal(default_org.known_id or await run_in_threadpool(default_org.resolve, session))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_current_org(principal: PrincipalDep) -> str:
+async def get_current_org(principal: PrincipalDep) -> str:
     """The id of the organization the request acts as."""
     return principal.org_id
 

@@ -1,4 +1,11 @@
-"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel / pause / resume, events, checkpoints, artifacts."""
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel / pause / resume, events, checkpoints, artifacts.
+
+Clients poll the read routes (the CLI and the dashboard follow a job through its retrieve, events and
+checkpoints routes every second or so). Those are `async def` and do their database work, closing the
+session, in one worker-thread hop (`run_in_session`); a plain `def` route makes two more, one to validate
+its response (FastAPI does so for sync endpoints) and one to close the session, and each costs about as
+much CPU as the query. The writes and the artifact download stay plain `def`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from api.core.tables import Job
-from api.deps import CurrentOrg, DispatchDep, JobRateLimit, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentOrg, DispatchDep, JobRateLimit, SessionDep, SettingsDep, StorageDep, run_in_session
 from api.schemas import CheckpointPublic, CheckpointsPublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from api.services import artifacts as artifacts_service
 from api.services import jobs as jobs_service
@@ -40,15 +47,23 @@ def create_job(
     return _public(session, [job])[0]
 
 
-@router.get("")
-def list_jobs(session: SessionDep, org_id: CurrentOrg, after: str | None = None, limit: Limit = 20) -> JobsPublic:
+def _list(session: Session, org_id: str, after: str | None, limit: int) -> JobsPublic:
     page = jobs_service.list_jobs(session, org_id, after=after, limit=limit)
     return JobsPublic.of(_public(session, page.items), page.has_more)
 
 
+@router.get("")
+async def list_jobs(session: SessionDep, org_id: CurrentOrg, after: str | None = None, limit: Limit = 20) -> JobsPublic:
+    return await run_in_session(session, _list, org_id, after, limit)
+
+
+def _retrieve(session: Session, org_id: str, job_id: str) -> JobPublic:
+    return JobPublic.from_row(*jobs_service.get_job_and_queue_position(session, org_id, job_id))
+
+
 @router.get("/{job_id}")
-def retrieve_job(session: SessionDep, org_id: CurrentOrg, job_id: str) -> JobPublic:
-    return _public(session, [jobs_service.get_job(session, org_id, job_id)])[0]
+async def retrieve_job(session: SessionDep, org_id: CurrentOrg, job_id: str) -> JobPublic:
+    return await run_in_session(session, _retrieve, org_id, job_id)
 
 
 @router.post("/{job_id}/cancel")
@@ -66,20 +81,28 @@ def resume_job(session: SessionDep, org_id: CurrentOrg, dispatch: DispatchDep, j
     return _public(session, [jobs_service.resume_job(session, org_id, job_id, dispatch=dispatch)])[0]
 
 
-@router.get("/{job_id}/events")
-def list_job_events(
-    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 20
-) -> JobEventsPublic:
+def _events(session: Session, org_id: str, job_id: str, after: str | None, limit: int) -> JobEventsPublic:
     page = jobs_service.list_events(session, org_id, job_id, after=after, limit=limit)
     return JobEventsPublic.of([JobEventPublic.from_row(e) for e in page.items], page.has_more)
 
 
-@router.get("/{job_id}/checkpoints")
-def list_job_checkpoints(
-    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 10
-) -> CheckpointsPublic:
+@router.get("/{job_id}/events")
+async def list_job_events(
+    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 20
+) -> JobEventsPublic:
+    return await run_in_session(session, _events, org_id, job_id, after, limit)
+
+
+def _checkpoints(session: Session, org_id: str, job_id: str, after: str | None, limit: int) -> CheckpointsPublic:
     page = jobs_service.list_checkpoints(session, org_id, job_id, after=after, limit=limit)
     return CheckpointsPublic.of([CheckpointPublic.from_row(c) for c in page.items], page.has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+async def list_job_checkpoints(
+    session: SessionDep, org_id: CurrentOrg, job_id: str, after: str | None = None, limit: Limit = 10
+) -> CheckpointsPublic:
+    return await run_in_session(session, _checkpoints, org_id, job_id, after, limit)
 
 
 # A plain `def`: the first request for an archive exports (and may merge) a model, which takes seconds

@@ -1,7 +1,9 @@
 """Organizations and their API keys: creation (for the CLI), revocation, and resolving a presented key.
 
 Keys are random and long, so an unsalted sha256 is enough; only the hash is stored and the plaintext is
-shown once. Lookup is by hash, and the final comparison is constant-time.
+shown once. Lookup is by hash, and the final comparison is constant-time. A presented key is looked up on
+every request, never cached, so a revoked key stops working at once; only the default organization's id
+(requests without a key) is remembered, as organizations are never renamed or deleted.
 """
 
 from __future__ import annotations
@@ -75,10 +77,8 @@ class Principal:
         return self.key_id or self.org_id
 
 
-def authenticate(
-    session: Session, presented_key: str | None, *, auth_required: bool, default_org: str
-) -> Principal:
-    """Who a request acts as.
+def usable_key(presented_key: str | None, *, auth_required: bool) -> str | None:
+    """The key to check, or None: the request acts as the default organization.
 
     No key: the default organization when auth is off (loopback), else 401. With auth off, a placeholder
     that is not one of ours (the `openai` client insists on *some* key, e.g. "local") also means no key;
@@ -93,9 +93,34 @@ def authenticate(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                 "(create one with `svfit keys create --org NAME`)."
             )
-        return Principal(get_or_create_organization(session, default_org).id)
+        return None
+    return presented_key
+
+
+def authenticate(session: Session, presented_key: str) -> Principal:
+    """The organization and key that `presented_key` (a key `usable_key` let through) acts as, or 401."""
     presented_hash = hash_key(presented_key)
-    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == presented_hash, ApiKey.revoked_at.is_(None)))
+    api_key = session.execute(
+        select(ApiKey.id, ApiKey.org_id, ApiKey.key_hash)
+        .where(ApiKey.key_hash == presented_hash, ApiKey.revoked_at.is_(None))
+    ).first()
     if api_key is None or not hmac.compare_digest(api_key.key_hash, presented_hash):
         raise Unauthorized("Incorrect API key provided.")
     return Principal(api_key.org_id, api_key.id)
+
+
+class DefaultOrganization:
+    """The organization that requests without a key act as, created on first use and then remembered.
+
+    Organizations are never renamed or deleted, so the id cannot go stale, and a request without a key
+    (the loopback default) pays no query for it after the first.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.known_id: str | None = None
+
+    def resolve(self, session: Session) -> str:
+        if self.known_id is None:
+            self.known_id = get_or_create_organization(session, self.name).id
+        return self.known_id

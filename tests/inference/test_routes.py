@@ -152,7 +152,10 @@ def test_classification_labels_with_probabilities(served):
         assert sum(entry["probability"] for entry in labels) == pytest.approx(1.0, abs=1e-5)
         assert item["label"] == labels[0]["label"] and labels[0]["probability"] >= labels[1]["probability"]
     single = served.post("/classifications", {"model": served.model_ids["clf"], "input": "good movie"}).json()
-    assert single["data"][0]["labels"] == body["data"][0]["labels"]
+    alone, batched = single["data"][0]["labels"], body["data"][0]["labels"]
+    # Same ranking; probabilities equal up to float rounding (a batch of 2 may take another BLAS kernel).
+    assert [e["label"] for e in alone] == [e["label"] for e in batched]
+    assert [e["probability"] for e in alone] == pytest.approx([e["probability"] for e in batched], rel=1e-5)
 
 
 def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch):
