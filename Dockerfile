@@ -16,7 +16,7 @@ RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 RUN mkdir -p api worker svfit_core migrations \
     && touch api/__init__.py worker/__init__.py svfit_core/__init__.py migrations/__init__.py \
-    && pip install . && pip uninstall -y svfit-service
+    && pip install ".[s3]" && pip uninstall -y svfit-service
 COPY api ./api
 COPY worker ./worker
 COPY svfit_core ./svfit_core

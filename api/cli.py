@@ -51,6 +51,10 @@ def _banner(mode: str) -> None:
     print(f"svfit {mode}: http://{settings.host}:{settings.port}/v1", flush=True)
     print(f"  auth:      {auth}", flush=True)
     print(f"  data:      {settings.data_dir}", flush=True)
+    if settings.storage == "s3":
+        store = f"s3://{settings.s3_bucket}/{settings.s3_prefix}".rstrip("/")
+        endpoint = settings.s3_endpoint_url or "AWS S3"
+        print(f"  store:     {store} at {endpoint} (cache {settings.store_dir})", flush=True)
     print(f"  database:  {_redacted(settings.database_url or '')}", flush=True)
     print(f"  queue:     {queue} [{settings.worker_queue}]", flush=True)
     print(f"  models:    {settings.models_dir}", flush=True)
@@ -89,6 +93,19 @@ def _stop(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_S) -> 
         process.wait()
 
 
+def _store_usable(mode: str) -> bool:
+    """Probe the configured store once (an S3 bucket: HeadBucket); on failure say which setting to fix."""
+    from api.core.settings import get_settings
+    from api.core.storage import StorageUnavailable, storage_for
+
+    try:
+        storage_for(get_settings())
+    except StorageUnavailable as exc:
+        print(f"svfit {mode}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 # --- commands ------------------------------------------------------------------------------------------
 
 
@@ -100,6 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.main import create_app
 
     settings = get_settings()
+    if not _store_usable("serve"):
+        return 2
     _banner("serve")
     # Migrate before the worker starts: its reaper reads the jobs table as soon as it is ready.
     upgrade_to_head()
@@ -131,6 +150,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     except DatabaseNotMigrated as exc:
         print(f"svfit api: {exc}", file=sys.stderr)
         return 2
+    if not _store_usable("api"):
+        return 2
     _banner("api")
     uvicorn.run(create_app(auto_migrate=False), host=settings.host, port=settings.port, log_level=args.loglevel)
     return 0
@@ -140,6 +161,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from api.core.settings import get_settings
 
     settings = get_settings()
+    if not _store_usable("worker"):
+        return 2
     if args.concurrency > 1:
         # One job per process (training owns the device and its memory): N slots are N worker processes.
         command = _worker_command(settings.worker_queue, args.loglevel)

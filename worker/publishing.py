@@ -2,8 +2,8 @@
 and the rows that make them servable and listable.
 
 Every step is idempotent so a crash mid-publish followed by a retry never yields a second artifact or row:
-directories are copied to `<key>.part` and renamed into place (a published key is never rewritten), and
-rows are looked up by their natural key before insertion. A write that fails (a full disk) removes its
+directories are copied to `<key>.part` and committed into place in one step (a published key is never
+rewritten), and rows are looked up by their natural key before insertion. A write that fails (a full disk) removes its
 `.part` before the error propagates, so nothing half-written outlives it.
 """
 
@@ -89,17 +89,17 @@ def publish_dir(
 ) -> Path:
     """Copy directory `src` to store `key` atomically; a key already published is left as it is.
 
-    The copy lands in `<key>.part` (any leftover from a crashed attempt is discarded first) together with
-    a manifest (format version, sha256 per file), and one rename makes it visible. Readers therefore see
-    either nothing or the whole directory. `kind` ("checkpoint" or "final") names what is published.
+    The copy lands in the store's staging path `<key>.part` (any leftover from a crashed attempt is
+    discarded first) together with a manifest (format version, sha256 per file), and `storage.commit`
+    makes it visible in one step: a rename on a local store; on S3, an upload whose directory listing is
+    written last. Readers therefore see either nothing or the whole directory. `kind` ("checkpoint" or
+    "final") names what is published. Returns a local path of the published directory.
     """
-    target = storage.path(key)
-    if target.is_dir():
-        return target
-    part = target.with_name(target.name + ".part")
+    if storage.exists(key):
+        return storage.path(key)
+    part = storage.part_path(key)
     if part.exists():
         shutil.rmtree(part)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _copy_tree(src, part)
         files = {
@@ -108,11 +108,10 @@ def publish_dir(
         faults.point(_FAULT_POINTS[kind])
         body = {"format_version": PUBLISH_FORMAT_VERSION, **manifest, "files": files}
         (part / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=True))
-        os.replace(part, target)
+        return storage.commit(key)
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise
-    return target
 
 
 def ensure_checkpoint_rows(

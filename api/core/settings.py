@@ -22,6 +22,18 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; default: filesystem queue under data_dir.")
     models_dir: Path | None = Field(default=None, description="Folder of base models (one HF folder each).")
 
+    # Where files and artifacts live (api/core/storage). S3 credentials come from the standard AWS chain
+    # (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role); they are never settings here.
+    storage: Literal["local", "s3"] = Field(
+        default="local", description="'local': a directory under data_dir; 's3': an S3-compatible bucket."
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the store; required with storage='s3'.")
+    s3_prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. 'svfit/prod'.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible server (MinIO, Ceph, R2...); None: AWS S3."
+    )
+    s3_region: str | None = Field(default=None, description="Region; None: the AWS chain's (AWS_REGION...).")
+
     host: str = "127.0.0.1"
     port: int = 8000
     require_auth: bool | None = Field(default=None, description="None: required unless bound to loopback.")
@@ -101,6 +113,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'svfit.db'}"
         if self.models_dir is None:
             self.models_dir = self.data_dir / "models"
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("SVFIT_S3_BUCKET is required when SVFIT_STORAGE=s3")
+        self.s3_prefix = self.s3_prefix.strip("/")
         return self
 
     @property
@@ -118,6 +133,11 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def store_dir(self) -> Path:
+        """The local store, or with storage='s3' the local cache of the bucket."""
+        return self.data_dir / ("store" if self.storage == "local" else "s3-cache")
 
     @property
     def auth_required(self) -> bool:
