@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     """
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage_for(settings)  # first: a misconfigured bucket stops start-up before anything is open
     engine = make_engine(settings.database_url)
     try:
         ensure_up_to_date(engine, auto_migrate=auto_migrate)
@@ -151,7 +152,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
-    app.state.storage = storage_for(settings)
+    app.state.storage = storage
     app.state.dispatch = dispatch or enqueue_with_worker
     app.state.inference = inference
     app.state.rate_limiter = limiter_for(settings)
