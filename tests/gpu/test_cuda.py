@@ -15,7 +15,7 @@ import torch
 from svfit_core import SVFitConfig, inject_svfit
 from svfit_core.artifacts import load_trained_model
 from svfit_core.layer import svfit_linear
-from svfit_core.training import PeftSpec, TrainConfig, run_training
+from svfit_core.training import PeftSpec, TrainConfig, TrainingCallbacks, run_training
 from tests.core.test_training import CHAT
 from tests.core.tiny_models import build_tiny, load_tiny, sample_batch
 
@@ -73,8 +73,6 @@ def test_gradients_match_cpu(formulation):
 def test_training_on_cuda_uses_bf16_and_keeps_sigma_fp32(llama_dir, tmp_path):
     config = TrainConfig(n_epochs=3, batch_size=4, seed=0, learning_rate=5e-2, device="cuda")
     steps = []
-
-    from svfit_core.training import TrainingCallbacks
 
     class Keep(TrainingCallbacks):
         def on_start(self, info):
