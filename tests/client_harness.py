@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, base_env, free_port
+from tests.e2e.conftest import Service, start_embedded
 
 _service: Service | None = None
 
@@ -21,15 +21,7 @@ def shared_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """The session's client-suite server, started on first use and stopped when the session ends."""
     global _service
     if _service is None:
-        port = free_port()
-        data_dir = tmp_path_factory.mktemp("client-suites-data")
-        service = Service(f"http://127.0.0.1:{port}", base_env(data_dir, models_dir, port), data_dir)
-        service.start("serve", "serve", "--host", "127.0.0.1", "--port", str(port))
-        try:
-            service.wait_ready(timeout=90)
-        except BaseException:
-            service.stop()
-            raise
+        service = start_embedded(tmp_path_factory.mktemp("client-suites-data"), models_dir)
         _service = service
 
         def stop() -> None:

@@ -33,3 +33,19 @@ def fresh_postgres_database(prefix: str = "svfit_test", *, migrate: bool = True)
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def empty_database(url: str) -> None:
+    """Delete every row of every table (children first), keeping the migrated schema.
+
+    DELETE, not TRUNCATE: on the handful of rows a test leaves it is several times faster."""
+    from api.core.db import make_engine
+    from api.core.tables import Base
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+    finally:
+        engine.dispose()

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import shutil
-import socket
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,21 +23,16 @@ from api.core.storage import StorageUnavailable, storage_for
 from api.core.storage.s3 import DIR_LISTING, S3Storage, s3_client
 from api.core.tables import File, FineTunedModel, Job
 from tests.api.conftest import BASE_MODEL, Api, chat_file
+from tests.network import free_port
 from worker import publishing
 
 PREFIX = "svfit/test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """moto's S3 server in a thread, with the throwaway credentials it accepts in the environment."""
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as env:
@@ -187,7 +181,7 @@ def test_a_misconfigured_store_stops_start_up_naming_the_setting(endpoint, tmp_p
     with pytest.raises(StorageUnavailable, match="SVFIT_S3_BUCKET: no bucket 'no-such-bucket'"):
         storage_for(_settings(tmp_path, s3_bucket="no-such-bucket", s3_endpoint_url=endpoint))
     with pytest.raises(StorageUnavailable, match="SVFIT_S3_ENDPOINT_URL: cannot reach"):
-        storage_for(_settings(tmp_path, s3_bucket="b", s3_endpoint_url=f"http://127.0.0.1:{_free_port()}"))
+        storage_for(_settings(tmp_path, s3_bucket="b", s3_endpoint_url=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(StorageUnavailable, match="SVFIT_S3_BUCKET"):
         make_api(storage="s3", s3_bucket="no-such-bucket", s3_endpoint_url=endpoint)
 

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ import pytest
 
 from tests.core.tiny_models import build_tiny
 from tests.databases import fresh_postgres_database
+from tests.network import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SVFIT = [sys.executable, "-m", "api.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -134,15 +128,24 @@ def production_service(tmp_path_factory, models_dir, postgres_url) -> Iterator[S
         service.stop()
 
 
-@pytest.fixture(scope="module")
-def embedded_service(tmp_path_factory, models_dir) -> Iterator[Service]:
-    """`svfit serve`: SQLite + the filesystem queue + one local worker, nothing external."""
+def start_embedded(data_dir: Path, models_dir: Path) -> Service:
+    """`svfit serve` on a free port over `data_dir`, answering; stopped again if it never gets ready."""
     port = free_port()
-    data_dir = tmp_path_factory.mktemp("embedded-data")
     service = Service(f"http://127.0.0.1:{port}", base_env(data_dir, models_dir, port), data_dir)
     service.start("serve", "serve", "--host", "127.0.0.1", "--port", str(port))
     try:
         service.wait_ready(timeout=90)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+@pytest.fixture(scope="module")
+def embedded_service(tmp_path_factory, models_dir) -> Iterator[Service]:
+    """`svfit serve`: SQLite + the filesystem queue + one local worker, nothing external."""
+    service = start_embedded(tmp_path_factory.mktemp("embedded-data"), models_dir)
+    try:
         yield service
     finally:
         service.stop()

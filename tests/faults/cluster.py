@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 from api.core.tables import Checkpoint, FineTunedModel, Job, JobEvent
 from tests.faults.redis_server import RedisServer
 from tests.faults.tcp_proxy import TcpProxy
+from tests.network import free_port
 from tests.worker.conftest import ROOT, WorkerProcess, chat_examples
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -69,7 +70,7 @@ class Cluster:
         self.proxy = proxy
         self.redis = redis
         self.queue = f"faults-{uuid.uuid4().hex[:8]}"
-        self.port = _free_port()
+        self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
         self.api: WorkerProcess | None = None
         self.workers: list[WorkerProcess] = []
@@ -239,11 +240,3 @@ class Cluster:
 
     def checkpoint_rows(self, job_id: str) -> list[Checkpoint]:
         return self.rows(Checkpoint, Checkpoint.job_id == job_id)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ unfinished jobs after it, so one test's wreckage never becomes the next test's f
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +16,7 @@ from tests.faults.checks import ReferenceRuns
 from tests.faults.cluster import BASE_MODEL, Cluster, training_file
 from tests.faults.redis_server import RedisServer
 from tests.faults.tcp_proxy import TcpProxy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.network import free_port
 
 
 @pytest.fixture(scope="package")

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service, base_env, free_port
+from tests.e2e.conftest import Service, base_env
 from tests.faults.cluster import JOB_BODY, TERMINAL, wait_until
+from tests.network import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.e2e]
 

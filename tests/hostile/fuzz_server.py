@@ -11,7 +11,6 @@ Run by hand, it serves until interrupted and prints the key, for a long `st run`
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +25,7 @@ from api.core.settings import Settings
 from api.main import create_app
 from api.services.keys import create_api_key
 from tests.hostile.served_models import LLAMA, build_models, publish_classifier
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.network import free_port
 
 
 @dataclass

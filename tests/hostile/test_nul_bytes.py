@@ -9,9 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from api.core.db import make_engine
-from api.core.tables import Base
 from tests.api.conftest import Api, _build_api
+from tests.databases import empty_database
 
 NUL = "\x00"  # in JSON bodies; in URLs it travels percent-encoded (%00)
 
@@ -25,11 +24,7 @@ def nul_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         url = f"sqlite:///{root / 'svfit.db'}"
     else:
         url = request.getfixturevalue("postgres_database")
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(table.delete())
-        engine.dispose()
+        empty_database(url)
     api = _build_api(root, url)
     with api.client:
         yield api

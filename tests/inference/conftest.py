@@ -30,6 +30,23 @@ BERT = "tiny-bert"
 LABELS = ["negative", "positive"]
 
 
+def fail_shared_forward(monkeypatch: pytest.MonkeyPatch, on_call: int) -> None:
+    """Make the shared-base lane's `on_call`-th forward (1-based) raise, as a kernel failure would; every
+    other call runs the real forward."""
+    from api.inference.lanes import SharedBaseLane
+
+    original = SharedBaseLane.forward
+    calls = {"n": 0}
+
+    def forward(self, tags, **inputs):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise RuntimeError("simulated kernel failure")
+        return original(self, tags, **inputs)
+
+    monkeypatch.setattr(SharedBaseLane, "forward", forward)
+
+
 def training_meta(method: str, task: str = "causal", labels: list[str] | None = None, step: int = 10) -> dict:
     return {"format_version": 1, "method": method, "task": task, "label_names": labels, "step": step}
 

@@ -17,7 +17,7 @@ from api.inference.scheduler import Scheduler
 from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
 from svfit_core.artifacts import load_trained_model
 from svfit_core.loading import load_base_model
-from tests.inference.conftest import LLAMA, make_settings
+from tests.inference.conftest import LLAMA, fail_shared_forward, make_settings
 
 PROMPTS = ["the movie was", "i love this", "what is good ?", "hello world"]
 
@@ -150,16 +150,7 @@ def test_stop_sequence_ends_the_choice(zoo, engine):
 
 
 def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(zoo, engine, monkeypatch):
-    original = SharedBaseLane.forward
-    calls = {"n": 0}
-
-    def broken_once(self, tags, **inputs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated kernel failure")
-        return original(self, tags, **inputs)
-
-    monkeypatch.setattr(SharedBaseLane, "forward", broken_once)
+    fail_shared_forward(monkeypatch, on_call=1)
     with pytest.raises(InternalError):
         asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))
     recovered = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))

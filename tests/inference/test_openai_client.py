@@ -3,7 +3,6 @@ hangs up mid-stream."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +16,7 @@ from api.inference.scheduler import Scheduler
 from api.main import create_app
 from api.services.keys import create_api_key
 from tests.inference.conftest import LLAMA, make_settings, publish
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.network import free_port
 
 
 @pytest.fixture(scope="module")

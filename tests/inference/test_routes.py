@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.inference.conftest import BERT, LLAMA
+from tests.inference.conftest import BERT, LLAMA, fail_shared_forward
 
 CHAT = [{"role": "user", "content": "what is good ?"}]
 
@@ -159,18 +159,7 @@ def test_classification_labels_with_probabilities(served):
 
 
 def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch):
-    from api.inference.lanes import SharedBaseLane
-
-    original = SharedBaseLane.forward
-    calls = {"n": 0}
-
-    def fails_on_the_third_forward(self, tags, **inputs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure")
-        return original(self, tags, **inputs)
-
-    monkeypatch.setattr(SharedBaseLane, "forward", fails_on_the_third_forward)
+    fail_shared_forward(monkeypatch, on_call=3)
     response = complete(served, served.model_ids["sv0"], ignore_eos=True, stream=True)
     lines = [line for line in response.text.split("\n") if line]
     last = json.loads(lines[-1][len("data: "):])
