@@ -1,7 +1,8 @@
 """The `svfit` command: run the service (`serve`, `api`, `worker`), migrate its database, manage API keys.
 
 `serve` is the one-command local mode: the HTTP API in this process plus one worker subprocess running the
-same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default).
+same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default),
+and started again if it dies (api/worker_process.py).
 The client commands (`jobs`, `files`, `artifacts`, `chat`) live in api/client_cli and use the HTTP API only.
 """
 
@@ -15,10 +16,6 @@ import sys
 from collections.abc import Sequence
 
 from api.client_cli import register as register_client_commands
-
-# How long `serve` waits for its worker to checkpoint a running job and exit before killing it.
-WORKER_STOP_TIMEOUT_S = 60.0
-
 
 def _apply_overrides(args: argparse.Namespace) -> None:
     """Turn command-line options into the `SVFIT_*` environment, so this process and every subprocess
@@ -60,37 +57,10 @@ def _banner(mode: str) -> None:
     print(f"  models:    {settings.models_dir}", flush=True)
 
 
-def _worker_command(queue: str, loglevel: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", "worker", "--queue", queue, "--loglevel", loglevel]
-
-
-def _die_with_parent() -> None:
-    """Runs in the worker child before exec: if `serve` dies without stopping it (SIGKILL, a crash), the
-    kernel sends the worker SIGTERM, so no orphan keeps consuming jobs. Linux only; elsewhere a no-op."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     # uvicorn handles SIGTERM itself, then re-raises it once the server has stopped; with the default
     # action that would kill us before `finally` stops the worker, so turn it into a normal exit.
     raise SystemExit(0)
-
-
-def _stop(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
-    """SIGTERM (the running job checkpoints and goes back to the queue), then SIGKILL if it hangs."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _store_usable(mode: str) -> bool:
@@ -115,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.core.migrations import upgrade_to_head
     from api.core.settings import get_settings
     from api.main import create_app
+    from api.worker_process import SupervisedWorker, worker_command
 
     settings = get_settings()
     if not _store_usable("serve"):
@@ -122,17 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _banner("serve")
     # Migrate before the worker starts: its reaper reads the jobs table as soon as it is ready.
     upgrade_to_head()
-    # Its own session: a Ctrl+C in the terminal reaches only us, and we stop the worker deliberately.
-    worker = subprocess.Popen(
-        _worker_command(settings.worker_queue, args.loglevel), start_new_session=True, preexec_fn=_die_with_parent
-    )
-    print(f"  worker:    pid {worker.pid}", flush=True)
+    worker = SupervisedWorker(worker_command(settings.worker_queue, args.loglevel)).start()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
     finally:
         print("stopping the worker...", flush=True)
-        _stop(worker)
+        worker.stop()
     return 0
 
 
@@ -160,12 +127,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from api.core.settings import get_settings
 
+    from api.worker_process import worker_command
+
     settings = get_settings()
     if not _store_usable("worker"):
         return 2
     if args.concurrency > 1:
         # One job per process (training owns the device and its memory): N slots are N worker processes.
-        command = _worker_command(settings.worker_queue, args.loglevel)
+        command = worker_command(settings.worker_queue, args.loglevel)
         children = [subprocess.Popen(command) for _ in range(args.concurrency)]
 
         def _forward(signum: int, _frame: object) -> None:

@@ -1,7 +1,8 @@
 """The Celery application: broker choice, JSON-only messages and one-job-per-process settings.
 
-Production points `SVFIT_BROKER_URL` at Redis; the embedded default uses kombu's `filesystem://` transport
-on folders under `settings.queue_dir`, so `svfit serve` needs no broker. There is no result backend: the
+Production points `SVFIT_BROKER_URL` at Redis; the embedded default uses a filesystem transport on folders
+under `settings.queue_dir` (kombu's, made safe for concurrent producers: `worker/filesystem_queue.py`),
+so `svfit serve` needs no broker. There is no result backend: the
 job row is the source of truth and tasks return nothing.
 """
 
@@ -21,19 +22,26 @@ TASK_RUN_JOB = "svfit.run_job"
 FILESYSTEM_POLL_S = 0.1
 
 
-def broker_config(settings: Settings) -> tuple[str, dict[str, Any]]:
-    """The broker URL and transport options for these settings."""
+# The embedded queue's transport class (kombu resolves "module:Class").
+FILESYSTEM_TRANSPORT = "worker.filesystem_queue:Transport"
+
+
+def broker_config(settings: Settings) -> tuple[str, str | None, dict[str, Any]]:
+    """The broker URL, transport class (None: the URL's own) and transport options for these settings."""
     if settings.embedded_queue:
-        # Producer (API) and consumer (worker) share one folder: what one writes the other reads.
+        # Producer (API) and consumer (worker) share one folder: what one writes the other reads. Claimed
+        # messages are renamed into a sibling folder, which must be on the same filesystem.
         messages = settings.queue_dir / "messages"
         control = settings.queue_dir / "control"
-        for folder in (messages, control):
+        claimed = settings.queue_dir / "claimed"
+        for folder in (messages, control, claimed):
             folder.mkdir(parents=True, exist_ok=True)
         # The host part means nothing to this transport; naming one keeps kombu from warning on every connect.
-        return "filesystem://localhost/", {
+        return "filesystem://localhost/", FILESYSTEM_TRANSPORT, {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "control_folder": str(control),
+            "claimed_folder": str(claimed),
             "store_processed": False,
             "polling_interval": FILESYSTEM_POLL_S,
         }
@@ -41,15 +49,16 @@ def broker_config(settings: Settings) -> tuple[str, dict[str, Any]]:
     # run keeps its message unacked for hours; the re-delivered copy is harmless (the task sees the job held
     # by a live worker and exits), but a long timeout keeps that noise rare. Crash recovery does not rely on
     # it: the heartbeat reaper re-queues a dead worker's job within heartbeat_timeout_s.
-    return settings.broker_url, {"visibility_timeout": 6 * 3600}
+    return settings.broker_url, None, {"visibility_timeout": 6 * 3600}
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    broker_url, transport_options = broker_config(settings)
+    broker_url, transport, transport_options = broker_config(settings)
     app = Celery("svfit", include=["worker.tasks"])
     app.conf.update(
         broker_url=broker_url,
+        broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         result_backend=None,

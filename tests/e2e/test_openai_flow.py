@@ -157,13 +157,22 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     assert any("pause" in m.lower() for m in messages)
 
 
+def run_journey_or_show_logs(service: Service, *args: object) -> None:
+    """`run_journey`, with the tail of every service process's log attached to a failure."""
+    try:
+        run_journey(service, *args)
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {name} log ---\n{service.log(name)}" for name in service.processes)
+        raise AssertionError(f"{exc}\n{logs}") from exc
+
+
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_journey_on_postgres_and_redis(production_service, chat_jsonl, models_dir, tmp_path):
     api_key = create_key(production_service, "e2e-org")
-    run_journey(production_service, api_key, chat_jsonl, models_dir, tmp_path)
+    run_journey_or_show_logs(production_service, api_key, chat_jsonl, models_dir, tmp_path)
 
 
 def test_journey_embedded_default(embedded_service, chat_jsonl, models_dir, tmp_path):
     api_key = create_key(embedded_service, "embedded-org")
-    run_journey(embedded_service, api_key, chat_jsonl, models_dir, tmp_path)
+    run_journey_or_show_logs(embedded_service, api_key, chat_jsonl, models_dir, tmp_path)

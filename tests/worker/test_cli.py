@@ -3,6 +3,7 @@ and stopping its embedded worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from api.cli import main
+from tests.network import free_port
 from tests.worker.conftest import ROOT, clear_caches, worker_env
 
 
@@ -60,46 +62,95 @@ def test_parser_rejects_zero_concurrency(fresh):
         main(["worker", "--concurrency", "0"])
 
 
+class Serve:
+    """A running `svfit serve` and the worker pids it has printed."""
+
+    def __init__(self, tmp_path):  # noqa: ANN001
+        self.port = free_port()
+        self.data_dir = tmp_path / "data"
+        env = worker_env(SVFIT_DATA_DIR=str(self.data_dir), OMP_NUM_THREADS="1")
+        for name in [n for n in env if n.startswith("SVFIT_") and n != "SVFIT_DATA_DIR"]:
+            del env[name]
+        self.log = tmp_path / "serve.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        return [int(part.split()[0]) for part in self.text().split("worker:    pid ")[1:]]
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, self.text()
+            assert time.monotonic() < deadline, self.text()
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def serve(tmp_path):  # noqa: ANN001, ANN201
+    running = Serve(tmp_path)
+    try:
+        running.wait_healthy()
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+        for pid in running.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A child that has exited but not yet been reaped by `serve` still answers signal 0.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[1][0] != "Z"
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(tmp_path, stop_signal):
-    import socket
+def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(serve, stop_signal):
+    text = serve.text()
+    assert "auth:      off (bound to loopback)" in text
+    assert f"data:      {serve.data_dir}" in text
+    [worker_pid] = serve.worker_pids()
+    assert alive(worker_pid)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = worker_env(SVFIT_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
-    for name in [n for n in env if n.startswith("SVFIT_") and n != "SVFIT_DATA_DIR"]:
-        del env[name]
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert serve.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        text = log.read_text()
-        assert "auth:      off (bound to loopback)" in text
-        assert f"data:      {tmp_path / 'data'}" in text
-        worker_pid = int(text.split("worker:    pid ")[1].split()[0])
-        os.kill(worker_pid, 0)  # alive
+    serve.process.send_signal(stop_signal)
+    assert serve.process.wait(timeout=60) == 0, serve.text()
+    assert not alive(worker_pid)
 
-        serve.send_signal(stop_signal)
-        assert serve.wait(timeout=60) == 0, log.read_text()
-        with pytest.raises(ProcessLookupError):
-            os.kill(worker_pid, 0)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_serve_starts_another_worker_when_its_worker_dies(serve):
+    [first] = serve.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(serve.worker_pids()) < 2:
+        assert time.monotonic() < deadline, serve.text()
+        time.sleep(0.2)
+    second = serve.worker_pids()[1]
+    assert second != first and alive(second) and not alive(first)
+    assert "the worker exited with code -9" in serve.text()
+
+    serve.process.send_signal(signal.SIGTERM)
+    assert serve.process.wait(timeout=60) == 0, serve.text()
+    assert not alive(second)
+    assert len(serve.worker_pids()) == 2, "a worker was started after serve was asked to stop"

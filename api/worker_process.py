@@ -1,0 +1,96 @@
+"""The worker child of `svfit serve`: started beside the API, started again whenever it dies, and stopped
+(its running job checkpointed and handed back) when `serve` exits.
+
+A production deployment restarts dead workers from its process manager; in the embedded default nothing
+else would, and an API whose worker is gone accepts jobs that stay `queued` for ever.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+# How long a worker asked to stop may take to checkpoint its running job and exit before it is killed.
+STOP_TIMEOUT_S = 60.0
+# A worker that dies sooner than this after starting is failing at start-up: wait longer before the next try.
+HEALTHY_AFTER_S = 30.0
+FIRST_RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+def worker_command(queue: str, loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", "worker", "--queue", queue, "--loglevel", loglevel]
+
+
+def _die_with_parent() -> None:
+    """Runs in the worker child before exec: if `serve` dies without stopping it (SIGKILL, a crash), the
+    kernel sends the worker SIGTERM, so no orphan keeps consuming jobs. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM (the running job checkpoints and goes back to the queue), then SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class SupervisedWorker:
+    """One worker process, restarted with a growing delay each time it exits on its own."""
+
+    def __init__(self, command: Sequence[str], *, stop_timeout_s: float = STOP_TIMEOUT_S):
+        self.command = list(command)
+        self.stop_timeout_s = stop_timeout_s
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        # Held while spawning or stopping, so `stop` never misses a process that is being started.
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> "SupervisedWorker":
+        self._spawn()
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self.process is not None:
+                stop_process(self.process, self.stop_timeout_s)
+        self._watcher.join(timeout=5)
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            # Its own session: a Ctrl+C in the terminal reaches only `serve`, which stops the worker itself.
+            self.process = subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
+        print(f"  worker:    pid {self.process.pid}", flush=True)
+
+    def _watch(self) -> None:
+        delay = FIRST_RESTART_DELAY_S
+        while True:
+            started = time.monotonic()
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            delay = FIRST_RESTART_DELAY_S if time.monotonic() - started > HEALTHY_AFTER_S else delay
+            print(f"svfit serve: the worker exited with code {code}; starting another in {delay:.0f} s", flush=True)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, MAX_RESTART_DELAY_S)
+            self._spawn()
