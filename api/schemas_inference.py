@@ -2,7 +2,7 @@
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
 ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
-`top_p`, `n`, `max_tokens`). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
+`top_p`, `n`, `max_tokens`, the penalties). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
 Streaming chunks are plain dicts built in the route (they are never validated, only written).
 """
 
@@ -29,6 +29,8 @@ class GenerationCreate(BaseModel):
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS up to max_tokens.")

@@ -1,12 +1,26 @@
 """Choosing each row's next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling
 with a per-row random generator, so a request's ``seed`` reproduces its tokens whatever else is batched.
+OpenAI's presence and frequency penalties lower the logits of tokens the row has already generated.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+
+
+class RowSampling(Protocol):
+    """What sampling reads of a row being generated (api/inference/scheduler.Row)."""
+
+    temperature: float
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    generator: torch.Generator
+    generated: list[int]
 
 
 def row_generator(seed: int | None, prompt_index: int, choice_index: int, device: torch.device) -> torch.Generator:
@@ -20,29 +34,44 @@ def row_generator(seed: int | None, prompt_index: int, choice_index: int, device
     return g
 
 
-def next_tokens(
-    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator]
-) -> list[int]:
+def penalized(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """``logits`` (batch, vocab) with each row's penalties applied, as OpenAI defines them: a token generated
+    c times so far loses c × frequency_penalty + (c > 0) × presence_penalty. The prompt does not count."""
+    rows_to_change = [i for i, r in enumerate(rows) if r.generated and (r.presence_penalty or r.frequency_penalty)]
+    if not rows_to_change:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows_to_change:
+        row = rows[i]
+        counts = torch.bincount(torch.tensor(row.generated, device=logits.device), minlength=vocab)[:vocab]
+        counts = counts.to(logits.dtype)
+        logits[i] -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
     """One token per row of ``logits`` (batch, vocab)."""
-    logits = logits.float()
+    logits = penalized(logits.float(), rows)
     greedy = logits.argmax(-1).tolist()  # one batched argmax serves every greedy row
     out = []
-    for i, (temperature, top_p) in enumerate(zip(temperatures, top_ps)):
+    for i, row in enumerate(rows):
+        temperature, top_p = row.temperature, row.top_p
         if temperature == 0:
             out.append(greedy[i])
             continue
         # Shifted so the largest logit is 0, and in float64 (where a temperature of 5e-324 is not 0): at a
         # tiny temperature the rest overflow to -inf and the softmax is one-hot, where logits / temperature
         # would be inf - inf = NaN and fail the step of every request batched with this one.
-        row = logits[i].double()
-        probs = torch.softmax((row - row.max()) / temperature, dim=-1)
+        scores = logits[i].double()
+        probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             cutoff = int((sorted_probs.cumsum(0) < top_p).sum().item()) + 1
             kept = sorted_probs[:cutoff]
-            choice = torch.multinomial(kept / kept.sum(), 1, generator=generators[i])
+            choice = torch.multinomial(kept / kept.sum(), 1, generator=row.generator)
             out.append(int(order[choice]))
         else:
-            out.append(int(torch.multinomial(probs, 1, generator=generators[i])))
+            out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
     return out

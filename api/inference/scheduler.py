@@ -68,6 +68,8 @@ class Row:
     generator: torch.Generator
     temperature: float
     top_p: float
+    presence_penalty: float
+    frequency_penalty: float
     max_tokens: int
     ignore_eos: bool
     generated: list[int] = field(default_factory=list)
@@ -222,7 +224,7 @@ class Scheduler:
                     f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field_name}, {max(wanted, 1)} in the "
                     f"completion). Please reduce the length of the {field_name} or the completion.",
                     # A completion that could never fit, whatever the prompt, is max_tokens' fault alone.
-                    param="max_tokens" if sampling.max_tokens is not None and wanted >= lane.context_length
+                    param=sampling.max_tokens_param if sampling.max_tokens is not None and wanted >= lane.context_length
                     else field_name,
                 )
             limits.append(wanted)
@@ -240,6 +242,8 @@ class Scheduler:
                     generator=row_generator(sampling.seed, p, j, lane.device),
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
+                    presence_penalty=sampling.presence_penalty,
+                    frequency_penalty=sampling.frequency_penalty,
                     max_tokens=max_tokens,
                     ignore_eos=sampling.ignore_eos,
                 ))
@@ -352,8 +356,7 @@ class Scheduler:
 
     def _accept(self, lane: Lane, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token per row, turn it into text and events, mark finished rows."""
-        tokens = next_tokens(logits, [r.temperature for r in rows], [r.top_p for r in rows],
-                             [r.generator for r in rows])
+        tokens = next_tokens(logits, rows)
         events: dict[Any, list] = {}
         for row, token in zip(rows, tokens):
             row.generated.append(token)

@@ -41,6 +41,10 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # The request field that set max_tokens, for errors about it (chat accepts max_completion_tokens too).
+    max_tokens_param: str = "max_tokens"
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says; benchmarks
 
 

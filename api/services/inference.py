@@ -65,8 +65,10 @@ def resolve_model(session: Session, org_id: str, model_id: str, settings: Settin
     )
 
 
-def sampling_params(body: GenerationCreate, settings: Settings, max_tokens: int | None) -> SamplingParams:
-    """The request's sampling options with OpenAI's defaults (temperature 1, top_p 1, n 1)."""
+def sampling_params(
+    body: GenerationCreate, settings: Settings, max_tokens: int | None, max_tokens_param: str = "max_tokens"
+) -> SamplingParams:
+    """The request's sampling options with OpenAI's defaults (temperature 1, top_p 1, n 1, no penalties)."""
     n = body.n or 1
     if n > settings.inference_max_n:
         raise InvalidParameter(f"'n' must be at most {settings.inference_max_n}, got {n}.", param="n")
@@ -80,6 +82,9 @@ def sampling_params(body: GenerationCreate, settings: Settings, max_tokens: int 
         n=n,
         stop=tuple(s for s in stop if s),
         seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        max_tokens_param=max_tokens_param,
         ignore_eos=body.ignore_eos,
     )
 
@@ -105,10 +110,13 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
 
 
 def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.max_completion_tokens is not None:
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, param = body.max_tokens, "max_tokens"
     messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
     # Without max_tokens a chat answer may run to the end of the context, as OpenAI's does.
-    return GenerationRequest(ref=ref, sampling=sampling_params(body, settings, max_tokens), messages=messages)
+    return GenerationRequest(ref=ref, sampling=sampling_params(body, settings, max_tokens, param), messages=messages)
 
 
 def classification_request(inputs: str | list[str], ref: ModelRef) -> ClassificationRequest:

@@ -140,6 +140,34 @@ def test_seed_reproduces_sampled_answers_and_choices_differ(zoo, engine):
     assert [c.index for c in first] == [0, 1, 2]
 
 
+@torch.no_grad()
+def reference_penalized_ids(zoo, prompt: str, max_tokens: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding of the base model alone, without a cache, with OpenAI's penalty formula written out."""
+    model, tokenizer = load_base_model(zoo.llama, "causal")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generated: list[int] = []
+    for _ in range(max_tokens):
+        logits = model.eval()(torch.cat([ids, torch.tensor([generated], dtype=torch.long)], 1)).logits[0, -1].double()
+        for token in set(generated):
+            logits[token] -= generated.count(token) * frequency + presence
+        generated.append(int(logits.argmax()))
+    return generated
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(zoo, engine):
+    base, prompt, length = ref(zoo, None), PROMPTS[2], 16
+    _, tokenizer = load_base_model(zoo.llama, "causal")
+    plain = reference_penalized_ids(zoo, prompt, length, 0.0, 0.0)
+    assert len(set(plain)) < length, "the check needs a model that repeats itself unpenalised"
+    for presence, frequency in [(0.0, 1.5), (1.0, 0.0), (0.5, 0.5), (-1.0, 0.0)]:
+        expected = reference_penalized_ids(zoo, prompt, length, presence, frequency)
+        request = greedy(base, prompt, length, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency)
+        got = asyncio.run(answer(engine, request))[0]
+        assert got.text == tokenizer.decode(expected, skip_special_tokens=True), (presence, frequency)
+        if presence > 0 or frequency > 0:
+            assert expected != plain and len(set(expected)) > len(set(plain)), (presence, frequency)
+
+
 def test_stop_sequence_ends_the_choice(zoo, engine):
     full = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 12, ignore_eos=True)))[0]
     words = full.text.split()

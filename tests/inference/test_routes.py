@@ -125,12 +125,16 @@ def test_context_overflow_states_both_numbers(served):
     assert "64 tokens" in message and "4 in the prompt" in message and "62 in the completion" in message
     assert complete(served, LLAMA, max_tokens=60).status_code == 200  # 4 + 60 fits exactly
     assert chat(served, LLAMA, max_tokens=60).json()["error"]["code"] == "context_length_exceeded"
+    # A limit that can never fit is named by the field it came in.
+    error(chat(served, LLAMA, max_completion_tokens=64), 400, "max_completion_tokens")
+    error(chat(served, LLAMA, max_tokens=64), 400, "max_tokens")
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("temperature", -0.1), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 17),
-     ("max_tokens", 0), ("max_completion_tokens", 0), ("stop", ["a", "b", "c", "d", "e"])],
+     ("max_tokens", 0), ("max_completion_tokens", 0), ("stop", ["a", "b", "c", "d", "e"]),
+     ("presence_penalty", 2.5), ("frequency_penalty", -2.1)],
 )
 def test_invalid_sampling_values_are_400_naming_the_field(served, field, value):
     error(chat(served, LLAMA, **{field: value}), 400, field)
