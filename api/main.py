@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.db import make_engine
 from api.core.errors import PayloadTooLarge
+from api.core.gc_pauses import freeze_long_lived
 from api.core.migrations import ensure_up_to_date
 from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        freeze_long_lived("start-up")
         yield
         await run_in_threadpool(inference.stop)
         engine.dispose()

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from api.core.errors import InternalError, ServiceError, ServiceUnavailable
+from api.core.gc_pauses import freeze_long_lived
 from api.core.settings import Settings
 from api.inference.types import (
     Admission,
@@ -208,6 +209,7 @@ class InferenceEngine:
 
         from api.inference.scheduler import Scheduler
 
+        freeze_long_lived("inference library")  # before any model loads: those must stay collectable
         torch.set_grad_enabled(False)  # grad mode is per thread: this one never trains
         if self.settings.inference_threads:
             torch.set_num_threads(self.settings.inference_threads)  # process-wide: the API only serves

@@ -27,6 +27,7 @@ from api.core.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from api.core.gc_pauses import freeze_long_lived
 from api.core.ids import new_id
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
@@ -44,6 +45,7 @@ def default_line_validator() -> LineValidator:
     # Imported on use: the training library pulls in torch, which the API should not pay for at start-up.
     from svfit_core.data import validate_jsonl_line
 
+    freeze_long_lived("training library")
     return validate_jsonl_line
 
 

@@ -7,11 +7,13 @@ benchmark target rests on (benchmarks/service.py); these tests keep it from grow
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import event, update
 
+from api.core import gc_pauses
 from api.core.tables import Job
 
 
@@ -71,3 +73,22 @@ def test_a_jobs_queue_position_is_the_same_read_alone_or_in_the_list(any_db_api)
     listed = {job["id"]: job["queue_position"] for job in page}
     assert listed == {i: position(i) for i in ids} == {ids[0]: 1, ids[1]: None, ids[2]: 2, ids[3]: 3}
     assert position(other_org, "beta") == 4
+
+
+def test_long_lived_objects_leave_the_collectors_view_at_start_up_and_after_the_training_library(make_api):
+    gc.unfreeze()
+    gc_pauses._frozen_after.clear()
+    try:
+        api = make_api()
+        assert gc.get_freeze_count() == 0  # nothing is frozen by building the app, only by starting it
+        with api.client:
+            assert gc_pauses._frozen_after == {"start-up"}
+            at_start = gc.get_freeze_count()
+            assert at_start > 10_000
+            api.upload_ok()  # validation uses the training library
+            assert gc_pauses._frozen_after == {"start-up", "training library"}
+            assert gc.get_freeze_count() >= at_start
+            # What a full collection still walks is what the requests left, not the imports.
+            assert len(gc.get_objects()) < at_start
+    finally:
+        gc.unfreeze()
