@@ -10,6 +10,7 @@ Arms (the classification head trains in every arm):
     pissa_r8_qv      PiSSA r=8 on query/value (HF PEFT, init_lora_weights="pissa")
     svfit_rk_qv      SVFit with r = k (every singular value) on query/value
     svfit_e099_all   SVFit with τ = 0.99 (squared energy) on every linear layer of the encoder blocks
+    svfit_r128_all   SVFit with r = 128 on every linear layer: svfit_rk_qv's 4,608 parameters, spread out
 
 Protocol (the same for every arm):
 - Data: a fixed random training subset and a disjoint held-out slice, both drawn from the task's training
@@ -89,6 +90,9 @@ ARMS = [
             "r = k: every singular value of W_q, W_v"),
     ArmSpec("svfit_e099_all", {"method": "svfit", "energy": 0.99, "target_modules": "all-linear"},
             (1e-2, 3e-2, 1e-1), "r per matrix holds 99% of sum s^2"),
+    # The parameter budget of svfit_rk_qv (4,608: 16x fewer than LoRA r=8) spread over all 36 linear layers.
+    ArmSpec("svfit_r128_all", {"method": "svfit", "rank": 128, "target_modules": "all-linear"},
+            (1e-2, 3e-2, 1e-1), "top 128 singular values of every encoder linear layer"),
 ]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
