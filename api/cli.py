@@ -126,7 +126,6 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from api.core.settings import get_settings
-
     from api.worker_process import worker_command
 
     settings = get_settings()

@@ -2,8 +2,8 @@
 
 Production points `SVFIT_BROKER_URL` at Redis; the embedded default uses a filesystem transport on folders
 under `settings.queue_dir` (kombu's, made safe for concurrent producers: `worker/filesystem_queue.py`),
-so `svfit serve` needs no broker. There is no result backend: the
-job row is the source of truth and tasks return nothing.
+so `svfit serve` needs no broker. There is no result backend: the job row is the source of truth and
+tasks return nothing.
 """
 
 from __future__ import annotations

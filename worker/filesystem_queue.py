@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import uuid
+from functools import cached_property
 from queue import Empty
 
 from kombu.transport import filesystem, virtual
@@ -35,8 +36,9 @@ def message_queue(name: str) -> str:
 
 
 class Channel(filesystem.Channel):
-    @property
+    @cached_property
     def claimed_folder(self) -> str:
+        # Created once per channel here, not on every claim: `_get` runs at each poll.
         folder = self.transport_options.get("claimed_folder") or os.path.join(self.data_folder_in, "claimed")
         os.makedirs(folder, exist_ok=True)
         return folder
