@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from api.client_cli import register as register_client_commands
@@ -126,24 +126,28 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from api.core.settings import get_settings
-    from api.worker_process import worker_command
+    from api.worker_process import SupervisedWorker, stop_all, worker_command
 
     settings = get_settings()
     if not _store_usable("worker"):
         return 2
     if args.concurrency > 1:
-        # One job per process (training owns the device and its memory): N slots are N worker processes.
+        # One job per process (training owns the device and its memory): N slots are N worker processes,
+        # each restarted if it dies, so a crash does not quietly cost a slot.
         command = worker_command(settings.worker_queue, args.loglevel)
-        children = [subprocess.Popen(command) for _ in range(args.concurrency)]
+        total = args.concurrency
+        workers = [SupervisedWorker(command, label=f"worker {i + 1}/{total}").start() for i in range(total)]
+        stop = threading.Event()
 
-        def _forward(signum: int, _frame: object) -> None:
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signum)
+        def _stop(_signum: int, _frame: object) -> None:
+            stop.set()
 
-        signal.signal(signal.SIGTERM, _forward)
-        signal.signal(signal.SIGINT, _forward)
-        return max(child.wait() for child in children)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        stop.wait()
+        print("stopping the workers...", flush=True)
+        stop_all(workers)
+        return 0
 
     from worker.celery_app import get_app
 

@@ -1,8 +1,10 @@
-"""The worker child of `svfit serve`: started beside the API, started again whenever it dies, and stopped
-(its running job checkpointed and handed back) when `serve` exits.
+"""Supervised worker processes: the worker child of `svfit serve` and the N children of `svfit worker
+--concurrency N`. Each is started again whenever it dies, and stopped (its running job checkpointed and
+handed back) when its parent exits.
 
-A production deployment restarts dead workers from its process manager; in the embedded default nothing
-else would, and an API whose worker is gone accepts jobs that stay `queued` for ever.
+A process manager restarts a worker container whose main process exits, but not one child of N: without
+this, a dead child would silently cost a slot, and in the embedded default an API whose only worker is gone
+accepts jobs that stay `queued` for ever.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> 
 class SupervisedWorker:
     """One worker process, restarted with a growing delay each time it exits on its own."""
 
-    def __init__(self, command: Sequence[str], *, stop_timeout_s: float = STOP_TIMEOUT_S):
+    def __init__(self, command: Sequence[str], *, label: str = "worker", stop_timeout_s: float = STOP_TIMEOUT_S):
         self.command = list(command)
+        self.label = label  # how the log lines name this process ("worker", "worker 2/4")
         self.stop_timeout_s = stop_timeout_s
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -79,7 +82,7 @@ class SupervisedWorker:
                 return
             # Its own session: a Ctrl+C in the terminal reaches only `serve`, which stops the worker itself.
             self.process = subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
-        print(f"  worker:    pid {self.process.pid}", flush=True)
+        print(f"  {self.label + ':':<10} pid {self.process.pid}", flush=True)
 
     def _watch(self) -> None:
         delay = FIRST_RESTART_DELAY_S
@@ -89,8 +92,17 @@ class SupervisedWorker:
             if self._stopping.is_set():
                 return
             delay = FIRST_RESTART_DELAY_S if time.monotonic() - started > HEALTHY_AFTER_S else delay
-            print(f"svfit serve: the worker exited with code {code}; starting another in {delay:.0f} s", flush=True)
+            print(f"svfit: {self.label} exited with code {code}; starting another in {delay:.0f} s", flush=True)
             if self._stopping.wait(delay):
                 return
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
             self._spawn()
+
+
+def stop_all(workers: Sequence[SupervisedWorker]) -> None:
+    """Stop every worker at once: each may take up to its stop timeout to checkpoint its job."""
+    stoppers = [threading.Thread(target=w.stop, name=f"stop-{w.label}") for w in workers]
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,27 +63,43 @@ def test_parser_rejects_zero_concurrency(fresh):
         main(["worker", "--concurrency", "0"])
 
 
-class Serve:
-    """A running `svfit serve` and the worker pids it has printed."""
+class Supervisor:
+    """A running `svfit` command that starts worker processes, and the worker pids it has printed."""
 
-    def __init__(self, tmp_path):  # noqa: ANN001
-        self.port = free_port()
+    def __init__(self, tmp_path, *args: str):  # noqa: ANN001
         self.data_dir = tmp_path / "data"
         env = worker_env(SVFIT_DATA_DIR=str(self.data_dir), OMP_NUM_THREADS="1")
         for name in [n for n in env if n.startswith("SVFIT_") and n != "SVFIT_DATA_DIR"]:
             del env[name]
-        self.log = tmp_path / "serve.log"
+        self.log = tmp_path / f"{args[0]}.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def worker_pids(self) -> list[int]:
-        return [int(part.split()[0]) for part in self.text().split("worker:    pid ")[1:]]
+    def worker_pids(self, label: str = "worker") -> list[int]:
+        marker = f"  {label + ':':<10} pid "
+        return [int(part.split()[0]) for part in self.text().split(marker)[1:]]
+
+    def kill_all(self) -> None:
+        """Teardown: the command and every worker it printed, whatever state the test left them in."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in re.findall(r" pid (\d+)", self.text()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+class Serve(Supervisor):
+    """A running `svfit serve`."""
+
+    def __init__(self, tmp_path):  # noqa: ANN001
+        self.port = free_port()
+        super().__init__(tmp_path, "serve", "--host", "127.0.0.1", "--port", str(self.port))
 
     def wait_healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -104,12 +121,7 @@ def serve(tmp_path):  # noqa: ANN001, ANN201
         running.wait_healthy()
         yield running
     finally:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
-        for pid in running.worker_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        running.kill_all()
 
 
 def alive(pid: int) -> bool:
@@ -148,9 +160,36 @@ def test_serve_starts_another_worker_when_its_worker_dies(serve):
         time.sleep(0.2)
     second = serve.worker_pids()[1]
     assert second != first and alive(second) and not alive(first)
-    assert "the worker exited with code -9" in serve.text()
+    assert "worker exited with code -9" in serve.text()
 
     serve.process.send_signal(signal.SIGTERM)
     assert serve.process.wait(timeout=60) == 0, serve.text()
     assert not alive(second)
     assert len(serve.worker_pids()) == 2, "a worker was started after serve was asked to stop"
+
+
+@pytest.mark.slow
+def test_worker_concurrency_restarts_a_dead_child_and_stops_them_all(fresh):
+    assert main(["migrate"]) == 0  # the workers' reapers read the jobs table
+    workers = Supervisor(fresh, "worker", "--concurrency", "2")
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers.worker_pids("worker 1/2") and workers.worker_pids("worker 2/2")):
+            assert workers.process.poll() is None and time.monotonic() < deadline, workers.text()
+            time.sleep(0.2)
+        [first] = workers.worker_pids("worker 1/2")
+        [other] = workers.worker_pids("worker 2/2")
+        os.kill(first, signal.SIGKILL)
+        while len(workers.worker_pids("worker 1/2")) < 2:
+            assert time.monotonic() < deadline + 30, workers.text()
+            time.sleep(0.2)
+        replacement = workers.worker_pids("worker 1/2")[1]
+        assert "worker 1/2 exited with code -9" in workers.text()
+        assert alive(replacement) and alive(other) and not alive(first)
+        assert workers.worker_pids("worker 2/2") == [other], "only the dead child is replaced"
+
+        workers.process.send_signal(signal.SIGTERM)
+        assert workers.process.wait(timeout=90) == 0, workers.text()
+        assert not alive(replacement) and not alive(other)
+    finally:
+        workers.kill_all()
