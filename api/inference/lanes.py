@@ -41,7 +41,11 @@ class Lane:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.nbytes = model_bytes(model)
         # Most causal LMs can skip the vocabulary projection for all but the last position.
-        self.keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.keeps_last_logits = "logits_to_keep" in parameters
+        # transformers 5 renames the key/value cache argument `past_key_values` to `cache` (the old name goes
+        # in 5.40); pass whichever this model's forward takes.
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.in_use: Counter = Counter()  # tag -> rows holding it
 
     def tag_for(self, ref: ModelRef) -> Any:

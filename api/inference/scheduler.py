@@ -327,7 +327,7 @@ class Scheduler:
         ids, mask, positions = left_pad([r.prompt for r in rows], lane.pad_id, lane.device)
         cache = PaddedCache(DynamicCache(), mask)
         logits = self._forward(lane, rows, input_ids=ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache.cache)
+                               **{lane.cache_argument: cache.cache})
         for row in rows:
             row.position = len(row.prompt)
         self._accept(lane, rows, logits)
@@ -348,7 +348,7 @@ class Scheduler:
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=lane.device)
         mask = state.cache.extend_mask()
         logits = self._forward(lane, rows, input_ids=tokens, attention_mask=mask, position_ids=positions,
-                               past_key_values=state.cache.cache)
+                               **{lane.cache_argument: state.cache.cache})
         for row in rows:
             row.position += 1
         self._accept(lane, rows, logits)
