@@ -8,13 +8,14 @@ step; the row leaves the batch at the next step.
 
 When the engine is idle, the first request waits ``inference_batch_window_ms`` for others to join it, so a
 burst of requests shares its first forward pass. Torch is imported on the engine thread, on first use.
-Loading a model that is not in memory yet also happens on this thread, so it pauses the other lanes' decoding
-for that long (seconds for a small model; a loader thread of its own would lift that).
+A model that is not in memory yet loads on the loader thread (``loader.py``): its requests wait there while
+the engine keeps decoding for the models already loaded, and are admitted once the load is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 from api.core.errors import InternalError, ServiceError, ServiceUnavailable
 from api.core.gc_pauses import freeze_long_lived
 from api.core.settings import Settings
+from api.inference.loader import LaneLoader, LoadFinished
 from api.inference.types import (
     Admission,
     Choice,
@@ -219,27 +221,34 @@ class InferenceEngine:
             logger.exception("the inference engine could not start")
             self._drain_failing(ServiceUnavailable(f"The inference engine could not start: {exc}"))
             return
+        loader = LaneLoader(self._inbox.put)
         while True:
             commands = self._take(block=not scheduler.has_work)
             if any(c is _STOP for c in commands):
                 error = ServiceUnavailable("The inference engine is shutting down.")
-                for c in commands:
-                    if c is not _STOP:
+                for c in [*commands, *loader.abandon()]:
+                    if isinstance(c, Ticket):
                         c.reject(error)
                 scheduler.fail_all(error)
                 self._drain_failing(error)
                 return
             with torch.inference_mode():
-                for ticket in commands:
-                    self._handle(scheduler, ticket)
+                for item in commands:
+                    if isinstance(item, LoadFinished):
+                        self._install(scheduler, loader, loader.finish(item))
+                    else:
+                        self._handle(scheduler, loader, item)
                 scheduler.step()
-            self._snapshot = scheduler.snapshot()
+            self._snapshot = {**scheduler.snapshot(), "loading": loader.loading}
 
-    def _handle(self, scheduler, ticket: Ticket) -> None:
+    def _handle(self, scheduler, loader: LaneLoader, ticket: Ticket) -> None:
         if ticket.cancelled:
             return
         try:
-            if isinstance(ticket, GenerationTicket):
+            key = scheduler.lane_key(ticket.request.ref)
+            if scheduler.loaded_lane(key) is None:
+                loader.wait_for(key, ticket, functools.partial(_build_lane, scheduler, ticket.request.ref, key))
+            elif isinstance(ticket, GenerationTicket):
                 scheduler.admit(ticket)
             else:
                 ticket.resolve(scheduler.classify(ticket.request))
@@ -249,11 +258,36 @@ class InferenceEngine:
             logger.exception("inference request failed")
             ticket.reject(InternalError("The server had an error while processing your request."))
 
+    def _install(self, scheduler, loader: LaneLoader, finished: LoadFinished) -> None:
+        """Keep a lane the loader brought back and admit the requests that waited for it, or fail them all."""
+        try:
+            lane = finished.outcome.result()
+        except ServiceError as exc:
+            error = exc
+        except Exception:  # noqa: BLE001 - build_lane maps load errors; anything else is ours
+            logger.exception("loading %s failed", finished.key)
+            error = InternalError("The server had an error while loading the model.", code="model_load_failed")
+        else:
+            scheduler.install(finished.key, lane)
+            for ticket in finished.waiting:
+                self._handle(scheduler, loader, ticket)
+            return
+        for ticket in finished.waiting:
+            ticket.reject(error)
+
     def _drain_failing(self, error: ServiceError) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
+            if isinstance(item, Ticket):
                 item.reject(error)
+
+
+def _build_lane(scheduler, ref, key: tuple):
+    """Runs on the loader thread; inference mode as on the engine thread, where the lane will be used."""
+    import torch
+
+    with torch.inference_mode():
+        return scheduler.build_lane(ref, key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 
 from api.inference.lanes import Lane
 
@@ -22,15 +21,17 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self.lanes: OrderedDict[tuple, Lane] = OrderedDict()  # least recently used first
 
-    def get(self, key: tuple, load: Callable[[], Lane]) -> Lane:
+    def lookup(self, key: tuple) -> Lane | None:
+        """The loaded lane for ``key`` (now the most recently used), or None."""
         lane = self.lanes.get(key)
         if lane is not None:
             self.lanes.move_to_end(key)
-            return lane
-        lane = load()
+        return lane
+
+    def add(self, key: tuple, lane: Lane) -> None:
+        """Keep a freshly loaded lane, dropping idle ones to make room."""
         self.lanes[key] = lane
         self.evict(keep=key)
-        return lane
 
     @property
     def total_bytes(self) -> int:

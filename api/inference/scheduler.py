@@ -127,14 +127,26 @@ class Scheduler:
             return "lora"
         return "model"
 
-    def lane_for(self, ref: ModelRef) -> Lane:
+    def lane_key(self, ref: ModelRef) -> tuple:
+        """What makes the model copy serving ``ref`` distinct: (kind, weights, dtype, device)."""
         kind = self._kind(ref)
         weights = str(ref.base_path if kind in ("shared", "lora") else ref.adapter_dir or ref.base_path)
-        key = (kind, weights, str(self.dtype), str(self.device))
-        s = self.settings
+        return (kind, weights, str(self.dtype), str(self.device))
 
-        def load() -> Lane:
-            logger.info("loading %s model %s", kind, weights)
+    def loaded_lane(self, key: tuple) -> Lane | None:
+        """The lane for ``key`` if it is in memory."""
+        lane = self.cache.lookup(key)
+        if lane is not None:
+            self._track(key, lane)
+        return lane
+
+    def build_lane(self, ref: ModelRef, key: tuple) -> Lane:
+        """Load the model copy for ``ref``, or raise the ServiceError a client should see. Reads only settings,
+        so it may run on the loader thread while this thread decodes."""
+        kind, weights = key[0], key[1]
+        s = self.settings
+        logger.info("loading %s model %s", kind, weights)
+        try:
             if kind == "shared":
                 model, tokenizer, hashes = load_causal_base(ref.base_path, self.dtype, self.device)
                 return SharedBaseLane(key, model, tokenizer, max_adapters=s.inference_max_adapters,
@@ -148,9 +160,6 @@ class Scheduler:
                 raise WrongModelTask(f"The model '{ref.model_id}' is not a classification model.", param="model")
             model, tokenizer = load_adapted_model(ref, self.dtype, self.device)
             return ModelLane(key, model, tokenizer, task=ref.task)
-
-        try:
-            lane = self.cache.get(key, load)
         except ServiceError:
             raise
         except ValueError as exc:  # transformers' answer to "this folder is not that kind of model"
@@ -161,10 +170,22 @@ class Scheduler:
         except Exception as exc:
             logger.exception("loading %s failed", ref.model_id)
             raise InternalError(f"The model '{ref.model_id}' could not be loaded.", code="model_load_failed") from exc
+
+    def install(self, key: tuple, lane: Lane) -> Lane:
+        """Keep a lane ``build_lane`` loaded (idle lanes may be dropped to make room)."""
+        self.cache.add(key, lane)
+        self._track(key, lane)
+        return lane
+
+    def lane_for(self, ref: ModelRef) -> Lane:
+        """The lane serving ``ref``, loaded here and now if it is not in memory."""
+        key = self.lane_key(ref)
+        return self.loaded_lane(key) or self.install(key, self.build_lane(ref, key))
+
+    def _track(self, key: tuple, lane: Lane) -> None:
         state = self.states.get(key)
         if state is None or state.lane is not lane:  # new, or reloaded after an eviction
             self.states[key] = LaneState(lane)
-        return lane
 
     def _tag(self, lane: Lane, ref: ModelRef) -> Any:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -198,3 +199,82 @@ def test_memory_budget_unloads_idle_models_and_reloads_them(zoo, tmp_path):
         assert again[0].text == first[0].text
     finally:
         small.stop()
+
+
+def gate_model_loads(monkeypatch, kind: str):
+    """Hold every load of a ``kind`` lane until the returned ``release`` is set; ``started`` is set when one
+    has begun, and ``calls`` counts them."""
+    started, release, calls = threading.Event(), threading.Event(), []
+    build = Scheduler.build_lane
+
+    def gated(self, model_ref, key):
+        if key[0] == kind:
+            calls.append(model_ref.model_id)
+            started.set()
+            assert release.wait(60), "the test never released the load"
+        return build(self, model_ref, key)
+
+    monkeypatch.setattr(Scheduler, "build_lane", gated)
+    return started, release, calls
+
+
+async def until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_a_model_loading_does_not_pause_the_models_already_loaded(zoo, tmp_path, monkeypatch):
+    engine = InferenceEngine(make_settings(tmp_path, zoo))
+    started, release, calls = gate_model_loads(monkeypatch, "model")
+
+    async def scenario():
+        await answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0]))  # the shared lane is in memory
+        waiting = [asyncio.create_task(answer(engine, greedy(ref(zoo, "full0"), p))) for p in PROMPTS[:2]]
+        await until(started.is_set)
+        loaded = await asyncio.wait_for(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[2], max_tokens=12)), 60)
+        assert not any(task.done() for task in waiting), "requests for the loading model were answered early"
+        assert engine.stats()["loading"] == 1
+        release.set()
+        return loaded, await asyncio.gather(*waiting)
+
+    try:
+        loaded, waited = asyncio.run(scenario())
+    finally:
+        release.set()
+        engine.stop()
+    assert loaded[0].text == reference_text(zoo, "sv0", PROMPTS[2], max_tokens=12)
+    assert [w[0].text for w in waited] == [reference_text(zoo, "full0", p) for p in PROMPTS[:2]]
+    assert calls == ["full0"], "the second request waited for the load under way instead of starting another"
+
+
+def test_a_failed_load_fails_every_request_waiting_for_it_and_the_engine_goes_on(zoo, tmp_path, monkeypatch):
+    import api.inference.scheduler as scheduler_module
+
+    engine = InferenceEngine(make_settings(tmp_path, zoo))
+    started, release, _ = gate_model_loads(monkeypatch, "model")
+    real_load = scheduler_module.load_full_model
+
+    def broken(*_args, **_kwargs):
+        raise OSError("the weights file is unreadable")
+
+    monkeypatch.setattr(scheduler_module, "load_full_model", broken)
+
+    async def scenario():
+        waiting = [asyncio.create_task(answer(engine, greedy(ref(zoo, "full0"), p))) for p in PROMPTS[:2]]
+        await until(started.is_set)
+        release.set()
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(scenario())
+        assert [type(o) for o in outcomes] == [InternalError, InternalError]
+        assert {o.code for o in outcomes} == {"model_load_failed"}
+        monkeypatch.setattr(scheduler_module, "load_full_model", real_load)
+        again = asyncio.run(answer(engine, greedy(ref(zoo, "full0"), PROMPTS[0])))
+        assert again[0].text == reference_text(zoo, "full0", PROMPTS[0])
+        assert engine.stats()["loading"] == 0
+    finally:
+        release.set()
+        engine.stop()
