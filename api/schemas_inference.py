@@ -2,7 +2,7 @@
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
 ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
-`top_p`, `n`, `max_tokens`, the penalties). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
+`top_p`, `n`, `max_tokens`, the penalties, `logprobs` / `top_logprobs`). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
 Streaming chunks are plain dicts built in the route (they are never validated, only written).
 """
 
@@ -40,6 +40,8 @@ class CompletionCreate(GenerationCreate):
     # str | list[str] | list[int] | list[list[int]]; typed loosely so that api/services/inference.py (not a
     # pydantic union error) reports a malformed prompt as `param: "prompt"`.
     prompt: str | list[str | int | list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=5,
+                                 description="The log probability of each token and of the k most likely ones.")
 
 
 class ChatMessage(BaseModel):
@@ -52,6 +54,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionCreate(GenerationCreate):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ClassificationCreate(BaseModel):
@@ -68,10 +72,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -91,10 +104,25 @@ class ChatMessagePublic(BaseModel):
     refusal: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobPublic(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobPublic] | None
+    refusal: list[TokenLogprobPublic] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessagePublic
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -113,6 +113,7 @@ class GenerationTicket(Ticket):
         async for event in self.stream():
             if isinstance(event, TextDelta):
                 choices[event.index].text += event.text
+                choices[event.index].logprobs.extend(event.logprobs)
             elif isinstance(event, ChoiceFinished):
                 choices[event.index].finish_reason = event.finish_reason
                 choices[event.index].completion_tokens = event.completion_tokens

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from svfit_core.multi_adapter import MultiAdapterModel
 
 from api.inference.loading import context_length, eos_token_ids, model_bytes
+from api.inference.logprobs import TokenNames
 from api.inference.types import ModelRef
 
 
@@ -47,6 +48,7 @@ class Lane:
         # in 5.40); pass whichever this model's forward takes.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.in_use: Counter = Counter()  # tag -> rows holding it
+        self.token_names = TokenNames(tokenizer)  # for log probabilities
 
     def tag_for(self, ref: ModelRef) -> Any:
         """The row tag for ``ref`` on this lane, registering its adapter when needed."""

@@ -39,6 +39,7 @@ from api.inference.loading import (
     resolve_device,
     resolve_dtype,
 )
+from api.inference.logprobs import step_logprobs
 from api.inference.model_cache import ModelCache
 from api.inference.sampling import next_tokens, row_generator
 from api.inference.text import TextTracker
@@ -72,6 +73,7 @@ class Row:
     frequency_penalty: float
     max_tokens: int
     ignore_eos: bool
+    logprobs: int | None = None  # how many alternatives to report per token; None: no log probabilities
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finished: bool = False
@@ -267,6 +269,7 @@ class Scheduler:
                     frequency_penalty=sampling.frequency_penalty,
                     max_tokens=max_tokens,
                     ignore_eos=sampling.ignore_eos,
+                    logprobs=sampling.logprobs,
                 ))
         prompt_tokens = sum(len(ids) for ids in prompts)
         ticket.rows_left = len(rows)
@@ -378,12 +381,14 @@ class Scheduler:
     def _accept(self, lane: Lane, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token per row, turn it into text and events, mark finished rows."""
         tokens = next_tokens(logits, rows)
+        logprobs = step_logprobs(logits, tokens, [r.logprobs for r in rows], lane.token_names)
         events: dict[Any, list] = {}
-        for row, token in zip(rows, tokens):
+        for row, token, token_logprob in zip(rows, tokens, logprobs):
             row.generated.append(token)
             finish = None
             if token in lane.eos_ids and not row.ignore_eos:
-                text, finish = row.tracker.finish(), "stop"
+                # The end-of-sequence token is not part of the answer: no text, and no log probability.
+                text, finish, token_logprob = row.tracker.finish(), "stop", None
             else:
                 text = row.tracker.add(token)
                 if row.tracker.stopped:
@@ -392,8 +397,8 @@ class Scheduler:
                     text += row.tracker.finish()
                     finish = "length"
             out = events.setdefault(row.ticket, [])
-            if text:
-                out.append(TextDelta(row.index, text))
+            if text or token_logprob is not None:
+                out.append(TextDelta(row.index, text, () if token_logprob is None else (token_logprob,)))
             if finish is not None:
                 out.extend(self._finish(lane, row, finish))
         for ticket, batch in events.items():

@@ -46,6 +46,8 @@ class SamplingParams:
     # The request field that set max_tokens, for errors about it (chat accepts max_completion_tokens too).
     max_tokens_param: str = "max_tokens"
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says; benchmarks
+    # None: no log probabilities; k >= 0: each generated token's, with the k most likely tokens at its step.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,24 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token as OpenAI's logprobs name it (text and UTF-8 bytes), its log probability, and the most
+    likely tokens at its step (empty for the alternatives themselves)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
+    """New text of one choice, and the log probabilities of the tokens generated with it, when asked for.
+    Either may be empty: text can be held back (a possible stop sequence) after its token is known."""
+
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ class Choice:
     text: str = ""
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -24,7 +24,7 @@ from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.deps import CurrentOrg, InferenceDep, InferenceRateLimit, SessionDep, SettingsDep, StorageDep
 from api.inference.engine import GenerationTicket
-from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta
+from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta, TokenLogprob
 from api.schemas_inference import (
     ChatChoice,
     ChatCompletionCreate,
@@ -109,7 +109,7 @@ async def _chunks(
     header: dict,
     include_usage: bool,
     opening: Callable[[int], dict] | None,
-    text_choice: Callable[[int, str], dict],
+    text_choice: Callable[[TextDelta], dict],
     final_choice: Callable[[int, str], dict],
 ) -> AsyncIterator[dict]:
     """Chunk dicts from engine events: an optional opening chunk per choice, one per text delta and per
@@ -120,11 +120,45 @@ async def _chunks(
             yield {**header, "choices": [opening(index)], **extra}
     async for event in ticket.stream():
         if isinstance(event, TextDelta):
-            yield {**header, "choices": [text_choice(event.index, event.text)], **extra}
+            yield {**header, "choices": [text_choice(event)], **extra}
         elif isinstance(event, ChoiceFinished):
             yield {**header, "choices": [final_choice(event.index, event.finish_reason)], **extra}
         elif isinstance(event, GenerationDone) and include_usage:
             yield {**header, "choices": [], "usage": _usage(event)}
+
+
+def _chat_token(entry: TokenLogprob, with_top: bool = True) -> dict:
+    out = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
+    if with_top:
+        out["top_logprobs"] = [_chat_token(alt, with_top=False) for alt in entry.top]
+    return out
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    return {"content": [_chat_token(e) for e in entries], "refusal": None}
+
+
+class CompletionLogprobsWriter:
+    """The legacy completions `logprobs` object, chunk by chunk: ``text_offset`` runs on across a choice's
+    chunks (offsets count the token texts, the answer's text without the prompt)."""
+
+    def __init__(self, with_top: bool) -> None:
+        self.with_top = with_top
+        self.offsets: dict[int, int] = {}
+
+    def __call__(self, index: int, entries: Sequence[TokenLogprob]) -> dict:
+        offset = self.offsets.get(index, 0)
+        text_offset = []
+        for entry in entries:
+            text_offset.append(offset)
+            offset += len(entry.token)
+        self.offsets[index] = offset
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{alt.token: alt.logprob for alt in e.top} for e in entries] if self.with_top else None,
+            "text_offset": text_offset,
+        }
 
 
 # With `stream: true` the answer is server-sent events instead of the JSON object.
@@ -145,11 +179,14 @@ async def create_completion(
     ref = await _resolve(session, org_id, body.model, settings, storage)
     ticket = await engine.generate(inference_service.completion_request(body, ref, settings))
     header = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
+    wants_logprobs = body.logprobs is not None
+    logprobs = CompletionLogprobsWriter(with_top=bool(body.logprobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream_response(ticket, _chunks(
             ticket, header, include_usage, None,
-            lambda i, text: {"text": text, "index": i, "logprobs": None, "finish_reason": None},
+            lambda e: {"text": e.text, "index": e.index,
+                       "logprobs": logprobs(e.index, e.logprobs) if wants_logprobs else None, "finish_reason": None},
             lambda i, reason: {"text": "", "index": i, "logprobs": None, "finish_reason": reason},
         ))
     answer = await _collect(request, ticket)
@@ -158,7 +195,11 @@ async def create_completion(
     choices, done = answer
     return CompletionPublic(
         id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
-        choices=[CompletionChoice(text=c.text, index=c.index, finish_reason=c.finish_reason) for c in choices],
+        choices=[
+            CompletionChoice(text=c.text, index=c.index, finish_reason=c.finish_reason,
+                             logprobs=logprobs(c.index, c.logprobs) if wants_logprobs else None)
+            for c in choices
+        ],
     )
 
 
@@ -176,13 +217,15 @@ async def create_chat_completion(
     ticket = await engine.generate(inference_service.chat_request(body, ref, settings))
     header = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
               "model": body.model, "system_fingerprint": None}
+    wants_logprobs = bool(body.logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream_response(ticket, _chunks(
             ticket, header, include_usage,
             lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None},
-            lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
+            lambda e: {"index": e.index, "delta": {"content": e.text},
+                       "logprobs": _chat_logprobs(e.logprobs) if wants_logprobs else None, "finish_reason": None},
             lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
         ))
     answer = await _collect(request, ticket)
@@ -192,7 +235,8 @@ async def create_chat_completion(
     return ChatCompletionPublic(
         id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
         choices=[
-            ChatChoice(index=c.index, message=ChatMessagePublic(content=c.text), finish_reason=c.finish_reason)
+            ChatChoice(index=c.index, message=ChatMessagePublic(content=c.text), finish_reason=c.finish_reason,
+                       logprobs=_chat_logprobs(c.logprobs) if wants_logprobs else None)
             for c in choices
         ],
     )

@@ -66,7 +66,11 @@ def resolve_model(session: Session, org_id: str, model_id: str, settings: Settin
 
 
 def sampling_params(
-    body: GenerationCreate, settings: Settings, max_tokens: int | None, max_tokens_param: str = "max_tokens"
+    body: GenerationCreate,
+    settings: Settings,
+    max_tokens: int | None,
+    max_tokens_param: str = "max_tokens",
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """The request's sampling options with OpenAI's defaults (temperature 1, top_p 1, n 1, no penalties)."""
     n = body.n or 1
@@ -86,6 +90,7 @@ def sampling_params(
         frequency_penalty=body.frequency_penalty or 0.0,
         max_tokens_param=max_tokens_param,
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
     )
 
 
@@ -103,7 +108,7 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
         )
     return GenerationRequest(
         ref=ref,
-        sampling=sampling_params(body, settings, body.max_tokens),
+        sampling=sampling_params(body, settings, body.max_tokens, logprobs=body.logprobs),
         prompts=prompts,
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
     )
@@ -114,9 +119,13 @@ def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) 
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, param = body.max_tokens, "max_tokens"
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParameter("'top_logprobs' needs 'logprobs' to be true.", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
     # Without max_tokens a chat answer may run to the end of the context, as OpenAI's does.
-    return GenerationRequest(ref=ref, sampling=sampling_params(body, settings, max_tokens, param), messages=messages)
+    sampling = sampling_params(body, settings, max_tokens, param, logprobs)
+    return GenerationRequest(ref=ref, sampling=sampling, messages=messages)
 
 
 def classification_request(inputs: str | list[str], ref: ModelRef) -> ClassificationRequest:

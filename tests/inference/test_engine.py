@@ -278,3 +278,70 @@ def test_a_failed_load_fails_every_request_waiting_for_it_and_the_engine_goes_on
     finally:
         release.set()
         engine.stop()
+
+
+@torch.no_grad()
+def reference_logprobs(zoo, name: str | None, prompt: str, max_tokens: int) -> list[torch.Tensor]:
+    """The log-softmax of the model's next-token logits at each greedy step, without a cache."""
+    if name is None:
+        model, tokenizer = load_base_model(zoo.llama, "causal")
+    else:
+        model, tokenizer, _ = load_trained_model(zoo.llama, zoo.adapters[name])
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    steps = []
+    for _ in range(max_tokens):
+        logp = torch.log_softmax(model.eval()(ids).logits[0, -1].double(), -1)
+        steps.append(logp)
+        ids = torch.cat([ids, logp.argmax().view(1, 1)], 1)
+    return steps
+
+
+def test_logprobs_are_the_models_own_distribution_at_each_step(zoo, engine):
+    name, prompt, length, k = "sv0", PROMPTS[1], 8, 3
+    _, tokenizer, _ = load_trained_model(zoo.llama, zoo.adapters[name])
+    expected = reference_logprobs(zoo, name, prompt, length)
+    # A temperature and a penalty reshape sampling, not the reported distribution.
+    request = greedy(ref(zoo, name), prompt, length, ignore_eos=True, logprobs=k, frequency_penalty=0.0)
+    [got] = asyncio.run(answer(engine, request))
+    assert len(got.logprobs) == length
+    for step, (entry, logp) in enumerate(zip(got.logprobs, expected)):
+        best = logp.topk(k)
+        assert [alt.token for alt in entry.top] == [tokenizer.decode([int(i)]) for i in best.indices], step
+        assert [alt.logprob for alt in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4), step
+        assert entry.token == entry.top[0].token and entry.logprob == pytest.approx(float(best.values[0]), abs=1e-4)
+        assert bytes(entry.bytes) == entry.token.encode()
+    chosen = [int(logp.argmax()) for logp in expected]
+    assert got.text == tokenizer.decode(chosen, skip_special_tokens=True)
+
+
+def test_logprobs_of_sampled_tokens_and_without_alternatives(zoo, engine, monkeypatch):
+    import api.inference.scheduler as scheduler_module
+
+    sampled: list[int] = []
+    real_next_tokens = scheduler_module.next_tokens
+
+    def recording(logits, rows):
+        tokens = real_next_tokens(logits, rows)
+        sampled.extend(tokens)
+        return tokens
+
+    monkeypatch.setattr(scheduler_module, "next_tokens", recording)
+    request = GenerationRequest(
+        ref=ref(zoo, None), prompts=(PROMPTS[0],),
+        sampling=SamplingParams(max_tokens=6, temperature=1.5, seed=7, logprobs=0, ignore_eos=True),
+    )
+    [got] = asyncio.run(answer(engine, request))
+    model, tokenizer = load_base_model(zoo.llama, "causal")
+    ids = tokenizer.encode(PROMPTS[0])
+    assert len(got.logprobs) == len(sampled) == 6
+    off_greedy = 0
+    for entry, token_id in zip(got.logprobs, sampled):
+        assert entry.top == ()
+        with torch.no_grad():
+            logp = torch.log_softmax(model.eval()(torch.tensor([ids])).logits[0, -1].double(), -1)
+        assert entry.logprob == pytest.approx(float(logp[token_id]), abs=1e-4)
+        off_greedy += int(logp.argmax()) != token_id
+        ids.append(token_id)
+    assert off_greedy, "the check needs tokens that greedy decoding would not have chosen"
+    plain = asyncio.run(answer(engine, greedy(ref(zoo, None), PROMPTS[0], 6)))[0]
+    assert plain.logprobs == [], "no log probabilities unless asked for"

@@ -69,6 +69,39 @@ def test_openai_completions(client):
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
 
+def test_openai_chat_logprobs_streamed_and_not(client, server):
+    model = server[3]["sv0"]
+    request = dict(model=model, messages=[{"role": "user", "content": "what is good ?"}], max_tokens=6,
+                   temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**request)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token  # greedy
+        assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes) == entry.token.encode()
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(**{**request, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_openai_completion_logprobs(client):
+    request = dict(model=LLAMA, prompt="the movie was", max_tokens=5, temperature=0, logprobs=3,
+                   extra_body={"ignore_eos": True})
+    completion = client.completions.create(**request)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
+    assert all(len(top) <= 3 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs,
+                                                                             logprobs.token_logprobs))
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+    streamed = list(client.completions.create(**request, stream=True))
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == logprobs.tokens and offsets == logprobs.text_offset
+
+
 def test_openai_errors(client):
     import openai
 

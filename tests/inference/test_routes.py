@@ -140,6 +140,20 @@ def test_invalid_sampling_values_are_400_naming_the_field(served, field, value):
     error(chat(served, LLAMA, **{field: value}), 400, field)
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs")],
+)
+def test_invalid_chat_logprobs_are_400_naming_the_field(served, body, param):
+    error(chat(served, LLAMA, **body), 400, param)
+
+
+@pytest.mark.parametrize("value", [-1, 6])
+def test_invalid_completion_logprobs_are_400(served, value):
+    error(complete(served, LLAMA, logprobs=value), 400, "logprobs")
+
+
 def test_model_of_the_wrong_task_is_refused(served):
     error(chat(served, served.model_ids["clf"]), 400, "model")
     error(served.post("/classifications", {"model": served.model_ids["sv0"], "input": "x"}), 400, "model")
