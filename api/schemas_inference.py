@@ -33,6 +33,9 @@ class GenerationCreate(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) → bias in [-100, 100] added to its logit before sampling."
+    )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS up to max_tokens.")
 
 

@@ -49,6 +49,10 @@ class Lane:
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.in_use: Counter = Counter()  # tag -> rows holding it
         self.token_names = TokenNames(tokenizer)  # for log probabilities
+        # Ids a request may name (prompt ids, logit_bias): known to the tokenizer and inside the model's table.
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        self.vocab_size = min(len(tokenizer), rows) if rows else len(tokenizer)
 
     def tag_for(self, ref: ModelRef) -> Any:
         """The row tag for ``ref`` on this lane, registering its adapter when needed."""

@@ -1,6 +1,7 @@
 """Choosing each row's next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling
 with a per-row random generator, so a request's ``seed`` reproduces its tokens whatever else is batched.
-OpenAI's presence and frequency penalties lower the logits of tokens the row has already generated.
+OpenAI's presence and frequency penalties lower the logits of tokens the row has already generated, and a
+row's ``logit_bias`` shifts the logits of the tokens it names; both apply to greedy rows too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class RowSampling(Protocol):
     frequency_penalty: float
     generator: torch.Generator
     generated: list[int]
+    logit_bias: tuple[tuple[int, float], ...]
 
 
 def row_generator(seed: int | None, prompt_index: int, choice_index: int, device: torch.device) -> torch.Generator:
@@ -34,15 +36,20 @@ def row_generator(seed: int | None, prompt_index: int, choice_index: int, device
     return g
 
 
-def penalized(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
-    """``logits`` (batch, vocab) with each row's penalties applied, as OpenAI defines them: a token generated
-    c times so far loses c × frequency_penalty + (c > 0) × presence_penalty. The prompt does not count."""
-    rows_to_change = [i for i, r in enumerate(rows) if r.generated and (r.presence_penalty or r.frequency_penalty)]
-    if not rows_to_change:
+def adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """``logits`` (batch, vocab) with each row's logit bias and penalties applied. The penalties are
+    OpenAI's: a token generated c times so far loses c × frequency_penalty + (c > 0) × presence_penalty
+    (the prompt does not count)."""
+    penalize = [i for i, r in enumerate(rows) if r.generated and (r.presence_penalty or r.frequency_penalty)]
+    bias = [i for i, r in enumerate(rows) if r.logit_bias]
+    if not penalize and not bias:
         return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
-    for i in rows_to_change:
+    for i in bias:
+        ids, values = zip(*rows[i].logit_bias)
+        logits[i, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    for i in penalize:
         row = rows[i]
         counts = torch.bincount(torch.tensor(row.generated, device=logits.device), minlength=vocab)[:vocab]
         counts = counts.to(logits.dtype)
@@ -52,7 +59,7 @@ def penalized(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor
 
 def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
     """One token per row of ``logits`` (batch, vocab)."""
-    logits = penalized(logits.float(), rows)
+    logits = adjusted(logits.float(), rows)
     greedy = logits.argmax(-1).tolist()  # one batched argmax serves every greedy row
     out = []
     for i, row in enumerate(rows):

@@ -74,6 +74,7 @@ class Row:
     max_tokens: int
     ignore_eos: bool
     logprobs: int | None = None  # how many alternatives to report per token; None: no log probabilities
+    logit_bias: tuple[tuple[int, float], ...] = ()
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finished: bool = False
@@ -212,7 +213,7 @@ class Scheduler:
             # The template writes the special tokens itself, as training renders it (svfit_core.encoding).
             return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         prompts = []
-        vocab = len(tokenizer)
+        vocab = lane.vocab_size
         for prompt in request.prompts:
             if isinstance(prompt, str):
                 ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -235,6 +236,9 @@ class Scheduler:
             )
         prompts, field_name = self._encode(lane, request)
         sampling = request.sampling
+        vocab = lane.vocab_size
+        if any(token >= vocab for token, _ in sampling.logit_bias):
+            raise InvalidParameter(f"Token ids in 'logit_bias' must be in [0, {vocab}).", param="logit_bias")
         limits = []
         for ids in prompts:
             room = lane.context_length - len(ids)
@@ -270,6 +274,7 @@ class Scheduler:
                     max_tokens=max_tokens,
                     ignore_eos=sampling.ignore_eos,
                     logprobs=sampling.logprobs,
+                    logit_bias=sampling.logit_bias,
                 ))
         prompt_tokens = sum(len(ids) for ids in prompts)
         ticket.rows_left = len(rows)

@@ -48,6 +48,7 @@ class SamplingParams:
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says; benchmarks
     # None: no log probabilities; k >= 0: each generated token's, with the k most likely tokens at its step.
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)

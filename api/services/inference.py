@@ -25,6 +25,7 @@ from api.schemas_inference import ChatCompletionCreate, CompletionCreate, Genera
 TRAINING_META = "training_meta.json"
 # OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
 MAX_STOP_SEQUENCES = 4
+MAX_LOGIT_BIAS_TOKENS = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
@@ -80,6 +81,7 @@ def sampling_params(
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidParameter(f"'stop' holds at most {MAX_STOP_SEQUENCES} sequences.", param="stop")
     return SamplingParams(
+        logit_bias=logit_bias(body.logit_bias),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -92,6 +94,23 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
     )
+
+
+def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (JSON keys, so strings) to biases in [-100, 100], as (id, bias) pairs.
+    Whether each id exists in the model's vocabulary is checked by the engine, which knows the tokenizer."""
+    if not bias:
+        return ()
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidParameter(f"'logit_bias' holds at most {MAX_LOGIT_BIAS_TOKENS} tokens.", param="logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise InvalidParameter(f"'logit_bias' keys must be token ids, got {key!r}.", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise InvalidParameter(f"'logit_bias' values must be in [-100, 100], got {value}.", param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:

@@ -142,8 +142,11 @@ def test_seed_reproduces_sampled_answers_and_choices_differ(zoo, engine):
 
 
 @torch.no_grad()
-def reference_penalized_ids(zoo, prompt: str, max_tokens: int, presence: float, frequency: float) -> list[int]:
-    """Greedy decoding of the base model alone, without a cache, with OpenAI's penalty formula written out."""
+def reference_penalized_ids(
+    zoo, prompt: str, max_tokens: int, presence: float, frequency: float, bias: dict[int, float] | None = None
+) -> list[int]:
+    """Greedy decoding of the base model alone, without a cache, with OpenAI's penalty formula and logit bias
+    written out."""
     model, tokenizer = load_base_model(zoo.llama, "causal")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     generated: list[int] = []
@@ -151,6 +154,8 @@ def reference_penalized_ids(zoo, prompt: str, max_tokens: int, presence: float, 
         logits = model.eval()(torch.cat([ids, torch.tensor([generated], dtype=torch.long)], 1)).logits[0, -1].double()
         for token in set(generated):
             logits[token] -= generated.count(token) * frequency + presence
+        for token, value in (bias or {}).items():
+            logits[token] += value
         generated.append(int(logits.argmax()))
     return generated
 
@@ -167,6 +172,21 @@ def test_presence_and_frequency_penalties_follow_openais_formula(zoo, engine):
         assert got.text == tokenizer.decode(expected, skip_special_tokens=True), (presence, frequency)
         if presence > 0 or frequency > 0:
             assert expected != plain and len(set(expected)) > len(set(plain)), (presence, frequency)
+
+
+def test_logit_bias_shifts_the_tokens_it_names(zoo, engine):
+    base, prompt, length = ref(zoo, None), PROMPTS[3], 6
+    _, tokenizer = load_base_model(zoo.llama, "causal")
+    plain = reference_penalized_ids(zoo, prompt, length, 0.0, 0.0)
+    banned = {plain[0]: -100.0, plain[1]: -5.0}
+    expected = reference_penalized_ids(zoo, prompt, length, 0.0, 0.0, banned)
+    assert expected != plain and plain[0] not in expected
+    request = greedy(base, prompt, length, ignore_eos=True, logit_bias=tuple(banned.items()))
+    assert asyncio.run(answer(engine, request))[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    good = tokenizer.convert_tokens_to_ids("good")
+    sampled = SamplingParams(max_tokens=length, temperature=1.0, seed=3, ignore_eos=True, logit_bias=((good, 100.0),))
+    forced = GenerationRequest(ref=base, sampling=sampled, prompts=(prompt,))
+    assert asyncio.run(answer(engine, forced))[0].text.split() == ["good"] * length
 
 
 def test_stop_sequence_ends_the_choice(zoo, engine):

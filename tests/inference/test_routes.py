@@ -149,6 +149,13 @@ def test_invalid_chat_logprobs_are_400_naming_the_field(served, body, param):
     error(chat(served, LLAMA, **body), 400, param)
 
 
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-3": 1}, {"5": 101}, {"5": -100.5}, {"100000": 1},
+                                  {str(i): 1 for i in range(1025)}])
+def test_invalid_logit_bias_is_400(served, bias):
+    error(chat(served, LLAMA, logit_bias=bias), 400, "logit_bias")
+    error(complete(served, LLAMA, logit_bias=bias), 400, "logit_bias")
+
+
 @pytest.mark.parametrize("value", [-1, 6])
 def test_invalid_completion_logprobs_are_400(served, value):
     error(complete(served, LLAMA, logprobs=value), 400, "logprobs")
