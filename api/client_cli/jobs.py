@@ -37,6 +37,13 @@ def _number_or_auto(text: str) -> float | int | str:
     return int(value) if value.is_integer() and "." not in text else value
 
 
+def _filter_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value  # metadata values are strings: compared as typed
+
+
 def _key_value(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -231,7 +238,9 @@ def cmd_create(client: ApiClient, args: argparse.Namespace) -> int:
 @client_command
 def cmd_list(client: ApiClient, args: argparse.Namespace) -> None:
     jobs = []
-    for job in client.pages("fine_tuning/jobs", limit=min(args.limit, 100) if not args.all else 100):
+    # The server filters by metadata (every pair must match), so paging stays exact.
+    metadata = {f"metadata[{key}]": value for key, value in args.metadata or []}
+    for job in client.pages("fine_tuning/jobs", limit=min(args.limit, 100) if not args.all else 100, **metadata):
         if args.status and job["status"] != args.status:
             continue
         jobs.append(job)
@@ -300,6 +309,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     list_cmd = sub.add_parser("list", parents=[common], help="list jobs, newest first")
     list_cmd.add_argument("--status", choices=["validating_files", "queued", "running", "paused", "succeeded",
                                                "failed", "cancelled"])
+    list_cmd.add_argument("--metadata", type=_filter_pair, action="append", metavar="KEY=VALUE",
+                          help="only jobs whose metadata holds KEY=VALUE (repeatable)")
     list_cmd.add_argument("--limit", type=int, default=20)
     list_cmd.add_argument("--all", action="store_true", help="every job, not just the newest --limit")
     list_cmd.set_defaults(func=cmd_list)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
@@ -47,14 +47,21 @@ def create_job(
     return _public(session, [job])[0]
 
 
-def _list(session: Session, org_id: str, after: str | None, limit: int) -> JobsPublic:
-    page = jobs_service.list_jobs(session, org_id, after=after, limit=limit)
+def _list(
+    session: Session, org_id: str, after: str | None, limit: int, metadata: jobs_service.MetadataFilter | None
+) -> JobsPublic:
+    page = jobs_service.list_jobs(session, org_id, after=after, limit=limit, metadata=metadata)
     return JobsPublic.of(_public(session, page.items), page.has_more)
 
 
 @router.get("")
-async def list_jobs(session: SessionDep, org_id: CurrentOrg, after: str | None = None, limit: Limit = 20) -> JobsPublic:
-    return await run_in_session(session, _list, org_id, after, limit)
+async def list_jobs(
+    request: Request, session: SessionDep, org_id: CurrentOrg, after: str | None = None, limit: Limit = 20
+) -> JobsPublic:
+    """Newest first. Filter by metadata with `metadata[key]=value` (repeatable: every pair must match) or
+    `metadata=null` (jobs created without metadata)."""
+    metadata = jobs_service.metadata_filter(request.query_params.multi_items())
+    return await run_in_session(session, _list, org_id, after, limit, metadata)
 
 
 def _retrieve(session: Session, org_id: str, job_id: str) -> JobPublic:

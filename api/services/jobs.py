@@ -15,10 +15,11 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import Text, bindparam, case, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -248,8 +249,50 @@ def get_job_and_queue_position(session: Session, org_id: str, job_id: str) -> tu
     return row[0], row[1]
 
 
-def list_jobs(session: Session, org_id: str, *, after: str | None, limit: int) -> Page[Job]:
-    return paginate(session, Job, Job.org_id == org_id, after=after, limit=limit, order="desc")
+@dataclass(frozen=True)
+class MetadataFilter:
+    """Which jobs a list keeps by their metadata: those holding every (key, value) pair, or, with
+    ``without_metadata``, those created without any."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    without_metadata: bool = False
+
+
+METADATA_QUERY_KEY = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+
+
+def metadata_filter(query: Iterable[tuple[str, str]]) -> MetadataFilter | None:
+    """OpenAI's list filter from the query string: ``metadata[k]=v`` (repeatable) or ``metadata=null``.
+    None when the query holds neither."""
+    pairs: dict[str, str] = {}
+    without = False
+    for name, value in query:
+        if name == "metadata":
+            if value != "null":
+                raise InvalidParameter("Filter by metadata with 'metadata[key]=value' or 'metadata=null'.",
+                                       param="metadata")
+            without = True
+        elif match := METADATA_QUERY_KEY.fullmatch(name):
+            pairs[match.group(1)] = value
+    if without and pairs:
+        raise InvalidParameter("Use either 'metadata[key]=value' or 'metadata=null', not both.", param="metadata")
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise InvalidParameter(f"A metadata filter holds at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+    if not without and not pairs:
+        return None
+    return MetadataFilter(tuple(pairs.items()), without)
+
+
+def list_jobs(
+    session: Session, org_id: str, *, after: str | None, limit: int, metadata: MetadataFilter | None = None
+) -> Page[Job]:
+    filters = [Job.org_id == org_id]
+    if metadata is not None:
+        if metadata.without_metadata:
+            # Stored as SQL NULL, JSON null or {} depending on how the job was created: all read as none.
+            filters.append(func.coalesce(cast(Job.user_metadata, Text), "null").in_(("null", "{}")))
+        filters.extend(Job.user_metadata[key].as_string() == value for key, value in metadata.pairs)
+    return paginate(session, Job, *filters, after=after, limit=limit, order="desc")
 
 
 def queue_positions(session: Session, jobs: Iterable[Job]) -> dict[str, int]:

@@ -179,6 +179,39 @@ def test_list_newest_first_with_cursor_and_queue_positions(any_db_api):
     assert rest["data"][0]["queue_position"] is None
 
 
+def test_list_filters_by_metadata_as_openai_does(any_db_api):
+    api = any_db_api
+    training_file = api.upload_ok()
+    nlp = api.job_ok(training_file=training_file, seed=1, metadata={"team": "nlp", "run": "a b&c"})["id"]
+    vision = api.job_ok(training_file=training_file, seed=2, metadata={"team": "vision"})["id"]
+    empty = api.job_ok(training_file=training_file, seed=3, metadata={})["id"]
+    none = api.job_ok(training_file=training_file, seed=4)["id"]
+    blank = api.job_ok(training_file=training_file, seed=5, metadata={"team": ""})["id"]
+
+    def listed(query) -> list[str]:
+        response = api.client.get("/v1/fine_tuning/jobs", params=query, headers=api.headers())
+        assert response.status_code == 200, response.text
+        return [job["id"] for job in response.json()["data"]]
+
+    assert listed({"metadata[team]": "nlp"}) == [nlp]
+    assert listed({"metadata[team]": "nlp", "metadata[run]": "a b&c"}) == [nlp]
+    assert listed({"metadata[team]": "nlp", "metadata[run]": "other"}) == []
+    assert listed({"metadata[team]": ""}) == [blank]
+    assert listed({"metadata[missing]": "x"}) == []
+    assert listed({"metadata": "null"}) == [none, empty]
+    assert listed({}) == [blank, none, empty, vision, nlp]
+    first = api.client.get("/v1/fine_tuning/jobs", params={"metadata": "null", "limit": 1}, headers=api.headers())
+    assert first.json()["has_more"] is True
+    assert listed({"metadata": "null", "after": first.json()["last_id"]}) == [empty]
+
+    for bad in ({"metadata": "x"}, {"metadata": "null", "metadata[team]": "nlp"},
+                {f"metadata[k{i}]": "v" for i in range(17)}):
+        response = api.client.get("/v1/fine_tuning/jobs", params=bad, headers=api.headers())
+        assert response.status_code == 400 and response.json()["error"]["param"] == "metadata", bad
+    other_org = api.client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "nlp"}, headers=api.headers("beta"))
+    assert other_org.json()["data"] == []
+
+
 def _post(api, job_id: str, action: str):
     return api.client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=api.headers())
 

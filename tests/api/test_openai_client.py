@@ -47,12 +47,15 @@ def test_files_and_jobs_through_the_openai_client(api: Api, served: str):
         training_file=uploaded.id,
         hyperparameters={"n_epochs": 2},
         suffix="demo",
+        metadata={"team": "nlp & search"},
         extra_body={"peft": {"type": "svfit", "rank": 4}},
     )
     assert job.status == "queued" and job.hyperparameters.n_epochs == 2
     assert job.peft == {"type": "svfit", "rank": 4, "energy": None, "target_modules": None}  # extension kept
     assert api.dispatch.job_ids == [job.id]
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp & search"})] == [job.id]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp"})] == []
     assert client.fine_tuning.jobs.retrieve(job.id).id == job.id
 
     api.add(JobEvent(id=new_id("ftevent"), job_id=job.id, level="info", type="metrics", message="step 1", data={"step": 1}))

@@ -124,10 +124,13 @@ def test_errors_exit_non_zero_with_the_api_error_code(svfit: Run, tmp_path: Path
 def test_pause_resume_cancel_and_a_followed_cancel_exits_4(svfit: Run, long_jsonl: Path, service: Service,
                                                            tmp_path: Path):
     created = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", str(long_jsonl), "--epochs", "50",
-                    "--batch-size", "1", "--peft-option", "checkpoint_every=100000", "--json")
+                    "--batch-size", "1", "--peft-option", "checkpoint_every=100000", "--metadata", "team=cli 1",
+                    "--json")
     assert created.returncode == 0, created.stderr
     job_id = created.json()["id"]
     try:
+        assert [j["id"] for j in svfit("jobs", "list", "--metadata", "team=cli 1", "--json").json()] == [job_id]
+        assert svfit("jobs", "list", "--metadata", "team=cli", "--json").json() == []
         pause_resume_and_cancel_while_following(svfit, job_id, service, tmp_path)
     finally:
         cancel_unfinished(service, job_id)
