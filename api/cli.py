@@ -63,6 +63,14 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def _quiet_progress_bars() -> None:
+    """Server processes write logs, not terminals: a model load's progress bar (GGUF dequantisation, weight
+    loading) became ~25 log lines of carriage-return frames, each a WARNING in the worker's log. Set before
+    tqdm is first imported (it reads its TQDM_* settings once); the worker children inherit it."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this switch
+
+
 def _store_usable(mode: str) -> bool:
     """Probe the configured store once (an S3 bucket: HeadBucket); on failure say which setting to fix."""
     from api.core.settings import get_settings
@@ -80,6 +88,7 @@ def _store_usable(mode: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_progress_bars()
     import uvicorn
 
     from api.core.migrations import upgrade_to_head
@@ -104,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    _quiet_progress_bars()
     import uvicorn
 
     from api.core.db import get_engine
@@ -125,6 +135,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    _quiet_progress_bars()
     from api.core.settings import get_settings
     from api.worker_process import SupervisedWorker, stop_all, worker_command
 

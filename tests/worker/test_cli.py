@@ -149,6 +149,25 @@ def test_serve_runs_api_and_a_worker_and_stops_the_worker_on_exit(serve, stop_si
     assert not alive(worker_pid)
 
 
+def environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
+
+
+@pytest.mark.slow
+def test_serve_and_its_worker_log_no_progress_bars(serve):
+    for pid in (serve.process.pid, *serve.worker_pids()):
+        assert environ(pid).get("TQDM_DISABLE") == "1", pid
+    probe = (
+        "from api.cli import _quiet_progress_bars; _quiet_progress_bars();"
+        "from tqdm.auto import tqdm; from transformers.utils import logging;"
+        "print(tqdm(range(2)).disable, logging.is_progress_bar_enabled())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_serve_starts_another_worker_when_its_worker_dies(serve):
