@@ -105,7 +105,7 @@ def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         raise InvalidParameter(f"'logit_bias' holds at most {MAX_LOGIT_BIAS_TOKENS} tokens.", param="logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise InvalidParameter(f"'logit_bias' keys must be token ids, got {key!r}.", param="logit_bias")
         if not -100 <= value <= 100:
             raise InvalidParameter(f"'logit_bias' values must be in [-100, 100], got {value}.", param="logit_bias")

@@ -149,7 +149,7 @@ def test_invalid_chat_logprobs_are_400_naming_the_field(served, body, param):
     error(chat(served, LLAMA, **body), 400, param)
 
 
-@pytest.mark.parametrize("bias", [{"abc": 1}, {"-3": 1}, {"5": 101}, {"5": -100.5}, {"100000": 1},
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-3": 1}, {"²": 1}, {"": 1}, {"5": 101}, {"5": -100.5}, {"100000": 1},
                                   {str(i): 1 for i in range(1025)}])
 def test_invalid_logit_bias_is_400(served, bias):
     error(chat(served, LLAMA, logit_bias=bias), 400, "logit_bias")
