@@ -22,6 +22,12 @@ cost their overhead step after step), p50/p99 request latency and time to first 
 ``--rounds`` interleaved rounds (round 1 of every arm, then round 2: load from other users of a shared machine
 hits every arm alike). Ratios are against ``base`` and ``peft_lora_16`` of the same run.
 
+Load stall (``--parts load_stall``): 8 base-model streams are decoding when a request arrives for a model not
+in memory (the merged fine-tune: a model copy of its own). Reported: how long that load took (the request's
+wait for admission) against the longest gap between tokens of the running streams while it loaded. Loads
+run on the engine's loader thread; an engine that loaded on its decode thread stalled every stream for the
+whole load, so the load time is the stall it replaces.
+
 Serving-rank quality (SVFIT.md, "Serving rank"; skipped by --quick unless --quality): an SVFit adapter with
 r = k on q, v is trained briefly on GSM8K, then its held-out answer loss is measured when served with only its
 r' largest |Δσ| per matrix kept, for several r'.
@@ -212,6 +218,51 @@ async def run_arm(engine, arm: Arm, prompts: list[str], max_tokens: int) -> dict
             "latencies": [r["latency"] for r in results], "ttfts": [r["ttft"] for r in results]}
 
 
+async def load_stall(settings, base: Path, merged: Path, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """The longest token gap of running streams while another model loads, against the load's duration."""
+    from api.inference.engine import InferenceEngine
+    from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
+
+    base_ref = ModelRef(model_id="base", base_id="base", base_path=base)
+    merged_ref = ModelRef(model_id="merged", base_id="base", base_path=base, adapter_dir=merged, method="full")
+    engine = InferenceEngine(settings)
+    arrivals: list[list[float]] = []
+
+    async def stream(prompt: str) -> None:
+        times: list[float] = []
+        arrivals.append(times)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        ticket = await engine.generate(GenerationRequest(ref=base_ref, sampling=sampling,
+                                                         messages=({"role": "user", "content": prompt},)))
+        async for event in ticket.stream():
+            if isinstance(event, TextDelta):
+                times.append(time.perf_counter())
+
+    try:
+        await one_request(engine, base_ref, prompts[0], 1)  # the base is in memory; the merged model is not
+        streams = [asyncio.ensure_future(stream(p)) for p in prompts[:8]]
+        while sum(len(t) for t in arrivals) < 8 * 4:  # every stream is decoding
+            await asyncio.sleep(0.01)
+        load_started = time.perf_counter()
+        loaded = await one_request(engine, merged_ref, prompts[0], 1)
+        load_ended = load_started + loaded["ttft"]
+        await asyncio.gather(*streams)
+    finally:
+        engine.stop()
+    gaps_during, gaps_outside = [], []
+    for times in arrivals:
+        for earlier, later in zip(times, times[1:]):
+            overlaps = earlier < load_ended and later > load_started
+            (gaps_during if overlaps else gaps_outside).append(later - earlier)
+    return {
+        "load_s": load_ended - load_started,
+        "max_gap_during_load_s": max(gaps_during) if gaps_during else float("nan"),
+        "median_gap_outside_load_s": median(gaps_outside),
+        "streams": len(arrivals),
+        "tokens_during_load": sum(1 for times in arrivals for t in times if load_started <= t <= load_ended),
+    }
+
+
 async def warm_up(engine, arms: list[Arm], prompt: str) -> None:
     """Load every lane and register every adapter before timing (one token each)."""
     seen = {}
@@ -343,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                              "cost more than a second core gives)")
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
                         help="serving-rank quality experiment (default: on, off with --quick)")
+    parser.add_argument("--parts", default="throughput,load_stall",
+                        help="comma list of throughput, load_stall (serving-rank quality: --quality)")
+    parser.add_argument("--name", default="inference", help="result file name")
     parser.add_argument("--workdir", default=None, help="keep models and adapters here (default: a temp dir)")
     args = parser.parse_args(argv)
     started = time.time()
@@ -357,16 +411,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"building the base model ({'quick: random' if args.quick else 'SmolLM2-135M, dequantizing'}) in {workdir}")
         base = build_base(workdir, args.quick)
-        log(f"building {max(ADAPTER_COUNTS)} SVFit adapters (rank {args.rank}, all linear layers) "
-            "and their LoRA exports")
-        adapters = build_adapters(base, workdir, max(ADAPTER_COUNTS), args.rank)
-        payload = asyncio.run(_serve_arms(args, base, adapters, workdir, rounds, max_tokens))
+        parts = set(args.parts.split(","))
+        count = max(ADAPTER_COUNTS) if "throughput" in parts else 1  # the load stall needs the merged one only
+        log(f"building {count} SVFit adapters (rank {args.rank}, all linear layers) and their LoRA exports")
+        adapters = build_adapters(base, workdir, count, args.rank)
+        payload = asyncio.run(_serve_arms(args, base, adapters, workdir, rounds, max_tokens)) if "throughput" in parts \
+            else {"arms": []}
+        if "load_stall" in parts:
+            log("load stall: loading a model while 8 streams decode")
+            stall_tokens = 4 * max_tokens  # long enough to outlast the load
+            payload["load_stall"] = asyncio.run(load_stall(
+                _settings(args, workdir), base, adapters["merged"][0], questions(8, args.prompt_words), stall_tokens))
         if quality:
             log("serving-rank quality: training an r = k adapter on q, v")
             steps, n_eval, max_len = (3, 4, 64) if args.quick else (12, 8, 128)
             payload["serving_rank_quality"] = serving_rank_quality(base, workdir, steps, n_eval,
                                                                    [4, 8, 16, 32, 64, 128], max_len)
-        path = write_result("inference", payload, started)
+        path = write_result(args.name, payload, started)
         _print(payload)
         log(f"wrote {path}")
     finally:
@@ -375,13 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve_arms(args, base: Path, adapters, workdir: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
+def _settings(args, workdir: Path):
     from api.core.settings import Settings
+
+    return Settings(data_dir=workdir / "data", inference_max_batch=args.requests, inference_batch_window_ms=5,
+                    inference_memory_budget_mb=1 << 16, inference_threads=args.threads)
+
+
+async def _serve_arms(args, base: Path, adapters, workdir: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
     from api.inference.engine import InferenceEngine
 
-    settings = Settings(data_dir=workdir / "data", inference_max_batch=args.requests, inference_batch_window_ms=5,
-                        inference_memory_budget_mb=1 << 16, inference_threads=args.threads)
-    engine = InferenceEngine(settings)
+    engine = InferenceEngine(_settings(args, workdir))
     arms = make_arms(base, adapters, args.requests)
     prompts = questions(args.requests, args.prompt_words)
     try:
@@ -411,6 +476,14 @@ async def _serve_arms(args, base: Path, adapters, workdir: Path, rounds: int, ma
 
 
 def _print(payload: dict[str, Any]) -> None:
+    stall = payload.get("load_stall")
+    if stall:
+        print(f"\nload stall: a {stall['load_s']:.2f} s model load; the longest token gap of "
+              f"{stall['streams']} running streams meanwhile {stall['max_gap_during_load_s'] * 1000:.0f} ms "
+              f"(median gap otherwise {stall['median_gap_outside_load_s'] * 1000:.0f} ms, "
+              f"{stall['tokens_during_load']} tokens during the load)")
+    if not payload["arms"]:
+        return
     headers = ["arm", "tokens/s", "× base", "decode tok/s", "× base", "p50 s", "p99 s", "ttft p50 s", "ttft p99 s"]
     rows = [[a["name"], a["tokens_per_s"], a["vs_base"], a["decode_tokens_per_s"], a["decode_vs_base"],
              a["latency_p50_s"], a["latency_p99_s"], a["ttft_p50_s"], a["ttft_p99_s"]] for a in payload["arms"]]
