@@ -43,8 +43,11 @@ class CompletionCreate(GenerationCreate):
     # str | list[str] | list[int] | list[list[int]]; typed loosely so that api/services/inference.py (not a
     # pydantic union error) reports a malformed prompt as `param: "prompt"`.
     prompt: str | list[str | int | list[int]]
+    # 0 is allowed with `echo` (score a prompt without generating), refused otherwise.
+    max_tokens: int | None = Field(default=None, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=5,
                                  description="The log probability of each token and of the k most likely ones.")
+    echo: bool = Field(default=False, description="Start the answer with the prompt (and its log probabilities).")
 
 
 class ChatMessage(BaseModel):
@@ -76,11 +79,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, one entry per generated token."""
+    """The legacy completions shape: parallel lists, one entry per token (echoed prompt tokens first)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -2,7 +2,8 @@
 
 Each figure is the model's own distribution at that step: the log-softmax of the raw logits, before
 temperature, top-p and the penalties reshape it for sampling (what vLLM reports by default). A row asks for
-the chosen token's log probability and those of the k most likely tokens (k = 0..20).
+the chosen token's log probability and those of the k most likely tokens (k = 0..20). An echoed prompt
+(completions' ``echo``) gets the same for each of its tokens after the first, from the prefill's logits.
 
 Tokens are named as OpenAI names them: their text, and their exact UTF-8 bytes. For byte-level BPE
 tokenizers (GPT-2, Llama 3, SmolLM2) the bytes come from the token's byte symbols, so a token that holds half
@@ -86,3 +87,20 @@ def step_logprobs(
             )
         out[i] = TokenLogprob(*names(tokens[i]), chosen[j], top)
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int, names: TokenNames) -> tuple[TokenLogprob, ...]:
+    """The log probability of each prompt token given the ones before it, from ``logits`` (len(ids), vocab):
+    the model's outputs at the prompt's positions. The first token has none."""
+    first = TokenLogprob(*names(ids[0]), None)
+    if len(ids) < 2:
+        return (first,)
+    logp = torch.log_softmax(logits[: len(ids) - 1].float(), dim=-1)
+    following = torch.tensor(list(ids[1:]), device=logp.device)
+    chosen = logp.gather(1, following.unsqueeze(1)).squeeze(1).tolist()
+    tops: list[tuple[TokenLogprob, ...]] = [()] * len(chosen)
+    if k:
+        values, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tops = [tuple(TokenLogprob(*names(t), v) for t, v in zip(row_ids, row_values))
+                for row_ids, row_values in zip(top_ids.tolist(), values.tolist())]
+    return (first, *(TokenLogprob(*names(t), lp, top) for t, lp, top in zip(ids[1:], chosen, tops)))

@@ -39,7 +39,7 @@ from api.inference.loading import (
     resolve_device,
     resolve_dtype,
 )
-from api.inference.logprobs import step_logprobs
+from api.inference.logprobs import prompt_logprobs, step_logprobs
 from api.inference.model_cache import ModelCache
 from api.inference.sampling import next_tokens, row_generator
 from api.inference.text import TextTracker
@@ -75,6 +75,7 @@ class Row:
     ignore_eos: bool
     logprobs: int | None = None  # how many alternatives to report per token; None: no log probabilities
     logit_bias: tuple[tuple[int, float], ...] = ()
+    echo: str | None = None  # the prompt's text, when the answer starts with it (completions' echo)
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finished: bool = False
@@ -245,7 +246,7 @@ class Scheduler:
             wanted = sampling.max_tokens
             if wanted is None:
                 wanted = room if request.default_max_tokens is None else min(request.default_max_tokens, room)
-            if room < 1 or len(ids) + wanted > lane.context_length:
+            if (room < 1 and wanted > 0) or len(ids) + wanted > lane.context_length:
                 raise ContextLengthExceeded(
                     f"This model's maximum context length is {lane.context_length} tokens. However, you requested "
                     f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field_name}, {max(wanted, 1)} in the "
@@ -259,6 +260,10 @@ class Scheduler:
         state = self.states[lane.key]
         rows = []
         for p, (ids, max_tokens) in enumerate(zip(prompts, limits)):
+            echo = None
+            if sampling.echo:
+                prompt = request.prompts[p]
+                echo = prompt if isinstance(prompt, str) else lane.tokenizer.decode(ids)
             for j in range(sampling.n):
                 rows.append(Row(
                     ticket=ticket,
@@ -275,6 +280,7 @@ class Scheduler:
                     ignore_eos=sampling.ignore_eos,
                     logprobs=sampling.logprobs,
                     logit_bias=sampling.logit_bias,
+                    echo=echo,
                 ))
         prompt_tokens = sum(len(ids) for ids in prompts)
         ticket.rows_left = len(rows)
@@ -345,8 +351,11 @@ class Scheduler:
         if state.running:
             self._decode(state)
 
-    def _forward(self, lane: Lane, rows: list[Row], **inputs: Any) -> torch.Tensor:
-        """Next-token logits (rows, vocab), computed for the last position only."""
+    def _forward(self, lane: Lane, rows: list[Row], every_position: bool = False, **inputs: Any) -> torch.Tensor:
+        """Next-token logits (rows, vocab), computed for the last position only; with ``every_position``,
+        (rows, positions, vocab)."""
+        if every_position:
+            return lane.forward([r.tag for r in rows], use_cache=True, **inputs)
         if lane.keeps_last_logits:
             inputs["logits_to_keep"] = 1
         return lane.forward([r.tag for r in rows], use_cache=True, **inputs)[:, -1]
@@ -355,10 +364,22 @@ class Scheduler:
         lane = state.lane
         ids, mask, positions = left_pad([r.prompt for r in rows], lane.pad_id, lane.device)
         cache = PaddedCache(DynamicCache(), mask)
-        logits = self._forward(lane, rows, input_ids=ids, attention_mask=mask, position_ids=positions,
-                               **{lane.cache_argument: cache.cache})
-        for row in rows:
+        # An echoed prompt with log probabilities needs the model's output at every prompt position.
+        every_position = any(r.echo is not None and r.logprobs is not None for r in rows)
+        logits = self._forward(lane, rows, every_position, input_ids=ids, attention_mask=mask,
+                               position_ids=positions, **{lane.cache_argument: cache.cache})
+        for i, row in enumerate(rows):
             row.position = len(row.prompt)
+            if row.echo is not None:
+                self._echo(lane, row, logits[i, -len(row.prompt):] if every_position else None)
+        if every_position:
+            logits = logits[:, -1]
+        generating = [i for i, row in enumerate(rows) if not row.finished]
+        if len(generating) < len(rows):
+            rows, logits = [rows[i] for i in generating], logits[generating]
+            if not rows:
+                return
+            cache.select(generating)
         self._accept(lane, rows, logits)
         keep = [i for i, row in enumerate(rows) if not row.finished]
         if len(keep) < len(rows):
@@ -370,6 +391,16 @@ class Scheduler:
         else:
             state.cache.merge(cache)
         state.running.extend(rows[i] for i in keep)
+
+    def _echo(self, lane: Lane, row: Row, prompt_logits: torch.Tensor | None) -> None:
+        """The prompt as the answer's first text (with its tokens' log probabilities when asked for); a row
+        asked for no new tokens ends here."""
+        logprobs = () if prompt_logits is None else prompt_logprobs(prompt_logits, row.prompt, row.logprobs,
+                                                                     lane.token_names)
+        events: list = [TextDelta(row.index, row.echo, logprobs)]
+        if row.max_tokens == 0:
+            events.extend(self._finish(lane, row, "length"))
+        row.ticket.post(events)
 
     def _decode(self, state: LaneState) -> None:
         lane, rows = state.lane, state.running

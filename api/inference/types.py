@@ -49,6 +49,7 @@ class SamplingParams:
     # None: no log probabilities; k >= 0: each generated token's, with the k most likely tokens at its step.
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    echo: bool = False  # completions: the answer starts with the prompt (and its tokens' log probabilities)
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,12 @@ class Admission:
 @dataclass(frozen=True)
 class TokenLogprob:
     """A token as OpenAI's logprobs name it (text and UTF-8 bytes), its log probability, and the most
-    likely tokens at its step (empty for the alternatives themselves)."""
+    likely tokens at its step (empty for the alternatives themselves). A prompt's first token, echoed, has
+    no log probability (nothing before it predicts it): ``logprob`` None."""
 
     token: str
     bytes: tuple[int, ...]
-    logprob: float
+    logprob: float | None
     top: tuple[TokenLogprob, ...] = ()
 
 

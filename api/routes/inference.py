@@ -156,7 +156,9 @@ class CompletionLogprobsWriter:
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{alt.token: alt.logprob for alt in e.top} for e in entries] if self.with_top else None,
+            # An echoed prompt's first token has no log probability and no alternatives: null, as OpenAI's.
+            "top_logprobs": [None if e.logprob is None else {alt.token: alt.logprob for alt in e.top}
+                             for e in entries] if self.with_top else None,
             "text_offset": text_offset,
         }
 

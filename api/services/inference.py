@@ -8,6 +8,7 @@ checkpoints resolve through the organization's FineTunedModel rows to their publ
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -125,9 +126,12 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
         raise InvalidParameter(
             "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists.", param="prompt"
         )
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidParameter("'max_tokens' must be at least 1 unless 'echo' is true.", param="max_tokens")
+    sampling = replace(sampling_params(body, settings, body.max_tokens, logprobs=body.logprobs), echo=body.echo)
     return GenerationRequest(
         ref=ref,
-        sampling=sampling_params(body, settings, body.max_tokens, logprobs=body.logprobs),
+        sampling=sampling,
         prompts=prompts,
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
     )

@@ -365,3 +365,39 @@ def test_logprobs_of_sampled_tokens_and_without_alternatives(zoo, engine, monkey
     assert off_greedy, "the check needs tokens that greedy decoding would not have chosen"
     plain = asyncio.run(answer(engine, greedy(ref(zoo, None), PROMPTS[0], 6)))[0]
     assert plain.logprobs == [], "no log probabilities unless asked for"
+
+
+def test_echo_scores_the_prompt_and_batches_with_other_requests(zoo, engine, monkeypatch):
+    full_logit_batches = []
+    real_forward = Scheduler._forward
+
+    def recording(self, lane, rows, every_position=False, **inputs):
+        if every_position:
+            full_logit_batches.append(len(rows))
+        return real_forward(self, lane, rows, every_position, **inputs)
+
+    monkeypatch.setattr(Scheduler, "_forward", recording)
+    base, prompt = ref(zoo, None), PROMPTS[2]
+    model, tokenizer = load_base_model(zoo.llama, "causal")
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model.eval()(torch.tensor([ids])).logits[0].double(), -1)
+    scored = GenerationRequest(ref=base, prompts=(prompt,),
+                               sampling=SamplingParams(max_tokens=0, temperature=0.0, logprobs=2, echo=True))
+    extended = GenerationRequest(ref=base, prompts=(prompt,),
+                                 sampling=SamplingParams(max_tokens=5, temperature=0.0, echo=True, ignore_eos=True))
+    neighbour = greedy(base, PROMPTS[0], 6, ignore_eos=True)
+    [score], [longer], [other] = asyncio.run(answers(engine, [scored, extended, neighbour]))
+
+    assert score.text == prompt and score.finish_reason == "length" and score.completion_tokens == 0
+    assert [e.token for e in score.logprobs] == [tokenizer.decode([t]) for t in ids]
+    assert score.logprobs[0].logprob is None
+    for position, entry in enumerate(score.logprobs[1:]):
+        logp = expected[position]
+        assert entry.logprob == pytest.approx(float(logp[ids[position + 1]]), abs=1e-4)
+        assert [alt.logprob for alt in entry.top] == pytest.approx(logp.topk(2).values.tolist(), abs=1e-4)
+    plain = asyncio.run(answer(engine, greedy(base, prompt, 5, ignore_eos=True)))[0]
+    assert longer.text == prompt + plain.text and longer.completion_tokens == 5
+    assert full_logit_batches == [3], "the three requests were meant to share one prefill"
+    alone = asyncio.run(answer(engine, neighbour))[0]
+    assert other.text == alone.text, "an echo row in the batch changed another row's answer"

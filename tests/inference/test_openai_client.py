@@ -102,6 +102,28 @@ def test_openai_completion_logprobs(client):
     assert tokens == logprobs.tokens and offsets == logprobs.text_offset
 
 
+def test_openai_completion_echo_scores_a_prompt(client):
+    # lm-evaluation-harness's loglikelihood request: echo, logprobs and no (or one) new token.
+    scored = client.completions.create(model=LLAMA, prompt="the movie was good", max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == "the movie was good" and scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == scored.usage.prompt_tokens
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    one_more = client.completions.create(model=LLAMA, prompt="the movie was good", max_tokens=1, echo=True,
+                                         logprobs=1, temperature=0, extra_body={"ignore_eos": True})
+    extra = one_more.choices[0].logprobs
+    assert extra.token_logprobs[:-1] == logprobs.token_logprobs and len(extra.tokens) == len(logprobs.tokens) + 1
+    streamed = list(client.completions.create(model=LLAMA, prompt="the movie was good", max_tokens=0, echo=True,
+                                              logprobs=1, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        logprobs.token_logprobs
+
+
 def test_openai_errors(client):
     import openai
 

@@ -156,6 +156,13 @@ def test_invalid_logit_bias_is_400(served, bias):
     error(complete(served, LLAMA, logit_bias=bias), 400, "logit_bias")
 
 
+def test_zero_max_tokens_needs_echo(served):
+    error(complete(served, LLAMA, max_tokens=0), 400, "max_tokens")
+    error(chat(served, LLAMA, max_tokens=0), 400, "max_tokens")
+    echoed = complete(served, LLAMA, max_tokens=0, echo=True)
+    assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"] == "the movie was"
+
+
 @pytest.mark.parametrize("value", [-1, 6])
 def test_invalid_completion_logprobs_are_400(served, value):
     error(complete(served, LLAMA, logprobs=value), 400, "logprobs")
