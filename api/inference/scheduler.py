@@ -361,11 +361,19 @@ class Scheduler:
         return lane.forward([r.tag for r in rows], use_cache=True, **inputs)[:, -1]
 
     def _prefill(self, state: LaneState, rows: list[Row]) -> None:
+        # An echoed prompt with log probabilities needs the model's output at every prompt position: a
+        # (positions × vocabulary) tensor per row, so such rows go through one at a time to bound it.
+        scoring = [r for r in rows if r.echo is not None and r.logprobs is not None]
+        for row in scoring:
+            self._prefill_batch(state, [row], every_position=True)
+        rest = [r for r in rows if not (r.echo is not None and r.logprobs is not None)]
+        if rest:
+            self._prefill_batch(state, rest, every_position=False)
+
+    def _prefill_batch(self, state: LaneState, rows: list[Row], every_position: bool) -> None:
         lane = state.lane
         ids, mask, positions = left_pad([r.prompt for r in rows], lane.pad_id, lane.device)
         cache = PaddedCache(DynamicCache(), mask)
-        # An echoed prompt with log probabilities needs the model's output at every prompt position.
-        every_position = any(r.echo is not None and r.logprobs is not None for r in rows)
         logits = self._forward(lane, rows, every_position, input_ids=ids, attention_mask=mask,
                                position_ids=positions, **{lane.cache_argument: cache.cache})
         for i, row in enumerate(rows):

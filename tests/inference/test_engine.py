@@ -367,7 +367,7 @@ def test_logprobs_of_sampled_tokens_and_without_alternatives(zoo, engine, monkey
     assert plain.logprobs == [], "no log probabilities unless asked for"
 
 
-def test_echo_scores_the_prompt_and_batches_with_other_requests(zoo, engine, monkeypatch):
+def test_echo_scores_the_prompt_beside_other_requests(zoo, engine, monkeypatch):
     full_logit_batches = []
     real_forward = Scheduler._forward
 
@@ -398,6 +398,6 @@ def test_echo_scores_the_prompt_and_batches_with_other_requests(zoo, engine, mon
         assert [alt.logprob for alt in entry.top] == pytest.approx(logp.topk(2).values.tolist(), abs=1e-4)
     plain = asyncio.run(answer(engine, greedy(base, prompt, 5, ignore_eos=True)))[0]
     assert longer.text == prompt + plain.text and longer.completion_tokens == 5
-    assert full_logit_batches == [3], "the three requests were meant to share one prefill"
+    assert full_logit_batches == [1], "only the scoring row needs every position's logits"
     alone = asyncio.run(answer(engine, neighbour))[0]
     assert other.text == alone.text, "an echo row in the batch changed another row's answer"
