@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Serve SVFit adapters at this rank r' (largest |Δσ| kept); None: exact."
     )
     inference_max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per prompt) a request may ask for.")
+    inference_max_scoring_mb: float = Field(
+        default=1024, gt=0,
+        description="Largest logits tensor (prompt tokens × vocabulary) one echoed prompt's log probabilities may need.",
+    )
     inference_threads: int | None = Field(
         default=None, ge=1, description="Torch CPU threads for inference; None: torch's default (all cores). On a "
         "CPU shared with other busy processes, fewer threads avoid OpenMP threads waiting on each other.",

@@ -256,6 +256,8 @@ class Scheduler:
                     else field_name,
                 )
             limits.append(wanted)
+            if sampling.echo and sampling.logprobs is not None:
+                self._check_scoring_size(lane, len(ids))
         tag = self._tag(lane, request.ref)
         state = self.states[lane.key]
         rows = []
@@ -289,6 +291,18 @@ class Scheduler:
             lane.hold(row.tag)  # from now on the adapter may not be dropped
         state.waiting.extend(rows)
         ticket.admit(Admission(prompt_tokens=prompt_tokens, choices=len(rows), max_tokens=max(limits)))
+
+    def _check_scoring_size(self, lane: Lane, prompt_tokens: int) -> None:
+        """Scoring a prompt holds its logits at every position (and their log-softmax, in float32): refuse a
+        prompt whose tensors would pass ``inference_max_scoring_mb`` instead of exhausting memory."""
+        width = getattr(lane.model.config, "vocab_size", None) or lane.vocab_size  # the logits' last dimension
+        mb = prompt_tokens * width * (torch.finfo(self.dtype).bits // 8 + 4) / 2**20
+        if mb > self.settings.inference_max_scoring_mb:
+            raise InvalidParameter(
+                f"Scoring this prompt with 'echo' and 'logprobs' would need {mb:.0f} MB of logits; the limit is "
+                f"{self.settings.inference_max_scoring_mb:.0f} MB. Send a shorter prompt.",
+                param="prompt",
+            )
 
     # -- classification ----------------------------------------------------------------------------------
 

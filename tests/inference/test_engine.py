@@ -401,3 +401,24 @@ def test_echo_scores_the_prompt_beside_other_requests(zoo, engine, monkeypatch):
     assert full_logit_batches == [1], "only the scoring row needs every position's logits"
     alone = asyncio.run(answer(engine, neighbour))[0]
     assert other.text == alone.text, "an echo row in the batch changed another row's answer"
+
+
+def test_scoring_a_prompt_too_large_for_the_logits_budget_is_refused(zoo, tmp_path):
+    from api.core.errors import InvalidParameter
+
+    # The tiny Llama: 96 logits per position, float32, plus their log-softmax: 768 bytes per prompt token.
+    small = InferenceEngine(make_settings(tmp_path, zoo, inference_max_scoring_mb=4 * 768 / 2**20))
+    base = ref(zoo, None)
+
+    def scoring(prompt: str, logprobs: int | None) -> GenerationRequest:
+        return GenerationRequest(ref=base, prompts=(prompt,),
+                                 sampling=SamplingParams(max_tokens=0, logprobs=logprobs, echo=True))
+
+    try:
+        assert asyncio.run(answer(small, scoring("the movie was", 1)))[0].text == "the movie was"  # 4 tokens
+        with pytest.raises(InvalidParameter) as refused:
+            asyncio.run(answer(small, scoring("the movie was good", 1)))
+        assert refused.value.param == "prompt" and "MB" in str(refused.value)
+        assert asyncio.run(answer(small, scoring("the movie was good", None)))[0].text == "the movie was good"
+    finally:
+        small.stop()
