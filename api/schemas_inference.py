@@ -1,4 +1,5 @@
-"""Request and response bodies of the inference endpoints: completions, chat completions, classifications.
+"""Request and response bodies of the inference endpoints: completions, chat completions, embeddings,
+classifications.
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
 ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
@@ -62,6 +63,16 @@ class ChatCompletionCreate(GenerationCreate):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class EmbeddingCreate(BaseModel):
+    model: str
+    # str | list[str] | list[int] | list[list[int]], typed loosely for the reason given on CompletionCreate.
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: each embedding as the base64 of its little-endian float32 bytes."
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="Must equal the model's own, when given.")
 
 
 class ClassificationCreate(BaseModel):
@@ -160,3 +171,21 @@ class ClassificationsPublic(BaseModel):
     model: str
     data: list[ClassificationPublic]
     usage: Usage
+
+
+class EmbeddingPublic(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingPublic]
+    model: str
+    usage: EmbeddingUsage

@@ -33,6 +33,8 @@ from api.inference.types import (
     ChoiceFinished,
     ClassificationRequest,
     ClassificationResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationDone,
     GenerationRequest,
     TextDelta,
@@ -176,6 +178,15 @@ class InferenceEngine:
             raise
         return ticket
 
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        ticket = Ticket(asyncio.get_running_loop(), request)
+        self._submit(ticket)
+        try:
+            return await ticket.done
+        except BaseException:
+            ticket.cancel()
+            raise
+
     async def classify(self, request: ClassificationRequest) -> ClassificationResult:
         ticket = Ticket(asyncio.get_running_loop(), request)
         self._submit(ticket)
@@ -246,13 +257,16 @@ class InferenceEngine:
         if ticket.cancelled:
             return
         try:
-            key = scheduler.lane_key(ticket.request.ref)
+            request = ticket.request
+            key = scheduler.lane_key(request.ref, embedding=isinstance(request, EmbeddingRequest))
             if scheduler.loaded_lane(key) is None:
-                loader.wait_for(key, ticket, functools.partial(_build_lane, scheduler, ticket.request.ref, key))
+                loader.wait_for(key, ticket, functools.partial(_build_lane, scheduler, request.ref, key))
             elif isinstance(ticket, GenerationTicket):
                 scheduler.admit(ticket)
+            elif isinstance(request, EmbeddingRequest):
+                ticket.resolve(scheduler.embed(request))
             else:
-                ticket.resolve(scheduler.classify(ticket.request))
+                ticket.resolve(scheduler.classify(request))
         except ServiceError as exc:
             ticket.reject(exc)
         except Exception:  # noqa: BLE001 - reported to this request, the engine goes on

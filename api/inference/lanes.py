@@ -5,6 +5,7 @@
 - ``LoraLane``: a second copy of the base under HF PEFT, mixing LoRA (and converted PiSSA) adapters per row
   with PEFT's ``adapter_names`` batching.
 - ``ModelLane``: a model of its own (a full fine-tune, a classifier, an SVFit adapter with a trained head).
+- ``EncoderLane``: an encoder answering `/v1/embeddings`.
 
 Rows carry a lane-specific ``tag`` (which adapter, None for the plain model). Adapters are registered on
 first use and dropped least-recently-used beyond a per-lane limit, never while a row uses them.
@@ -168,3 +169,11 @@ class LoraLane(_AdapterLane):
 
 class ModelLane(Lane):
     """A model serving one fine-tune (or a classifier) on its own."""
+
+
+class EncoderLane(Lane):
+    """An encoder (a base, or a classification fine-tune's body) serving embeddings, pooled as ``pooling``."""
+
+    def __init__(self, key, model, tokenizer, pooling: str) -> None:
+        super().__init__(key, model, tokenizer, task="embedding")
+        self.pooling = pooling

@@ -1,5 +1,6 @@
-"""Loading what the engine serves: a base model (once per base, dtype and device), a full fine-tune, or a
-classifier, each onto the serving device in the serving dtype. Runs on the engine thread only.
+"""Loading what the engine serves: a base model (once per base, dtype and device), a full fine-tune, a
+classifier, or an encoder for embeddings, each onto the serving device in the serving dtype. Runs on the
+engine's loader thread.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from svfit_core.artifacts import load_trained_model
 from svfit_core.layer import weight_sha256
@@ -63,6 +64,29 @@ def load_adapted_model(ref: ModelRef, dtype: torch.dtype, device: torch.device):
     model, tokenizer, _ = load_trained_model(ref.base_path, ref.adapter_dir)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    return _place(model, dtype, device), tokenizer
+
+
+def is_encoder(path: Path) -> bool:
+    """Whether the base model folder holds an encoder (BERT-like) rather than a text generator."""
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):  # a GGUF-only folder has no config.json: the bundled chat model
+        return False
+    generators = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    decoder = getattr(config, "is_decoder", False)  # not every config has it (Llama's has not)
+    return not decoder and not any(a.endswith(generators) for a in getattr(config, "architectures", None) or [])
+
+
+def load_encoder(ref: ModelRef, dtype: torch.dtype, device: torch.device):
+    """The encoder that embeds for ``ref``: the base's, or a classification fine-tune's body (its adapter
+    applied, its head left out)."""
+    if ref.adapter_dir is None:
+        model = AutoModel.from_pretrained(ref.base_path, dtype=torch.float32, trust_remote_code=False)
+        tokenizer = load_tokenizer(ref.base_path)
+    else:
+        classifier, tokenizer = load_adapted_model(ref, torch.float32, torch.device("cpu"))
+        model = classifier.base_model
     return _place(model, dtype, device), tokenizer
 
 

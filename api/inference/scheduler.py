@@ -31,22 +31,27 @@ from api.core.errors import (
 )
 from api.core.settings import Settings
 from api.inference.kv import PaddedCache, left_pad
-from api.inference.lanes import Lane, LoraLane, ModelLane, SharedBaseLane
+from api.inference.lanes import EncoderLane, Lane, LoraLane, ModelLane, SharedBaseLane
 from api.inference.loading import (
+    is_encoder,
     load_adapted_model,
     load_causal_base,
+    load_encoder,
     load_full_model,
     resolve_device,
     resolve_dtype,
 )
 from api.inference.logprobs import prompt_logprobs, step_logprobs
 from api.inference.model_cache import ModelCache
+from api.inference.pooling import pool, pooling_mode
 from api.inference.sampling import next_tokens, row_generator
 from api.inference.text import TextTracker
 from api.inference.types import (
     Admission,
     ChoiceFinished,
     ClassificationResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationDone,
     ModelRef,
     TextDelta,
@@ -131,9 +136,10 @@ class Scheduler:
             return "lora"
         return "model"
 
-    def lane_key(self, ref: ModelRef) -> tuple:
-        """What makes the model copy serving ``ref`` distinct: (kind, weights, dtype, device)."""
-        kind = self._kind(ref)
+    def lane_key(self, ref: ModelRef, embedding: bool = False) -> tuple:
+        """What makes the model copy serving ``ref`` (for embeddings, or else for its task) distinct:
+        (kind, weights, dtype, device)."""
+        kind = "encoder" if embedding else self._kind(ref)
         weights = str(ref.base_path if kind in ("shared", "lora") else ref.adapter_dir or ref.base_path)
         return (kind, weights, str(self.dtype), str(self.device))
 
@@ -151,6 +157,8 @@ class Scheduler:
         s = self.settings
         logger.info("loading %s model %s", kind, weights)
         try:
+            if kind == "encoder":
+                return self._encoder_lane(ref, key)
             if kind == "shared":
                 model, tokenizer, hashes = load_causal_base(ref.base_path, self.dtype, self.device)
                 return SharedBaseLane(key, model, tokenizer, max_adapters=s.inference_max_adapters,
@@ -175,15 +183,24 @@ class Scheduler:
             logger.exception("loading %s failed", ref.model_id)
             raise InternalError(f"The model '{ref.model_id}' could not be loaded.", code="model_load_failed") from exc
 
+    def _encoder_lane(self, ref: ModelRef, key: tuple) -> EncoderLane:
+        generator = ref.task == "causal" if ref.adapter_dir is not None else not is_encoder(ref.base_path)
+        if generator:
+            raise WrongModelTask(
+                f"The model '{ref.model_id}' generates text; embeddings come from encoder models and their "
+                "classification fine-tunes.", param="model")
+        model, tokenizer = load_encoder(ref, self.dtype, self.device)
+        return EncoderLane(key, model, tokenizer, pooling_mode(ref.base_path))
+
     def install(self, key: tuple, lane: Lane) -> Lane:
         """Keep a lane ``build_lane`` loaded (idle lanes may be dropped to make room)."""
         self.cache.add(key, lane)
         self._track(key, lane)
         return lane
 
-    def lane_for(self, ref: ModelRef) -> Lane:
+    def lane_for(self, ref: ModelRef, embedding: bool = False) -> Lane:
         """The lane serving ``ref``, loaded here and now if it is not in memory."""
-        key = self.lane_key(ref)
+        key = self.lane_key(ref, embedding)
         return self.loaded_lane(key) or self.install(key, self.build_lane(ref, key))
 
     def _track(self, key: tuple, lane: Lane) -> None:
@@ -325,6 +342,32 @@ class Scheduler:
             result.prompt_tokens += int(enc["attention_mask"].sum())
             logits = model(**{k: v.to(lane.device) for k, v in enc.items()}).logits
             result.probabilities.extend(torch.softmax(logits.float(), dim=-1).tolist())
+        return result
+
+    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        lane = self.lane_for(request.ref, embedding=True)
+        tokenizer = lane.tokenizer
+        token_types = bool(getattr(lane.model.config, "type_vocab_size", 0))
+        rows = []
+        for item in request.inputs:
+            ids = tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else list(item)
+            if any(not 0 <= t < lane.vocab_size for t in ids):
+                raise InvalidParameter(f"Token ids in 'input' must be in [0, {lane.vocab_size}).", param="input")
+            if len(ids) > lane.context_length:
+                raise InvalidParameter(
+                    f"This model's maximum context length is {lane.context_length} tokens; an input has "
+                    f"{len(ids)}. Shorten it or split it.", param="input")
+            rows.append(ids)
+        result = EmbeddingResult(prompt_tokens=sum(len(ids) for ids in rows))
+        for start in range(0, len(rows), self.max_batch):
+            chunk = rows[start:start + self.max_batch]
+            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if token_types:
+                inputs["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+            inputs = {k: v.to(lane.device) for k, v in inputs.items()}
+            states = lane.model(**inputs).last_hidden_state
+            result.vectors.extend(pool(states, inputs["attention_mask"], lane.pooling).tolist())
         return result
 
     # -- the decode loop ---------------------------------------------------------------------------------

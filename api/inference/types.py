@@ -130,3 +130,17 @@ class ClassificationResult:
     labels: list[str]
     probabilities: list[list[float]] = field(default_factory=list)  # per input, in label order
     prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """Inputs (strings, or token ids) to embed with an encoder model."""
+
+    ref: ModelRef
+    inputs: tuple[str | tuple[int, ...], ...]
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: list[list[float]] = field(default_factory=list)  # unit length, one per input
+    prompt_tokens: int = 0

@@ -1,4 +1,4 @@
-"""`/v1/completions`, `/v1/chat/completions` and `/v1/classifications` (extension).
+"""`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings` and `/v1/classifications` (extension).
 
 Thin async endpoints: resolve the model (database work on a worker thread), submit to the inference engine,
 and either wait for the whole answer or stream it as server-sent events (`data: <chunk>` … `data: [DONE]`).
@@ -8,8 +8,11 @@ the client goes away, the request's rows are cancelled and leave the batch at th
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -18,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.core.errors import ServiceError
+from api.core.errors import InvalidParameter, ServiceError
 from api.core.ids import new_id
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
@@ -36,6 +39,10 @@ from api.schemas_inference import (
     CompletionChoice,
     CompletionCreate,
     CompletionPublic,
+    EmbeddingCreate,
+    EmbeddingPublic,
+    EmbeddingsPublic,
+    EmbeddingUsage,
     LabelProbability,
     Usage,
 )
@@ -242,6 +249,38 @@ async def create_chat_completion(
             for c in choices
         ],
     )
+
+
+@router.post("/embeddings")
+async def create_embedding(
+    body: EmbeddingCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    org_id: CurrentOrg,
+    engine: InferenceDep,
+) -> EmbeddingsPublic:
+    """Unit-length embeddings from an encoder base model or a classification fine-tune of one."""
+    ref = await _resolve(session, org_id, body.model, settings, storage)
+    result = await engine.embed(inference_service.embedding_request(body, ref))
+    width = len(result.vectors[0])
+    if body.dimensions is not None and body.dimensions != width:
+        raise InvalidParameter(f"This model's embeddings have {width} dimensions; 'dimensions' cannot change that.",
+                               param="dimensions")
+    data = [
+        EmbeddingPublic(index=i, embedding=_base64_floats(v) if body.encoding_format == "base64" else v)
+        for i, v in enumerate(result.vectors)
+    ]
+    return EmbeddingsPublic(data=data, model=body.model,
+                            usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
+
+
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 form: the float32 values, little-endian, base64-encoded."""
+    floats = array.array("f", vector)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return base64.b64encode(floats.tobytes()).decode("ascii")
 
 
 @router.post("/classifications")

@@ -19,14 +19,15 @@ from api.core.errors import InvalidParameter, UnknownModel
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.core.tables import FineTunedModel
-from api.inference.types import ClassificationRequest, GenerationRequest, ModelRef, SamplingParams
-from api.schemas_inference import ChatCompletionCreate, CompletionCreate, GenerationCreate
+from api.inference.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
+from api.schemas_inference import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
 
 # Written next to every servable adapter by the training library (svfit_core.training.TRAINING_META).
 TRAINING_META = "training_meta.json"
 # OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
@@ -156,3 +157,24 @@ def classification_request(inputs: str | list[str], ref: ModelRef) -> Classifica
     if not items:
         raise InvalidParameter("'input' must not be empty.", param="input")
     return ClassificationRequest(ref=ref, inputs=items)
+
+
+def embedding_request(body: EmbeddingCreate, ref: ModelRef) -> EmbeddingRequest:
+    """The inputs as strings or token-id tuples: one string, a list of strings, one list of token ids, or a
+    list of such lists (OpenAI's four forms)."""
+    items = body.input
+    if isinstance(items, str):
+        inputs: tuple = (items,)
+    elif items and all(isinstance(t, int) for t in items):
+        inputs = (tuple(items),)
+    elif items and (all(isinstance(i, str) for i in items) or all(isinstance(i, list) for i in items)):
+        inputs = tuple(i if isinstance(i, str) else tuple(i) for i in items)
+    else:
+        raise InvalidParameter(
+            "'input' must be a string, a list of strings, a list of token ids or a list of such lists.", param="input"
+        )
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidParameter(f"'input' holds at most {MAX_EMBEDDING_INPUTS} items.", param="input")
+    if any(len(i) == 0 for i in inputs):
+        raise InvalidParameter("'input' must not hold an empty string or an empty list of tokens.", param="input")
+    return EmbeddingRequest(ref=ref, inputs=inputs)

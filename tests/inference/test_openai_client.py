@@ -15,7 +15,7 @@ from openai import OpenAI
 from api.inference.scheduler import Scheduler
 from api.main import create_app
 from api.services.keys import create_api_key
-from tests.inference.conftest import LLAMA, make_settings, publish
+from tests.inference.conftest import BERT, LLAMA, make_settings, publish
 from tests.network import free_port
 
 
@@ -122,6 +122,19 @@ def test_openai_completion_echo_scores_a_prompt(client):
     assert "".join(c.choices[0].text for c in streamed) == choice.text
     assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
         logprobs.token_logprobs
+
+
+def test_openai_embeddings(client, server):
+    texts = ["the movie was good", "i love this"]
+    default = client.embeddings.create(model=BERT, input=texts)  # the client asks for base64 and decodes it
+    floats = client.embeddings.create(model=BERT, input=texts, encoding_format="float")
+    assert [d.index for d in default.data] == [0, 1]
+    for packed, plain in zip(default.data, floats.data):
+        assert packed.embedding == pytest.approx(plain.embedding, abs=1e-6)
+        assert sum(x * x for x in plain.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert default.usage.prompt_tokens == default.usage.total_tokens > 0
+    tuned = client.embeddings.create(model=server[3]["clf"], input=texts[0])
+    assert len(tuned.data[0].embedding) == len(plain.embedding)
 
 
 def test_openai_errors(client):

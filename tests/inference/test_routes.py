@@ -1,10 +1,14 @@
-"""The inference endpoints over HTTP: response shapes, streaming, model resolution, errors, classification."""
+"""The inference endpoints over HTTP: response shapes, streaming, model resolution, errors, classification,
+embeddings."""
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 
 import pytest
+import torch
 
 from tests.inference.conftest import BERT, LLAMA, fail_shared_forward
 
@@ -199,3 +203,61 @@ def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch)
     assert "data: [DONE]" not in lines
     monkeypatch.undo()
     assert complete(served, served.model_ids["sv0"]).status_code == 200  # the engine goes on
+
+
+def manual_embeddings(folder, texts: list[str], adapter=None) -> torch.Tensor:
+    """Mean of the encoder's token states over real tokens, scaled to unit length, written out here."""
+    from svfit_core.artifacts import load_trained_model
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if adapter is None:
+        encoder = AutoModel.from_pretrained(folder)
+    else:
+        classifier, _, _ = load_trained_model(folder, adapter)
+        encoder = classifier.base_model
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt")
+            enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+            states = encoder.eval()(**enc).last_hidden_state[0]
+            out.append(torch.nn.functional.normalize(states.mean(0), dim=0))
+    return torch.stack(out)
+
+
+def test_embeddings_of_an_encoder_and_of_its_classification_fine_tune(served, zoo):
+    texts = ["the movie was good", "i love this", "what is good ?"]
+    base = served.post("/embeddings", {"model": BERT, "input": texts})
+    assert base.status_code == 200, base.text
+    body = base.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2]
+    got = torch.tensor([d["embedding"] for d in body["data"]])
+    assert torch.allclose(got, manual_embeddings(zoo.bert, texts), atol=1e-5)
+    assert torch.allclose(got.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+
+    tuned = served.post("/embeddings", {"model": served.model_ids["clf"], "input": texts}).json()
+    tuned_vectors = torch.tensor([d["embedding"] for d in tuned["data"]])
+    assert torch.allclose(tuned_vectors, manual_embeddings(zoo.bert, texts, zoo.adapters["clf"]), atol=1e-5)
+    assert not torch.allclose(tuned_vectors, got, atol=1e-3), "the adapter changes the encoder"
+
+    packed = served.post("/embeddings", {"model": BERT, "input": texts[0], "encoding_format": "base64"}).json()
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == pytest.approx(got[0].tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"input": ""}, 400, "input"), ({"input": []}, 400, "input"), ({"input": [[]]}, 400, "input"),
+    ({"input": ["a", 1]}, 400, "input"), ({"input": [10**6]}, 400, "input"), ({"input": "x", "dimensions": 3}, 400,
+                                                                              "dimensions"),
+    ({"input": "x", "encoding_format": "hex"}, 400, "encoding_format"), ({"input": ["x"] * 2049}, 400, "input"),
+    ({"input": "the " * 600}, 400, "input"),
+])
+def test_invalid_embedding_requests_are_400_naming_the_field(served, body, status, param):
+    error(served.post("/embeddings", {"model": BERT, **body}), status, param)
+
+
+def test_a_text_generator_gives_no_embeddings(served):
+    error(served.post("/embeddings", {"model": LLAMA, "input": "hello"}), 400, "model")
+    error(served.post("/embeddings", {"model": served.model_ids["sv0"], "input": "hello"}), 400, "model")
