@@ -94,6 +94,8 @@ MATRIX: list[tuple[str, str, str, str, dict | None, int]] = [
     ("model", "delete checkpoint", "DELETE", "/v1/models/{ckpt_model}", None, 0),
     ("inference", "classify", "POST", "/v1/classifications", {"model": "{model}", "input": "good"}, 200),
     ("inference", "classify checkpoint", "POST", "/v1/classifications", {"model": "{ckpt_model}", "input": "x"}, 200),
+    ("inference", "embed", "POST", "/v1/embeddings", {"model": "{model}", "input": "good"}, 200),
+    ("inference", "embed checkpoint", "POST", "/v1/embeddings", {"model": "{ckpt_model}", "input": "x"}, 200),
     ("inference", "complete", "POST", "/v1/completions", {"model": "{model}", "prompt": "x", "max_tokens": 1}, 400),
     ("inference", "chat", "POST", "/v1/chat/completions",
      {"model": "{model}", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, 400),
