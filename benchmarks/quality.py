@@ -93,6 +93,9 @@ ARMS = [
     # The parameter budget of svfit_rk_qv (4,608: 16x fewer than LoRA r=8) spread over all 36 linear layers.
     ArmSpec("svfit_r128_all", {"method": "svfit", "rank": 128, "target_modules": "all-linear"},
             (1e-2, 3e-2, 1e-1), "top 128 singular values of every encoder linear layer"),
+    # The same budget again, on the feed-forward pair (intermediate and output dense) instead of query/value.
+    ArmSpec("svfit_rk_ffn", {"method": "svfit", "target_modules": r".*layer\.\d+\.(intermediate|output)\.dense"},
+            (1e-2, 3e-2, 1e-1), "r = k: every singular value of the feed-forward matrices"),
 ]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
