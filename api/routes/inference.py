@@ -8,13 +8,10 @@ the client goes away, the request's rows are cancelled and leave the batch at th
 
 from __future__ import annotations
 
-import array
 import asyncio
-import base64
 import json
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -27,7 +24,8 @@ from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.deps import CurrentOrg, InferenceDep, InferenceRateLimit, SessionDep, SettingsDep, StorageDep
 from api.inference.engine import GenerationTicket
-from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta, TokenLogprob
+from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta
+from api.openai_shapes import CompletionLogprobsWriter, base64_floats, chat_logprobs
 from api.schemas_inference import (
     ChatChoice,
     ChatCompletionCreate,
@@ -134,42 +132,6 @@ async def _chunks(
             yield {**header, "choices": [], "usage": _usage(event)}
 
 
-def _chat_token(entry: TokenLogprob, with_top: bool = True) -> dict:
-    out = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
-    if with_top:
-        out["top_logprobs"] = [_chat_token(alt, with_top=False) for alt in entry.top]
-    return out
-
-
-def _chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
-    return {"content": [_chat_token(e) for e in entries], "refusal": None}
-
-
-class CompletionLogprobsWriter:
-    """The legacy completions `logprobs` object, chunk by chunk: ``text_offset`` runs on across a choice's
-    chunks (offsets count the token texts, the answer's text without the prompt)."""
-
-    def __init__(self, with_top: bool) -> None:
-        self.with_top = with_top
-        self.offsets: dict[int, int] = {}
-
-    def __call__(self, index: int, entries: Sequence[TokenLogprob]) -> dict:
-        offset = self.offsets.get(index, 0)
-        text_offset = []
-        for entry in entries:
-            text_offset.append(offset)
-            offset += len(entry.token)
-        self.offsets[index] = offset
-        return {
-            "tokens": [e.token for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            # An echoed prompt's first token has no log probability and no alternatives: null, as OpenAI's.
-            "top_logprobs": [None if e.logprob is None else {alt.token: alt.logprob for alt in e.top}
-                             for e in entries] if self.with_top else None,
-            "text_offset": text_offset,
-        }
-
-
 # With `stream: true` the answer is server-sent events instead of the JSON object.
 STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                     "description": "The completion, or with `stream: true` its chunks as server-sent events."}}
@@ -234,7 +196,7 @@ async def create_chat_completion(
             lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None},
             lambda e: {"index": e.index, "delta": {"content": e.text},
-                       "logprobs": _chat_logprobs(e.logprobs) if wants_logprobs else None, "finish_reason": None},
+                       "logprobs": chat_logprobs(e.logprobs) if wants_logprobs else None, "finish_reason": None},
             lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
         ))
     answer = await _collect(request, ticket)
@@ -245,7 +207,7 @@ async def create_chat_completion(
         id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
         choices=[
             ChatChoice(index=c.index, message=ChatMessagePublic(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=_chat_logprobs(c.logprobs) if wants_logprobs else None)
+                       logprobs=chat_logprobs(c.logprobs) if wants_logprobs else None)
             for c in choices
         ],
     )
@@ -268,19 +230,11 @@ async def create_embedding(
         raise InvalidParameter(f"This model's embeddings have {width} dimensions; 'dimensions' cannot change that.",
                                param="dimensions")
     data = [
-        EmbeddingPublic(index=i, embedding=_base64_floats(v) if body.encoding_format == "base64" else v)
+        EmbeddingPublic(index=i, embedding=base64_floats(v) if body.encoding_format == "base64" else v)
         for i, v in enumerate(result.vectors)
     ]
     return EmbeddingsPublic(data=data, model=body.model,
                             usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
-
-
-def _base64_floats(vector: list[float]) -> str:
-    """OpenAI's base64 form: the float32 values, little-endian, base64-encoded."""
-    floats = array.array("f", vector)
-    if sys.byteorder == "big":
-        floats.byteswap()
-    return base64.b64encode(floats.tobytes()).decode("ascii")
 
 
 @router.post("/classifications")
