@@ -174,6 +174,8 @@ class ModelLane(Lane):
 class EncoderLane(Lane):
     """An encoder (a base, or a classification fine-tune's body) serving embeddings, pooled as ``pooling``."""
 
-    def __init__(self, key, model, tokenizer, pooling: str) -> None:
+    def __init__(self, key, model, tokenizer, pooling: str, max_length: int | None = None) -> None:
         super().__init__(key, model, tokenizer, task="embedding")
         self.pooling = pooling
+        if max_length is not None:
+            self.context_length = min(self.context_length, max_length)

@@ -1,7 +1,8 @@
 """Sentence embeddings from an encoder's token states, for `/v1/embeddings`.
 
 How a model pools is its own choice: a sentence-transformers folder says it in `1_Pooling/config.json`
-(mean, CLS token, max, or mean × √length); without one, the mean over the real (unpadded) tokens. Every
+(mean, CLS token, max, or mean × √length), and its input limit in `sentence_bert_config.json`; without
+them, the mean over the real (unpadded) tokens and the model's position table. Every
 embedding is then scaled to unit length, as OpenAI's are, so a dot product is the cosine similarity.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 POOLING_CONFIG = Path("1_Pooling") / "config.json"
+SENTENCE_CONFIG = "sentence_bert_config.json"
 MODES = ("mean", "cls", "max", "mean_sqrt_len")
 
 
@@ -27,6 +29,16 @@ def pooling_mode(model_dir: Path) -> str:
         if config.get(key):
             return mode
     return "mean"
+
+
+def max_sequence_length(model_dir: Path) -> int | None:
+    """The input length a sentence-transformers folder declares (all-MiniLM-L6-v2: 256 of its 512
+    positions); sentence-transformers cuts longer inputs there, we refuse them (as OpenAI does)."""
+    path = Path(model_dir) / SENTENCE_CONFIG
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("max_seq_length")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

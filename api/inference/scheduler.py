@@ -43,7 +43,7 @@ from api.inference.loading import (
 )
 from api.inference.logprobs import prompt_logprobs, step_logprobs
 from api.inference.model_cache import ModelCache
-from api.inference.pooling import pool, pooling_mode
+from api.inference.pooling import max_sequence_length, pool, pooling_mode
 from api.inference.sampling import next_tokens, row_generator
 from api.inference.text import TextTracker
 from api.inference.types import (
@@ -190,7 +190,7 @@ class Scheduler:
                 f"The model '{ref.model_id}' generates text; embeddings come from encoder models and their "
                 "classification fine-tunes.", param="model")
         model, tokenizer = load_encoder(ref, self.dtype, self.device)
-        return EncoderLane(key, model, tokenizer, pooling_mode(ref.base_path))
+        return EncoderLane(key, model, tokenizer, pooling_mode(ref.base_path), max_sequence_length(ref.base_path))
 
     def install(self, key: tuple, lane: Lane) -> Lane:
         """Keep a lane ``build_lane`` loaded (idle lanes may be dropped to make room)."""

