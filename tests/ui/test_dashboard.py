@@ -178,6 +178,19 @@ def test_playground_streams_a_chat_reply_from_a_fine_tune(page: Page, finished_j
     expect(page.locator("#pg-send")).to_be_enabled()
 
 
+def test_playground_compares_texts_with_an_encoders_embeddings(page: Page, service: Service):
+    minilm = "sentence-transformers/all-MiniLM-L6-v2"  # the pretrained encoder every install has
+    page.goto(f"/ui/#/models?model={minilm}")
+    expect(page.locator("#pg-model")).to_have_value(minilm)
+    page.locator("#pg-mode").select_option("similarity")
+    page.locator("#pg-input").fill("The weather is lovely today.\nIt's so sunny outside!\nHe drove to the stadium.")
+    page.locator("#pg-send").click()
+    cells = page.locator("#pg-similarity td.mono")
+    expect(cells).to_have_count(2, timeout=60_000)
+    # sentence-transformers' published similarities for these sentences under this model
+    assert [float(c) for c in cells.all_inner_texts()] == pytest.approx([0.6660, 0.1046], abs=2e-4)
+
+
 def test_the_key_typed_into_the_page_is_the_one_the_api_checks(page: Page, service: Service, finished_job: dict):
     page.goto("/ui/#/jobs")
     expect(page.locator(f"#jobs tr[data-job='{finished_job['id']}']")).to_have_count(1)

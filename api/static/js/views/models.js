@@ -1,5 +1,6 @@
 // Models: the base models and the organization's fine-tunes and checkpoints, and a small playground that
-// calls /v1/chat/completions or /v1/completions (streamed or not) or /v1/classifications on any of them.
+// calls /v1/chat/completions or /v1/completions (streamed or not), /v1/classifications or /v1/embeddings
+// (similarity of each line to the first) on any of them.
 
 import { del, get, modelPath, post, streamEvents } from "../api.js";
 import { errorBox, fill, h, when } from "../dom.js";
@@ -67,7 +68,7 @@ class Playground {
     this.model = h("select", { id: "pg-model", "aria-label": "Model" });
     this.mode = h("select", { id: "pg-mode", "aria-label": "Mode" },
       h("option", { value: "chat" }, "chat"), h("option", { value: "completion" }, "completion"),
-      h("option", { value: "classify" }, "classification"));
+      h("option", { value: "classify" }, "classification"), h("option", { value: "similarity" }, "similarity"));
     this.stream = h("input", { type: "checkbox", id: "pg-stream", checked: true });
     this.maxTokens = h("input", { type: "number", id: "pg-max-tokens", value: "64", min: "1" });
     this.temperature = h("input", { type: "number", id: "pg-temperature", value: "0.7", min: "0", max: "2", step: "0.1" });
@@ -111,6 +112,8 @@ class Playground {
     fill(this.output);
     fill(this.problem);
     this.system.hidden = this.mode.value !== "chat";
+    this.input.placeholder = this.mode.value === "similarity"
+      ? "One text per line: each line is compared with the first" : "Type a message; Ctrl+Enter sends";
   }
 
   stop() {
@@ -139,6 +142,7 @@ class Playground {
     };
     try {
       if (this.mode.value === "classify") await this.classify(text);
+      else if (this.mode.value === "similarity") await this.similarity(text);
       else if (this.mode.value === "chat") await this.chat(text, options);
       else await this.complete(text, options);
       this.input.value = "";
@@ -194,6 +198,19 @@ class Playground {
       const answer = await post("completions", body, { signal: this.controller.signal });
       this.bubble("assistant", answer.choices[0].text || "");
     }
+  }
+
+  // Embeddings are unit length, so a dot product is the cosine similarity.
+  async similarity(text) {
+    const lines = text.split("\n").map((line) => line.trim()).filter(Boolean);
+    this.bubble("input", lines.join("\n"));
+    const answer = await post("embeddings", { model: this.model.value, input: lines }, { signal: this.controller.signal });
+    const vectors = answer.data.map((d) => d.embedding);
+    const cosine = (a, b) => a.reduce((sum, x, i) => sum + x * b[i], 0);
+    this.output.append(h("div", { class: "bubble assistant" }, h("span", { class: "who" }, "similarity to the first line"),
+      h("table", { class: "grid compact", id: "pg-similarity" }, h("tbody", {}, lines.slice(1).map((line, i) => h("tr", {},
+        h("td", {}, line),
+        h("td", { class: "mono" }, cosine(vectors[0], vectors[i + 1]).toFixed(4))))))));
   }
 
   async classify(text) {
