@@ -179,15 +179,13 @@ class InferenceEngine:
         return ticket
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        ticket = Ticket(asyncio.get_running_loop(), request)
-        self._submit(ticket)
-        try:
-            return await ticket.done
-        except BaseException:
-            ticket.cancel()
-            raise
+        return await self._answer(request)
 
     async def classify(self, request: ClassificationRequest) -> ClassificationResult:
+        return await self._answer(request)
+
+    async def _answer(self, request: Any) -> Any:
+        """Queue a one-shot request (no stream) and wait for its result or its ServiceError."""
         ticket = Ticket(asyncio.get_running_loop(), request)
         self._submit(ticket)
         try:
