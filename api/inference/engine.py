@@ -257,14 +257,15 @@ class InferenceEngine:
         try:
             request = ticket.request
             key = scheduler.lane_key(request.ref, embedding=isinstance(request, EmbeddingRequest))
-            if scheduler.loaded_lane(key) is None:
+            lane = scheduler.loaded_lane(key)
+            if lane is None:
                 loader.wait_for(key, ticket, functools.partial(_build_lane, scheduler, request.ref, key))
             elif isinstance(ticket, GenerationTicket):
-                scheduler.admit(ticket)
+                scheduler.admit(ticket, lane)
             elif isinstance(request, EmbeddingRequest):
-                ticket.resolve(scheduler.embed(request))
+                ticket.resolve(scheduler.embed(request, lane))
             else:
-                ticket.resolve(scheduler.classify(request))
+                ticket.resolve(scheduler.classify(request, lane))
         except ServiceError as exc:
             ticket.reject(exc)
         except Exception:  # noqa: BLE001 - reported to this request, the engine goes on

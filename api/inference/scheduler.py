@@ -244,10 +244,10 @@ class Scheduler:
             prompts.append(ids)
         return prompts, "prompt"
 
-    def admit(self, ticket) -> None:
+    def admit(self, ticket, lane: Lane | None = None) -> None:
         """Turn a generation ticket into rows waiting on their lane, or fail it (before any event)."""
         request = ticket.request
-        lane = self.lane_for(request.ref)
+        lane = lane or self.lane_for(request.ref)
         if lane.task != "causal":
             raise WrongModelTask(
                 f"The model '{request.ref.model_id}' is a classification model; use /v1/classifications.", param="model"
@@ -323,8 +323,8 @@ class Scheduler:
 
     # -- classification ----------------------------------------------------------------------------------
 
-    def classify(self, request) -> ClassificationResult:
-        lane = self.lane_for(request.ref)
+    def classify(self, request, lane: Lane | None = None) -> ClassificationResult:
+        lane = lane or self.lane_for(request.ref)
         if lane.task != "classification":
             raise WrongModelTask(
                 f"The model '{request.ref.model_id}' is not a classification model.", param="model"
@@ -344,8 +344,8 @@ class Scheduler:
             result.probabilities.extend(torch.softmax(logits.float(), dim=-1).tolist())
         return result
 
-    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        lane = self.lane_for(request.ref, embedding=True)
+    def embed(self, request: EmbeddingRequest, lane: Lane | None = None) -> EmbeddingResult:
+        lane = lane or self.lane_for(request.ref, embedding=True)
         tokenizer = lane.tokenizer
         token_types = bool(getattr(lane.model.config, "type_vocab_size", 0))
         rows = []
