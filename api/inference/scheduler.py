@@ -102,6 +102,14 @@ class LaneState:
         return [*self.waiting, *self.joining, *self.running]
 
 
+def _token_ids(ids, vocab: int, param: str) -> list[int]:
+    """Token ids a request sent itself, checked against the model's vocabulary."""
+    ids = list(ids)
+    if any(not 0 <= t < vocab for t in ids):
+        raise InvalidParameter(f"Token ids in '{param}' must be in [0, {vocab}).", param=param)
+    return ids
+
+
 def _message_text(content: Any) -> str:
     """Chat content as text: a string, or the text parts of a list of content parts."""
     if content is None:
@@ -236,9 +244,7 @@ class Scheduler:
             if isinstance(prompt, str):
                 ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             else:
-                ids = list(prompt)
-                if any(not 0 <= t < vocab for t in ids):
-                    raise InvalidParameter(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
+                ids = _token_ids(prompt, vocab, "prompt")
             if not ids:
                 raise InvalidParameter("A prompt must hold at least one token.", param="prompt")
             prompts.append(ids)
@@ -348,11 +354,11 @@ class Scheduler:
         lane = lane or self.lane_for(request.ref, embedding=True)
         tokenizer = lane.tokenizer
         token_types = bool(getattr(lane.model.config, "type_vocab_size", 0))
+        texts = [item for item in request.inputs if isinstance(item, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])  # one call for all
         rows = []
         for item in request.inputs:
-            ids = tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else list(item)
-            if any(not 0 <= t < lane.vocab_size for t in ids):
-                raise InvalidParameter(f"Token ids in 'input' must be in [0, {lane.vocab_size}).", param="input")
+            ids = next(encoded) if isinstance(item, str) else _token_ids(item, lane.vocab_size, "input")
             if len(ids) > lane.context_length:
                 raise InvalidParameter(
                     f"This model's maximum context length is {lane.context_length} tokens; an input has "
