@@ -105,7 +105,7 @@ def build_adapters(base: Path, workdir: Path, count: int, rank: int) -> dict[str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from svfit_core import SVFitConfig, export_merged, export_peft_lora, inject_svfit
+    from svfit_core import SVFitConfig, export_merged, export_peft_lora, inject_svfit, save_svfit_adapter
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -118,7 +118,7 @@ def build_adapters(base: Path, workdir: Path, count: int, rank: int) -> dict[str
             for layer in layers:
                 layer.sigma.copy_(layer.s * (1 + 0.05 * torch.randn(layer.s.shape, generator=g)))
         sv, lora = workdir / "adapters" / f"svfit-{k}", workdir / "adapters" / f"lora-{k}"
-        svfit.save_adapter(sv)
+        save_svfit_adapter(svfit, sv)
         _meta(sv, "svfit")
         export_peft_lora(svfit, lora)
         _meta(lora, "lora")
@@ -314,8 +314,8 @@ def serving_rank_quality(base: Path, workdir: Path, steps: int, eval_examples: i
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from svfit_core import SVFitConfig, inject_svfit
-    from svfit_core.encoding import IGNORE_INDEX, encode_chat
+    from svfit_core import SVFitConfig, inject_svfit, save_svfit_adapter
+    from svfit_core.training.encoding import IGNORE_INDEX, encode_chat
     from svfit_core.multi_adapter import MultiAdapterModel
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -352,7 +352,7 @@ def serving_rank_quality(base: Path, workdir: Path, steps: int, eval_examples: i
         optimizer.zero_grad()
         log(f"  quality: train step {step + 1}/{steps} loss {loss.item():.3f}")
     adapter = workdir / "adapters" / "quality"
-    svfit.save_adapter(adapter)
+    save_svfit_adapter(svfit, adapter)
     full_rank = max(svfit.ranks.values())
 
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

@@ -25,7 +25,7 @@ Protocol (the same for every arm):
   gradient clipping at 1.0, no weight decay, and one head learning rate for every arm that has a body to
   train (HEAD_LR; the head-only arm sweeps it instead).
 - Training is `svfit_core.training.run_training`; the reported accuracy comes from loading the final
-  adapter it wrote (`svfit_core.artifacts.load_trained_model`) and classifying the evaluation split, so
+  adapter it wrote (`svfit_core.training.outputs.load_trained_model`) and classifying the evaluation split, so
   the save/load path is what gets measured.
 - Runs are independent, so they run in parallel worker processes (--jobs, default 2) with one torch
   thread each: on small CPU matrices that uses two cores better than two threads on one run, and it
@@ -164,9 +164,9 @@ def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: i
     """Accuracy of the adapter ``run_training`` wrote, loaded the way the service loads it."""
     import torch
 
-    from svfit_core.artifacts import load_trained_model
-    from svfit_core.collate import collate
-    from svfit_core.encoding import encode_example
+    from svfit_core.training.outputs import load_trained_model
+    from svfit_core.training.collate import collate
+    from svfit_core.training.encoding import encode_example
 
     model, tokenizer, _ = load_trained_model(base_path, adapter_dir)
     model.to(device)
@@ -214,7 +214,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             accuracy = evaluate(base, result.adapter_dir, data["evaluation"], settings.max_seq_length,
                                 settings.device)
         record.update(
-            status=result.status, steps=result.step, trained_tokens=result.trained_tokens,
+            status="ok" if result.ended_by == "completion" else result.ended_by, steps=result.step, trained_tokens=result.trained_tokens,
             trainable_params=started.get("trainable_params"),
             heldout_accuracy=result.metrics.get("valid_mean_token_accuracy"),
             final_train_loss=result.metrics.get("train_loss"),
@@ -239,7 +239,7 @@ class RunLog:
         if resume and path.is_file():
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
-                if rec.get("status") == "succeeded":
+                if rec.get("status") == "ok":
                     self.done[self.key(rec)] = rec
         elif path.exists():
             path.unlink()
@@ -270,7 +270,7 @@ def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict]
             for fut in cf.as_completed(futures):
                 rec = fut.result()
                 tag = f"{rec['task']} {rec['arm']} lr={rec['lr']:g} seed={rec['seed']}"
-                if rec["status"] == "succeeded":
+                if rec["status"] == "ok":
                     runlog.add(rec)
                     log(f"{tag}: held-out {rec['heldout_accuracy']:.4f}, eval {rec['accuracy']:.4f}, "
                         f"{rec['wall_s']:.0f} s")
@@ -299,7 +299,7 @@ def select_lrs(settings: Settings, arms: list[ArmSpec], runlog: RunLog) -> tuple
     records = run_jobs(jobs, settings, runlog)
     chosen = {}
     for arm in arms:
-        ok = [r for r in records if r and r["arm"] == arm.name and r["status"] == "succeeded"]
+        ok = [r for r in records if r and r["arm"] == arm.name and r["status"] == "ok"]
         if ok:
             # Highest held-out accuracy; a tie goes to the smaller learning rate.
             chosen[arm.name] = max(ok, key=lambda r: (r["heldout_accuracy"], -r["lr"]))["lr"]
@@ -310,7 +310,7 @@ def select_lrs(settings: Settings, arms: list[ArmSpec], runlog: RunLog) -> tuple
 
 def summarise(task: str, arm: ArmSpec, lr: float, records: list[dict], settings: Settings,
               head_params: int) -> dict[str, Any]:
-    ok = [r for r in records if r and r["status"] == "succeeded"]
+    ok = [r for r in records if r and r["status"] == "ok"]
     if not ok:
         errors = [r.get("error") for r in records if r]
         return {"task": task, "name": arm.name, "method": arm.peft["method"], "status": "error",

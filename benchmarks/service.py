@@ -55,14 +55,14 @@ def free_port() -> int:
 
 def build_tiny_chat_model(models_dir: Path) -> None:
     """A 2-layer random Llama with a chat template, as base model `tiny-llama` (no download)."""
-    from tests.core.tiny_models import build_tiny
+    from testkit.tiny_models import build_tiny
 
     build_tiny("llama", "causal", models_dir).rename(models_dir / "tiny-llama")
 
 
 def postgres_database():
     """A throwaway database; `running_service` migrates it with `svfit migrate`."""
-    from tests.databases import fresh_postgres_database
+    from testkit.databases import fresh_postgres_database
 
     return fresh_postgres_database("svfit_bench", migrate=False)
 

@@ -1,38 +1,61 @@
 """SVFit (singular-value fine-tuning) for transformers models, in plain PyTorch.
 
-The method core: config, layer wrapper, injection, merge, native save/load and exports. Training, data
-and baselines live in their own modules (``svfit_core.training``, ``svfit_core.data``) and are imported
-from there, not from here, so importing the core stays cheap.
+The method sits at the top of the package: config, layer wrapper, injection, merge, native save/load and
+exports. ``svfit_core.training`` holds the training loop, its config, data, schedule, checkpoints and the
+baseline methods.
+
+Importing the package costs nothing: each name below is imported from its module the first time it is
+touched (PEP 562), so a torch-free module (``svfit_core.config``, ``svfit_core.errors``,
+``svfit_core.training.config``) can be imported without loading torch.
 """
 
-from .config import SVFitConfig
-from .errors import (
-    AdapterFormatError,
-    BaseModelMismatchError,
-    ConfigError,
-    DataError,
-    NonFiniteMergeError,
-    SVFitError,
-    TargetModulesNotFoundError,
-)
-from .export import export_merged, export_peft_lora
-from .layer import SVFitLayer
-from .model import SVFitModel, inject_svfit
-from .serialization import load_svfit_adapter
+from __future__ import annotations
 
-__all__ = [
-    "AdapterFormatError",
-    "BaseModelMismatchError",
-    "ConfigError",
-    "DataError",
-    "NonFiniteMergeError",
-    "SVFitConfig",
-    "SVFitError",
-    "SVFitLayer",
-    "SVFitModel",
-    "TargetModulesNotFoundError",
-    "export_merged",
-    "export_peft_lora",
-    "inject_svfit",
-    "load_svfit_adapter",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "SVFitConfig": ".config",
+    "AdapterFormatError": ".errors",
+    "BaseModelMismatchError": ".errors",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "NonFiniteMergeError": ".errors",
+    "SVFitError": ".errors",
+    "TargetModulesNotFoundError": ".errors",
+    "export_merged": ".export",
+    "export_peft_lora": ".export",
+    "SVFitLayer": ".layer",
+    "SVFitModel": ".model",
+    "inject_svfit": ".model",
+    "load_svfit_adapter": ".serialization",
+    "save_svfit_adapter": ".serialization",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import SVFitConfig
+    from .errors import (
+        AdapterFormatError,
+        BaseModelMismatchError,
+        ConfigError,
+        DataError,
+        NonFiniteMergeError,
+        SVFitError,
+        TargetModulesNotFoundError,
+    )
+    from .export import export_merged, export_peft_lora
+    from .layer import SVFitLayer
+    from .model import SVFitModel, inject_svfit
+    from .serialization import load_svfit_adapter, save_svfit_adapter
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'svfit_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -159,11 +159,3 @@ class SVFitModel(nn.Module):
         for name, layer in self.svfit_layers().items():
             _replace_submodule(self.model, name, layer.base_layer)
         return self.model
-
-    # -- save ------------------------------------------------------------------------------------------
-
-    def save_adapter(self, out_dir: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (see ``serialization.py``)."""
-        from .serialization import save_adapter  # serialization imports this module
-
-        return save_adapter(self, out_dir)

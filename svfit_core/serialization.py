@@ -106,7 +106,7 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(part, path)  # a reader never sees a half-written file
 
 
-def save_adapter(svfit_model: SVFitModel, out_dir: str | Path) -> Path:
+def save_svfit_adapter(svfit_model: SVFitModel, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(svfit_model)

@@ -28,6 +28,7 @@ from api.core.errors import InvalidTrainingFile, ServiceError
 from api.core.settings import Settings, get_settings
 from api.core.storage import LocalStorage, get_storage
 from api.core.tables import File, Job, now
+from svfit_core.training.layout import step_of_checkpoint_dir
 from worker import publishing
 from worker.recovery import Heartbeat, shutdown_requested
 from worker.reporting import JobLost, JobReporter, add_event, owned
@@ -272,7 +273,7 @@ def train_config_for(job: Job, settings: Settings):  # noqa: ANN201 - svfit_core
 
 
 def _load_file(storage: LocalStorage, file_id: str, param: str) -> list[dict]:
-    from svfit_core.data import load_examples
+    from svfit_core.training.data import load_examples
     from svfit_core.errors import DataError
 
     with session_scope() as session:
@@ -359,15 +360,15 @@ def _run_attempt(
     if reporter.stop_reason == "lost":
         return "lost"
 
-    if result.status == "succeeded":
+    if result.ended_by == "completion":
         _succeed(job, worker_id, storage, reporter, result, model_name)
         shutil.rmtree(job_scratch, ignore_errors=True)  # earlier attempts' leftovers too
         return "succeeded"
-    if result.status == "cancelled":
+    if result.ended_by == "cancel":
         _finish(job_id, worker_id, "cancelled", "Fine-tuning job cancelled", finished=True)
         shutil.rmtree(job_scratch, ignore_errors=True)
         return "cancelled"
-    if result.status == "paused":
+    if result.ended_by == "pause":
         step = _publish_pause_checkpoint(reporter, result)
         if reporter.stop_reason == "shutdown":
             # The worker is stopping, not the user: put the job back in line for the next worker.
@@ -382,7 +383,7 @@ def _run_attempt(
             return "queued"
         _finish(job_id, worker_id, "paused", f"Fine-tuning job paused at step {step or 0}", finished=False)
         return "paused"
-    raise RuntimeError(f"unknown training result status {result.status!r}")
+    raise RuntimeError(f"unknown training result {result.ended_by!r}")
 
 
 def _publish_pause_checkpoint(reporter: JobReporter, result) -> int | None:  # noqa: ANN001 - TrainResult
@@ -398,10 +399,8 @@ def _publish_pause_checkpoint(reporter: JobReporter, result) -> int | None:  # n
 
 
 def _step_of(path: Path, default: int) -> int:
-    name = path.name
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
-    return int(default)
+    step = step_of_checkpoint_dir(path.name)
+    return int(default) if step is None else step
 
 
 def _finish(job_id: str, worker_id: str, status: str, message: str, *, finished: bool) -> None:

@@ -17,11 +17,11 @@ PEFT_TYPES = ("svfit", "lora", "full")
 # Learning rate at multiplier 1.0, per method. SVFit trains singular values, which are O(1-10) and need a
 # rate one to two orders of magnitude above LoRA's (SVFT's published recipe uses 5e-2 to 8e-2, see
 # shared/SVFIT.md); 5e-4 is the common LoRA rate and 5e-5 the common rate for full fine-tuning.
-# Kept equal to svfit_core.train_config.DEFAULT_LEARNING_RATE (a test checks it) without importing the
+# Kept equal to svfit_core.training.config.DEFAULT_LEARNING_RATE (a test checks it) without importing the
 # training library, which costs seconds of start-up.
 METHOD_DEFAULT_LEARNING_RATE = {"svfit": 5e-2, "lora": 5e-4, "full": 5e-5}
 
-DEFAULT_LORA_RANK = 8  # and lora_alpha = 2 x rank, as svfit_core.train_config.PeftSpec resolves them
+DEFAULT_LORA_RANK = 8  # and lora_alpha = 2 x rank, as svfit_core.training.config.PeftSpec resolves them
 
 
 MAX_INT32 = 2**31 - 1  # counts (steps, lengths) go into 32-bit columns and tensors' index types

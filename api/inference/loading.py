@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from svfit_core.artifacts import load_trained_model
+from svfit_core.training.outputs import load_trained_model
 from svfit_core.layer import weight_sha256
 from svfit_core.loading import load_base_model, load_tokenizer, max_positions
 from svfit_core.targets import LINEAR_TYPES

@@ -236,7 +236,7 @@ class Scheduler:
             except Exception as exc:  # jinja templates raise their own errors ("roles must alternate")
                 raise InvalidParameter(f"The chat template cannot render these messages: {exc}",
                                        param="messages") from exc
-            # The template writes the special tokens itself, as training renders it (svfit_core.encoding).
+            # The template writes the special tokens itself, as training renders it (svfit_core.training.encoding).
             return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         prompts = []
         vocab = lane.vocab_size

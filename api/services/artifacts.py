@@ -27,8 +27,7 @@ from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.core.tables import Checkpoint, FineTunedModel, Job
 from api.services.jobs import get_job
-
-ARTIFACT_FORMATS = ("svfit", "peft_lora", "merged")
+from svfit_core.training.layout import ARTIFACT_FORMATS, checkpoint_dir_name
 # Safetensors weights barely compress; level 1 keeps a merged model's archive from costing minutes.
 GZIP_LEVEL = 1
 
@@ -61,7 +60,7 @@ def _adapter_key(session: Session, job: Job, step: int | None) -> tuple[str, str
         checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step))
         if checkpoint is None:
             raise ArtifactUnavailable(f"Job {job.id} has no checkpoint at step {step}.", param="step")
-        return checkpoint.storage_key, f"step-{step}"
+        return checkpoint.storage_key, checkpoint_dir_name(step)
     if job.status != "succeeded":
         raise ArtifactUnavailable(
             f"Job {job.id} has not succeeded (status: {job.status}); pass `step` to download a checkpoint."
@@ -92,7 +91,7 @@ def _write_tar_gz(source: Path, target: Path, root_name: str) -> str:
 
 def _build(base_model_path: Path, adapter_dir: Path, fmt: str, archive: Path, digest_file: Path, root_name: str) -> None:
     # Imported on use: the training library pulls in torch, which only this route needs.
-    from svfit_core.artifacts import ArtifactFormatUnavailable, write_artifact
+    from svfit_core.training.outputs import ArtifactFormatUnavailable, write_artifact
 
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".build-") as scratch:
         try:

@@ -37,13 +37,13 @@ from api.services.pagination import Order, Page, paginate
 UPLOAD_PURPOSES = ("fine-tune",)
 UNFINISHED_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 
-# (line bytes, 1-based line number) -> (format or None, messages prefixed "line N:"); svfit_core.data's.
+# (line bytes, 1-based line number) -> (format or None, messages prefixed "line N:"); svfit_core.training.data's.
 LineValidator = Callable[[bytes, int], tuple[str | None, list[str]]]
 
 
 def default_line_validator() -> LineValidator:
     # Imported on use: the training library pulls in torch, which the API should not pay for at start-up.
-    from svfit_core.data import validate_jsonl_line
+    from svfit_core.training.data import validate_jsonl_line
 
     freeze_long_lived("training library")
     return validate_jsonl_line

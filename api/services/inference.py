@@ -21,9 +21,8 @@ from api.core.storage import LocalStorage
 from api.core.tables import FineTunedModel
 from api.inference.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
 from api.schemas_inference import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
+from svfit_core.training.layout import TRAINING_META
 
-# Written next to every servable adapter by the training library (svfit_core.training.TRAINING_META).
-TRAINING_META = "training_meta.json"
 # OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS_TOKENS = 1024

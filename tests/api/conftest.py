@@ -27,7 +27,7 @@ from api.core.migrations import upgrade_to_head  # noqa: E402
 from api.core.settings import Settings  # noqa: E402
 from api.main import create_app  # noqa: E402
 from api.services.keys import create_api_key  # noqa: E402
-from tests.databases import empty_database, fresh_postgres_database
+from testkit.databases import empty_database, fresh_postgres_database
 
 BASE_MODEL = "tiny-base"
 MIN_EXAMPLES = 3

@@ -100,8 +100,8 @@ def _train_one_step(base: Path, out: Path, method: str) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Llama and one-step svfit and lora adapters trained on it (a few seconds, once)."""
-    pytest.importorskip("svfit_core.artifacts")
-    from tests.core.tiny_models import build_tiny
+    pytest.importorskip("svfit_core.training.outputs")
+    from testkit.tiny_models import build_tiny
 
     root = tmp_path_factory.mktemp("trained")
     models_dir = root / "models"
@@ -152,12 +152,12 @@ def test_artifact_archives_are_built_once_with_their_sha256(make_api, trained, m
     assert f"{job_id}-final-svfit/adapter_model.safetensors" in names
 
     # Cached: a second request is served from the store without exporting again.
-    import svfit_core.artifacts
+    import svfit_core.training.outputs
 
     def no_rebuild(*_args, **_kwargs):
         raise AssertionError("rebuilt a cached artifact")
 
-    monkeypatch.setattr(svfit_core.artifacts, "write_artifact", no_rebuild)
+    monkeypatch.setattr(svfit_core.training.outputs, "write_artifact", no_rebuild)
     again = api.client.get(url, params={"format": "svfit"}, headers=api.headers())
     assert again.content == response.content and again.headers["x-content-sha256"] == response.headers["x-content-sha256"]
     monkeypatch.undo()

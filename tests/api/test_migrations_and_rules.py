@@ -44,7 +44,7 @@ def test_the_migrations_match_the_tables(database_url):
 
 
 def test_method_learning_rates_agree_with_the_training_library():
-    train_config = pytest.importorskip("svfit_core.train_config")
+    train_config = pytest.importorskip("svfit_core.training.config")
     for method, rate in METHOD_DEFAULT_LEARNING_RATE.items():
         assert train_config.DEFAULT_LEARNING_RATE[method] == rate
 

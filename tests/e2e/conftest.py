@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.core.tiny_models import build_tiny
-from tests.databases import fresh_postgres_database
+from testkit.tiny_models import build_tiny
+from testkit.databases import fresh_postgres_database
 from tests.network import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

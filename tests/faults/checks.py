@@ -68,7 +68,7 @@ class ReferenceRuns:
         self._done: dict[str, Path] = {}
 
     def adapter(self, job: Job) -> Path:
-        from svfit_core.data import load_examples
+        from svfit_core.training.data import load_examples
         from svfit_core.training import run_training
 
         key = json.dumps([job.hyperparameters, job.peft, job.seed], sort_keys=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.tiny_models import build_tiny
-from tests.databases import fresh_postgres_database
+from testkit.tiny_models import build_tiny
+from testkit.databases import fresh_postgres_database
 from tests.faults.checks import ReferenceRuns
 from tests.faults.cluster import BASE_MODEL, Cluster, training_file
 from tests.faults.redis_server import RedisServer

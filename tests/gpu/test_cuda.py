@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from svfit_core import SVFitConfig, inject_svfit
-from svfit_core.artifacts import load_trained_model
+from svfit_core.training.outputs import load_trained_model
 from svfit_core.layer import svfit_linear
 from svfit_core.training import PeftSpec, TrainConfig, TrainingCallbacks, run_training
-from tests.core.test_training import CHAT
-from tests.core.tiny_models import build_tiny, load_tiny, sample_batch
+from tests.svfit_core.test_training import CHAT
+from testkit.tiny_models import build_tiny, load_tiny, sample_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -82,7 +82,7 @@ def test_training_on_cuda_uses_bf16_and_keeps_sigma_fp32(llama_dir, tmp_path):
             steps.append(("step", metrics))
 
     result = run_training(llama_dir, CHAT, CHAT[:4], PeftSpec(), config, tmp_path, Keep())
-    assert result.status == "succeeded"
+    assert result.ended_by == "completion"
     info = steps[0][1]
     assert info["config"]["bf16"] is True
     losses = [m["train_loss"] for kind, m in steps if kind == "step"]

@@ -1,7 +1,7 @@
 """Real (tiny) models for the suites that need inference to run: a random Llama with a 64-token context as
 a base model, and a tiny BERT base with an SVFit classification fine-tune owned by one organization.
 
-Built offline in a second or two (tests/core/tiny_models.py); the fine-tune is an adapter saved the way
+Built offline in a second or two (testkit/tiny_models.py); the fine-tune is an adapter saved the way
 training saves one (weights + training_meta.json) and the rows the worker writes when it publishes.
 """
 
@@ -18,7 +18,7 @@ LABELS = ["neg", "pos"]
 
 def build_models(root: Path) -> Path:
     """A models folder holding `tiny-llama` and `tiny-bert`."""
-    from tests.core.tiny_models import build_tiny
+    from testkit.tiny_models import build_tiny
 
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -30,14 +30,14 @@ def build_models(root: Path) -> Path:
 def publish_classifier(app, org_id: str, models_dir: Path, suffix: str = "clf") -> str:  # noqa: ANN001
     """An SVFit classification fine-tune of tiny-bert, owned by `org_id`; returns its model id."""
     from api.core.tables import FineTunedModel, Job
-    from svfit_core import SVFitConfig, inject_svfit
-    from tests.core.tiny_models import load_tiny
+    from svfit_core import SVFitConfig, inject_svfit, save_svfit_adapter
+    from testkit.tiny_models import load_tiny
 
     job_id = f"ftjob-{suffix}"
     key = f"jobs/{job_id}/final"
     out = app.state.storage.path(key)
     svfit = inject_svfit(load_tiny(models_dir / BERT, "classification"), SVFitConfig(rank=4))
-    svfit.save_adapter(out)
+    save_svfit_adapter(svfit, out)
     meta = {"format_version": 1, "method": "svfit", "task": "classification", "label_names": LABELS}
     (out / "training_meta.json").write_text(json.dumps(meta))
     model_id = f"ft:{BERT}:{org_id}:{suffix}:{job_id}"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.api.conftest import Api, _build_api
-from tests.databases import empty_database
+from testkit.databases import empty_database
 
 NUL = "\x00"  # in JSON bodies; in URLs it travels percent-encoded (%00)
 

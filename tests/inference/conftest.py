@@ -22,8 +22,8 @@ from api.core.settings import Settings
 from api.core.tables import FineTunedModel, Job
 from api.main import create_app
 from api.services.keys import create_api_key
-from svfit_core import SVFitConfig, export_merged, inject_svfit
-from tests.core.tiny_models import build_tiny, load_tiny
+from svfit_core import SVFitConfig, export_merged, inject_svfit, save_svfit_adapter
+from testkit.tiny_models import build_tiny, load_tiny
 
 LLAMA = "tiny-llama"
 BERT = "tiny-bert"
@@ -67,7 +67,7 @@ def perturbed_svfit(base_dir: Path, out: Path, seed: int, *, rank: int | None = 
             layer.sigma.mul_(1 + scale * torch.randn(layer.sigma.shape, generator=g))
         for p in svfit.head_parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=g))
-    svfit.save_adapter(out)
+    save_svfit_adapter(svfit, out)
     return write_meta(out, training_meta("svfit", task, LABELS if task == "classification" else None))
 
 

@@ -16,7 +16,7 @@ from api.inference.engine import InferenceEngine
 from api.inference.lanes import LoraLane, SharedBaseLane
 from api.inference.scheduler import Scheduler
 from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
-from svfit_core.artifacts import load_trained_model
+from svfit_core.training.outputs import load_trained_model
 from svfit_core.loading import load_base_model
 from tests.inference.conftest import LLAMA, fail_shared_forward, make_settings
 

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from api.inference.logprobs import TokenNames
-from tests.core.tiny_models import build_tokenizer
+from testkit.tiny_models import build_tokenizer
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from svfit_core import load_svfit_adapter
 from svfit_core.errors import BaseModelMismatchError, ConfigError
 from svfit_core.multi_adapter import MultiAdapterLinear, MultiAdapterModel
-from tests.core.tiny_models import build_tiny, load_tiny, sample_batch
+from testkit.tiny_models import build_tiny, load_tiny, sample_batch
 from tests.inference.conftest import perturbed_svfit
 
 ATOL = 1e-4  # fp32

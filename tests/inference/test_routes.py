@@ -207,7 +207,7 @@ def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch)
 
 def manual_embeddings(folder, texts: list[str], adapter=None) -> torch.Tensor:
     """Mean of the encoder's token states over real tokens, scaled to unit length, written out here."""
-    from svfit_core.artifacts import load_trained_model
+    from svfit_core.training.outputs import load_trained_model
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api.inference.text import TextTracker
-from tests.core.tiny_models import build_tokenizer
+from testkit.tiny_models import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from tests.core.tiny_models import build_tiny
-from tests.databases import fresh_postgres_database
+from testkit.tiny_models import build_tiny
+from testkit.databases import fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 

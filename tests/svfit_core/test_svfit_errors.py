@@ -22,6 +22,7 @@ from svfit_core import (
     export_peft_lora,
     inject_svfit,
     load_svfit_adapter,
+    save_svfit_adapter,
 )
 from svfit_core import errors
 
@@ -109,7 +110,7 @@ def test_double_injection_is_refused(tiny_case_factory):
 
 def _saved_adapter(case, tmp_path, **config):
     svfit_model = inject_svfit(case.load(), SVFitConfig(**config))
-    svfit_model.save_adapter(tmp_path)
+    save_svfit_adapter(svfit_model, tmp_path)
     return svfit_model
 
 

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from svfit_core.collate import collate, epoch_batches, micro_batches
-from svfit_core.data import detect_format, load_examples, validate_jsonl_line
-from svfit_core.encoding import IGNORE_INDEX, chat_segments, encode_example
+from svfit_core.training.collate import collate, epoch_batches, micro_batches
+from svfit_core.training.data import detect_format, load_examples, validate_jsonl_line
+from svfit_core.training.encoding import IGNORE_INDEX, chat_segments, encode_example
 from svfit_core.errors import DataError, SVFitError
 from svfit_core.loading import FALLBACK_CHAT_TEMPLATE, ModelLoadError, resolve_model_source
-from svfit_core.schedule import lr_multiplier
-from tests.core.tiny_models import build_tokenizer
+from svfit_core.training.schedule import lr_multiplier
+from testkit.tiny_models import build_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes good"}]}
 
@@ -163,7 +163,7 @@ def test_chat_loss_only_on_assistant_tokens_and_weight_zero_is_masked(llama_toke
 
 
 def test_offsets_and_piecewise_tokenisation_agree(llama_tokenizer):
-    from svfit_core.encoding import encode_chat
+    from svfit_core.training.encoding import encode_chat
 
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes good"},
                 {"role": "user", "content": "why"}, {"role": "assistant", "content": "the movie"}]

@@ -1,7 +1,7 @@
 """Training files at the JSON level: which format an example is in, what is wrong with a line, and loading a
 JSONL file into a list of examples.
 
-Nothing here touches a tokenizer; turning examples into token ids is ``svfit_core.encoding``. The same
+Nothing here touches a tokenizer; turning examples into token ids is ``svfit_core.training.encoding``. The same
 per-line checks serve the upload validator (``validate_jsonl_line``) and training (``load_examples``), so a
 file that passed upload never fails to load.
 """

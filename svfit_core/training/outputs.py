@@ -16,20 +16,13 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from svfit_core.checkpointing import atomic_dir
+from svfit_core.training.checkpointing import atomic_dir
 from svfit_core.errors import AdapterFormatError, SVFitError
 from svfit_core.export import export_merged, export_peft_lora
 from svfit_core.loading import load_base_model
-from svfit_core.methods import get_method
-from svfit_core.training import TRAINING_META
+from svfit_core.training.methods import get_method
+from svfit_core.training.layout import ARTIFACT_FORMATS, FORMAT_METHODS, TRAINING_META
 
-ARTIFACT_FORMATS = ("svfit", "peft_lora", "merged")
-# Which training methods can produce each format.
-_AVAILABLE = {
-    "svfit": {"svfit"},
-    "peft_lora": {"svfit", "lora", "pissa"},
-    "merged": {"svfit", "lora", "pissa", "full", "head_only"},
-}
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -70,8 +63,8 @@ def write_artifact(base_model_path: str | Path, adapter_dir: str | Path, fmt: st
     method = meta["method"]
     if fmt not in ARTIFACT_FORMATS:
         raise ArtifactFormatUnavailable(f"unknown artifact format {fmt!r} (expected one of {ARTIFACT_FORMATS})")
-    if method not in _AVAILABLE[fmt]:
-        usable = [f for f in ARTIFACT_FORMATS if method in _AVAILABLE[f]]
+    if method not in FORMAT_METHODS[fmt]:
+        usable = [f for f in ARTIFACT_FORMATS if method in FORMAT_METHODS[f]]
         raise ArtifactFormatUnavailable(f"format {fmt!r} is not available for a {method} job; use one of {usable}")
 
     with atomic_dir(out_dir) as part:

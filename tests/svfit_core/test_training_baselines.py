@@ -11,12 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from svfit_core.artifacts import ArtifactFormatUnavailable, load_trained_model, write_artifact
+from svfit_core.training.outputs import ArtifactFormatUnavailable, load_trained_model, write_artifact
 from svfit_core.loading import load_base_model
-from svfit_core.methods import get_method
+from svfit_core.training.methods import get_method
 from svfit_core.serialization import load_svfit_adapter
 from svfit_core.training import PeftSpec, TrainConfig, run_training
-from tests.core.test_training import CHAT, Recorder
+from tests.svfit_core.test_training import CHAT, Recorder
 
 OVERFIT_CHAT = CHAT[:4]
 OVERFIT_PAIRS = [
@@ -45,7 +45,7 @@ def _run(path, examples, peft, out, **config):
     recorder = Recorder()
     config = TrainConfig(**{**OVERFIT.__dict__, **config})
     result = run_training(path, examples, None, peft, config, out, recorder)
-    assert result.status == "succeeded"
+    assert result.ended_by == "completion"
     return result, recorder
 
 
@@ -192,5 +192,5 @@ def test_pause_and_resume_baselines_is_exact(llama, llama_cls, method, tmp_path)
     paused = run_training(path, examples, None, spec, config, tmp_path / "split", first)
     resumed = run_training(path, examples, None, spec, config, tmp_path / "split", second,
                            resume_from=paused.last_checkpoint)
-    assert paused.status == "paused" and resumed.status == "succeeded"
+    assert paused.ended_by == "pause" and resumed.ended_by == "completion"
     assert first.losses + second.losses == full.losses

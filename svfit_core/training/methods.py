@@ -13,14 +13,14 @@ from typing import Protocol
 
 from torch import nn
 
-from svfit_core.baselines import FullMethod, HeadOnlyMethod, LoraMethod, PissaMethod
+from svfit_core.training.baselines import FullMethod, HeadOnlyMethod, LoraMethod, PissaMethod
 from svfit_core.config import SVFitConfig
 from svfit_core.errors import ConfigError
 from svfit_core.model import SVFitModel, inject_svfit
-from svfit_core.param_groups import build_param_groups
-from svfit_core.serialization import load_svfit_adapter
+from svfit_core.training.param_groups import build_param_groups
+from svfit_core.serialization import load_svfit_adapter, save_svfit_adapter
 from svfit_core.targets import DEFAULT_TARGETS
-from svfit_core.train_config import HyperparameterError, PeftSpec
+from svfit_core.training.config import HyperparameterError, PeftSpec
 
 
 class Method(Protocol):
@@ -60,7 +60,7 @@ class SVFitMethod:
         return inject_svfit(model, self.svfit_config(spec, head_modules))
 
     def save(self, model: SVFitModel, out_dir):
-        model.save_adapter(out_dir)
+        save_svfit_adapter(model, out_dir)
 
     def load(self, base_model, adapter_dir, trainable=False):
         return load_svfit_adapter(base_model, adapter_dir, is_trainable=trainable)

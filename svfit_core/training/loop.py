@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svfit_core.checkpointing import (
+from svfit_core.training.checkpointing import (
     TrainingState,
     atomic_dir,
     capture_rng,
@@ -33,20 +33,24 @@ from svfit_core.checkpointing import (
     restore_rng,
     save_training_state,
 )
-from svfit_core.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
-from svfit_core.data import check_examples, task_for_format
-from svfit_core.encoding import IGNORE_INDEX, Encoded, encode_example
+from svfit_core.training.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
+from svfit_core.training.data import check_examples, task_for_format
+from svfit_core.training.encoding import IGNORE_INDEX, Encoded, encode_example
 from svfit_core.errors import ConfigError, DataError
 from svfit_core.loading import head_module_names, load_base_model, max_positions
-from svfit_core.methods import Method, default_targets, get_method, setup_method
-from svfit_core.param_groups import count_trainable
-from svfit_core.schedule import apply_lr, lr_multiplier, warmup_steps_for
-from svfit_core.train_config import PeftSpec, TrainConfig
+from svfit_core.training.methods import Method, default_targets, get_method, setup_method
+from svfit_core.training.param_groups import count_trainable
+from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
+from svfit_core.training.config import PeftSpec, TrainConfig
+from svfit_core.training.layout import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    META_FORMAT_VERSION,
+    TRAINING_META,
+    checkpoint_dir_name,
+)
 
-__all__ = ["PeftSpec", "TrainConfig", "TrainingCallbacks", "TrainResult", "run_training", "TRAINING_META"]
-
-TRAINING_META = "training_meta.json"
-META_FORMAT_VERSION = 1
+__all__ = ["TrainingCallbacks", "TrainResult", "run_training"]
 
 StopDecision = Literal["continue", "cancel", "pause"]
 
@@ -73,14 +77,18 @@ class TrainingCallbacks:
         return "continue"
 
 
+# How a run ended: every step done, or stopped early because the callbacks asked ("cancel", "pause").
+EndedBy = Literal["completion", "cancel", "pause"]
+
+
 @dataclass
 class TrainResult:
-    status: Literal["succeeded", "cancelled", "paused"]
+    ended_by: EndedBy
     step: int
     total_steps: int
     trained_tokens: int
     metrics: dict = field(default_factory=dict)
-    adapter_dir: Path | None = None  # final servable adapter (succeeded only)
+    adapter_dir: Path | None = None  # the final servable adapter (on completion only)
     last_checkpoint: Path | None = None
 
 
@@ -149,8 +157,8 @@ def run_training(
     saved_step = step if state is not None else None  # the step whose checkpoint is already on disk
     batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
 
-    def result(status: str, adapter_dir: Path | None = None) -> TrainResult:
-        return TrainResult(status, step, run.total_steps, trained_tokens, dict(metrics), adapter_dir, last_checkpoint)
+    def result(ended_by: EndedBy, adapter_dir: Path | None = None) -> TrainResult:
+        return TrainResult(ended_by, step, run.total_steps, trained_tokens, dict(metrics), adapter_dir, last_checkpoint)
 
     def checkpoint() -> Path:
         position = TrainingState(step, epoch, batch_index, run.config.seed, trained_tokens, run.total_steps,
@@ -162,11 +170,11 @@ def run_training(
     while step < run.total_steps:
         decision = callbacks.should_stop()
         if decision == "cancel":
-            return result("cancelled")
+            return result("cancel")
         if decision == "pause":
             if saved_step != step:
                 last_checkpoint, saved_step = checkpoint(), step
-            return result("paused")
+            return result("pause")
 
         apply_lr(optimizer, lr_multiplier(step, run.total_steps, run.warmup_steps, run.config.lr_scheduler))
         step_metrics = _train_step(run, optimizer, batches[batch_index])
@@ -202,10 +210,10 @@ def run_training(
         if every_ckpt and step % every_ckpt == 0:
             last_checkpoint, saved_step = checkpoint(), step
 
-    final = run.output_dir / "final"
+    final = run.output_dir / FINAL_DIR
     with atomic_dir(final) as part:
         _write_servable(run, part, step)
-    return result("succeeded", adapter_dir=final)
+    return result("completion", adapter_dir=final)
 
 
 # -- validation and seeding ---------------------------------------------------------------------------
@@ -457,7 +465,7 @@ def _write_servable(run: _Run, folder: Path, step: int) -> None:
 
 
 def _save_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, position: TrainingState) -> Path:
-    final = run.output_dir / "checkpoints" / f"step-{position.step}"
+    final = run.output_dir / CHECKPOINTS_DIR / checkpoint_dir_name(position.step)
     with atomic_dir(final) as part:
         _write_servable(run, part, position.step)
         run.method.save_resume_state(run.model, part)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.core.tiny_models import DEFAULT_TABLE, NUM_LABELS, build_tiny, load_tiny, sample_batch
+from testkit.tiny_models import DEFAULT_TABLE, NUM_LABELS, build_tiny, load_tiny, sample_batch
 
 
 @dataclass

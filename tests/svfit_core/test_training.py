@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svfit_core.artifacts import load_trained_model
+from svfit_core.training.outputs import load_trained_model
 from svfit_core.errors import DataError
-from svfit_core.train_config import HyperparameterError
+from svfit_core.training.config import HyperparameterError
 from svfit_core.training import PeftSpec, TrainConfig, TrainingCallbacks, TrainResult, run_training
 
 WORDS = ["good", "bad", "great", "terrible", "yes", "no"]
@@ -101,7 +101,7 @@ def svfit_chat_run(llama, tmp_path_factory) -> tuple[TrainResult, Recorder]:
 
 def test_callbacks_report_start_steps_and_evals(svfit_chat_run):
     result, rec = svfit_chat_run
-    assert result.status == "succeeded" and result.step == result.total_steps == 6
+    assert result.ended_by == "completion" and result.step == result.total_steps == 6
     info = rec.info
     assert info["task"] == "causal" and info["num_examples"] == 12 and info["truncated_examples"] == 0
     # r = k on q (32×32) and v (16×32) of two layers: 2 · (32 + 16) singular values.
@@ -128,7 +128,7 @@ def test_golden_loss(svfit_chat_run):
 
 def test_cancel_stops_within_one_step(llama, tmp_path):
     result, rec = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=1, decision="cancel")
-    assert result.status == "cancelled" and result.step == 1 and len(rec.steps) == 1
+    assert result.ended_by == "cancel" and result.step == 1 and len(rec.steps) == 1
     assert result.adapter_dir is None and not (tmp_path / "final").exists()
 
 
@@ -156,14 +156,14 @@ def test_pause_and_resume_svfit_chat_is_exact(svfit_chat_run, llama, tmp_path):
     full, full_rec = svfit_chat_run
     # Pause after step 4: past the epoch boundary (3 steps per epoch), so the data position matters.
     paused, first = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=4)
-    assert paused.status == "paused" and paused.step == 4 and paused.adapter_dir is None
+    assert paused.ended_by == "pause" and paused.step == 4 and paused.adapter_dir is None
     assert paused.last_checkpoint == tmp_path / "checkpoints" / "step-4"
     assert first.checkpoints == [(4, paused.last_checkpoint)]
     assert not list((tmp_path / "checkpoints").glob("*.part"))
 
     resumed, second = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path,
                             resume_from=paused.last_checkpoint)
-    assert resumed.status == "succeeded" and second.info["resumed_from_step"] == 4
+    assert resumed.ended_by == "completion" and second.info["resumed_from_step"] == 4
     assert [m["step"] for m in second.steps] == [5, 6]
     assert first.losses + second.losses == full_rec.losses  # exactly, not approximately
     assert resumed.trained_tokens == full.trained_tokens

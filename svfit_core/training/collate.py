@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from svfit_core.encoding import IGNORE_INDEX, Encoded, count_targets
+from svfit_core.training.encoding import IGNORE_INDEX, Encoded, count_targets
 
 
 def epoch_batches(num_examples: int, batch_size: int, shuffle_seed: int, epoch: int) -> list[list[int]]:

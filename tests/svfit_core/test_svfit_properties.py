@@ -19,6 +19,7 @@ from svfit_core import (
     export_peft_lora,
     inject_svfit,
     load_svfit_adapter,
+    save_svfit_adapter,
 )
 from svfit_core.layer import choose_plan, svfit_linear
 from svfit_core.rank import select_rank
@@ -205,7 +206,7 @@ def test_save_load_round_trip(case, store_bases, tmp_path):
     perturb(svfit_model)
     batch = case.batch()
     expected = logits(svfit_model, batch)
-    svfit_model.save_adapter(tmp_path)
+    save_svfit_adapter(svfit_model, tmp_path)
 
     loaded = load_svfit_adapter(case.load(), tmp_path)
     assert loaded.ranks == svfit_model.ranks

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from svfit_core.data import Format
+from svfit_core.training.data import Format
 from svfit_core.errors import DataError
 
 IGNORE_INDEX = -100  # the target value cross_entropy skips
