@@ -25,7 +25,7 @@ from api.core.errors import RateLimited, Unauthorized
 from api.core.settings import Settings
 from api.core.storage import LocalStorage
 from api.inference.engine import InferenceEngine
-from api.services.jobs import Dispatch
+from api.core.job_queue import EnqueueJob
 from api.services.keys import DefaultOrganization, Principal, authenticate, usable_key
 
 T = TypeVar("T")
@@ -72,7 +72,7 @@ async def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
-async def get_dispatch(request: Request) -> Dispatch:
+async def get_dispatch(request: Request) -> EnqueueJob:
     return request.app.state.dispatch
 
 
@@ -83,7 +83,7 @@ async def get_inference(request: Request) -> InferenceEngine:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
-DispatchDep = Annotated[Dispatch, Depends(get_dispatch)]
+DispatchDep = Annotated[EnqueueJob, Depends(get_dispatch)]
 InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 
 # Declared for the OpenAPI "Authorize" button; the check itself is below.

@@ -2,8 +2,8 @@
 routes, errors.
 
 `create_app()` builds everything an app needs into `app.state` and reads no globals afterwards, so tests
-and the embedded server each get an app over their own data directory. Serve it with
-`uvicorn --factory api.main:create_app`, or through `svfit serve`, which passes `auto_migrate=True`.
+and the embedded server each get an app over their own data directory. `svfit api` and `svfit serve` (which
+passes `auto_migrate=True`) build it with the worker's enqueue function.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.core.db import make_engine
 from api.core.errors import PayloadTooLarge
 from api.core.gc_pauses import freeze_long_lived
+from api.core.job_queue import EnqueueJob
 from api.core.migrations import ensure_up_to_date
 from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
@@ -27,7 +28,6 @@ from api.errors import error_response, register_error_handlers
 from api.inference.engine import InferenceEngine
 from api.routes import files, health, inference as inference_routes, jobs, models, ui
 from api.schemas import ErrorEnvelope
-from api.services.jobs import Dispatch
 from api.services.keys import DefaultOrganization
 
 # Room for the multipart envelope around an upload of exactly the maximum size.
@@ -46,13 +46,6 @@ ERROR_RESPONSES = {
         503: "A dependency (database, job queue) is unavailable; retry",
     }.items()
 }
-
-
-def enqueue_with_worker(job_id: str) -> None:
-    # Imported on first use: the worker package (Celery, the training stack) is not needed to start the API.
-    from worker.dispatch import enqueue_job
-
-    enqueue_job(job_id)
 
 
 class RequestSizeLimit:
@@ -120,11 +113,11 @@ class RequestSizeLimit:
             await error_response(too_large, headers={"Connection": "close"})(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None, auto_migrate: bool = False) -> FastAPI:
+def create_app(settings: Settings | None = None, *, dispatch: EnqueueJob, auto_migrate: bool = False) -> FastAPI:
     """Build the API over `settings` (default: the environment's).
 
     Refuses (DatabaseNotMigrated) when the database is behind the code, unless `auto_migrate` is set;
-    `dispatch` hands a committed job id to the workers (default: worker.dispatch.enqueue_job).
+    `dispatch` hands a committed job id to the workers (api/core/job_queue.py: the CLI passes the worker's).
     """
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +148,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.engine = engine
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.storage = storage
-    app.state.dispatch = dispatch or enqueue_with_worker
+    app.state.dispatch = dispatch
     app.state.inference = inference
     app.state.rate_limiter = limiter_for(settings)
     app.state.default_org = DefaultOrganization(settings.default_org)

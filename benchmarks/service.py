@@ -42,7 +42,7 @@ import httpx
 
 from benchmarks.common import REPO_ROOT, format_table, log, quantile, write_result
 
-SVFIT = [sys.executable, "-m", "api.cli"]
+SVFIT = [sys.executable, "-m", "svfit_cli"]
 CLIENTS = 50
 POLL_INTERVAL_S = 0.5  # a client polling job status twice a second: 100 requests/s from 50 clients
 

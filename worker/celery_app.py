@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 
 from api.core.settings import Settings, get_settings
 
@@ -98,21 +98,3 @@ def __getattr__(name: str) -> Celery:
     if name in {"app", "celery"}:
         return get_app()
     raise AttributeError(name)
-
-
-@signals.worker_ready.connect
-def _on_worker_ready(**_kwargs: Any) -> None:
-    from transformers.utils import logging as hf_logging
-
-    from worker.recovery import start_reaper
-
-    # Celery logs stdout/stderr as warnings; a progress bar per model load would drown the real ones.
-    hf_logging.disable_progress_bar()
-    start_reaper()
-
-
-@signals.worker_shutting_down.connect
-def _on_worker_shutting_down(**_kwargs: Any) -> None:
-    from worker.recovery import request_shutdown
-
-    request_shutdown()

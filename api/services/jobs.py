@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from api.core.errors import (
 )
 from api.core.hyperparameters import HYPERPARAMETER_NAMES, resolve_hyperparameters, resolve_peft
 from api.core.ids import new_id
+from api.core.job_queue import EnqueueJob
 from api.core.settings import Settings
 from api.core.tables import Checkpoint, Job, JobEvent, now
 from api.schemas import JobCreate
@@ -41,9 +42,6 @@ from api.services.files import usable_training_file
 from api.services.pagination import Page, paginate
 
 logger = logging.getLogger(__name__)
-
-# Hands a committed job's id to the worker queue (worker.dispatch.enqueue_job in production).
-Dispatch = Callable[[str], None]
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")  # no worker holds these
@@ -147,7 +145,7 @@ def create_job(
     org_id: str,
     request: JobCreate,
     idempotency_key: str | None,
-    dispatch: Dispatch,
+    dispatch: EnqueueJob,
 ) -> Job:
     """Validate and resolve the request, commit the job as `queued`, then hand its id to the queue.
 
@@ -379,7 +377,7 @@ def pause_job(session: Session, org_id: str, job_id: str) -> Job:
     raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")
 
 
-def resume_job(session: Session, org_id: str, job_id: str, *, dispatch: Dispatch) -> Job:
+def resume_job(session: Session, org_id: str, job_id: str, *, dispatch: EnqueueJob) -> Job:
     """Paused: back to `queued` and enqueued again (the worker resumes from the last checkpoint).
 
     Running with a pause not yet acted on: the pause is withdrawn. Queued or running: nothing to do.

@@ -10,10 +10,10 @@ import json
 import httpx
 import pytest
 
-from api.client_cli import artifacts, base
-from api.client_cli.client import ApiClient
-from api.client_cli.jobs import EventReader
-from api.client_cli.progress import ProgressBar
+from svfit_cli.client import artifacts, base
+from svfit_cli.client.client import ApiClient
+from svfit_cli.client.jobs import EventReader
+from svfit_cli.client.progress import ProgressBar
 
 
 def args(**values) -> argparse.Namespace:  # noqa: ANN003

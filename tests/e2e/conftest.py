@@ -25,7 +25,7 @@ from testkit.databases import fresh_postgres_database
 from tests.network import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-SVFIT = [sys.executable, "-m", "api.cli"]
+SVFIT = [sys.executable, "-m", "svfit_cli"]
 
 
 @dataclass

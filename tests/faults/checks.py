@@ -84,7 +84,7 @@ class ReferenceRuns:
                 )
             finally:
                 torch.set_num_threads(threads)
-            assert result.status == "succeeded" and result.adapter_dir is not None
+            assert result.ended_by == "completion" and result.adapter_dir is not None
             self._done[key] = Path(result.adapter_dir)
         return self._done[key]
 

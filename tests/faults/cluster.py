@@ -110,7 +110,7 @@ class Cluster:
         return WorkerProcess(self.root / f"{self._started:02d}-{name}.log", argv, self.env)
 
     def start_api(self) -> WorkerProcess:
-        self.api = self._spawn("api", [sys.executable, "-m", "api.cli", "api", "--loglevel", "warning"])
+        self.api = self._spawn("api", [sys.executable, "-m", "svfit_cli", "api", "--loglevel", "warning"])
         return self.api
 
     def wait_api(self, timeout: float = 90.0) -> None:

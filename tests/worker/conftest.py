@@ -316,7 +316,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
     def _start(*, launcher: str | None = None, **env: str) -> WorkerProcess:
-        script = [str(Path(__file__).parent / launcher)] if launcher else ["-m", "api.cli"]
+        script = [str(Path(__file__).parent / launcher)] if launcher else ["-m", "svfit_cli"]
         argv = [sys.executable, *script, "worker", "--loglevel", "info"]
         worker = WorkerProcess(tmp_path / f"worker-{len(workers)}.log", argv, worker_env(**env))
         workers.append(worker)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from api.cli import main  # noqa: E402
+from svfit_cli import main  # noqa: E402
 from worker.reporting import JobReporter  # noqa: E402
 
 _delay = float(os.environ.get("SVFIT_TEST_STEP_DELAY_S", "0"))

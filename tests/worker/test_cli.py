@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from api.cli import main
+from svfit_cli import main
 from tests.network import free_port
 from tests.worker.conftest import ROOT, clear_caches, worker_env
 
@@ -74,7 +74,7 @@ class Supervisor:
         self.log = tmp_path / f"{args[0]}.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "svfit_cli", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
 
     def text(self) -> str:
@@ -159,7 +159,7 @@ def test_serve_and_its_worker_log_no_progress_bars(serve):
     for pid in (serve.process.pid, *serve.worker_pids()):
         assert environ(pid).get("TQDM_DISABLE") == "1", pid
     probe = (
-        "from api.cli import _quiet_progress_bars; _quiet_progress_bars();"
+        "from svfit_cli.server import _quiet_progress_bars; _quiet_progress_bars();"
         "from tqdm.auto import tqdm; from transformers.utils import logging;"
         "print(tqdm(range(2)).disable, logging.is_progress_bar_enabled())"
     )

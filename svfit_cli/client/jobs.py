@@ -14,11 +14,11 @@ import time
 import uuid
 from pathlib import Path
 
-from api.client_cli import files
-from api.client_cli.base import EXIT_JOB_UNSUCCESSFUL, EXIT_OK, CliError, client_command, print_json
-from api.client_cli.client import ApiClient, ApiError, ApiUnreachable
-from api.client_cli.output import fields, table, when
-from api.client_cli.progress import ProgressBar, human_duration
+from svfit_cli.client import files
+from svfit_cli.client.base import EXIT_JOB_UNSUCCESSFUL, EXIT_OK, CliError, client_command, print_json
+from svfit_cli.client.client import ApiClient, ApiError, ApiUnreachable
+from svfit_cli.client.output import fields, table, when
+from svfit_cli.client.progress import ProgressBar, human_duration
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # How long `follow` keeps trying through a server restart before it gives up.

@@ -1,7 +1,7 @@
 """The client half of the `svfit` command: `jobs`, `files`, `artifacts` and `chat`, talking to a running
 service through its public HTTP API only (the same endpoints and key as any other client).
 
-`register()` adds the client commands to the server CLI's parser (api/cli.py). Each module owns one
+`register()` adds the client commands to the server CLI's parser (svfit_cli.py). Each module owns one
 resource; `base` owns what they share: where the API is, the key, the exit codes and error printing.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from api.client_cli import artifacts, chat, files, jobs
-from api.client_cli.base import client_options
+from svfit_cli.client import artifacts, chat, files, jobs
+from svfit_cli.client.base import client_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:

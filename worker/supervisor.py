@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -22,10 +21,6 @@ STOP_TIMEOUT_S = 60.0
 HEALTHY_AFTER_S = 30.0
 FIRST_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 30.0
-
-
-def worker_command(queue: str, loglevel: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", "worker", "--queue", queue, "--loglevel", loglevel]
 
 
 def _die_with_parent() -> None:

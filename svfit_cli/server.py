@@ -2,7 +2,7 @@
 
 `serve` is the one-command local mode: the HTTP API in this process plus one worker subprocess running the
 same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default),
-and started again if it dies (api/worker_process.py).
+and started again if it dies (worker/supervisor.py).
 The client commands (`jobs`, `files`, `artifacts`, `chat`) live in api/client_cli and use the HTTP API only.
 """
 
@@ -13,21 +13,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-
-from api.client_cli import register as register_client_commands
-
-def _apply_overrides(args: argparse.Namespace) -> None:
-    """Turn command-line options into the `SVFIT_*` environment, so this process and every subprocess
-    build the same settings."""
-    for option, variable in (("data_dir", "SVFIT_DATA_DIR"), ("host", "SVFIT_HOST"), ("port", "SVFIT_PORT"),
-                             ("queue", "SVFIT_WORKER_QUEUE")):
-        value = getattr(args, option, None)
-        if value is not None:
-            os.environ[variable] = str(value)
-    from api.core.settings import get_settings
-
-    get_settings.cache_clear()
 
 
 def _redacted(url: str) -> str:
@@ -84,6 +69,19 @@ def _store_usable(mode: str) -> bool:
     return True
 
 
+def worker_command(queue: str, loglevel: str) -> list[str]:
+    """The command line of one worker process (what `serve` and `worker --concurrency N` supervise)."""
+    return [sys.executable, "-m", "svfit_cli", "worker", "--queue", queue, "--loglevel", loglevel]
+
+
+def enqueue_job(job_id: str) -> None:
+    """What the API calls to hand a committed job to the workers. Imported on first use: Celery is not
+    needed until the first job is created."""
+    from worker.dispatch import enqueue_job as enqueue
+
+    enqueue(job_id)
+
+
 # --- commands ------------------------------------------------------------------------------------------
 
 
@@ -94,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.core.migrations import upgrade_to_head
     from api.core.settings import get_settings
     from api.main import create_app
-    from api.worker_process import SupervisedWorker, worker_command
+    from worker.supervisor import SupervisedWorker
 
     settings = get_settings()
     if not _store_usable("serve"):
@@ -105,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = SupervisedWorker(worker_command(settings.worker_queue, args.loglevel)).start()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(create_app(auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
+        uvicorn.run(create_app(dispatch=enqueue_job, auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
     finally:
         print("stopping the worker...", flush=True)
         worker.stop()
@@ -130,14 +128,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not _store_usable("api"):
         return 2
     _banner("api")
-    uvicorn.run(create_app(auto_migrate=False), host=settings.host, port=settings.port, log_level=args.loglevel)
+    uvicorn.run(create_app(dispatch=enqueue_job, auto_migrate=False), host=settings.host, port=settings.port, log_level=args.loglevel)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _quiet_progress_bars()
     from api.core.settings import get_settings
-    from api.worker_process import SupervisedWorker, stop_all, worker_command
+    from worker.supervisor import SupervisedWorker, stop_all
 
     settings = get_settings()
     if not _store_usable("worker"):
@@ -160,20 +158,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         stop_all(workers)
         return 0
 
-    from worker.celery_app import get_app
+    from worker.consumer import run_consumer
 
-    get_app().worker_main(
-        [
-            "worker",
-            "--queues", settings.worker_queue,
-            "--concurrency", "1",
-            "--pool", "solo",
-            "--loglevel", args.loglevel.upper(),
-            # Gossip, mingle and broker heartbeats serve remote control, which the service does not use.
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--hostname", f"svfit-{settings.worker_queue}-{os.getpid()}@%h",
-        ]
-    )
+    run_consumer(settings.worker_queue, args.loglevel)
     return 0
 
 
@@ -211,10 +198,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svfit", description="Self-hosted OpenAI-compatible fine-tuning with SVFit.")
-    parser.add_argument("--data-dir", dest="data_dir", help="data directory (default: $SVFIT_DATA_DIR or ./data)")
-    commands = parser.add_subparsers(dest="command", required=True)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `serve`, `api`, `worker`, `migrate` and `keys` to the `svfit` sub-command table."""
 
     def server_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", help="bind address (default 127.0.0.1; auth is off only on loopback)")
@@ -247,17 +234,3 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key, by id or by the key itself")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
-    register_client_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "concurrency", 1) < 1:
-        build_parser().error("--concurrency must be at least 1")
-    _apply_overrides(args)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from api.client_cli.base import EXIT_OK, client_command, print_json
-from api.client_cli.client import ApiClient, server_sent_events
+from svfit_cli.client.base import EXIT_OK, client_command, print_json
+from svfit_cli.client.client import ApiClient, server_sent_events
 
 # Generation can queue behind other requests in a batch; a silent minute is not a dead server.
 STREAM_TIMEOUT_S = 300.0

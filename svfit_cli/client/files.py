@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from api.client_cli.base import EXIT_ERROR, EXIT_OK, CliError, client_command, print_json
-from api.client_cli.client import ApiClient
-from api.client_cli.output import fields, table, when
-from api.client_cli.progress import ProgressBar, human_bytes
+from svfit_cli.client.base import EXIT_ERROR, EXIT_OK, CliError, client_command, print_json
+from svfit_cli.client.client import ApiClient
+from svfit_cli.client.output import fields, table, when
+from svfit_cli.client.progress import ProgressBar, human_bytes
 
 # Uploads can be large and the server validates as it stores: allow a slow link, never a stalled one forever.
 UPLOAD_TIMEOUT_S = 600.0

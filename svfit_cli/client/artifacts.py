@@ -15,9 +15,9 @@ from urllib.parse import unquote
 
 import httpx
 
-from api.client_cli.base import CliError, client_command, print_json
-from api.client_cli.client import ApiClient
-from api.client_cli.progress import ProgressBar, human_bytes
+from svfit_cli.client.base import CliError, client_command, print_json
+from svfit_cli.client.client import ApiClient
+from svfit_cli.client.progress import ProgressBar, human_bytes
 
 # The first request for an archive may export (or merge) the model on the server before a byte is sent.
 FIRST_BYTE_TIMEOUT_S = 900.0
