@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.core.errors import RateLimited, Unauthorized
 from api.core.settings import Settings
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.inference.engine import InferenceEngine
 from api.core.job_queue import EnqueueJob
 from api.services.keys import DefaultOrganization, Principal, authenticate, usable_key
@@ -68,7 +68,7 @@ async def run_in_session(session: Session, work: Callable[..., T], *args: Any) -
     return await run_in_threadpool(run)
 
 
-async def get_storage(request: Request) -> LocalStorage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
@@ -82,7 +82,7 @@ async def get_inference(request: Request) -> InferenceEngine:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatchDep = Annotated[EnqueueJob, Depends(get_dispatch)]
 InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 

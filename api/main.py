@@ -24,7 +24,7 @@ from api.core.migrations import ensure_up_to_date
 from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
 from api.core.storage import storage_for
-from api.errors import error_response, register_error_handlers
+from api.error_handlers import error_response, register_error_handlers
 from api.inference.engine import InferenceEngine
 from api.routes import files, health, inference as inference_routes, jobs, models, ui
 from api.schemas import ErrorEnvelope

@@ -22,11 +22,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from api.core.base_models import resolve_base_model
+from api.core.base_checkpoints import resolve_base_model
 from api.core.db import session_scope
 from api.core.errors import InvalidTrainingFile, ServiceError
 from api.core.settings import Settings, get_settings
-from api.core.storage import LocalStorage, get_storage
+from api.core.storage import Storage, get_storage
 from api.core.tables import File, Job, now
 from svfit_core.training.layout import step_of_checkpoint_dir
 from worker import publishing
@@ -272,7 +272,7 @@ def train_config_for(job: Job, settings: Settings):  # noqa: ANN201 - svfit_core
     return TrainConfig(**values)
 
 
-def _load_file(storage: LocalStorage, file_id: str, param: str) -> list[dict]:
+def _load_file(storage: Storage, file_id: str, param: str) -> list[dict]:
     from svfit_core.training.data import load_examples
     from svfit_core.errors import DataError
 
@@ -312,7 +312,7 @@ def _run_attempt(
     worker_id: str,
     heartbeat: Heartbeat,
     settings: Settings,
-    storage: LocalStorage,
+    storage: Storage,
     model_name: str,
     output_dir: Path,
     job_scratch: Path,
@@ -413,7 +413,7 @@ def _finish(job_id: str, worker_id: str, status: str, message: str, *, finished:
         add_event(session, job_id, message)
 
 
-def _succeed(job: Job, worker_id: str, storage: LocalStorage, reporter: JobReporter, result, model_name: str) -> None:  # noqa: ANN001
+def _succeed(job: Job, worker_id: str, storage: Storage, reporter: JobReporter, result, model_name: str) -> None:  # noqa: ANN001
     """Publish the final adapter, the results file and the model row, and mark the job succeeded.
 
     The directory copy is idempotent by key; the rows and the status change commit in one transaction

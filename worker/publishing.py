@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.ids import new_id
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.core.tables import Checkpoint, File, FineTunedModel, Job, JobEvent
 from worker import faults
 
@@ -85,7 +85,7 @@ _FAULT_POINTS = {"checkpoint": "checkpoint_write", "final": "artifact_publish"}
 
 
 def publish_dir(
-    storage: LocalStorage, src: Path, key: str, manifest: dict[str, Any], *, kind: str = "final"
+    storage: Storage, src: Path, key: str, manifest: dict[str, Any], *, kind: str = "final"
 ) -> Path:
     """Copy directory `src` to store `key` atomically; a key already published is left as it is.
 
@@ -188,7 +188,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def ensure_results_file(session: Session, storage: LocalStorage, job: Job) -> File:
+def ensure_results_file(session: Session, storage: Storage, job: Job) -> File:
     """The `fine-tune-results` File row for the job, with its CSV written atomically; created once."""
     key = results_key(job.id)
     existing = session.scalars(

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from api.core.db import session_scope
 from api.core.ids import new_id
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.core.tables import Job, JobEvent, now
 from svfit_core.training import TrainingCallbacks
 from worker import publishing
@@ -66,7 +66,7 @@ class JobReporter(TrainingCallbacks):
         job: Job,
         worker_id: str,
         *,
-        storage: LocalStorage,
+        storage: Storage,
         model_name: str,
         progress_interval_s: float,
         control_poll_interval_s: float,

@@ -8,7 +8,7 @@ step; the row leaves the batch at the next step.
 
 When the engine is idle, the first request waits ``inference_batch_window_ms`` for others to join it, so a
 burst of requests shares its first forward pass. Torch is imported on the engine thread, on first use.
-A model that is not in memory yet loads on the loader thread (``loader.py``): its requests wait there while
+A model that is not in memory yet loads on the loader thread (``load_thread.py``): its requests wait there while
 the engine keeps decoding for the models already loaded, and are admitted once the load is back.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 from api.core.errors import InternalError, ServiceError, ServiceUnavailable
 from api.core.gc_pauses import freeze_long_lived
 from api.core.settings import Settings
-from api.inference.loader import LaneLoader, LoadFinished
+from api.inference.load_thread import LaneLoader, LoadFinished
 from api.inference.types import (
     Admission,
     Choice,

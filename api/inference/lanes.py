@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from svfit_core.multi_adapter import MultiAdapterModel
 
-from api.inference.loading import context_length, eos_token_ids, model_bytes
+from api.inference.servable_models import context_length, eos_token_ids, model_bytes
 from api.inference.logprobs import TokenNames
 from api.inference.types import ModelRef
 

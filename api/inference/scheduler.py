@@ -32,7 +32,7 @@ from api.core.errors import (
 from api.core.settings import Settings
 from api.inference.kv import PaddedCache, left_pad
 from api.inference.lanes import EncoderLane, Lane, LoraLane, ModelLane, SharedBaseLane
-from api.inference.loading import (
+from api.inference.servable_models import (
     is_encoder,
     load_adapted_model,
     load_causal_base,

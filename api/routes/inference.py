@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from api.core.errors import InvalidParameter, ServiceError
 from api.core.ids import new_id
 from api.core.settings import Settings
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.deps import CurrentOrg, InferenceDep, InferenceRateLimit, SessionDep, SettingsDep, StorageDep
 from api.inference.engine import GenerationTicket
 from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta
@@ -54,7 +54,7 @@ DISCONNECT_POLL_S = 0.5
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 
-async def _resolve(session: Session, org_id: str, model: str, settings: Settings, storage: LocalStorage) -> ModelRef:
+async def _resolve(session: Session, org_id: str, model: str, settings: Settings, storage: Storage) -> ModelRef:
     def resolve() -> ModelRef:
         try:
             return inference_service.resolve_model(session, org_id, model, settings, storage)

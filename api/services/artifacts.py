@@ -21,10 +21,10 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.base_models import resolve_base_model
+from api.core.base_checkpoints import resolve_base_model
 from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
 from api.core.settings import Settings
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.core.tables import Checkpoint, FineTunedModel, Job
 from api.services.jobs import get_job
 from svfit_core.training.layout import ARTIFACT_FORMATS, checkpoint_dir_name
@@ -108,7 +108,7 @@ def _build(base_model_path: Path, adapter_dir: Path, fmt: str, archive: Path, di
 
 def artifact_archive(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     *,
     org_id: str,

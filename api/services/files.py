@@ -30,7 +30,7 @@ from api.core.errors import (
 from api.core.gc_pauses import freeze_long_lived
 from api.core.ids import new_id
 from api.core.settings import Settings
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.core.tables import File, Job
 from api.services.pagination import Order, Page, paginate
 
@@ -211,7 +211,7 @@ def clean_filename(filename: str | None) -> str:
 
 def create_file(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     *,
     org_id: str,
@@ -291,7 +291,7 @@ def list_files(
     return paginate(session, File, *filters, after=after, limit=limit, order=order)
 
 
-def file_content_path(session: Session, storage: LocalStorage, org_id: str, file_id: str) -> tuple[File, Path]:
+def file_content_path(session: Session, storage: Storage, org_id: str, file_id: str) -> tuple[File, Path]:
     file = get_file(session, org_id, file_id)
     path = storage.path(file.storage_key)
     if not path.is_file():
@@ -299,7 +299,7 @@ def file_content_path(session: Session, storage: LocalStorage, org_id: str, file
     return file, path
 
 
-def delete_file(session: Session, storage: LocalStorage, org_id: str, file_id: str) -> File:
+def delete_file(session: Session, storage: Storage, org_id: str, file_id: str) -> File:
     """Row first, then content: a crash in between leaves an orphan blob, never a row without content."""
     file = get_file(session, org_id, file_id)
     in_use_by = session.scalar(

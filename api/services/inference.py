@@ -14,10 +14,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.base_models import list_base_models
+from api.core.base_checkpoints import list_base_models
 from api.core.errors import InvalidParameter, UnknownModel
 from api.core.settings import Settings
-from api.core.storage import LocalStorage
+from api.core.storage import Storage
 from api.core.tables import FineTunedModel
 from api.inference.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
 from api.schemas_inference import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
@@ -34,7 +34,7 @@ def _unknown(model_id: str) -> UnknownModel:
     return UnknownModel(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
 
 
-def resolve_model(session: Session, org_id: str, model_id: str, settings: Settings, storage: LocalStorage) -> ModelRef:
+def resolve_model(session: Session, org_id: str, model_id: str, settings: Settings, storage: Storage) -> ModelRef:
     """The servable model ``model_id`` names for ``org_id``; 404 (param ``model``) when there is none.
 
     Another organization's fine-tune answers exactly like a missing one: existence is not leaked.

@@ -23,7 +23,7 @@ from sqlalchemy import Text, bindparam, case, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from api.core.base_models import largest_matrix_rank, resolve_base_model
+from api.core.base_checkpoints import largest_matrix_rank, resolve_base_model
 from api.core.errors import (
     InvalidParameter,
     InvalidRequest,

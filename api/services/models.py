@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.base_models import list_base_models
+from api.core.base_checkpoints import list_base_models
 from api.core.errors import NotFound, PermissionDenied
 from api.core.tables import FineTunedModel, now
 from api.schemas import ModelPublic

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from api.core.base_models import list_base_models
+from api.core.base_checkpoints import list_base_models
 from api.core.errors import InvalidParameter
 from api.core.settings import Settings
 from api.inference.engine import InferenceEngine

@@ -1,7 +1,7 @@
 """The file and artifact store, chosen by `SVFIT_STORAGE`: a local directory under the data dir (default,
 `local.py`) or an S3-compatible bucket with a local cache (`s3.py`).
 
-Both keep one interface (`LocalStorage`'s): `path`, `part_path`, `commit`, `open`, `exists`, `delete`. Keys
+Both keep one interface (`base.py`'s `Storage`): `path`, `part_path`, `commit`, `open`, `exists`, `delete`. Keys
 are written once and never rewritten, which is what lets the S3 backend serve reads from its cache.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from api.core.settings import Settings, get_settings
+from api.core.storage.base import Storage
 from api.core.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from api.core.storage.s3 import S3Storage
 
-__all__ = ["LocalStorage", "S3Storage", "StorageUnavailable", "get_storage", "storage_for"]
+__all__ = ["LocalStorage", "S3Storage", "Storage", "StorageUnavailable", "get_storage", "storage_for"]
 
 
 class StorageUnavailable(RuntimeError):
@@ -23,7 +24,7 @@ class StorageUnavailable(RuntimeError):
     missing). Raised at start-up, with a message that names the setting to fix."""
 
 
-def storage_for(settings: Settings, *, check: bool = True) -> LocalStorage:
+def storage_for(settings: Settings, *, check: bool = True) -> Storage:
     """The store `settings` describe. With `check`, an S3 bucket is probed once (HeadBucket) so that a
     misconfiguration stops start-up instead of failing requests later."""
     settings.store_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def storage_for(settings: Settings, *, check: bool = True) -> LocalStorage:
     return storage
 
 
-def get_storage() -> LocalStorage:
+def get_storage() -> Storage:
     """The store of this process's settings. Unchecked: the processes check it once when they start."""
     return storage_for(get_settings(), check=False)
 

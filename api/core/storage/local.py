@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from api.core.storage.base import Storage
 
-class LocalStorage:
-    """The store's interface, on a local directory. `S3Storage` keeps it, with this directory as its cache."""
+
+class LocalStorage(Storage):
+    """The store on a local directory. `S3Storage` extends it, with this directory as its cache."""
 
     def __init__(self, root: Path):
         self.root = root
