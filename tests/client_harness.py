@@ -1,4 +1,4 @@
-"""One `svfit serve` (tiny Llama, SQLite, its own worker) shared by the client suites, tests/ui and tests/cli.
+"""One `svfit serve` (tiny Llama, SQLite, its own worker) shared by the client suites, tests/dashboard and tests/svfit_cli.
 
 Both suites only act as clients of the public API, each in its own organization or on its own jobs, so they
 can share a server: it starts once per test session instead of once per suite, and the server's one-off

@@ -1,4 +1,4 @@
-"""`/ui`: the dashboard, a static single page (api/static) that talks to `/v1` like any other client.
+"""`/ui`: the dashboard, a static single page (the `dashboard` package) that talks to `/v1` like any other client.
 
 Nothing here touches the database or checks a key: the page carries no data of its own, and every call
 it makes goes through the public API with the key the user typed into it.
@@ -6,13 +6,12 @@ it makes goes through the public API with the key the user typed into it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+from dashboard import STATIC_DIR
+
 
 router = APIRouter(include_in_schema=False)
 

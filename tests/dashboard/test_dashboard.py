@@ -17,7 +17,7 @@ from playwright.sync_api import Page, expect
 
 from tests.e2e.conftest import CHAT_LINES, ROOT, SVFIT, Service
 from tests.client_harness import cancel_unfinished
-from tests.ui.conftest import upload, wait_for_status
+from tests.dashboard.conftest import upload, wait_for_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli.conftest import ROOT, SVFIT, Run, client_env
+from tests.svfit_cli.conftest import ROOT, SVFIT, Run, client_env
 from tests.client_harness import cancel_unfinished
 from tests.e2e.conftest import CHAT_LINES, Service
 

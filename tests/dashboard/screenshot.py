@@ -1,4 +1,4 @@
-"""Screenshot a job's dashboard page, for the README: `python -m tests.ui.screenshot URL JOB_ID OUT.png`.
+"""Screenshot a job's dashboard page, for the README: `python -m tests.dashboard.screenshot URL JOB_ID OUT.png`.
 
 URL is where the service answers (http://127.0.0.1:8000). The page is captured once the job's curves are
 drawn; docs/img/dashboard.png was made this way from a finished SmolLM2-135M job.
@@ -10,7 +10,7 @@ import argparse
 
 from playwright.sync_api import sync_playwright
 
-from tests.ui.conftest import find_chromium
+from tests.dashboard.conftest import find_chromium
 
 
 def main() -> None:
