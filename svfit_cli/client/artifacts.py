@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import httpx
 
 from svfit_cli.client.base import CliError, client_command, print_json
-from svfit_cli.client.client import ApiClient
+from svfit_cli.client.http import ApiClient
 from svfit_cli.client.progress import ProgressBar, human_bytes
 
 # The first request for an archive may export (or merge) the model on the server before a byte is sent.

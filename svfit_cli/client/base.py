@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from svfit_cli.client.client import ApiClient, ApiError, ApiUnreachable
+from svfit_cli.client.http import ApiClient, ApiError, ApiUnreachable
 
 DEFAULT_API_BASE = "http://127.0.0.1:8000/v1"
 

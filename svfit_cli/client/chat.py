@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from svfit_cli.client.base import EXIT_OK, client_command, print_json
-from svfit_cli.client.client import ApiClient, server_sent_events
+from svfit_cli.client.http import ApiClient, server_sent_events
 
 # Generation can queue behind other requests in a batch; a silent minute is not a dead server.
 STREAM_TIMEOUT_S = 300.0

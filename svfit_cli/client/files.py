@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from svfit_cli.client.base import EXIT_ERROR, EXIT_OK, CliError, client_command, print_json
-from svfit_cli.client.client import ApiClient
+from svfit_cli.client.http import ApiClient
 from svfit_cli.client.output import fields, table, when
 from svfit_cli.client.progress import ProgressBar, human_bytes
 

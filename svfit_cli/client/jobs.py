@@ -16,7 +16,7 @@ from pathlib import Path
 
 from svfit_cli.client import files
 from svfit_cli.client.base import EXIT_JOB_UNSUCCESSFUL, EXIT_OK, CliError, client_command, print_json
-from svfit_cli.client.client import ApiClient, ApiError, ApiUnreachable
+from svfit_cli.client.http import ApiClient, ApiError, ApiUnreachable
 from svfit_cli.client.output import fields, table, when
 from svfit_cli.client.progress import ProgressBar, human_duration
 

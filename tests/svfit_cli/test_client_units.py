@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from svfit_cli.client import artifacts, base
-from svfit_cli.client.client import ApiClient
+from svfit_cli.client.http import ApiClient
 from svfit_cli.client.jobs import EventReader
 from svfit_cli.client.progress import ProgressBar
 

@@ -10,18 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from api.core.settings import Settings, get_settings
-from api.core.storage.base import Storage
+from api.core.storage.base import Storage, StorageUnavailable
 from api.core.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from api.core.storage.s3 import S3Storage
 
 __all__ = ["LocalStorage", "S3Storage", "Storage", "StorageUnavailable", "get_storage", "storage_for"]
-
-
-class StorageUnavailable(RuntimeError):
-    """The configured store cannot be used (no such bucket, unreachable endpoint, no credentials, boto3
-    missing). Raised at start-up, with a message that names the setting to fix."""
 
 
 def storage_for(settings: Settings, *, check: bool = True) -> Storage:

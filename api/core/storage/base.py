@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+class StorageUnavailable(RuntimeError):
+    """The configured store cannot be used (no such bucket, unreachable endpoint, no credentials, boto3
+    missing). Raised at start-up, with a message that names the setting to fix."""
+
+
 class Storage(ABC):
     @abstractmethod
     def path(self, key: str) -> Path:
