@@ -14,12 +14,15 @@ RUN pip install "${TORCH_SPEC}"
 
 # Dependencies first (better layer caching), then the source.
 COPY pyproject.toml README.md ./
-RUN mkdir -p api worker svfit_core migrations \
-    && touch api/__init__.py worker/__init__.py svfit_core/__init__.py migrations/__init__.py \
+RUN mkdir -p api worker svfit_core svfit_cli dashboard migrations \
+    && touch api/__init__.py worker/__init__.py svfit_core/__init__.py svfit_cli/__init__.py \
+             dashboard/__init__.py migrations/__init__.py \
     && pip install ".[s3]" && pip uninstall -y svfit-service
 COPY api ./api
 COPY worker ./worker
 COPY svfit_core ./svfit_core
+COPY svfit_cli ./svfit_cli
+COPY dashboard ./dashboard
 COPY migrations ./migrations
 COPY alembic.ini* ./
 RUN pip install --no-deps .
