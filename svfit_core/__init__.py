@@ -11,8 +11,9 @@ touched (PEP 562), so a torch-free module (``svfit_core.config``, ``svfit_core.e
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from svfit_core.lazy_exports import lazy_getattr
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS = {
@@ -52,10 +53,4 @@ if TYPE_CHECKING:
     from .serialization import load_svfit_adapter, save_svfit_adapter
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'svfit_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

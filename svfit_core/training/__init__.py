@@ -9,8 +9,9 @@ Like the package above it, importing this costs nothing until a name is touched:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from svfit_core.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "PeftSpec": ".config",
@@ -30,10 +31,4 @@ if TYPE_CHECKING:
     from .layout import TRAINING_META
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'svfit_core.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
