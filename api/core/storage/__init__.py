@@ -1,7 +1,7 @@
 """The file and artifact store, chosen by `SVFIT_STORAGE`: a local directory under the data dir (default,
 `local.py`) or an S3-compatible bucket with a local cache (`s3.py`).
 
-Both keep one interface (`base.py`'s `Storage`): `path`, `part_path`, `commit`, `open`, `exists`, `delete`. Keys
+Both keep one interface (`interface.py`'s `Storage`): `path`, `part_path`, `commit`, `open`, `exists`, `delete`. Keys
 are written once and never rewritten, which is what lets the S3 backend serve reads from its cache.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from api.core.settings import Settings, get_settings
-from api.core.storage.base import Storage, StorageUnavailable
+from api.core.storage.interface import Storage, StorageUnavailable
 from api.core.storage.local import LocalStorage
 
 if TYPE_CHECKING:

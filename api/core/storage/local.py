@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from api.core.storage.base import Storage
+from api.core.storage.interface import Storage
 
 
 class LocalStorage(Storage):

@@ -24,7 +24,7 @@ from typing import Any
 
 from api.core.errors import ServiceUnavailable
 from api.core.settings import Settings
-from api.core.storage.base import StorageUnavailable
+from api.core.storage.interface import StorageUnavailable
 from api.core.storage.local import LocalStorage
 
 try:
