@@ -12,10 +12,11 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.core import tables
+from api.core.job_states import JobStatus
 
 T = TypeVar("T")
 
-# A number or "auto": typed loosely on purpose, so that api/core/hyperparameters.py (not a pydantic union
+# A number or "auto": typed loosely on purpose, so that api/core/job_spec.py (not a pydantic union
 # error) reports a bad value, naming the exact field.
 NUMBER_OR_AUTO = {"anyOf": [{"type": "number"}, {"type": "string", "enum": ["auto"]}]}
 
@@ -100,7 +101,7 @@ class MethodRequest(BaseModel):
 class PeftRequest(BaseModel):
     """Extension (send with `extra_body={"peft": {...}}`): which parameter-efficient method trains the job.
 
-    Extra keys are kept for api/core/hyperparameters.py, which admits the training options it knows
+    Extra keys are kept for api/core/job_spec.py, which admits the training options it knows
     (`max_seq_length`, `checkpoint_every`, ...) and drops the rest.
     """
 
@@ -156,7 +157,7 @@ class JobPublic(BaseModel):
     created_at: int
     model: str
     organization_id: str
-    status: str
+    status: JobStatus
     training_file: str
     validation_file: str | None
     seed: int
@@ -193,7 +194,7 @@ class JobPublic(BaseModel):
             result_files=list(job.result_files or []),
             # The worker may register the model a moment before it flips the status; the id is
             # promised to the client only once the job has succeeded.
-            fine_tuned_model=job.fine_tuned_model if job.status == "succeeded" else None,
+            fine_tuned_model=job.fine_tuned_model if job.status == JobStatus.SUCCEEDED else None,
             finished_at=job.finished_at,
             trained_tokens=job.trained_tokens,
             error=JobErrorPublic(

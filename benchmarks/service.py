@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 
+from api.core.job_states import JobStatus
 from benchmarks.common import REPO_ROOT, format_table, log, quantile, write_result
 
 SVFIT = [sys.executable, "-m", "svfit_cli"]
@@ -252,13 +253,13 @@ def measure_dispatch(base_url: str, jobs: int) -> list[float]:
         for _ in range(jobs):
             job_id = create_job(client, file_id, n_epochs=50)
             start = time.perf_counter()
-            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "running":
+            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != JobStatus.RUNNING:
                 if time.perf_counter() - start > 60:
                     raise TimeoutError(f"job {job_id} never started")
                 time.sleep(0.01)
             latencies.append(time.perf_counter() - start)
             client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "cancelled":
+            while client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != JobStatus.CANCELLED:
                 time.sleep(0.05)
             time.sleep(1.0)  # the worker acks and returns to polling: "idle" again
     return latencies

@@ -6,7 +6,7 @@ baseline methods.
 
 Importing the package costs nothing: each name below is imported from its module the first time it is
 touched (PEP 562), so a torch-free module (``svfit_core.config``, ``svfit_core.errors``,
-``svfit_core.training.config``) can be imported without loading torch.
+``svfit_core.training.run_config``) can be imported without loading torch.
 """
 
 from __future__ import annotations

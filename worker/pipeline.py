@@ -15,7 +15,6 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from api.core.base_checkpoints import resolve_base_model
 from api.core.db import session_scope
 from api.core.errors import InvalidTrainingFile, ServiceError
+from api.core.job_spec import peft_spec, train_config
+from api.core.job_states import TERMINAL, JobStatus
 from api.core.settings import Settings, get_settings
 from api.core.storage import Storage, get_storage
 from api.core.tables import File, Job, now
@@ -34,8 +35,6 @@ from worker.recovery import Heartbeat, shutdown_requested
 from worker.reporting import JobLost, JobReporter, add_event, owned
 
 log = logging.getLogger(__name__)
-
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 # What `run_job` returns, for logs and tests: the job's new status, or why nothing was done.
 Outcome = str
@@ -73,49 +72,23 @@ def run_job(job_id: str, *, worker_id: str | None = None) -> Outcome:
             raise
         except Exception as exc:  # noqa: BLE001 - every other failure is recorded on the job
             fail_job(job_id, exc, worker_id=worker_id)
-            return "failed"
+            return JobStatus.FAILED
 
 
 # --- state transitions ---------------------------------------------------------------------------------
 
 
 def _precheck(job_id: str, settings: Settings) -> Outcome | None:
-    """Why the message is moot, or None when the job should be claimed (files validated on the way)."""
+    """Why the message is moot, or None when the job should be claimed."""
     with session_scope() as session:
         job = session.scalars(select(Job).where(Job.id == job_id)).one_or_none()
         if job is None:
             return "missing"
-        if job.status in TERMINAL or job.status == "paused":
+        if job.status in TERMINAL or job.status == JobStatus.PAUSED:
             return job.status
-        if job.status == "running":
+        if job.status == JobStatus.RUNNING:
             # Held by a live worker (a re-delivered message), or by a dead one: the reaper's business.
             return "held" if (job.heartbeat_at or 0) > time.time() - settings.heartbeat_timeout_s else "stale"
-        if job.status != "validating_files":
-            return None
-        problem = _file_problem(session, job)
-    if problem is not None:
-        fail_job(job_id, problem, from_status="validating_files")
-        return "failed"
-    with session_scope() as session:
-        moved = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "validating_files").values(status="queued")
-        ).rowcount
-        if moved:
-            add_event(session, job_id, "Files validated, moving job to queued state")
-    return None
-
-
-def _file_problem(session, job: Job) -> ServiceError | None:  # noqa: ANN001 - Session
-    for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
-        if file_id is None:
-            continue
-        row = session.scalars(select(File).where(File.id == file_id, File.org_id == job.org_id)).one_or_none()
-        if row is None:
-            return InvalidTrainingFile(f"File '{file_id}' does not exist.", param=param)
-        if row.status == "error":
-            return InvalidTrainingFile(
-                f"File '{file_id}' failed validation: {row.status_details or 'invalid data'}", param=param
-            )
     return None
 
 
@@ -124,9 +97,9 @@ def claim_job(job_id: str, worker_id: str) -> bool:
     with session_scope() as session:
         claimed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 worker_id=worker_id,
                 started_at=func.coalesce(Job.started_at, now()),
                 attempt=Job.attempt + 1,
@@ -141,7 +114,7 @@ def _release(job_id: str, worker_id: str, message: str) -> bool:
     try:
         with session_scope() as session:
             released = session.execute(
-                owned(job_id, worker_id).values(status="queued", worker_id=None, heartbeat_at=None)
+                owned(job_id, worker_id).values(status=JobStatus.QUEUED, worker_id=None, heartbeat_at=None)
             ).rowcount
             if released:
                 add_event(session, job_id, message, level="warn")
@@ -202,22 +175,20 @@ def _out_of_disk(exc: BaseException | None) -> bool:
     return False
 
 
-def fail_job(
-    job_id: str, exc: BaseException, *, worker_id: str | None = None, from_status: str = "running"
-) -> bool:
-    """Mark the job failed with a stable error code, if it is still in `from_status` (and ours)."""
+def fail_job(job_id: str, exc: BaseException, *, worker_id: str | None = None) -> bool:
+    """Mark the job failed with a stable error code, if it is still running (and ours)."""
     code, message, param = error_for(exc)
     if code == "internal_error":
         log.error("job %s failed", job_id, exc_info=exc)
     else:
         log.info("job %s failed: %s: %s", job_id, code, message)
-    stmt = update(Job).where(Job.id == job_id, Job.status == from_status)
+    stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
     if worker_id is not None:
         stmt = stmt.where(Job.worker_id == worker_id)
     with session_scope() as session:
         failed = session.execute(
             stmt.values(
-                status="failed",
+                status=JobStatus.FAILED,
                 error={"code": code, "message": message, "param": param},
                 finished_at=now(),
                 estimated_finish=None,
@@ -230,46 +201,6 @@ def fail_job(
 
 
 # --- training ------------------------------------------------------------------------------------------
-
-
-def peft_spec_for(peft: dict[str, Any]):  # noqa: ANN201 - svfit_core.training.PeftSpec
-    """The library's PeftSpec from the job's resolved `peft` object."""
-    from svfit_core.training import PeftSpec
-
-    method = peft.get("type") or peft.get("method") or "svfit"
-    if method == "lora" and str(peft.get("init", "")).lower() == "pissa":
-        method = "pissa"
-    values = {
-        "method": method,
-        "rank": peft.get("rank"),
-        "energy": peft.get("energy"),
-        "energy_measure": peft.get("energy_measure"),
-        "target_modules": peft.get("target_modules"),
-        "lora_alpha": peft.get("lora_alpha", peft.get("alpha")),
-        "train_bottom": peft.get("train_bottom"),
-    }
-    # None means "the library's default" for every field, so leave those out.
-    return PeftSpec(**{k: v for k, v in values.items() if v is not None})
-
-
-def train_config_for(job: Job, settings: Settings):  # noqa: ANN201 - svfit_core.training.TrainConfig
-    """The library's TrainConfig: epochs and batch size from `hyperparameters`, the absolute learning rate
-    and training extras from `peft`, the seed from the job."""
-    from svfit_core.training import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)}
-    hyper = job.hyperparameters or {}
-    peft = job.peft or {}
-    values: dict[str, Any] = {k: v for k, v in peft.items() if k in names and v is not None}
-    for key in ("n_epochs", "batch_size"):
-        if hyper.get(key) is not None:
-            values[key] = hyper[key]
-    learning_rate = peft.get("learning_rate", hyper.get("learning_rate"))
-    if learning_rate is not None:
-        values["learning_rate"] = learning_rate
-    values["seed"] = int(job.seed)
-    values.setdefault("checkpoint_every", settings.default_checkpoint_every)
-    return TrainConfig(**values)
 
 
 def _load_file(storage: Storage, file_id: str, param: str) -> list[dict]:
@@ -323,8 +254,10 @@ def _run_attempt(
     base_path = resolve_base_model(job.model)
     train_examples = _load_file(storage, job.training_file, "training_file")
     valid_examples = _load_file(storage, job.validation_file, "validation_file") if job.validation_file else None
-    peft = peft_spec_for(job.peft or {})
-    config = train_config_for(job, settings)
+    peft = peft_spec(job.peft)
+    config = train_config(
+        job.hyperparameters, job.peft, seed=int(job.seed), default_checkpoint_every=settings.default_checkpoint_every
+    )
 
     # Resume from the published copy: it survives this machine, the scratch directory may not.
     resume_step = job.last_checkpoint_step
@@ -363,11 +296,11 @@ def _run_attempt(
     if result.ended_by == "completion":
         _succeed(job, worker_id, storage, reporter, result, model_name)
         shutil.rmtree(job_scratch, ignore_errors=True)  # earlier attempts' leftovers too
-        return "succeeded"
+        return JobStatus.SUCCEEDED
     if result.ended_by == "cancel":
-        _finish(job_id, worker_id, "cancelled", "Fine-tuning job cancelled", finished=True)
+        _finish(job_id, worker_id, JobStatus.CANCELLED, "Fine-tuning job cancelled", finished=True)
         shutil.rmtree(job_scratch, ignore_errors=True)
-        return "cancelled"
+        return JobStatus.CANCELLED
     if result.ended_by == "pause":
         step = _publish_pause_checkpoint(reporter, result)
         if reporter.stop_reason == "shutdown":
@@ -380,9 +313,9 @@ def _run_attempt(
                     enqueue_job(job_id)
                 except Exception:  # noqa: BLE001 - the job is safely queued in the DB either way
                     log.exception("could not re-enqueue job %s", job_id)
-            return "queued"
-        _finish(job_id, worker_id, "paused", f"Fine-tuning job paused at step {step or 0}", finished=False)
-        return "paused"
+            return JobStatus.QUEUED
+        _finish(job_id, worker_id, JobStatus.PAUSED, f"Fine-tuning job paused at step {step or 0}", finished=False)
+        return JobStatus.PAUSED
     raise RuntimeError(f"unknown training result {result.ended_by!r}")
 
 
@@ -403,7 +336,7 @@ def _step_of(path: Path, default: int) -> int:
     return int(default) if step is None else step
 
 
-def _finish(job_id: str, worker_id: str, status: str, message: str, *, finished: bool) -> None:
+def _finish(job_id: str, worker_id: str, status: JobStatus, message: str, *, finished: bool) -> None:
     values: dict[str, Any] = {"status": status, "requested_action": None, "estimated_finish": None}
     if finished:
         values["finished_at"] = now()
@@ -435,7 +368,7 @@ def _succeed(job: Job, worker_id: str, storage: Storage, reporter: JobReporter, 
         session.flush()
         done = session.execute(
             owned(job.id, worker_id).values(
-                status="succeeded",
+                status=JobStatus.SUCCEEDED,
                 fine_tuned_model=model_name,
                 trained_tokens=result.trained_tokens,
                 result_files=[results.id],

@@ -18,6 +18,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.core.db import session_scope
+from api.core.job_states import WAITING, JobStatus
 from api.core.settings import get_settings
 from api.core.tables import Job, now
 from worker.reporting import add_event
@@ -40,7 +41,7 @@ def shutdown_requested() -> bool:
 class Heartbeat:
     """Stamps `heartbeat_at` every `interval` seconds while this worker still holds the job.
 
-    The update is conditional on `worker_id` and `status='running'`: when it matches no row the job was
+    The update is conditional on `worker_id` and a running status: when it matches no row the job was
     taken away (reaped, cancelled by an operator), `lost` is set and training should stop without writing
     any further state.
     """
@@ -65,7 +66,7 @@ class Heartbeat:
         with session_scope() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.worker_id == self.worker_id, Job.status == "running")
+                .where(Job.id == self.job_id, Job.worker_id == self.worker_id, Job.status == JobStatus.RUNNING)
                 .values(heartbeat_at=time.time())
             )
             return result.rowcount == 1
@@ -94,7 +95,7 @@ def reap_stale_jobs(timeout_s: float | None = None) -> list[str]:
     cutoff = time.time() - timeout_s
     requeued: list[str] = []
     with session_scope() as session:
-        stale = list(session.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+        stale = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)))
     for job_id in stale:
         try:
             if _reap_one(job_id, cutoff, settings.max_job_attempts):
@@ -131,33 +132,32 @@ def _reap_one(job_id: str, cutoff: float, max_attempts: int) -> bool:
             return False
         step = job.last_checkpoint_step
         if job.requested_action == "cancel":
-            target, values, level, message = "cancelled", {"finished_at": now()}, "info", "Fine-tuning job cancelled"
+            target, values, level = JobStatus.CANCELLED, {"finished_at": now()}, "info"
+            message = "Fine-tuning job cancelled"
         elif job.requested_action == "pause":
-            target, values, level = "paused", {}, "info"
+            target, values, level = JobStatus.PAUSED, {}, "info"
             message = f"Fine-tuning job paused at step {step or 0}"
         elif job.attempt >= max_attempts:
-            target, level = "failed", "error"
+            target, level = JobStatus.FAILED, "error"
             message = f"The job failed: its worker was lost {job.attempt} times."
             values = {
                 "finished_at": now(),
                 "error": {"code": "worker_lost", "message": message, "param": None},
             }
         else:
-            target, values, level = "queued", {}, "warn"
+            target, values, level = JobStatus.QUEUED, {}, "warn"
             message = f"Worker lost; resuming from step {step}" if step else "Worker lost; restarting from step 0"
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.heartbeat_at < cutoff)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
             .values(status=target, worker_id=None, heartbeat_at=None, requested_action=None, **values)
         )
         if result.rowcount != 1:
             return False  # another reaper won, or the worker beat just in time
         add_event(session, job_id, message, level=level)
     log.warning("reaped stale job %s -> %s", job_id, target)
-    return target == "queued"
+    return target == JobStatus.QUEUED
 
-
-WAITING = ("validating_files", "queued")  # statuses a message is still needed for
 
 # Whether the previous sweep found fewer messages than waiting jobs (this process's reaper thread only).
 _shortfall_seen = False

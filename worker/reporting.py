@@ -2,7 +2,7 @@
 cancel/pause requests the API leaves in `Job.requested_action`.
 
 The reporter knows nothing of Celery. Every write is conditional on this worker still holding the job
-(`worker_id` and `status='running'`); when one matches no row the job was taken away, the reporter stops
+(`worker_id` and a running status); when one matches no row the job was taken away, the reporter stops
 the run and writes nothing more. Progress and metrics events are buffered and written at most every
 `progress_interval_s`, so a fast run does not turn into one commit per step.
 """
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from api.core.db import session_scope
 from api.core.ids import new_id
+from api.core.job_states import JobStatus
 from api.core.storage import Storage
 from api.core.tables import Job, JobEvent, now
 from svfit_core.training import TrainingCallbacks
@@ -48,7 +49,7 @@ def add_event(
 
 def owned(job_id: str, worker_id: str):  # noqa: ANN201 - a SQLAlchemy UPDATE
     """An UPDATE of the job that matches only while `worker_id` still runs it."""
-    return update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+    return update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
 
 
 def _finite(value: Any) -> Any:
@@ -297,7 +298,7 @@ class JobReporter(TrainingCallbacks):
         except SQLAlchemyError:
             log.warning("could not read requested_action for job %s", self.job_id, exc_info=True)
             return None
-        if row is None or row.status != "running" or row.worker_id != self.worker_id:
+        if row is None or row.status != JobStatus.RUNNING or row.worker_id != self.worker_id:
             return "lost"
         if row.requested_action in ("cancel", "pause"):
             return row.requested_action

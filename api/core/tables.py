@@ -80,7 +80,7 @@ class Job(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     method: Mapped[dict[str, Any]] = mapped_column(JSON)
     peft: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)  # a JobStatus (api/core/job_states.py)
     # A pause/cancel the worker has not acted on yet; the worker polls it every step.
     requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)

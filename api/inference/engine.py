@@ -134,7 +134,7 @@ class InferenceEngine:
         self._lock = threading.Lock()
         self._stopping = False
         self.scheduler = None  # built on the engine thread
-        self._snapshot: dict = {"running": 0, "waiting": 0, "lanes": [], "loaded_bytes": 0}
+        self._snapshot: dict = {"decoding": 0, "waiting": 0, "lanes": [], "loaded_bytes": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class InferenceEngine:
         self._thread = None
 
     def stats(self) -> dict:
-        """Rows running and waiting, loaded lanes: a snapshot the engine refreshes after every step."""
+        """Rows decoding and waiting, loaded lanes: a snapshot the engine refreshes after every step."""
         return dict(self._snapshot)
 
     # -- submission (event loop side) --------------------------------------------------------------------

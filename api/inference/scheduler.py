@@ -385,7 +385,7 @@ class Scheduler:
     def snapshot(self) -> dict:
         """Counts for monitoring and tests (read from other threads; plain ints and lists)."""
         return {
-            "running": sum(len(s.running) for s in self.states.values()),
+            "decoding": sum(len(s.running) for s in self.states.values()),
             "waiting": sum(len(s.waiting) for s in self.states.values()),
             "lanes": [list(key[:2]) for key in self.cache.lanes],
             "loaded_bytes": self.cache.total_bytes,

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from api.core.base_checkpoints import resolve_base_model
 from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
+from api.core.job_states import JobStatus
 from api.core.settings import Settings
 from api.core.storage import Storage
 from api.core.tables import Checkpoint, FineTunedModel, Job
@@ -61,7 +62,7 @@ def _adapter_key(session: Session, job: Job, step: int | None) -> tuple[str, str
         if checkpoint is None:
             raise ArtifactUnavailable(f"Job {job.id} has no checkpoint at step {step}.", param="step")
         return checkpoint.storage_key, checkpoint_dir_name(step)
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise ArtifactUnavailable(
             f"Job {job.id} has not succeeded (status: {job.status}); pass `step` to download a checkpoint."
         )

@@ -29,13 +29,13 @@ from api.core.errors import (
 )
 from api.core.gc_pauses import freeze_long_lived
 from api.core.ids import new_id
+from api.core.job_states import UNFINISHED
 from api.core.settings import Settings
 from api.core.storage import Storage
 from api.core.tables import File, Job
 from api.services.pagination import Order, Page, paginate
 
 UPLOAD_PURPOSES = ("fine-tune",)
-UNFINISHED_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 
 # (line bytes, 1-based line number) -> (format or None, messages prefixed "line N:"); svfit_core.training.data's.
 LineValidator = Callable[[bytes, int], tuple[str | None, list[str]]]
@@ -306,7 +306,7 @@ def delete_file(session: Session, storage: Storage, org_id: str, file_id: str) -
         select(Job.id).where(
             Job.org_id == org_id,
             or_(Job.training_file == file_id, Job.validation_file == file_id),
-            Job.status.in_(UNFINISHED_JOB_STATUSES),
+            Job.status.in_(UNFINISHED),
         )
     )
     if in_use_by is not None:

@@ -32,9 +32,10 @@ from api.core.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from api.core.hyperparameters import HYPERPARAMETER_NAMES, resolve_hyperparameters, resolve_peft
+from api.core.job_spec import HYPERPARAMETER_NAMES, resolve_request
 from api.core.ids import new_id
 from api.core.job_queue import EnqueueJob
+from api.core.job_states import CANCELLABLE_AT_ONCE, PAUSABLE_AT_ONCE, TERMINAL, JobStatus
 from api.core.settings import Settings
 from api.core.tables import Checkpoint, Job, JobEvent, now
 from api.schemas import JobCreate
@@ -43,8 +44,6 @@ from api.services.pagination import Page, paginate
 
 logger = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")  # no worker holds these
 # The suffix becomes one ':'-separated field of `ft:{base}:{org}:{suffix}:{id}`.
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -131,7 +130,7 @@ def _existing_job(session: Session, settings: Settings, org_id: str, idempotency
             Job.request_hash == body_hash,
             Job.idempotency_key.is_(None),
             Job.created_at >= now() - settings.job_dedupe_window_s,
-            Job.status != "cancelled",
+            Job.status != JobStatus.CANCELLED,
         )
         .order_by(Job.pk.desc())
         .limit(1)
@@ -169,12 +168,14 @@ def create_job(
                 param="validation_file",
             )
     _check_suffix_and_metadata(request)
-    peft = resolve_peft(request.peft.model_dump() if request.peft else None)
-    _check_rank_fits(peft, base_model_path, request.model)
     requested, param_prefix = _requested_hyperparameters(request)
-    hyperparameters = resolve_hyperparameters(
-        requested, n_examples=training.num_examples or 0, peft_type=peft["type"], param_prefix=param_prefix
+    peft, hyperparameters = resolve_request(
+        request.peft.model_dump() if request.peft else None,
+        requested,
+        n_examples=training.num_examples or 0,
+        param_prefix=param_prefix,
     )
+    _check_rank_fits(peft, base_model_path, request.model)
 
     job = Job(
         id=new_id("ftjob"),
@@ -191,7 +192,7 @@ def create_job(
             "supervised": {"hyperparameters": {name: hyperparameters[name] for name in HYPERPARAMETER_NAMES}},
         },
         peft=peft,
-        status="queued",
+        status=JobStatus.QUEUED,
         result_files=[],
         idempotency_key=idempotency_key,
         request_hash=body_hash,
@@ -224,12 +225,12 @@ def create_job(
 # A job's 1-based position among all queued jobs (every organization shares the workers): one correlated
 # count over the (status, pk) index, computed in the query that reads the job.
 _ahead = aliased(Job)
-QUEUE_POSITION = select(func.count() + 1).where(_ahead.status == "queued", _ahead.pk < Job.pk).scalar_subquery()
+QUEUE_POSITION = select(func.count() + 1).where(_ahead.status == JobStatus.QUEUED, _ahead.pk < Job.pk).scalar_subquery()
 
 # Built once, at import: building a select costs about as much CPU as running it from SQLAlchemy's cache
 # of compiled statements, and every client that follows a job reads it once or twice a second.
 _JOB_BY_ID = select(Job).where(Job.id == bindparam("job_id"), Job.org_id == bindparam("org_id"))
-_JOB_AND_POSITION_BY_ID = _JOB_BY_ID.add_columns(case((Job.status == "queued", QUEUE_POSITION), else_=None))
+_JOB_AND_POSITION_BY_ID = _JOB_BY_ID.add_columns(case((Job.status == JobStatus.QUEUED, QUEUE_POSITION), else_=None))
 
 
 def get_job(session: Session, org_id: str, job_id: str) -> Job:
@@ -295,7 +296,7 @@ def list_jobs(
 
 def queue_positions(session: Session, jobs: Iterable[Job]) -> dict[str, int]:
     """Queue positions of those of `jobs` that read as queued, in one query (a page of jobs: one, not one each)."""
-    queued = [job.id for job in jobs if job.status == "queued"]
+    queued = [job.id for job in jobs if job.status == JobStatus.QUEUED]
     if not queued:
         return {}
     rows = session.execute(select(Job.id, QUEUE_POSITION).where(Job.id.in_(queued)))
@@ -329,26 +330,30 @@ def _apply(session: Session, job: Job, *conditions: Any, event: str | None = Non
     return applied
 
 
-def _refuse_if_finished(job: Job, action: str) -> None:
-    if job.status in TERMINAL_STATUSES:
-        raise InvalidStateTransition(f"Job {job.id} has already {job.status} and cannot be {action}.")
+def _refuse_if_finished(job: Job, refused: str) -> None:
+    """`refused` ends the message: what a finished job cannot do ("be paused")."""
+    if job.status in TERMINAL:
+        raise InvalidStateTransition(f"Job {job.id} has already {job.status} and cannot {refused}.")
 
 
 def cancel_job(session: Session, org_id: str, job_id: str) -> Job:
     job = get_job(session, org_id, job_id)
     for _ in range(TRANSITION_ATTEMPTS):
-        _refuse_if_finished(job, "cancelled")
-        if job.status == "running":
+        _refuse_if_finished(job, "be cancelled")
+        if job.status == JobStatus.RUNNING:
             if job.requested_action == "cancel":
                 return job
-            if _apply(session, job, Job.status == "running", event="Cancellation requested.", requested_action="cancel"):
+            if _apply(
+                session, job, Job.status == JobStatus.RUNNING,
+                event="Cancellation requested.", requested_action="cancel",
+            ):
                 return job
         elif _apply(
             session,
             job,
             Job.status.in_(CANCELLABLE_AT_ONCE),
             event="Job cancelled.",
-            status="cancelled",
+            status=JobStatus.CANCELLED,
             requested_action=None,
             finished_at=now(),
             estimated_finish=None,
@@ -361,18 +366,20 @@ def pause_job(session: Session, org_id: str, job_id: str) -> Job:
     """Running: ask the worker to checkpoint and stop. Queued: park it before a worker takes it."""
     job = get_job(session, org_id, job_id)
     for _ in range(TRANSITION_ATTEMPTS):
-        _refuse_if_finished(job, "paused")
-        if job.status == "paused" or (job.status == "running" and job.requested_action == "pause"):
+        _refuse_if_finished(job, "be paused")
+        if job.status == JobStatus.PAUSED or (job.status == JobStatus.RUNNING and job.requested_action == "pause"):
             return job
-        if job.status == "running":
+        if job.status == JobStatus.RUNNING:
             if job.requested_action == "cancel":
                 raise InvalidStateTransition(f"Job {job.id} is being cancelled and cannot be paused.")
             if _apply(
-                session, job, Job.status == "running", Job.requested_action.is_(None),
+                session, job, Job.status == JobStatus.RUNNING, Job.requested_action.is_(None),
                 event="Pause requested.", requested_action="pause",
             ):
                 return job
-        elif _apply(session, job, Job.status.in_(("validating_files", "queued")), event="Job paused.", status="paused"):
+        elif _apply(
+            session, job, Job.status.in_(PAUSABLE_AT_ONCE), event="Job paused.", status=JobStatus.PAUSED
+        ):
             return job
     raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")
 
@@ -384,21 +391,24 @@ def resume_job(session: Session, org_id: str, job_id: str, *, dispatch: EnqueueJ
     """
     job = get_job(session, org_id, job_id)
     for _ in range(TRANSITION_ATTEMPTS):
-        _refuse_if_finished(job, "resumed")
-        if job.status == "running":
+        _refuse_if_finished(job, "be resumed")
+        if job.status == JobStatus.RUNNING:
             if job.requested_action != "pause" or _apply(
-                session, job, Job.status == "running", Job.requested_action == "pause",
+                session, job, Job.status == JobStatus.RUNNING, Job.requested_action == "pause",
                 event="Pause withdrawn.", requested_action=None,
             ):
                 return job
-        elif job.status != "paused":
+        elif job.status != JobStatus.PAUSED:
             return job
-        elif _apply(session, job, Job.status == "paused", event="Job resumed.", status="queued", requested_action=None):
+        elif _apply(
+            session, job, Job.status == JobStatus.PAUSED, event="Job resumed.", status=JobStatus.QUEUED,
+            requested_action=None,
+        ):
             try:
                 dispatch(job.id)
             except Exception as exc:
                 logger.exception("could not enqueue resumed job %s", job.id)
-                _apply(session, job, Job.status == "queued", status="paused")
+                _apply(session, job, Job.status == JobStatus.QUEUED, status=JobStatus.PAUSED)
                 raise ServiceUnavailable("The job queue is unavailable; the job stays paused. Try again.") from exc
             return job
     raise ServiceUnavailable(f"Job {job_id} kept changing state; try again.")

@@ -14,13 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
+from api.core.job_states import TERMINAL, JobStatus
 from svfit_cli.client import files
 from svfit_cli.client.base import EXIT_JOB_UNSUCCESSFUL, EXIT_OK, CliError, client_command, print_json
 from svfit_cli.client.http import ApiClient, ApiError, ApiUnreachable
 from svfit_cli.client.output import fields, table, when
 from svfit_cli.client.progress import ProgressBar, human_duration
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # How long `follow` keeps trying through a server restart before it gives up.
 FOLLOW_OUTAGE_S = 120.0
 # Pages of new events read per poll; a follower that fell further behind skips to the newest.
@@ -115,7 +115,7 @@ def _summary(job: dict) -> list[tuple[str, object]]:
         ("id", job["id"]), ("status", job["status"]), ("model", job["model"]),
         ("fine_tuned_model", job.get("fine_tuned_model")), ("method", _method(job)),
         ("progress", _progress(job)), ("eta", human_duration(progress.get("seconds_remaining"))
-                                       if job["status"] == "running" else None),
+                                       if job["status"] == JobStatus.RUNNING else None),
         ("training_file", job["training_file"]), ("validation_file", job.get("validation_file")),
         ("hyperparameters", json.dumps(job.get("hyperparameters"))), ("peft", json.dumps(job.get("peft"))),
         ("created", when(job["created_at"])), ("finished", when(job.get("finished_at"))),
@@ -164,9 +164,9 @@ def _bar_note(job: dict, loss: float | None) -> str:
     parts = [job["status"]]
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
-    if job["status"] == "running":
+    if job["status"] == JobStatus.RUNNING:
         parts.append(f"ETA {human_duration(progress.get('seconds_remaining'))}")
-    elif job["status"] == "queued" and job.get("queue_position"):
+    elif job["status"] == JobStatus.QUEUED and job.get("queue_position"):
         parts.append(f"#{job['queue_position']} in queue")
     return " ".join(parts)
 
@@ -208,7 +208,7 @@ def follow(client: ApiClient, job_id: str, *, interval: float, json_output: bool
 
     if json_output:
         print_json(job)
-    if job["status"] == "succeeded":
+    if job["status"] == JobStatus.SUCCEEDED:
         if not json_output:
             print(job["fine_tuned_model"], flush=True)
         return EXIT_OK
@@ -307,8 +307,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     create.set_defaults(func=cmd_create)
 
     list_cmd = sub.add_parser("list", parents=[common], help="list jobs, newest first")
-    list_cmd.add_argument("--status", choices=["validating_files", "queued", "running", "paused", "succeeded",
-                                               "failed", "cancelled"])
+    list_cmd.add_argument("--status", choices=[status.value for status in JobStatus])
     list_cmd.add_argument("--metadata", type=_filter_pair, action="append", metavar="KEY=VALUE",
                           help="only jobs whose metadata holds KEY=VALUE (repeatable)")
     list_cmd.add_argument("--limit", type=int, default=20)

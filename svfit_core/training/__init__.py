@@ -1,9 +1,9 @@
-"""Training with SVFit or a baseline: the loop (``loop.py``), what a run is asked to do (``config.py``),
+"""Training with SVFit or a baseline: the loop (``loop.py``), what a run is asked to do (``run_config.py``),
 the data formats and their encoding, batching, the learning-rate schedule, resumable checkpoints, the
 methods (SVFit and the LoRA / PiSSA / full / head-only baselines) and what a run leaves behind
 (``outputs.py``).
 
-Like the package above it, importing this costs nothing until a name is touched: ``config.py`` and
+Like the package above it, importing this costs nothing until a name is touched: ``run_config.py`` and
 ``data.py`` are torch-free, so the service validates requests and uploads with them without loading torch.
 """
 
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from svfit_core.lazy_exports import lazy_getattr
 
 _EXPORTS = {
-    "PeftSpec": ".config",
-    "TrainConfig": ".config",
-    "HyperparameterError": ".config",
+    "PeftSpec": ".run_config",
+    "TrainConfig": ".run_config",
+    "HyperparameterError": ".run_config",
     "TrainingCallbacks": ".loop",
     "TrainResult": ".loop",
     "run_training": ".loop",
@@ -26,7 +26,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .config import HyperparameterError, PeftSpec, TrainConfig
+    from .run_config import HyperparameterError, PeftSpec, TrainConfig
     from .loop import TrainingCallbacks, TrainResult, run_training
     from .layout import TRAINING_META
 

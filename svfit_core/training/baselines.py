@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svfit_core.errors import AdapterFormatError
-from svfit_core.training.config import HyperparameterError, PeftSpec
+from svfit_core.training.run_config import HyperparameterError, PeftSpec
 
 HEAD_WEIGHTS = "head_model.safetensors"
 PISSA_STATE = "pissa_state.safetensors"

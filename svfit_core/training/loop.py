@@ -41,7 +41,7 @@ from svfit_core.loading import head_module_names, load_base_model, max_positions
 from svfit_core.training.methods import Method, default_targets, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
-from svfit_core.training.config import PeftSpec, TrainConfig
+from svfit_core.training.run_config import PeftSpec, TrainConfig
 from svfit_core.training.layout import (
     CHECKPOINTS_DIR,
     FINAL_DIR,

@@ -20,7 +20,7 @@ from svfit_core.model import SVFitModel, inject_svfit
 from svfit_core.training.param_groups import build_param_groups
 from svfit_core.serialization import load_svfit_adapter, save_svfit_adapter
 from svfit_core.targets import DEFAULT_TARGETS
-from svfit_core.training.config import HyperparameterError, PeftSpec
+from svfit_core.training.run_config import HyperparameterError, PeftSpec
 
 
 class Method(Protocol):

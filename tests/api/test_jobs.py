@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
-from api.core.hyperparameters import METHOD_DEFAULT_LEARNING_RATE
 from api.core.tables import Job
+from svfit_core.training.run_config import DEFAULT_LEARNING_RATE
 from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl
 
 
@@ -41,7 +41,7 @@ def test_create_resolves_everything_and_enqueues_after_commit(any_db_api):
     assert job["seed"] == 7 and job["metadata"] == {"team": "nlp"} and job["user_provided_suffix"] == "my-model"
     hyper = job["hyperparameters"]
     assert hyper["n_epochs"] >= 1 and hyper["batch_size"] >= 1 and hyper["learning_rate_multiplier"] == 1.0
-    assert hyper["learning_rate"] == pytest.approx(METHOD_DEFAULT_LEARNING_RATE["svfit"])
+    assert hyper["learning_rate"] == pytest.approx(DEFAULT_LEARNING_RATE["svfit"])
     assert job["method"] == {
         "type": "supervised",
         "supervised": {"hyperparameters": {k: hyper[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}},
@@ -57,7 +57,7 @@ def test_method_block_and_peft_extension(api):
         peft={"type": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj"], "max_seq_length": 64, "bogus": 1},
     )
     assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["batch_size"] == 4
-    assert job["hyperparameters"]["learning_rate"] == pytest.approx(0.5 * METHOD_DEFAULT_LEARNING_RATE["lora"])
+    assert job["hyperparameters"]["learning_rate"] == pytest.approx(0.5 * DEFAULT_LEARNING_RATE["lora"])
     assert job["peft"] == {"type": "lora", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "max_seq_length": 64}
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from api.core.job_spec import peft_spec, train_config
 from api.core.settings import Settings
 from api.core.tables import Job
 from tests.faults.cluster import BASE_MODEL, Cluster
 from tests.worker.helpers import assert_same_adapter
-from worker import pipeline, publishing
+from worker import publishing
 
 
 def assert_trained_once(cluster: Cluster, job_id: str) -> Job:
@@ -74,13 +75,16 @@ class ReferenceRuns:
         key = json.dumps([job.hyperparameters, job.peft, job.seed], sort_keys=True)
         if key not in self._done:
             out = self.root / f"reference-{len(self._done)}"
-            config = pipeline.train_config_for(job, Settings(data_dir=self.root))
+            config = train_config(
+                job.hyperparameters, job.peft, seed=int(job.seed),
+                default_checkpoint_every=Settings(data_dir=self.root).default_checkpoint_every,
+            )
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 result = run_training(
                     self.models_dir / BASE_MODEL, load_examples(self.train_path), None,
-                    pipeline.peft_spec_for(job.peft), config, out,
+                    peft_spec(job.peft), config, out,
                 )
             finally:
                 torch.set_num_threads(threads)

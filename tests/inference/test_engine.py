@@ -102,7 +102,7 @@ def test_request_joining_a_running_batch_gets_the_same_answer(zoo, engine, monke
     async def staggered():
         first = asyncio.ensure_future(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0], 30, ignore_eos=True)))
         await asyncio.sleep(0.1)
-        assert engine.stats()["running"] == 1
+        assert engine.stats()["decoding"] == 1
         second = await answer(engine, greedy(ref(zoo, "sv1"), PROMPTS[1], 10))
         return await first, second
 
@@ -124,12 +124,12 @@ def test_cancelled_request_leaves_the_batch(zoo, engine, monkeypatch):
                 break
         ticket.cancel()
         deadline = time.monotonic() + 5
-        while engine.stats()["running"] and time.monotonic() < deadline:
+        while engine.stats()["decoding"] and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return engine.stats()
 
     stats = asyncio.run(cancel_after_first_token())
-    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["decoding"] == 0 and stats["waiting"] == 0
 
 
 def test_seed_reproduces_sampled_answers_and_choices_differ(zoo, engine):
@@ -204,7 +204,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(zoo, engine,
         asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))
     recovered = asyncio.run(answer(engine, greedy(ref(zoo, "sv0"), PROMPTS[0])))
     assert recovered[0].text == reference_text(zoo, "sv0", PROMPTS[0])
-    assert engine.stats()["running"] == 0
+    assert engine.stats()["decoding"] == 0
 
 
 def test_memory_budget_unloads_idle_models_and_reloads_them(zoo, tmp_path):

@@ -158,10 +158,10 @@ def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
                       headers={"Authorization": f"Bearer {key}"}, timeout=30) as response:
         assert response.status_code == 200
         for _line in response.iter_lines():
-            if app.state.inference.stats()["running"] == 2:  # both rows decoding (stats lag a step)
+            if app.state.inference.stats()["decoding"] == 2:  # both rows decoding (stats lag a step)
                 break  # leaving iter_lines closes the stream: the client hangs up
     hung_up = time.monotonic()
-    wait_until(lambda: app.state.inference.stats()["running"] == 0)
+    wait_until(lambda: app.state.inference.stats()["decoding"] == 0)
     # 50 tokens at ≥ 20 ms a step take a second: the rows left early because the client did
     assert time.monotonic() - hung_up < 0.8
 

@@ -19,7 +19,7 @@ def _imports_torch(statement: str) -> bool:
 
 @pytest.mark.parametrize("module", [
     "svfit_core", "svfit_core.config", "svfit_core.errors", "svfit_core.training",
-    "svfit_core.training.config", "svfit_core.training.data", "svfit_core.training.layout",
+    "svfit_core.training.run_config", "svfit_core.training.data", "svfit_core.training.layout",
     "api.core.job_spec", "api.core.job_states",
 ])
 def test_torch_free_modules_do_not_import_torch(module):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from svfit_core.training.outputs import load_trained_model
 from svfit_core.errors import DataError
-from svfit_core.training.config import HyperparameterError
+from svfit_core.training.run_config import HyperparameterError
 from svfit_core.training import PeftSpec, TrainConfig, TrainingCallbacks, TrainResult, run_training
 
 WORDS = ["good", "bad", "great", "terrible", "yes", "no"]

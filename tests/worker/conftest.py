@@ -28,10 +28,8 @@ BASE_MODEL = "tiny-llama"
 
 # Short, fast jobs: 40 examples, batch 4, 2 epochs = 20 steps, a checkpoint every 5.
 N_EXAMPLES = 40
-HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
-PEFT = {
-    "type": "svfit", "rank": 4, "learning_rate": 5e-2, "max_seq_length": 32, "checkpoint_every": 5, "warmup_ratio": 0.1,
-}
+HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "learning_rate": 5e-2}
+PEFT = {"type": "svfit", "rank": 4, "max_seq_length": 32, "checkpoint_every": 5, "warmup_ratio": 0.1}
 
 SUBJECTS = "movie film book food service".split()
 OPINIONS = ["good", "bad", "great", "terrible"]

@@ -256,16 +256,3 @@ def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param
     assert "Traceback" not in job.error["message"] and "secret" not in job.error["message"]
     last = service.events(job_id)[-1]
     assert last.level == "error" and last.message == job.error["message"]
-
-
-def test_validating_files_job_with_a_rejected_file_fails_before_running(service):
-    bad = service.add_file(chat_examples_bytes(), status="error")
-    job_id = service.add_job(training_file=bad, validation=False, status="validating_files")
-
-    assert pipeline.run_job(job_id) == "failed"
-    job = service.job(job_id)
-    assert job.error["code"] == "invalid_training_file" and job.started_at is None
-
-
-def chat_examples_bytes() -> bytes:
-    return b'{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}]}\n'

@@ -7,6 +7,7 @@ Validation happens before any model is loaded, so a bad request fails in millise
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ DEFAULT_LEARNING_RATE = {"svfit": 5e-2, "lora": 5e-4, "pissa": 5e-4, "full": 5e-
 # training; for the others the method's rate, which is what their usual recipes use for the whole model.
 DEFAULT_HEAD_LEARNING_RATE = {"svfit": 5e-3, "lora": 5e-4, "pissa": 5e-4, "full": 5e-5}
 DEFAULT_LORA_RANK = 8
+# Counts (ranks, steps, lengths) end up in tensors' index types and the service's 32-bit columns.
+MAX_INT32 = 2**31 - 1
 
 
 class HyperparameterError(ConfigError):
@@ -41,11 +44,24 @@ class HyperparameterError(ConfigError):
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INT32
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def finite_number(value: Any) -> bool:
+    """An int or float (a bool is neither here) that is a finite float: not inf or NaN, and not an integer
+    too large for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400) overflows converting to float
+        return False
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: a hostile 4,000-digit number or a huge list is cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -64,29 +80,36 @@ class PeftSpec:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise HyperparameterError(f"unknown method {self.method!r} (expected one of {METHODS})", param="method")
+            raise HyperparameterError(
+                f"unknown method {shown(self.method)} (expected one of {METHODS})", param="method"
+            )
         if self.rank is not None and not _positive_int(self.rank):
-            raise HyperparameterError(f"rank must be a positive integer, got {self.rank!r}", param="rank")
-        if self.energy is not None and not (_number(self.energy) and 0.0 < self.energy <= 1.0):
-            raise HyperparameterError(f"energy must be in (0, 1], got {self.energy!r}", param="energy")
+            raise HyperparameterError(f"rank must be an integer from 1 to 2^31-1, got {shown(self.rank)}", param="rank")
+        if self.energy is not None and not (finite_number(self.energy) and 0.0 < self.energy <= 1.0):
+            raise HyperparameterError(f"energy must be in (0, 1], got {shown(self.energy)}", param="energy")
         if self.energy_measure not in ENERGY_MEASURES:
             raise HyperparameterError(
-                f"energy_measure must be one of {ENERGY_MEASURES}, got {self.energy_measure!r}",
+                f"energy_measure must be one of {ENERGY_MEASURES}, got {shown(self.energy_measure)}",
                 param="energy_measure",
             )
         if self.energy is not None and self.method != "svfit":
             raise HyperparameterError("energy applies to the svfit method only", param="energy")
-        if self.lora_alpha is not None and not (_number(self.lora_alpha) and self.lora_alpha > 0):
-            raise HyperparameterError(f"lora_alpha must be > 0, got {self.lora_alpha!r}", param="lora_alpha")
+        if self.lora_alpha is not None and not (finite_number(self.lora_alpha) and self.lora_alpha > 0):
+            raise HyperparameterError(
+                f"lora_alpha must be a finite number > 0, got {shown(self.lora_alpha)}", param="lora_alpha"
+            )
         if self.target_modules is not None and not (
             (isinstance(self.target_modules, str) and self.target_modules)
             or (isinstance(self.target_modules, list) and self.target_modules
                 and all(isinstance(t, str) and t for t in self.target_modules))
         ):
             raise HyperparameterError(
-                f"target_modules must be a non-empty list of names or a string, got {self.target_modules!r}",
+                f"target_modules must be a non-empty list of names or a string, got {shown(self.target_modules)}",
                 param="target_modules",
             )
+        if not isinstance(self.train_bottom, bool):
+            raise HyperparameterError(f"train_bottom must be a boolean, got {shown(self.train_bottom)}",
+                                      param="train_bottom")
 
     def resolved(self, default_targets: list[str] | str | None) -> PeftSpec:
         """A copy with the method's defaults filled in (targets are given by the caller, who knows the model)."""
@@ -141,31 +164,44 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length"):
             if not _positive_int(getattr(self, name)):
-                raise HyperparameterError(f"{name} must be a positive integer, got {getattr(self, name)!r}", param=name)
+                raise HyperparameterError(
+                    f"{name} must be an integer from 1 to 2^31-1, got {shown(getattr(self, name))}", param=name
+                )
         for name in ("eval_every", "checkpoint_every", "max_steps"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
-                raise HyperparameterError(f"{name} must be a positive integer or None, got {value!r}", param=name)
+                raise HyperparameterError(
+                    f"{name} must be an integer from 1 to 2^31-1 or None, got {shown(value)}", param=name
+                )
         for name in ("learning_rate", "head_learning_rate"):
             value = getattr(self, name)
-            if value is not None and not (_number(value) and value > 0):
-                raise HyperparameterError(f"{name} must be > 0, got {value!r}", param=name)
-        if not (_number(self.weight_decay) and self.weight_decay >= 0):
-            raise HyperparameterError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}", param="weight_decay")
-        if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
-            raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}",
+            if value is not None and not (finite_number(value) and value > 0):
+                raise HyperparameterError(f"{name} must be a finite number > 0, got {shown(value)}", param=name)
+        if not (finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise HyperparameterError(
+                f"weight_decay must be a finite number ≥ 0, got {shown(self.weight_decay)}", param="weight_decay"
+            )
+        if not (finite_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {shown(self.warmup_ratio)}",
                                       param="warmup_ratio")
         if self.bf16 not in (None, True, False):
-            raise HyperparameterError(f"bf16 must be true, false or null, got {self.bf16!r}", param="bf16")
+            raise HyperparameterError(f"bf16 must be true, false or null, got {shown(self.bf16)}", param="bf16")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise HyperparameterError(
+                f"gradient_checkpointing must be a boolean, got {shown(self.gradient_checkpointing)}",
+                param="gradient_checkpointing",
+            )
         if self.lr_scheduler not in SCHEDULERS:
             raise HyperparameterError(
-                f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}", param="lr_scheduler"
+                f"lr_scheduler must be one of {SCHEDULERS}, got {shown(self.lr_scheduler)}", param="lr_scheduler"
             )
-        if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise HyperparameterError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}",
-                                      param="max_grad_norm")
+        if self.max_grad_norm is not None and not (finite_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise HyperparameterError(
+                f"max_grad_norm must be a finite number > 0 or None, got {shown(self.max_grad_norm)}",
+                param="max_grad_norm",
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise HyperparameterError(f"seed must be a non-negative integer, got {self.seed!r}", param="seed")
+            raise HyperparameterError(f"seed must be a non-negative integer, got {shown(self.seed)}", param="seed")
         if self.label_names is not None and not (
             isinstance(self.label_names, list) and self.label_names
             and all(isinstance(n, str) and n for n in self.label_names)

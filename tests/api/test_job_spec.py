@@ -1,0 +1,163 @@
+"""The job-spec contract (api/core/job_spec.py): a request becomes the stored spec and the stored spec the
+library's PeftSpec / TrainConfig; the learning rates are the library's; the library's validators refuse bad
+values at creation, as a 400 naming the request's field; the "auto" rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from api.core.errors import InvalidParameter
+from api.core.job_spec import (
+    PEFT_TYPES,
+    SPEC_OPTIONS,
+    TRAIN_OPTIONS,
+    auto_batch_size,
+    auto_n_epochs,
+    peft_spec,
+    resolve_request,
+    train_config,
+)
+from svfit_core.training.run_config import DEFAULT_LEARNING_RATE, DEFAULT_LORA_RANK, HyperparameterError, PeftSpec, TrainConfig
+
+
+def round_trip(peft: dict | None, hyperparameters: dict | None = None, *, checkpoint_every: int | None = 50):
+    """request -> stored -> library, as job creation and then the worker do it (with the stored JSON kept)."""
+    stored_peft, stored_hyper = resolve_request(peft, hyperparameters, n_examples=40)
+    spec = peft_spec(stored_peft)
+    config = train_config(stored_hyper, stored_peft, seed=7, default_checkpoint_every=checkpoint_every)
+    spec.validate()
+    config.validate()
+    return stored_peft, stored_hyper, spec, config
+
+
+def test_svfit_round_trip():
+    stored, hyper, spec, config = round_trip(
+        {"rank": 4.0, "target_modules": ["q_proj"], "energy_measure": "linear", "train_bottom": True,
+         "max_seq_length": 64, "checkpoint_every": 3, "warmup_ratio": 0.2, "lr_scheduler": "cosine", "bogus": 1},
+        {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5},
+    )
+    assert stored == {
+        "type": "svfit", "rank": 4, "energy": None, "target_modules": ["q_proj"], "energy_measure": "linear",
+        "train_bottom": True, "max_seq_length": 64, "checkpoint_every": 3, "warmup_ratio": 0.2, "lr_scheduler": "cosine",
+    }
+    assert hyper == {
+        "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5,
+        "learning_rate": 0.5 * DEFAULT_LEARNING_RATE["svfit"],
+    }
+    assert spec == PeftSpec(method="svfit", rank=4, target_modules=["q_proj"], energy_measure="linear", train_bottom=True)
+    assert config == TrainConfig(
+        n_epochs=2, batch_size=4, learning_rate=0.5 * DEFAULT_LEARNING_RATE["svfit"], seed=7, max_seq_length=64,
+        checkpoint_every=3, warmup_ratio=0.2, lr_scheduler="cosine",
+    )
+
+
+def test_svfit_energy_is_stored_as_a_float():
+    stored, _, spec, _ = round_trip({"energy": 1})
+    assert stored["energy"] == 1.0 and isinstance(stored["energy"], float) and spec.energy == 1.0
+
+
+def test_lora_round_trip_decides_the_library_defaults_at_creation():
+    stored, _, spec, config = round_trip({"type": "lora", "energy": 0.5})  # energy is svfit's: dropped
+    assert stored == {"type": "lora", "rank": DEFAULT_LORA_RANK, "alpha": 2.0 * DEFAULT_LORA_RANK, "target_modules": None}
+    assert spec == PeftSpec(method="lora", rank=DEFAULT_LORA_RANK, lora_alpha=2.0 * DEFAULT_LORA_RANK)
+    assert config.learning_rate == DEFAULT_LEARNING_RATE["lora"] and config.checkpoint_every == 50
+
+    stored, _, spec, _ = round_trip({"type": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear"})
+    assert stored == {"type": "lora", "rank": 4, "alpha": 8.0, "target_modules": "all-linear"}
+    assert spec == PeftSpec(method="lora", rank=4, lora_alpha=8.0, target_modules="all-linear")
+
+
+def test_full_round_trip_drops_the_adapter_options():
+    stored, hyper, spec, config = round_trip({"type": "full", "rank": 4, "max_steps": 10}, checkpoint_every=None)
+    assert stored == {"type": "full", "max_steps": 10}
+    assert spec == PeftSpec(method="full")
+    assert config.max_steps == 10 and config.checkpoint_every is None
+    assert config.learning_rate == hyper["learning_rate"] == DEFAULT_LEARNING_RATE["full"]
+
+
+def test_every_peft_option_is_a_field_of_the_library_class_that_receives_it():
+    assert set(SPEC_OPTIONS) <= set(PeftSpec.__dataclass_fields__)
+    assert set(TRAIN_OPTIONS) <= set(TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("peft_type", PEFT_TYPES)
+def test_the_learning_rate_comes_from_the_library_table(monkeypatch, peft_type):
+    # A copy of the table would not see this change.
+    monkeypatch.setitem(DEFAULT_LEARNING_RATE, peft_type, 0.0123)
+    _, hyper, _, config = round_trip({"type": peft_type}, {"learning_rate_multiplier": 2})
+    assert hyper["learning_rate"] == config.learning_rate == pytest.approx(2 * 0.0123)
+
+
+@pytest.mark.parametrize(
+    ("peft", "hyperparameters", "param"),
+    [
+        ({"lr_scheduler": "exponential"}, None, "peft.lr_scheduler"),
+        ({"energy_measure": "cubic"}, None, "peft.energy_measure"),
+        ({"train_bottom": "yes"}, None, "peft.train_bottom"),
+        ({"gradient_checkpointing": 1}, None, "peft.gradient_checkpointing"),
+        ({"max_steps": 2**31}, None, "peft.max_steps"),
+        ({"max_seq_length": 64.5}, None, "peft.max_seq_length"),
+        ({"head_learning_rate": float("inf")}, None, "peft.head_learning_rate"),
+        ({"weight_decay": 10**400}, None, "peft.weight_decay"),
+        ({"rank": 10**400}, None, "peft.rank"),
+        ({"type": "lora", "alpha": -1}, None, "peft.alpha"),
+        # 5e-324 x the method's rate underflows to a learning rate of 0.
+        (None, {"learning_rate_multiplier": 5e-324}, "hyperparameters.learning_rate_multiplier"),
+    ],
+)
+def test_library_rules_refuse_at_creation_naming_the_request_field(peft, hyperparameters, param):
+    with pytest.raises(InvalidParameter) as info:
+        resolve_request(peft, hyperparameters, n_examples=40)
+    assert info.value.param == param
+    assert len(info.value.message) < 200 and "Invalid" in info.value.message
+
+
+def test_a_library_validation_error_is_a_400_naming_the_peft_field(api, monkeypatch):
+    def refuse(spec: PeftSpec) -> None:
+        raise HyperparameterError("energy_measure must be prime", param="energy_measure")
+
+    monkeypatch.setattr(PeftSpec, "validate", refuse)
+    response = api.create_job(peft={"energy_measure": "squared"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "peft.energy_measure" and error["type"] == "invalid_request_error"
+    assert "energy_measure must be prime" in error["message"]
+    assert not api.dispatch.job_ids
+
+
+def test_a_library_rule_arrives_over_http_as_a_400(api):
+    response = api.create_job(peft={"type": "lora", "alpha": 0})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "peft.alpha" and "lora_alpha must be" in error["message"]
+
+
+def test_explicit_hyperparameters_are_kept_and_the_learning_rate_is_absolute():
+    _, hyper = resolve_request({"type": "full"}, {"n_epochs": 4, "batch_size": 2.0, "learning_rate_multiplier": 2},
+                               n_examples=50)
+    assert hyper == {"n_epochs": 4, "batch_size": 2, "learning_rate_multiplier": 2.0,
+                     "learning_rate": 2 * DEFAULT_LEARNING_RATE["full"]}
+
+
+def test_method_block_errors_name_the_method_block():
+    with pytest.raises(InvalidParameter) as info:
+        resolve_request(None, {"batch_size": 0}, n_examples=40, param_prefix="method.supervised.hyperparameters")
+    assert info.value.param == "method.supervised.hyperparameters.batch_size"
+
+
+def test_peft_defaults():
+    assert resolve_request(None, None, n_examples=40)[0] == {
+        "type": "svfit", "rank": None, "energy": None, "target_modules": None,
+    }
+
+
+@pytest.mark.parametrize(("n", "epochs"), [(1, 25), (10, 10), (20, 5), (34, 3), (1000, 3), (10_000, 2), (100_000, 1)])
+def test_auto_epochs_follow_the_openai_rule(n, epochs):
+    assert auto_n_epochs(n) == epochs
+
+
+def test_auto_batch_size_is_a_bounded_power_of_two():
+    assert auto_batch_size(3) == 3  # never more than the data set
+    assert auto_batch_size(100) == 8
+    assert auto_batch_size(10_000) == 16
+    assert auto_batch_size(10_000_000) == 256
