@@ -383,7 +383,7 @@ def print_tables(rows: list[dict], targets: list[dict]) -> None:
               r.get("params_fewer_than_lora_r8"),
               f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}", r["seeds"],
               _pts(r.get("accuracy_minus_lora_r8")), _pts(r.get("accuracy_minus_full")), r["wall_s"]]
-             if "accuracy_mean" in r else [r["name"], "-", "-", "-", "failed", 0, "-", "-", "-"]
+             if "accuracy_mean" in r else [r["name"], "-", "-", "-", "error", 0, "-", "-", "-"]
              for r in rows if r["task"] == task]))
     if targets:
         print("\nTargets (SVFIT.md): SVFit >= LoRA r=8 at >= 16x fewer params, within 1 pt of full FT")

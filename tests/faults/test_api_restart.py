@@ -17,7 +17,7 @@ from tests.faults.cluster import TERMINAL, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.e2e, pytest.mark.postgres]
 
-ORDER = {"validating_files": 0, "queued": 1, "running": 2, "succeeded": 3, "failed": 3, "cancelled": 3}
+ORDER = {"queued": 1, "running": 2, "succeeded": 3, "failed": 3, "cancelled": 3}
 
 
 class Poller(threading.Thread):

@@ -9,7 +9,7 @@ const STATUS_FILTERS = {
   all: () => true,
   active: (s) => !TERMINAL.has(s),
   running: (s) => s === "running",
-  queued: (s) => s === "queued" || s === "validating_files",
+  queued: (s) => s === "queued",
   paused: (s) => s === "paused",
   succeeded: (s) => s === "succeeded",
   failed: (s) => s === "failed",
