@@ -18,20 +18,15 @@ from svfit_core.lazy_exports import lazy_getattr
 # public name -> the module (relative to this package) that defines it
 _EXPORTS = {
     "SVFitConfig": ".config",
-    "AdapterFormatError": ".errors",
-    "BaseModelMismatchError": ".errors",
-    "ConfigError": ".errors",
-    "DataError": ".errors",
-    "NonFiniteMergeError": ".errors",
-    "SVFitError": ".errors",
-    "TargetModulesNotFoundError": ".errors",
-    "export_merged": ".export",
-    "export_peft_lora": ".export",
+    **dict.fromkeys(
+        ("AdapterFormatError", "BaseModelMismatchError", "ConfigError", "DataError", "NonFiniteMergeError",
+         "SVFitError", "TargetModulesNotFoundError"),
+        ".errors",
+    ),
+    **dict.fromkeys(("export_merged", "export_peft_lora"), ".export"),
     "SVFitLayer": ".layer",
-    "SVFitModel": ".model",
-    "inject_svfit": ".model",
-    "load_svfit_adapter": ".serialization",
-    "save_svfit_adapter": ".serialization",
+    **dict.fromkeys(("SVFitModel", "inject_svfit"), ".model"),
+    **dict.fromkeys(("load_svfit_adapter", "save_svfit_adapter"), ".serialization"),
 }
 
 __all__ = sorted(_EXPORTS)

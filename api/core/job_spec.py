@@ -18,14 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.core.errors import InvalidParameter
-from svfit_core.training.run_config import (
-    DEFAULT_LEARNING_RATE,
-    HyperparameterError,
-    PeftSpec,
-    TrainConfig,
-    finite_number,
-    shown,
-)
+from svfit_core.training.run_config import DEFAULT_LEARNING_RATE, HyperparameterError, PeftSpec, TrainConfig
+from svfit_core.training.run_config import finite_number, shown
 
 # The methods this service offers (the library also has pissa and head_only).
 PEFT_TYPES = ("svfit", "lora", "full")

@@ -14,12 +14,8 @@ from typing import TYPE_CHECKING
 from svfit_core.lazy_exports import lazy_getattr
 
 _EXPORTS = {
-    "PeftSpec": ".run_config",
-    "TrainConfig": ".run_config",
-    "HyperparameterError": ".run_config",
-    "TrainingCallbacks": ".loop",
-    "TrainResult": ".loop",
-    "run_training": ".loop",
+    **dict.fromkeys(("HyperparameterError", "PeftSpec", "TrainConfig"), ".run_config"),
+    **dict.fromkeys(("TrainingCallbacks", "TrainResult", "run_training"), ".loop"),
     "TRAINING_META": ".layout",
 }
 

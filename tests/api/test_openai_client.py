@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from api.core.ids import new_id
 from api.core.tables import Checkpoint, JobEvent
 from tests.api.conftest import Api, chat_file
-from tests.network import free_port
+from tests.network import uvicorn_in_thread
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture
 def served(api: Api) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(api.app) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def test_files_and_jobs_through_the_openai_client(api: Api, served: str):

@@ -3,20 +3,18 @@ hangs up mid-stream."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from api.inference.scheduler import Scheduler
 from api.main import create_app
 from api.services.keys import create_api_key
 from tests.inference.conftest import BERT, LLAMA, make_settings, publish
-from tests.network import free_port
+from tests.network import uvicorn_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +24,8 @@ def server(tmp_path_factory, zoo) -> Iterator[tuple[str, str, object, dict]]:
     with app.state.sessionmaker() as session:
         org_id, key = create_api_key(session, "alpha")
     ids = publish(app, org_id, zoo, settings.data_dir)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key, app, ids
-    server.should_exit = True
-    thread.join(30)
+    with uvicorn_in_thread(app) as port:
+        yield f"http://127.0.0.1:{port}", key, app, ids
 
 
 @pytest.fixture
