@@ -276,6 +276,8 @@ def _run_attempt(
         lost=heartbeat.lost.is_set,
         shutdown=shutdown_requested,
         resumed_step=resume_step,
+        keep_epochs=settings.checkpoint_keep_epochs,
+        keep_steps=settings.checkpoint_keep_steps,
     )
     if resume_step:
         reporter.published_steps.add(resume_step)

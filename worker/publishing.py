@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.core.ids import new_id
@@ -115,9 +115,10 @@ def publish_dir(
 
 
 def ensure_checkpoint_rows(
-    session: Session, job: Job, step: int, metrics: dict[str, Any], model_name: str
+    session: Session, job: Job, step: int, metrics: dict[str, Any], model_name: str, kind: str = "step"
 ) -> Checkpoint:
-    """The Checkpoint row and its servable FineTunedModel row for `step`, inserted once."""
+    """The Checkpoint row (`kind` "epoch" or "step") and its servable FineTunedModel row for `step`, inserted
+    once."""
     key = checkpoint_key(job.id, step)
     ckpt_name = checkpoint_model_name(model_name, step)
     checkpoint = session.scalars(
@@ -129,6 +130,7 @@ def ensure_checkpoint_rows(
             job_id=job.id,
             org_id=job.org_id,
             step_number=step,
+            kind=kind,
             metrics=metrics,
             fine_tuned_model_checkpoint=ckpt_name,
             storage_key=key,
@@ -136,6 +138,34 @@ def ensure_checkpoint_rows(
         session.add(checkpoint)
     ensure_model_row(session, job, ckpt_name, key, step)
     return checkpoint
+
+
+def superseded_checkpoints(
+    session: Session, job_id: str, *, keep_epochs: int, keep_steps: int, resume_step: int | None
+) -> list[Checkpoint]:
+    """The job's checkpoints retention no longer keeps: all but the newest `keep_epochs` epoch checkpoints
+    and the newest `keep_steps` step checkpoints (0 keeps every one of that kind). The checkpoint a resume
+    would start from is always kept."""
+    rows = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
+    ).all()
+    superseded = []
+    for kind, keep in (("epoch", keep_epochs), ("step", keep_steps)):
+        of_kind = [row for row in rows if row.kind == kind]
+        if keep:
+            superseded += [row for row in of_kind[keep:] if row.step_number != resume_step]
+    return superseded
+
+
+def delete_checkpoints(session: Session, checkpoints: list[Checkpoint]) -> list[str]:
+    """Delete the rows of `checkpoints` and of their servable models; returns the store keys to delete once
+    this transaction has committed (a reader never finds a row whose files are gone)."""
+    names = [row.fine_tuned_model_checkpoint for row in checkpoints]
+    if names:
+        session.execute(delete(FineTunedModel).where(FineTunedModel.id.in_(names)))
+    for row in checkpoints:
+        session.delete(row)
+    return [row.storage_key for row in checkpoints]
 
 
 def ensure_model_row(session: Session, job: Job, name: str, key: str, step: int | None) -> FineTunedModel:

@@ -74,6 +74,8 @@ class JobReporter(TrainingCallbacks):
         lost: Callable[[], bool] = lambda: False,
         shutdown: Callable[[], bool] = lambda: False,
         resumed_step: int | None = None,
+        keep_epochs: int = 0,
+        keep_steps: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.job = job
@@ -86,6 +88,7 @@ class JobReporter(TrainingCallbacks):
         self._lost = lost
         self._shutdown = shutdown
         self.resumed_step = resumed_step
+        self.keep_epochs, self.keep_steps = keep_epochs, keep_steps  # checkpoint retention; 0 keeps all
         self._clock = clock
 
         # Why the run was asked to stop: "cancel" | "pause" (the user), "shutdown" (the worker is stopping),
@@ -174,9 +177,9 @@ class JobReporter(TrainingCallbacks):
         if self._due():
             self.flush()
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
+    def on_checkpoint(self, step: int, path: Path, epoch_end: bool = False) -> None:
         self.flush()
-        self.publish_checkpoint(int(step), Path(path))
+        self.publish_checkpoint(int(step), Path(path), kind="epoch" if epoch_end else "step")
 
     def should_stop(self) -> str:
         if self.stop_reason is None:
@@ -191,8 +194,9 @@ class JobReporter(TrainingCallbacks):
 
     # --- helpers the pipeline also uses ------------------------------------------------------------------
 
-    def publish_checkpoint(self, step: int, path: Path) -> None:
-        """Copy a checkpoint into the store and record it (rows, last_checkpoint_step); idempotent per step."""
+    def publish_checkpoint(self, step: int, path: Path, kind: str = "step") -> None:
+        """Copy a checkpoint into the store and record it (rows, last_checkpoint_step); idempotent per step.
+        Then the checkpoints it supersedes go (retention: settings.checkpoint_keep_epochs / _steps)."""
         if step in self.published_steps:
             return
         metrics = {"step": step, **self.last_train, **self.last_valid}
@@ -210,12 +214,24 @@ class JobReporter(TrainingCallbacks):
         try:
             with session_scope() as session:
                 self._claimed_update(session, last_checkpoint_step=step, heartbeat_at=time.time())
-                publishing.ensure_checkpoint_rows(session, self.job, step, metrics, self.model_name)
+                publishing.ensure_checkpoint_rows(session, self.job, step, metrics, self.model_name, kind)
                 add_event(session, self.job_id, f"Checkpoint created at step {step}", data={"step": step})
+                superseded = publishing.superseded_checkpoints(
+                    session, self.job_id, keep_epochs=self.keep_epochs, keep_steps=self.keep_steps,
+                    resume_step=step,
+                )
+                deleted_keys = publishing.delete_checkpoints(session, superseded)
         except JobLost:
             self._mark_lost()
             return
         self.published_steps.add(step)
+        # After the commit: a crash between the two leaves only unreferenced files in the store, and so does
+        # a store that cannot be reached now (training goes on; the files are merely not reclaimed).
+        for key in deleted_keys:
+            try:
+                self.storage.delete(key)
+            except Exception:  # noqa: BLE001 - whatever the backend raises; retention is best effort
+                log.warning("could not delete superseded checkpoint %s", key, exc_info=True)
 
     def flush(self) -> None:
         """Write buffered events and the latest progress in one transaction (best effort on DB errors)."""

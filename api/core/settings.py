@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = 30.0
     progress_interval_s: float = 1.0
     default_checkpoint_every: int = 50
+    # What a job keeps in the store (OpenAI lists the last epochs' checkpoints): the newest epoch checkpoints
+    # and the newest step checkpoint (crash recovery). Superseded ones are deleted as new ones land; 0 keeps
+    # every checkpoint of that kind.
+    checkpoint_keep_epochs: int = Field(default=3, ge=0)
+    checkpoint_keep_steps: int = Field(default=1, ge=0)
     control_poll_interval_s: float = 0.5  # how often a running job re-reads requested_action (cancel/pause)
     max_job_attempts: int = 3  # a job whose worker died this many times fails instead of looping
     redispatch_after_s: float = Field(

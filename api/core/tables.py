@@ -121,6 +121,9 @@ class Checkpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     org_id: Mapped[str] = mapped_column(String(64), index=True)
     step_number: Mapped[int] = mapped_column(Integer)
+    # "epoch": taken because an epoch ended; "step": by `checkpoint_every` or a pause. Retention keeps the
+    # newest few of each (settings.checkpoint_keep_epochs / checkpoint_keep_steps).
+    kind: Mapped[str] = mapped_column(String(8), default="step", server_default="step")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(512), unique=True)
     storage_key: Mapped[str] = mapped_column(String(512))

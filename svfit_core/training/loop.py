@@ -69,8 +69,9 @@ class TrainingCallbacks:
     def on_eval(self, metrics: dict) -> None:
         """After each evaluation: step, valid_loss, valid_mean_token_accuracy."""
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        """After checkpoint ``step-N`` is complete on disk (renamed into place)."""
+    def on_checkpoint(self, step: int, path: Path, epoch_end: bool = False) -> None:
+        """After checkpoint ``step-N`` is complete on disk (renamed into place). ``epoch_end``: it was taken
+        because an epoch ended (one per epoch, as OpenAI lists them), not by ``checkpoint_every`` or a pause."""
 
     def should_stop(self) -> StopDecision:
         """Polled before every optimizer step."""
@@ -160,11 +161,11 @@ def run_training(
     def result(ended_by: EndedBy, adapter_dir: Path | None = None) -> TrainResult:
         return TrainResult(ended_by, step, run.total_steps, trained_tokens, dict(metrics), adapter_dir, last_checkpoint)
 
-    def checkpoint() -> Path:
+    def checkpoint(epoch_end: bool = False) -> Path:
         position = TrainingState(step, epoch, batch_index, run.config.seed, trained_tokens, run.total_steps,
                                  _run_identity(run), dict(metrics))
-        path = _save_checkpoint(run, optimizer, position)
-        callbacks.on_checkpoint(step, path)
+        path = _save_checkpoint(run, optimizer, position, epoch_end)
+        callbacks.on_checkpoint(step, path, epoch_end=epoch_end)
         return path
 
     while step < run.total_steps:
@@ -183,7 +184,8 @@ def run_training(
 
         # Advance the data position; a new epoch draws its own order from (seed, epoch).
         batch_index += 1
-        if batch_index == len(batches):
+        epoch_end = batch_index == len(batches)
+        if epoch_end:
             epoch, batch_index = epoch + 1, 0
             batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
 
@@ -206,9 +208,11 @@ def run_training(
                 {"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]}
             )
 
+        # One checkpoint per epoch (the last one too: it is the final model with its training state), and
+        # every `checkpoint_every` steps between them for crash recovery.
         every_ckpt = run.config.checkpoint_every
-        if every_ckpt and step % every_ckpt == 0:
-            last_checkpoint, saved_step = checkpoint(), step
+        if epoch_end or (every_ckpt and step % every_ckpt == 0):
+            last_checkpoint, saved_step = checkpoint(epoch_end), step
 
     final = run.output_dir / FINAL_DIR
     with atomic_dir(final) as part:
@@ -445,7 +449,7 @@ def _evaluate(run: _Run) -> dict:
 # -- writing adapters -------------------------------------------------------------------------------------
 
 
-def training_meta(run: _Run, step: int) -> dict:
+def training_meta(run: _Run, step: int, epoch_end: bool = False) -> dict:
     return {
         "format_version": META_FORMAT_VERSION,
         "method": run.method.name,
@@ -454,20 +458,23 @@ def training_meta(run: _Run, step: int) -> dict:
         "base_model_path": str(run.base_model_path.resolve()),
         "base_model_name": run.base_model_path.resolve().name,
         "step": step,
+        "epoch_end": epoch_end,
         "peft": run.peft.to_dict(),
         "max_seq_length": run.config.max_seq_length,
     }
 
 
-def _write_servable(run: _Run, folder: Path, step: int) -> None:
+def _write_servable(run: _Run, folder: Path, step: int, epoch_end: bool = False) -> None:
     run.method.save(run.model, folder)
-    (folder / TRAINING_META).write_text(json.dumps(training_meta(run, step), indent=2))
+    (folder / TRAINING_META).write_text(json.dumps(training_meta(run, step, epoch_end), indent=2))
 
 
-def _save_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, position: TrainingState) -> Path:
+def _save_checkpoint(
+    run: _Run, optimizer: torch.optim.Optimizer, position: TrainingState, epoch_end: bool
+) -> Path:
     final = run.output_dir / CHECKPOINTS_DIR / checkpoint_dir_name(position.step)
     with atomic_dir(final) as part:
-        _write_servable(run, part, position.step)
+        _write_servable(run, part, position.step, epoch_end)
         run.method.save_resume_state(run.model, part)
         position.optimizer_tensors, position.optimizer_json = flatten_optimizer(optimizer)
         position.rng_tensors, position.rng_json = capture_rng()

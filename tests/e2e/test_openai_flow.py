@@ -119,8 +119,8 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     assert client.files.retrieve(uploaded.id).status == "processed"
     assert client.files.content(uploaded.id).read() == chat_jsonl.read_bytes()
 
-    job = create_job(client, uploaded.id)
-    assert job.hyperparameters.n_epochs == 2
+    job = create_job(client, uploaded.id, n_epochs=3)  # 16 examples in batches of 2: 8 steps an epoch
+    assert job.hyperparameters.n_epochs == 3
     assert job.model_extra["peft"]["type"] == "svfit"
     job = wait_for(client, job.id, {"succeeded"})
     assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tiny-llama:")
@@ -131,7 +131,9 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and all("train_loss" in e.data for e in metrics)
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert checkpoints and all(c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model) for c in checkpoints)
+    assert all(c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model) for c in checkpoints)
+    # One per epoch (8, 16, 24) and, of those taken every 4 steps, the newest (20); 4 and 12 were deleted.
+    assert sorted(c.step_number for c in checkpoints) == [8, 16, 20, 24]
     results_csv = client.files.content(job.result_files[0]).read().decode()
     assert results_csv.splitlines()[0].startswith("step")
 

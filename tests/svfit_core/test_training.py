@@ -3,6 +3,8 @@ data errors, gradient accumulation."""
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +50,7 @@ class Recorder(TrainingCallbacks):
         self.steps: list[dict] = []
         self.evals: list[dict] = []
         self.checkpoints: list[tuple[int, Path]] = []
+        self.epoch_checkpoints: list[int] = []
         self.stop_after, self.decision = stop_after, decision
 
     def on_start(self, info):
@@ -59,8 +62,10 @@ class Recorder(TrainingCallbacks):
     def on_eval(self, metrics):
         self.evals.append(metrics)
 
-    def on_checkpoint(self, step, path):
+    def on_checkpoint(self, step, path, epoch_end=False):
         self.checkpoints.append((step, path))
+        if epoch_end:
+            self.epoch_checkpoints.append(step)
 
     def should_stop(self):
         return self.decision if self.stop_after is not None and len(self.steps) >= self.stop_after else "continue"
@@ -118,6 +123,14 @@ def test_callbacks_report_start_steps_and_evals(svfit_chat_run):
     assert (result.adapter_dir / "training_meta.json").is_file()
 
 
+def test_one_checkpoint_per_epoch_the_last_one_included(svfit_chat_run):
+    result, rec = svfit_chat_run  # 2 epochs of 3 steps, no checkpoint_every
+    assert rec.epoch_checkpoints == [3, 6] and [step for step, _ in rec.checkpoints] == [3, 6]
+    for step, path in rec.checkpoints:
+        meta = json.loads((path / "training_meta.json").read_text())
+        assert meta["step"] == step and meta["epoch_end"] is True
+
+
 def test_golden_loss(svfit_chat_run):
     _, rec = svfit_chat_run
     print(f"golden: first={rec.losses[0]!r} last={rec.losses[-1]!r}")
@@ -158,7 +171,9 @@ def test_pause_and_resume_svfit_chat_is_exact(svfit_chat_run, llama, tmp_path):
     paused, first = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=4)
     assert paused.ended_by == "pause" and paused.step == 4 and paused.adapter_dir is None
     assert paused.last_checkpoint == tmp_path / "checkpoints" / "step-4"
-    assert first.checkpoints == [(4, paused.last_checkpoint)]
+    # The end of epoch 1 (step 3), then the pause.
+    assert first.checkpoints == [(3, tmp_path / "checkpoints" / "step-3"), (4, paused.last_checkpoint)]
+    assert first.epoch_checkpoints == [3]
     assert not list((tmp_path / "checkpoints").glob("*.part"))
 
     resumed, second = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path,

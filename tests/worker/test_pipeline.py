@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from api.core.tables import Checkpoint, File, FineTunedModel
+from tests.worker.conftest import HYPERPARAMETERS, clear_caches
 from tests.worker.helpers import adapter_tensors, assert_same_adapter
 from worker import pipeline, publishing, recovery
 from worker.reporting import JobReporter
@@ -55,9 +56,11 @@ def test_run_job_succeeds_and_publishes(service):
     assert all(m["total_steps"] == 20 and m["train_mean_token_accuracy"] is not None for m in train)
     assert valid and all(m["valid_mean_token_accuracy"] is not None for m in valid)
 
-    # Checkpoints: rows, servable model rows, published directories.
+    # Checkpoints: rows, servable model rows, published directories. Taken at steps 5 and 15
+    # (checkpoint_every) and 10 and 20 (the epochs' ends); retention keeps every epoch and the newest step one.
     checkpoints = sorted(service.rows(Checkpoint, job_id=job_id), key=lambda c: c.step_number)
-    assert [c.step_number for c in checkpoints][:3] == [5, 10, 15]
+    assert [(c.step_number, c.kind) for c in checkpoints] == [(10, "epoch"), (15, "step"), (20, "epoch")]
+    assert not service.store_path(publishing.checkpoint_key(job_id, 5)).exists()
     for ckpt in checkpoints:
         assert ckpt.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{ckpt.step_number}"
         assert ckpt.metrics["step"] == ckpt.step_number and "train_loss" in ckpt.metrics
@@ -85,6 +88,25 @@ def test_run_job_succeeds_and_publishes(service):
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
     assert all(r["train_loss"] for r in rows)
     assert any(r["valid_loss"] for r in rows)
+
+
+def test_retention_keeps_the_newest_epochs_and_step_checkpoint(service, monkeypatch):
+    monkeypatch.setenv("SVFIT_CHECKPOINT_KEEP_EPOCHS", "1")
+    clear_caches()
+    job_id = service.add_job(hyperparameters={**HYPERPARAMETERS, "n_epochs": 3})  # 30 steps, 10 per epoch
+
+    assert pipeline.run_job(job_id) == "succeeded"
+
+    kept = sorted((c.step_number, c.kind) for c in service.rows(Checkpoint, job_id=job_id))
+    assert kept == [(25, "step"), (30, "epoch")]
+    names = {m.id for m in service.rows(FineTunedModel, job_id=job_id)}
+    assert names == {service.job(job_id).fine_tuned_model} | {
+        f"{service.job(job_id).fine_tuned_model}:ckpt-step-{step}" for step, _ in kept
+    }
+    for step in (5, 10, 15, 20):
+        assert not service.store_path(publishing.checkpoint_key(job_id, step)).exists(), step
+    for step, _ in kept:
+        assert service.store_path(publishing.checkpoint_key(job_id, step)).is_dir(), step
 
 
 def test_cancel_through_requested_action(service, monkeypatch):
