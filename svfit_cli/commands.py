@@ -36,7 +36,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "concurrency", 1) < 1:
-        build_parser().error("--concurrency must be at least 1")
     apply_overrides(args)
     return int(args.func(args) or 0)

@@ -2,7 +2,8 @@
 
 `serve` is the one-command local mode: the HTTP API in this process plus one worker subprocess running the
 same task code as a production worker, sharing the data directory (SQLite + filesystem queue by default),
-and started again if it dies (worker/supervisor.py).
+and started again if it dies (worker/supervisor.py). `worker` on a GPU host runs one supervised worker
+process per GPU, each pinned to its GPU.
 The client commands (`jobs`, `files`, `artifacts`, `chat`) live in api/client_cli and use the HTTP API only.
 """
 
@@ -70,8 +71,61 @@ def _store_usable(mode: str) -> bool:
 
 
 def worker_command(queue: str, loglevel: str) -> list[str]:
-    """The command line of one worker process (what `serve` and `worker --concurrency N` supervise)."""
-    return [sys.executable, "-m", "svfit_cli", "worker", "--queue", queue, "--loglevel", loglevel]
+    """The command line of one worker process (what `serve` and `worker --concurrency N` / `--gpus`
+    supervise). `--gpus ""`: the child is one process on the devices its environment shows, never a
+    supervisor of its own."""
+    return [sys.executable, "-m", "svfit_cli", "worker", "--queue", queue, "--loglevel", loglevel, "--gpus", ""]
+
+
+def parse_gpus(text: str) -> list[str]:
+    """`--gpus`: distinct integer GPU ids, comma-separated ("0,1,3"), as CUDA_VISIBLE_DEVICES takes them; ""
+    for none."""
+    if not text.strip():
+        return []
+    ids = [part.strip() for part in text.split(",")]
+    if not all(i.isascii() and i.isdigit() for i in ids) or len({int(i) for i in ids}) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU ids such as 0,1,3 (or '' for none), got {text!r}")
+    return [str(int(i)) for i in ids]
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
+    return value
+
+
+def visible_gpus() -> list[str]:
+    """Every GPU this process sees, by the ids a child's CUDA_VISIBLE_DEVICES must name: the entries of our
+    own CUDA_VISIBLE_DEVICES when it is set (a child's value replaces it rather than indexing into it), else
+    0..n-1. Empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        return [entry.strip() for entry in inherited.split(",")][:count]
+    return [str(i) for i in range(count)]
+
+
+def worker_slots(gpus: list[str], concurrency: int | None) -> list[tuple[str, dict[str, str]]]:
+    """``(label, environment)`` of each worker process: ``concurrency`` of them (default: one per GPU, else
+    one), dealt round-robin over ``gpus``; each on a GPU sees that GPU only (as its cuda:0)."""
+    total = concurrency or len(gpus) or 1
+    slots = []
+    for i in range(total):
+        label = f"worker {i + 1}/{total}"
+        if gpus:
+            gpu = gpus[i % len(gpus)]
+            slots.append((f"{label} on GPU {gpu}", {"CUDA_VISIBLE_DEVICES": gpu}))
+        else:
+            slots.append((label, {}))
+    return slots
 
 
 def enqueue_job(job_id: str) -> None:
@@ -140,12 +194,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if not _store_usable("worker"):
         return 2
-    if args.concurrency > 1:
+    gpus = args.gpus if args.gpus is not None else visible_gpus()
+    slots = worker_slots(gpus, args.concurrency)
+    if gpus or len(slots) > 1:
         # One job per process (training owns the device and its memory): N slots are N worker processes,
-        # each restarted if it dies, so a crash does not quietly cost a slot.
+        # each restarted if it dies, so a crash does not quietly cost a slot. A process pinned to one GPU
+        # cannot spill onto, or be crowded by, another job's.
         command = worker_command(settings.worker_queue, args.loglevel)
-        total = args.concurrency
-        workers = [SupervisedWorker(command, label=f"worker {i + 1}/{total}").start() for i in range(total)]
+        workers = [SupervisedWorker(command, label=label, env=env).start() for label, env in slots]
         stop = threading.Event()
 
         def _stop(_signum: int, _frame: object) -> None:
@@ -219,7 +275,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     worker = commands.add_parser("worker", help="a job worker")
     worker.add_argument("--queue", help="queue to consume, by device class: gpu or cpu (default: $SVFIT_WORKER_QUEUE)")
-    worker.add_argument("--concurrency", type=int, default=1, help="worker processes, one job each (default 1)")
+    worker.add_argument(
+        "--concurrency", type=_at_least_one,
+        help="worker processes, one job each (default: one per GPU of --gpus, else 1)",
+    )
+    worker.add_argument(
+        "--gpus", type=parse_gpus,
+        help="GPU ids to spread the worker processes over, each pinned to one, e.g. 0,1,2,3 "
+        "(default: every visible GPU; '' for none, one process on whatever devices it sees)",
+    )
     worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(func=cmd_worker)
 

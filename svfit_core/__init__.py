@@ -19,8 +19,8 @@ from svfit_core.lazy_exports import lazy_getattr
 _EXPORTS = {
     "SVFitConfig": ".config",
     **dict.fromkeys(
-        ("AdapterFormatError", "BaseModelMismatchError", "ConfigError", "DataError", "NonFiniteMergeError",
-         "SVFitError", "TargetModulesNotFoundError"),
+        ("AdapterFormatError", "BaseModelMismatchError", "ConfigError", "DataError", "DeviceMemoryError",
+         "NonFiniteMergeError", "SVFitError", "TargetModulesNotFoundError", "UnsupportedLayerError"),
         ".errors",
     ),
     **dict.fromkeys(("export_merged", "export_peft_lora"), ".export"),
@@ -38,9 +38,11 @@ if TYPE_CHECKING:
         BaseModelMismatchError,
         ConfigError,
         DataError,
+        DeviceMemoryError,
         NonFiniteMergeError,
         SVFitError,
         TargetModulesNotFoundError,
+        UnsupportedLayerError,
     )
     from .export import export_merged, export_peft_lora
     from .layer import SVFitLayer

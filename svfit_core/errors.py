@@ -94,3 +94,33 @@ class DataError(SVFitError, ValueError):
     def __init__(self, message: str, *, errors: list[str] | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.errors = list(errors or [])
+
+
+class DeviceMemoryError(SVFitError):
+    """Training does not fit in device memory even one example at a time (with gradient checkpointing when
+    it was left automatic). The message names what would fit; ``tokens`` is the length of the example that
+    failed. Not raised for an ordinary out-of-memory: the loop retries those with smaller micro-batches."""
+
+    code = "out_of_memory"
+
+    def __init__(self, message: str, *, tokens: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.tokens = tokens
+
+
+class UnsupportedLayerError(SVFitError):
+    """A target layer SVFit cannot adapt: a quantized linear (bitsandbytes ``Linear4bit``/``Linear8bitLt``,
+    GPTQ, AWQ, HQQ) or any layer whose weight is not a dense floating-point matrix. Its SVD would decompose
+    packed bytes, not W.
+
+    ``module`` names the layer and ``layer_type`` its class.
+    """
+
+    code = "unsupported_layer"
+
+    def __init__(
+        self, message: str, *, module: str | None = None, layer_type: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.module = module
+        self.layer_type = layer_type

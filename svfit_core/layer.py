@@ -207,14 +207,19 @@ def svfit_linear(
     return _SVFitLinear.apply(x, delta, weight, bias, u, v, transposed, formulation)
 
 
-def weight_sha256(weight: torch.Tensor) -> str:
+def weight_sha256(weight: torch.Tensor, precision: torch.dtype | None = None) -> str:
     """sha256 of a weight's shape and float32 values (layout as stored).
 
     Hashing float32 values rather than raw bytes makes a bf16 checkpoint and its exact fp32 upcast hash
-    the same, so an adapter trained on one loads on the other.
+    the same, so an adapter trained on one loads on the other. ``precision`` (bf16 or fp16) rounds the
+    weight to that dtype first: a GPU run that loaded an fp32 checkpoint in bf16 trained on, and hashed, the
+    rounded values, and an fp32 load of the same checkpoint verifies its adapter this way.
     """
     h = hashlib.sha256(repr(tuple(weight.shape)).encode())
-    t = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    t = weight.detach()
+    if precision is not None:
+        t = t.to(precision)  # round to nearest even, as loading the checkpoint in that dtype does
+    t = t.to(device="cpu", dtype=torch.float32).contiguous()
     h.update(t.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
@@ -223,9 +228,9 @@ class SVFitLayer(nn.Module):
     """y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ.
 
     ``base_layer`` is the original ``nn.Linear`` (weight (out, in)) or ``Conv1D`` (weight (in, out)), frozen.
-    Buffers: ``U`` (out, r), ``V`` (in, r), ``s`` (r,) float32 — the trained singular triplets of the base
-    weight taken in (out, in) layout. Parameter: ``sigma`` (r,) float32, initialised to ``s`` so the layer is
-    the base layer bit for bit until σ moves.
+    Buffers: ``U`` (out, r), ``V`` (in, r) in the base weight's dtype and ``s`` (r,) float32 — the trained
+    singular triplets of the base weight taken in (out, in) layout. Parameter: ``sigma`` (r,) float32,
+    initialised to ``s`` so the layer is the base layer bit for bit until σ moves.
     """
 
     def __init__(
@@ -254,10 +259,14 @@ class SVFitLayer(nn.Module):
             )
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        device = base_layer.weight.device
-        f32 = dict(device=device, dtype=torch.float32)
-        self.register_buffer("U", u.detach().to(**f32).contiguous())
-        self.register_buffer("V", v.detach().to(**f32).contiguous())
+        weight = base_layer.weight
+        # U_r, V_r in the base's dtype: the kernel computes in that dtype (or the autocast one) anyway, and on
+        # a bf16 base fp32 copies would double what the bases cost. s and σ stay fp32: σ is what trains, and
+        # σ − s is then exactly zero at init. Merge and export upcast U, V to fp32 themselves.
+        bases = dict(device=weight.device, dtype=weight.dtype)
+        f32 = dict(device=weight.device, dtype=torch.float32)
+        self.register_buffer("U", u.detach().to(**bases).contiguous())
+        self.register_buffer("V", v.detach().to(**bases).contiguous())
         self.register_buffer("s", s.detach().to(**f32).contiguous())
         init = self.s if sigma is None else sigma.detach().to(**f32)
         self.sigma = nn.Parameter(init.clone())
@@ -310,7 +319,7 @@ class SVFitLayer(nn.Module):
     def get_delta_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW = U_r diag(Δσ) V_rᵀ in float32 and in the base layer's layout ((in, out) for Conv1D)."""
         d = (self.delta_sigma() if delta is None else delta).detach().to(torch.float32)
-        delta_w = (self.U * d) @ self.V.mT  # (out, in)
+        delta_w = (self.U.float() * d) @ self.V.float().mT  # (out, in) float32, whatever the bases' dtype
         return delta_w.mT if self.transposed else delta_w
 
     def merge(self, name: str | None = None) -> None:

@@ -1,5 +1,6 @@
 """Loading a base model and its tokenizer from a local folder: a Hugging Face folder (``config.json``) or a
-folder holding one ``.gguf`` file, as a causal LM or as a sequence classifier.
+folder holding one ``.gguf`` file, as a causal LM or as a sequence classifier, in the dtype and onto the
+device a run holds it in (``base_dtype_for`` owns that rule).
 
 Remote code is never trusted. Tokenizers without a pad token pad with EOS, and tokenizers without a chat
 template get a plain one, so training and serving render chats the same way.
@@ -7,6 +8,7 @@ template get a plain one, so training and serving render chats the same way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +31,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+# The dtypes a base may be held in, by the names ``TrainConfig.base_dtype`` and ``config.json`` use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(SVFitError):
@@ -57,6 +63,42 @@ def resolve_model_source(path: str | Path) -> tuple[Path, str | None]:
     raise ModelLoadError(f"{str(path)!r} holds neither config.json nor a .gguf file")
 
 
+def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a Hugging Face checkpoint's ``config.json`` declares (``dtype``; ``torch_dtype`` before
+    transformers 4.56), or None: it declares none, or the model is a GGUF file (quantised block types)."""
+    folder, gguf_file = resolve_model_source(path)
+    if gguf_file:
+        return None
+    declared = json.loads((folder / "config.json").read_text())
+    return DTYPES.get(declared.get("dtype") or declared.get("torch_dtype"))
+
+
+def base_dtype_for(
+    path: str | Path, requested: str, device: torch.device, *, bf16: bool | None = None, trains_base: bool = False
+) -> torch.dtype:
+    """The dtype a training run holds its base model in.
+
+    ``requested`` "float32" | "bfloat16" | "float16" is taken as is. "auto":
+    - float32 off CUDA (CPU runs stay fp32 and bit-reproducible), when ``bf16`` is False (the run asked for
+      no bf16 compute: fp32 throughout, as before bases had a dtype of their own), and when the method
+      trains the base weights themselves (``trains_base``: they need fp32 master weights and Adam moments);
+    - on CUDA with ``bf16`` True: bfloat16;
+    - on CUDA otherwise, the checkpoint's own dtype: float16 stays float16, bfloat16 stays bfloat16, and a
+      float32 checkpoint or one that declares nothing (GGUF) becomes bfloat16 — where the device computes
+      bf16 natively; elsewhere float32 (a bf16 checkpoint upcast exactly).
+    """
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type != "cuda" or bf16 is False or trains_base:
+        return torch.float32
+    if bf16:
+        return torch.bfloat16
+    stored = checkpoint_dtype(path)
+    if stored == torch.float16:
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The base model's tokenizer with a pad token and a chat template guaranteed."""
     folder, gguf_file = resolve_model_source(path)
@@ -77,12 +119,20 @@ def load_base_model(
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` for a task. A classification model gets a freshly initialised head of
-    ``num_labels`` outputs (drawn from torch's global RNG, so seed first for a reproducible head)."""
+    """Load ``(model, tokenizer)`` for a task, in ``dtype``, onto ``device`` (None: the CPU). A
+    classification model gets a freshly initialised head of ``num_labels`` outputs (drawn from torch's
+    global RNG, so seed first for a reproducible head).
+
+    On an accelerator each weight goes straight to the device in ``dtype``: no copy of the model is held on
+    the host. A GGUF file is the exception: transformers dequantises it into a host state dict first.
+    """
     folder, gguf_file = resolve_model_source(path)
     tokenizer = load_tokenizer(path)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": False}
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = device
     if gguf_file:
         kwargs.update(_gguf_kwargs(gguf_file))
     if task == "causal":

@@ -7,14 +7,17 @@ Freezing is structural: every parameter of the wrapped model is frozen except th
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from .bases import BasisStore, basis_key, stored_or_computed
 from .config import SVFitConfig
 from .errors import ConfigError
 from .layer import SVFitLayer, weight_sha256
-from .targets import resolve_modules_to_save, resolve_targets
+from .targets import check_adaptable, resolve_modules_to_save, resolve_targets
 
 
 def _has_svfit_layers(model: nn.Module) -> bool:
@@ -55,24 +58,47 @@ def attach_layers(
     return SVFitModel(model, config, modules_to_save=modules_to_save, base_hashes=base_hashes)
 
 
-def inject_svfit(model: nn.Module, config: SVFitConfig | None = None) -> SVFitModel:
+def inject_svfit(
+    model: nn.Module,
+    config: SVFitConfig | None = None,
+    *,
+    bases: BasisStore | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SVFitModel:
     """Wrap ``config``'s target layers of a transformers model in place and return the ``SVFitModel``.
 
-    Raises ``TargetModulesNotFoundError`` when a target matches no linear module and ``ConfigError`` for
-    an invalid spec or a model that already carries SVFit layers.
+    ``bases``: a store to take each weight's SVD from, and to keep the ones computed here (bases.py); the
+    model then remembers each layer's basis key, and its adapters name them instead of storing U and V.
+    ``on_progress(done, total)`` is called after each matrix; it may raise to stop between matrices.
+
+    Raises ``TargetModulesNotFoundError`` when a target matches no linear module, ``UnsupportedLayerError``
+    when one is quantized (before any SVD), and ``ConfigError`` for an invalid spec or a model that already
+    carries SVFit layers.
     """
     config = config or SVFitConfig()
     check_not_injected(model)
     targets = resolve_targets(model, config.target_modules)
+    for name in targets:
+        check_adaptable(name, model.get_submodule(name))
     heads = resolve_modules_to_save(model, config.modules_to_save)
     layers: dict[str, SVFitLayer] = {}
     hashes: dict[str, str] = {}
-    for name in targets:
+    keys: dict[str, str] = {}
+    for done, name in enumerate(targets, start=1):
         base = model.get_submodule(name)
         # hash before wrapping: it identifies exactly the weights the SVD was taken from
         hashes[name] = weight_sha256(base.weight)
-        layers[name] = SVFitLayer.from_base(base, config)
-    return attach_layers(model, config, layers, heads, hashes)
+        transposed = isinstance(base, Conv1D)
+        keys[name] = basis_key(hashes[name], transposed, config)
+        weight = base.weight.detach()
+        u, s, v = stored_or_computed(weight.mT if transposed else weight, keys[name], config, bases)
+        layers[name] = SVFitLayer(base, u, s, v)
+        if on_progress is not None:
+            on_progress(done, len(targets))
+    svfit_model = attach_layers(model, config, layers, heads, hashes)
+    if bases is not None:
+        svfit_model.basis_keys = keys
+    return svfit_model
 
 
 class SVFitModel(nn.Module):
@@ -95,6 +121,9 @@ class SVFitModel(nn.Module):
         self.svfit_config = svfit_config
         self.modules_to_save = list(modules_to_save)
         self.base_hashes = dict(base_hashes)
+        # Layer name -> key of its bases in a basis store (bases.py), when they came from one: adapters then
+        # name the bases instead of storing U and V.
+        self.basis_keys: dict[str, str] = {}
 
     # -- delegation ------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from .config import SVFitConfig
 from .errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from .layer import weight_sha256
 from .rank import truncated_svd
-from .serialization import WEIGHTS_NAME, read_adapter_config
+from .serialization import WEIGHTS_NAME, read_adapter_config, recorded_precision
 from .targets import LINEAR_TYPES
 
 # Stored bases of one SVD compare equal bit for bit; the tolerance only absorbs a base recomputed on other
@@ -165,7 +165,8 @@ class MultiAdapterModel:
     plain base model for any batch with no adapter rows.
 
     ``base_hashes``: per-module sha256 of the base weights as the adapters were trained on them, when the
-    model was loaded in another dtype than that (hash before casting); otherwise hashed on first use.
+    model was loaded in another dtype than that (hash before casting); otherwise hashed on first use. An
+    adapter trained on a base held in bf16 or fp16 is verified against the loaded weights rounded to that.
     """
 
     def __init__(self, model: nn.Module, *, base_hashes: dict[str, str] | None = None) -> None:
@@ -198,9 +199,11 @@ class MultiAdapterModel:
                 f"module {name!r} weight shape {list(module.weight.shape)} != adapter's {spec.get('weight_shape')}",
                 module=name, code="shape_mismatch",
             )
-        if name not in self._hashes:
-            self._hashes[name] = weight_sha256(module.weight)
-        if self._hashes[name] != spec.get("base_sha256"):
+        precision = recorded_precision(name, spec)
+        key = name if precision is None else f"{name}@{precision}"
+        if key not in self._hashes:
+            self._hashes[key] = weight_sha256(module.weight, precision)
+        if self._hashes[key] != spec.get("base_sha256"):
             raise BaseModelMismatchError(
                 f"module {name!r} weights differ from the base the adapter was trained on (sha256 mismatch)",
                 module=name, code="weight_hash_mismatch",

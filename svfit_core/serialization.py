@@ -17,16 +17,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .bases import BasisStore, stored_or_computed
 from .config import SVFitConfig
 from .errors import AdapterFormatError, BaseModelMismatchError
 from .layer import SVFitLayer, weight_sha256
 from .model import SVFitModel, attach_layers, check_not_injected
-from .targets import FUSED_PROJECTION_MODE, LINEAR_TYPES, fused_targets
+from .targets import FUSED_PROJECTION_MODE, LINEAR_TYPES, check_adaptable, fused_targets
 
 FORMAT_VERSION = 1
 METHOD = "svfit"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# A module's "base_dtype": the half precision its run held the base weight in, absent for fp32. Its
+# ``base_sha256`` is then of the weight rounded to that dtype, and a verifier rounds before hashing.
+BASE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def base_model_info(model: nn.Module) -> dict[str, Any]:
@@ -52,6 +56,21 @@ def _layout(layer: nn.Module) -> str:
     return "linear" if isinstance(layer, nn.Linear) else "conv1d"
 
 
+def recorded_precision(name: str, spec: dict[str, Any]) -> torch.dtype | None:
+    """The dtype module ``name``'s base hash was taken at (None: the weight's own values)."""
+    value = spec.get("base_dtype")
+    if value is None:
+        return None
+    if value not in BASE_DTYPES:
+        raise AdapterFormatError(f"module {name!r} has unknown base_dtype {value!r}")
+    return BASE_DTYPES[value]
+
+
+def _base_dtype_entry(weight: torch.Tensor) -> dict[str, str]:
+    names = {dtype: name for name, dtype in BASE_DTYPES.items()}
+    return {"base_dtype": names[weight.dtype]} if weight.dtype in names else {}
+
+
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     # clone: safetensors refuses tensors that share storage (e.g. slices of one SVD)
     return t.detach().to("cpu").contiguous().clone()
@@ -59,7 +78,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_tensors(svfit_model: SVFitModel) -> dict[str, torch.Tensor]:
     """σ per layer (+ U, V, s unless compact) and the full state of each saved module."""
-    store_bases = svfit_model.svfit_config.store_bases
+    store_bases = stores_bases(svfit_model)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in svfit_model.svfit_layers().items():
         tensors[f"svfit.{name}.sigma"] = _cpu(layer.sigma)
@@ -71,6 +90,12 @@ def adapter_tensors(svfit_model: SVFitModel) -> dict[str, torch.Tensor]:
         for key, value in svfit_model.model.get_submodule(name).state_dict().items():
             tensors[f"modules_to_save.{name}.{key}"] = _cpu(value)
     return tensors
+
+
+def stores_bases(svfit_model: SVFitModel) -> bool:
+    """Whether its adapter carries U, V and s: unless configured compact, or its bases are in a basis store
+    (then the adapter names them by key, and whoever loads it reads them from that store)."""
+    return svfit_model.svfit_config.store_bases and not svfit_model.basis_keys
 
 
 def adapter_config(svfit_model: SVFitModel) -> dict[str, Any]:
@@ -92,11 +117,13 @@ def adapter_config(svfit_model: SVFitModel) -> dict[str, Any]:
                 "weight_shape": list(layer.base_layer.weight.shape),
                 "selection": "bottom" if cfg.train_bottom else "top",
                 "base_sha256": hashes[name],
+                **_base_dtype_entry(layer.base_layer.weight),
+                **({"basis": svfit_model.basis_keys[name]} if name in svfit_model.basis_keys else {}),
             }
             for name, layer in layers.items()
         },
         "modules_to_save": list(svfit_model.modules_to_save),
-        "store_bases": cfg.store_bases,
+        "store_bases": stores_bases(svfit_model),
     }
 
 
@@ -151,13 +178,14 @@ def _check_base_module(model: nn.Module, name: str, spec: dict[str, Any], verify
             module=name,
             code="module_type_mismatch",
         )
+    check_adaptable(name, module)
     if list(module.weight.shape) != list(spec.get("weight_shape", [])):
         raise BaseModelMismatchError(
             f"module {name!r} weight shape {list(module.weight.shape)} != adapter's {spec.get('weight_shape')}",
             module=name,
             code="shape_mismatch",
         )
-    if verify_hash and weight_sha256(module.weight) != spec.get("base_sha256"):
+    if verify_hash and weight_sha256(module.weight, recorded_precision(name, spec)) != spec.get("base_sha256"):
         raise BaseModelMismatchError(
             f"module {name!r} weights differ from the base the adapter was trained on (sha256 mismatch)",
             module=name,
@@ -176,21 +204,28 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) 
 
 
 def _build_layer(
-    module: nn.Module, name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor], store_bases: bool
+    module: nn.Module,
+    name: str,
+    spec: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    store_bases: bool,
+    bases: BasisStore | None,
 ) -> SVFitLayer:
     r = spec.get("rank")
     if not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"module {name!r} has invalid rank {r!r}")
     sigma = _tensor(tensors, f"svfit.{name}.sigma", (r,))
     if not store_bases:
-        # compact artifact: recompute the SVD of the (hash-verified) base and keep the same triplets
+        # Compact: the bases named by key from the basis store; without a store (or an entry), the SVD of
+        # the (hash-verified) base recomputed, keeping the same triplets.
         cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
-        layer = SVFitLayer.from_base(module, cfg)
-        if layer.rank != r:
-            raise AdapterFormatError(f"module {name!r}: rank {r} exceeds the weight's k = {layer.rank}")
-        with torch.no_grad():
-            layer.sigma.copy_(sigma)
-        return layer
+        weight = module.weight.detach()
+        weight = weight.mT if spec.get("layout") == "conv1d" else weight
+        key = spec.get("basis")
+        u, s, v = stored_or_computed(weight, key, cfg, bases if key else None)
+        if s.numel() != r:
+            raise AdapterFormatError(f"module {name!r}: rank {r} exceeds the weight's k = {s.numel()}")
+        return SVFitLayer(module, u, s, v, sigma=sigma)
     w = module.weight
     out_f, in_f = (w.shape[1], w.shape[0]) if spec.get("layout") == "conv1d" else tuple(w.shape)
     u = _tensor(tensors, f"svfit.{name}.U", (out_f, r))
@@ -222,12 +257,14 @@ def load_svfit_adapter(
     *,
     is_trainable: bool = False,
     verify_base: bool = True,
+    bases: BasisStore | None = None,
 ) -> SVFitModel:
     """Attach a saved SVFit adapter to a fresh ``base_model`` (modified in place) and return the wrapper.
 
     Raises ``BaseModelMismatchError`` naming the first mismatching module (missing, other type, other
     shape, other weights), ``AdapterFormatError`` for a broken artifact. ``verify_base=False`` skips the
     hash check (shapes are still checked). With ``is_trainable=False`` σ and the saved modules are frozen.
+    ``bases``: the basis store a compact adapter's bases are read from (else its SVD is recomputed).
     """
     cfg = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / WEIGHTS_NAME
@@ -240,7 +277,7 @@ def load_svfit_adapter(
     }
     tensors = load_file(str(weights), device="cpu")
     layers = {
-        name: _build_layer(module, name, cfg["modules"][name], tensors, store_bases)
+        name: _build_layer(module, name, cfg["modules"][name], tensors, store_bases, bases)
         for name, module in modules.items()
     }
     heads = list(cfg.get("modules_to_save") or [])
@@ -248,6 +285,9 @@ def load_svfit_adapter(
         _load_saved_module(base_model, name, tensors)
     hashes = {name: spec.get("base_sha256") for name, spec in cfg["modules"].items()}
     svfit_model = attach_layers(base_model, SVFitConfig.from_dict(cfg["options"]), layers, heads, hashes)
+    if bases is not None:
+        # Saved again (a resumed run's checkpoints), it names the same bases.
+        svfit_model.basis_keys = {name: spec["basis"] for name, spec in cfg["modules"].items() if spec.get("basis")}
     if not is_trainable:
         for p in svfit_model.parameters():
             p.requires_grad_(False)

@@ -1,20 +1,33 @@
 """Which modules of a model SVFit adapts, and which it trains in full (the task head).
 
 Owns the target-spec rule documented in ``config.py``, the per-architecture defaults, the "all-linear"
-rule (linear layers inside the transformer blocks only) and the fused-projection bookkeeping.
+rule (linear layers inside the transformer blocks only), the fused-projection bookkeeping, and the refusal
+of targets SVFit cannot decompose (quantized layers).
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR
-from .errors import ConfigError, TargetModulesNotFoundError
+from .errors import ConfigError, TargetModulesNotFoundError, UnsupportedLayerError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+
+# Weight dtypes whose elements are the matrix entries. Anything else (bitsandbytes' uint8 blocks of packed
+# 4-bit values, int8 rows with separate scales, fp8 with per-tensor scales) would be decomposed as the
+# storage, not as W.
+DENSE_WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Quantized linears that subclass nn.Linear, so the target rule picks them, but whose forward is not
+# x Wᵀ + b on their ``weight``: bitsandbytes, GPTQ, AWQ, HQQ. Matched by class name so that none of those
+# packages need be installed to refuse them.
+QUANTIZED_LINEAR_NAMES = frozenset(
+    {"Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear_GEMM", "WQLinear_GEMV", "HQQLinear"}
+)
 
 # q and v attention projections, the paper's and LoRA's usual setting. GPT-2 has no separate q and v:
 # its fused q|k|v `c_attn` is adapted as one matrix (see FUSED_PROJECTION_MODE).
@@ -114,6 +127,22 @@ def resolve_targets(model: nn.Module, spec: list[str] | str | None) -> list[str]
     if missing:
         raise _not_found("target_modules", missing, linear)
     return [n for n in linear if any(_matches_name(n, entry) for entry in spec)]
+
+
+def check_adaptable(name: str, module: nn.Module) -> None:
+    """Raise ``UnsupportedLayerError`` unless ``module`` holds a dense floating-point weight SVFit can
+    decompose (checked before any SVD, so a quantized base fails at once rather than after minutes)."""
+    weight = getattr(module, "weight", None)
+    kind = type(module).__name__
+    quantized = any(cls.__name__ in QUANTIZED_LINEAR_NAMES for cls in type(module).__mro__)
+    if quantized or not isinstance(weight, torch.Tensor) or weight.dtype not in DENSE_WEIGHT_DTYPES:
+        stored = f"a {weight.dtype} weight" if isinstance(weight, torch.Tensor) else "no weight tensor"
+        raise UnsupportedLayerError(
+            f"module {name!r} is a {kind} with {stored}: SVFit adapts dense floating-point weights only "
+            "(load the base model unquantized, or choose other target_modules)",
+            module=name,
+            layer_type=kind,
+        )
 
 
 def is_classification_model(model: nn.Module) -> bool:

@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from api.core.base_checkpoints import resolve_base_model
+from api.core.basis_store import StoredBases
 from api.core.db import session_scope
 from api.core.errors import InvalidTrainingFile, ServiceError
 from api.core.job_spec import peft_spec, train_config
@@ -132,6 +133,7 @@ _PARAM_OF_LIBRARY_CODE = {
     "invalid_rank": "peft.rank",
     "invalid_energy": "peft.energy",
     "invalid_energy_measure": "peft.energy_measure",
+    "unsupported_layer": "model",  # a quantized base: no choice of targets helps, an unquantized model does
 }
 
 
@@ -290,6 +292,7 @@ def _run_attempt(
         output_dir,
         callbacks=reporter,
         resume_from=resume_from,
+        bases=StoredBases(storage),
     )
     reporter.flush()
     if reporter.stop_reason == "lost":

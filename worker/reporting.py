@@ -141,6 +141,13 @@ class JobReporter(TrainingCallbacks):
         self._progress_dirty = True
         self.flush()
 
+    def on_setup_progress(self, done: int, total: int) -> None:
+        # One event per matrix would be hundreds on a large model: report as often as progress is written,
+        # and the last one always.
+        if done == total or self._due():
+            self._queue_event(f"Setting up bases: {done}/{total} matrices", data={"done": done, "total": total})
+            self.flush()
+
     def on_step(self, metrics: dict[str, Any]) -> None:
         self.step = int(metrics["step"])
         self.total_steps = metrics.get("total_steps", self.total_steps)

@@ -1,6 +1,7 @@
 """Supervised worker processes: the worker child of `svfit serve` and the N children of `svfit worker
---concurrency N`. Each is started again whenever it dies, and stopped (its running job checkpointed and
-handed back) when its parent exits.
+--concurrency N` / `--gpus`. Each is started again whenever it dies (with the same environment, so a child
+pinned to a GPU stays on it), and stopped (its running job checkpointed and handed back) when its parent
+exits.
 
 A process manager restarts a worker container whose main process exits, but not one child of N: without
 this, a dead child would silently cost a slot, and in the embedded default an API whose only worker is gone
@@ -9,11 +10,12 @@ accepts jobs that stay `queued` for ever.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 # How long a worker asked to stop may take to checkpoint its running job and exit before it is killed.
 STOP_TIMEOUT_S = 60.0
@@ -49,9 +51,17 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> 
 class SupervisedWorker:
     """One worker process, restarted with a growing delay each time it exits on its own."""
 
-    def __init__(self, command: Sequence[str], *, label: str = "worker", stop_timeout_s: float = STOP_TIMEOUT_S):
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        label: str = "worker",
+        env: Mapping[str, str] | None = None,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ):
         self.command = list(command)
-        self.label = label  # how the log lines name this process ("worker", "worker 2/4")
+        self.label = label  # how the log lines name this process ("worker", "worker 2/4 on GPU 1")
+        self.env = dict(env or {})  # set over this process's environment at every start (CUDA_VISIBLE_DEVICES)
         self.stop_timeout_s = stop_timeout_s
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -76,7 +86,10 @@ class SupervisedWorker:
             if self._stopping.is_set():
                 return
             # Its own session: a Ctrl+C in the terminal reaches only `serve`, which stops the worker itself.
-            self.process = subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
+            env = {**os.environ, **self.env} if self.env else None
+            self.process = subprocess.Popen(
+                self.command, start_new_session=True, preexec_fn=_die_with_parent, env=env
+            )
         print(f"  {self.label + ':':<10} pid {self.process.pid}", flush=True)
 
     def _watch(self) -> None:

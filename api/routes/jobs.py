@@ -126,13 +126,20 @@ def download_job_artifact(
     step: Annotated[
         int | None, Query(ge=0, le=MAX_STEP, description="A checkpoint's step; default: the final adapter.")
     ] = None,
+    rank: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=artifacts_service.MAX_LORA_RANK,
+            description=f"`peft_lora` only: the LoRA rank (default {artifacts_service.DEFAULT_LORA_RANK}); an "
+            "update of higher rank is cut to its best approximation of this rank.",
+        ),
+    ] = None,
 ) -> FileResponse:
     archive = artifacts_service.artifact_archive(
-        session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step
+        session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step, rank=rank
     )
-    return FileResponse(
-        archive.path,
-        media_type="application/gzip",
-        filename=archive.filename,
-        headers={"X-Content-SHA256": archive.sha256},
-    )
+    headers = {"X-Content-SHA256": archive.sha256}
+    if archive.kept_energy is not None:
+        headers["X-Kept-Energy"] = f"{archive.kept_energy:.4f}"
+    return FileResponse(archive.path, media_type="application/gzip", filename=archive.filename, headers=headers)

@@ -1,9 +1,11 @@
 """Downloadable artifacts of a job (extension): the final adapter or a checkpoint, exported by the training
-library in one of its formats and packed as a tar.gz with a sha256.
+library in one of its formats and packed as a tar.gz with a sha256. ``peft_lora`` comes at a serving rank
+(LoRA servers load ranks up to a limit), with the share of the update's energy that rank kept.
 
-Each archive is built once and cached in the store. The build runs under a per-archive file lock (two
-requests, or two API processes, never build the same archive twice) and lands atomically: the digest is
-written first, then the archive is renamed into place, so an archive that exists always has its digest.
+Each archive (per format, and per rank for ``peft_lora``) is built once and cached in the store. The build
+runs under a per-archive file lock (two requests, or two API processes, never build the same archive twice)
+and lands atomically: the kept energy and the digest are written first, then the archive is renamed into
+place, so an archive that exists always has its digest (and a `peft_lora` one its kept energy).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import json
 import os
 import tarfile
 import tempfile
@@ -31,6 +34,9 @@ from api.services.jobs import get_job
 from svfit_core.training.layout import ARTIFACT_FORMATS, checkpoint_dir_name
 # Safetensors weights barely compress; level 1 keeps a merged model's archive from costing minutes.
 GZIP_LEVEL = 1
+# `peft_lora` ranks: vLLM loads LoRA adapters up to rank 512; 64 keeps most of an update at a serving cost.
+DEFAULT_LORA_RANK = 64
+MAX_LORA_RANK = 512
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class ArtifactArchive:
     path: Path
     sha256: str
     filename: str
+    kept_energy: float | None = None  # `peft_lora`: the share of ‖ΔW‖²_F its rank kept
 
 
 class _HashingWriter:
@@ -90,21 +97,45 @@ def _write_tar_gz(source: Path, target: Path, root_name: str) -> str:
     return hashing.digest.hexdigest()
 
 
-def _build(base_model_path: Path, adapter_dir: Path, fmt: str, archive: Path, digest_file: Path, root_name: str) -> None:
+def _kept_energy_file(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".kept_energy")
+
+
+def _build(
+    base_model_path: Path, adapter_dir: Path, fmt: str, rank: int | None, archive: Path, digest_file: Path,
+    root_name: str,
+) -> None:
     # Imported on use: the training library pulls in torch, which only this route needs.
     from svfit_core.training.outputs import ArtifactFormatUnavailable, write_artifact
 
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".build-") as scratch:
         try:
-            exported = write_artifact(base_model_path, adapter_dir, fmt, Path(scratch) / root_name)
+            exported = Path(write_artifact(base_model_path, adapter_dir, fmt, Path(scratch) / root_name, rank=rank))
         except ArtifactFormatUnavailable as exc:
             raise ArtifactUnavailable(str(exc), param="format") from exc
         part = Path(scratch) / "archive.part"
-        sha256 = _write_tar_gz(Path(exported), part, root_name)
+        sha256 = _write_tar_gz(exported, part, root_name)
+        if fmt == "peft_lora":
+            # Kept beside the archive: a cached archive answers without being opened.
+            kept_part = Path(scratch) / "kept_energy.part"
+            kept_part.write_text(f"{json.loads((exported / 'manifest.json').read_text())['kept_energy']!r}\n")
+            os.replace(kept_part, _kept_energy_file(archive))
         digest_part = Path(scratch) / "digest.part"
         digest_part.write_text(sha256 + "\n")
         os.replace(digest_part, digest_file)
         os.replace(part, archive)
+
+
+def _lora_rank(fmt: str, rank: int | None) -> int | None:
+    """The rank a `peft_lora` archive is built at (default DEFAULT_LORA_RANK); other formats take none."""
+    if fmt != "peft_lora":
+        if rank is not None:
+            raise InvalidParameter("'rank' applies only to format 'peft_lora'.", param="rank")
+        return None
+    rank = DEFAULT_LORA_RANK if rank is None else rank
+    if not 1 <= rank <= MAX_LORA_RANK:
+        raise InvalidParameter(f"'rank' must be an integer from 1 to {MAX_LORA_RANK}.", param="rank")
+    return rank
 
 
 def artifact_archive(
@@ -116,14 +147,17 @@ def artifact_archive(
     job_id: str,
     fmt: str,
     step: int | None = None,
+    rank: int | None = None,
 ) -> ArtifactArchive:
-    """The cached archive of job `job_id`'s adapter in format `fmt`, built on first request (slow: call
-    it off the event loop)."""
+    """The cached archive of job `job_id`'s adapter in format `fmt` (`peft_lora`: at rank `rank`, default
+    DEFAULT_LORA_RANK), built on first request (slow: call it off the event loop)."""
     if fmt not in ARTIFACT_FORMATS:
         raise InvalidParameter(f"'format' must be one of {', '.join(ARTIFACT_FORMATS)}.", param="format")
+    rank = _lora_rank(fmt, rank)
     job = get_job(session, org_id, job_id)
     adapter_key, label = _adapter_key(session, job, step)
-    root_name = f"{job.id}-{label}-{fmt}"
+    # The rank is part of the name, hence of the cache key: each rank is its own archive.
+    root_name = f"{job.id}-{label}-{fmt}" + (f"-r{rank}" if rank is not None else "")
     archive = storage.path(f"artifacts/{job.id}/{root_name}.tar.gz")
     digest_file = archive.with_name(archive.name + ".sha256")
 
@@ -139,5 +173,8 @@ def artifact_archive(
                     base_model_path = resolve_base_model(job.model, settings.models_dir)
                 except ModelNotFound as exc:
                     raise ArtifactUnavailable(f"The base model '{job.model}' is no longer installed.") from exc
-                _build(base_model_path, adapter_dir, fmt, archive, digest_file, root_name)
-    return ArtifactArchive(path=archive, sha256=digest_file.read_text().strip(), filename=f"{root_name}.tar.gz")
+                _build(base_model_path, adapter_dir, fmt, rank, archive, digest_file, root_name)
+    kept_energy = float(_kept_energy_file(archive).read_text()) if rank is not None else None
+    return ArtifactArchive(
+        path=archive, sha256=digest_file.read_text().strip(), filename=f"{root_name}.tar.gz", kept_energy=kept_energy
+    )

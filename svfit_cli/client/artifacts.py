@@ -1,4 +1,4 @@
-"""`svfit artifacts download JOB --format svfit|peft_lora|merged [--step N] [-o PATH]`: a job's weights.
+"""`svfit artifacts download JOB --format svfit|peft_lora|merged [--step N] [--rank N] [-o PATH]`: a job's weights.
 
 The archive is streamed to `PATH.part` while its sha256 is computed, checked against the server's
 `X-Content-SHA256`, and only then renamed into place, so a finished file is always a verified one.
@@ -42,11 +42,14 @@ def _destination(requested: str | None, response: httpx.Response, fallback: str)
     return path / name if path.is_dir() else path
 
 
-def download(client: ApiClient, job_id: str, fmt: str, step: int | None, output: str | None) -> dict:
-    params = {"format": fmt, **({"step": step} if step is not None else {})}
+def download(
+    client: ApiClient, job_id: str, fmt: str, step: int | None, output: str | None, rank: int | None = None
+) -> dict:
+    given = {key: value for key, value in (("step", step), ("rank", rank)) if value is not None}
+    params = {"format": fmt, **given}
     timeout = httpx.Timeout(FIRST_BYTE_TIMEOUT_S, connect=10.0)
     with client.stream("GET", f"fine_tuning/jobs/{job_id}/artifacts", params=params, timeout=timeout) as response:
-        fallback = f"{job_id}-{fmt}" + (f"-step-{step}" if step is not None else "") + ".tar.gz"
+        fallback = f"{job_id}-{fmt}" + "".join(f"-{key}-{value}" for key, value in given.items()) + ".tar.gz"
         path = _destination(output, response, fallback)
         expected = response.headers.get("x-content-sha256")
         total = int(response.headers["content-length"]) if response.headers.get("content-length", "").isdigit() else None
@@ -74,7 +77,9 @@ def download(client: ApiClient, job_id: str, fmt: str, step: int | None, output:
 
 @client_command
 def cmd_download(client: ApiClient, args: argparse.Namespace) -> None:
-    result = download(client, args.job_id, args.format, args.step, args.output)
+    if args.rank is not None and args.format != "peft_lora":
+        raise CliError("invalid_parameter", "--rank applies only to --format peft_lora")
+    result = download(client, args.job_id, args.format, args.step, args.output, rank=args.rank)
     if args.json_output:
         print_json(result)
     else:
@@ -88,5 +93,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     download_cmd.add_argument("job_id")
     download_cmd.add_argument("--format", default="svfit", choices=["svfit", "peft_lora", "merged"])
     download_cmd.add_argument("--step", type=int, help="a checkpoint's step (default: the final weights)")
+    download_cmd.add_argument(
+        "--rank", type=int, help="peft_lora only: the LoRA rank, 1-512 (default: the server's, 64)"
+    )
     download_cmd.add_argument("-o", "--output", help="file or directory (default: the server's name, here)")
     download_cmd.set_defaults(func=cmd_download)

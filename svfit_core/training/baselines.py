@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svfit_core.errors import AdapterFormatError
+from svfit_core.training.setup_resources import NO_RESOURCES, SetupResources
 from svfit_core.training.run_config import HyperparameterError, PeftSpec
 
 HEAD_WEIGHTS = "head_model.safetensors"
@@ -48,19 +49,27 @@ class LoraMethod:
             init_lora_weights=self.init_lora_weights,
         )
 
-    def prepare(self, model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str) -> nn.Module:
+    def prepare(
+        self, model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str,
+        resources: SetupResources = NO_RESOURCES,
+    ) -> nn.Module:
         return get_peft_model(model, self.lora_config(spec, head_modules, task))
 
     def save(self, model: PeftModel, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
 
-    def load(self, base_model: nn.Module, adapter_dir: Path, trainable: bool = False) -> nn.Module:
+    def load(
+        self, base_model: nn.Module, adapter_dir: Path, trainable: bool = False,
+        resources: SetupResources = NO_RESOURCES,
+    ) -> nn.Module:
         return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)
 
     def save_resume_state(self, model: nn.Module, checkpoint_dir: Path) -> None:
         """Nothing beyond the servable adapter: it holds every trained tensor exactly."""
 
-    def restore(self, base_model, spec, head_modules, task, checkpoint_dir: Path) -> nn.Module:
+    def restore(
+        self, base_model, spec, head_modules, task, checkpoint_dir: Path, resources: SetupResources = NO_RESOURCES
+    ) -> nn.Module:
         return self.load(base_model, checkpoint_dir, trainable=True)
 
 
@@ -75,7 +84,7 @@ class PissaMethod(LoraMethod):
     name = "pissa"
     init_lora_weights = "pissa"
 
-    def prepare(self, model, spec, head_modules, task):
+    def prepare(self, model, spec, head_modules, task, resources: SetupResources = NO_RESOURCES):
         peft_model = super().prepare(model, spec, head_modules, task)
         # A₀, B₀ for the conversion at save time; kept on CPU, they are as small as the adapter.
         peft_model._pissa_initial = {
@@ -102,7 +111,7 @@ class PissaMethod(LoraMethod):
         config.save_pretrained(out_dir)
         save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "adapter_model.safetensors")
 
-    def load(self, base_model, adapter_dir, trainable=False):
+    def load(self, base_model, adapter_dir, trainable=False, resources: SetupResources = NO_RESOURCES):
         if trainable:
             raise AdapterFormatError("a converted PiSSA adapter cannot be trained further; resume from a checkpoint")
         return PeftModel.from_pretrained(base_model, adapter_dir)
@@ -111,7 +120,7 @@ class PissaMethod(LoraMethod):
         state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_file(state, checkpoint_dir / PISSA_STATE)
 
-    def restore(self, base_model, spec, head_modules, task, checkpoint_dir):
+    def restore(self, base_model, spec, head_modules, task, checkpoint_dir, resources: SetupResources = NO_RESOURCES):
         path = checkpoint_dir / PISSA_STATE
         if not path.is_file():
             raise AdapterFormatError(f"{checkpoint_dir} holds no {PISSA_STATE}; it is not a PiSSA checkpoint")
@@ -129,7 +138,7 @@ class FullMethod:
     body_name = "full"
     decay_body = True
 
-    def prepare(self, model, spec, head_modules, task):
+    def prepare(self, model, spec, head_modules, task, resources: SetupResources = NO_RESOURCES):
         for param in model.parameters():
             param.requires_grad_(True)
         return model
@@ -137,7 +146,7 @@ class FullMethod:
     def save(self, model, out_dir):
         model.save_pretrained(out_dir, safe_serialization=True)
 
-    def load(self, base_model, adapter_dir, trainable=False):
+    def load(self, base_model, adapter_dir, trainable=False, resources: SetupResources = NO_RESOURCES):
         # The checkpoint is a whole model; the base only tells which class and dtype to load it as.
         model = type(base_model).from_pretrained(adapter_dir, dtype=base_model.dtype, trust_remote_code=False)
         return self.prepare(model, None, [], "") if trainable else model
@@ -145,7 +154,7 @@ class FullMethod:
     def save_resume_state(self, model, checkpoint_dir):
         """Nothing beyond the saved model."""
 
-    def restore(self, base_model, spec, head_modules, task, checkpoint_dir):
+    def restore(self, base_model, spec, head_modules, task, checkpoint_dir, resources: SetupResources = NO_RESOURCES):
         return self.load(base_model, checkpoint_dir, trainable=True)
 
 
@@ -156,7 +165,7 @@ class HeadOnlyMethod:
     body_name = "head"
     decay_body = True
 
-    def prepare(self, model, spec, head_modules, task):
+    def prepare(self, model, spec, head_modules, task, resources: SetupResources = NO_RESOURCES):
         if task != "classification" or not head_modules:
             raise HyperparameterError("head_only needs a classification task (a model with a task head)",
                                       param="method")
@@ -176,7 +185,7 @@ class HeadOnlyMethod:
         save_file(state, out_dir / HEAD_WEIGHTS)
         (out_dir / "head_config.json").write_text(json.dumps({"head_modules": model._head_modules}, indent=2))
 
-    def load(self, base_model, adapter_dir, trainable=False):
+    def load(self, base_model, adapter_dir, trainable=False, resources: SetupResources = NO_RESOURCES):
         path = adapter_dir / HEAD_WEIGHTS
         if not path.is_file():
             raise AdapterFormatError(f"{adapter_dir} holds no {HEAD_WEIGHTS}")
@@ -192,5 +201,5 @@ class HeadOnlyMethod:
     def save_resume_state(self, model, checkpoint_dir):
         """Nothing beyond the head's weights."""
 
-    def restore(self, base_model, spec, head_modules, task, checkpoint_dir):
+    def restore(self, base_model, spec, head_modules, task, checkpoint_dir, resources: SetupResources = NO_RESOURCES):
         return self.load(base_model, checkpoint_dir, trainable=True)

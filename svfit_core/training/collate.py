@@ -23,15 +23,30 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def micro_batches(batch: list[int], examples: list[Encoded], accumulation_steps: int) -> list[list[int]]:
-    """Split one optimizer batch into up to ``accumulation_steps`` micro-batches.
+def micro_batches(
+    batch: list[int], examples: list[Encoded], accumulation_steps: int, max_tokens: int
+) -> list[list[int]]:
+    """Split one optimizer batch into micro-batches: first into ``accumulation_steps`` parts of (nearly)
+    equal row counts, then each part into runs whose padded size (rows × longest row) is at most
+    ``max_tokens``. A row longer than ``max_tokens`` goes alone; rows are never cut.
 
     Rows are grouped by length first so each micro-batch pads little; the split changes memory use, not
-    the result, because the loss is normalised over the whole batch (see ``training._train_step``).
+    the result, because the loss is normalised over the whole batch (see ``loop._train_step``).
     """
     by_length = sorted(batch, key=lambda i: len(examples[i]))
-    chunks = np.array_split(np.array(by_length, dtype=np.int64), min(accumulation_steps, len(batch)))
-    return [chunk.tolist() for chunk in chunks if len(chunk)]
+    parts = np.array_split(np.array(by_length, dtype=np.int64), min(accumulation_steps, len(batch)))
+    split: list[list[int]] = []
+    for part in parts:
+        current: list[int] = []
+        for i in part.tolist():
+            # Ascending lengths: the row being added is the longest, so it sets the padded width.
+            if current and (len(current) + 1) * len(examples[i]) > max_tokens:
+                split.append(current)
+                current = []
+            current.append(i)
+        if current:
+            split.append(current)
+    return split
 
 
 def collate(rows: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:

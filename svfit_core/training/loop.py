@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from svfit_core.training.checkpointing import (
@@ -35,13 +34,17 @@ from svfit_core.training.checkpointing import (
 )
 from svfit_core.training.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
 from svfit_core.training.data import check_examples, task_for_format
-from svfit_core.training.encoding import IGNORE_INDEX, Encoded, encode_example
-from svfit_core.errors import ConfigError, DataError
-from svfit_core.loading import head_module_names, load_base_model, max_positions
+from svfit_core.training.encoding import Encoded, encode_example
+from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
+from svfit_core.loading import DTYPES, base_dtype_for, head_module_names, load_base_model, max_positions
+from svfit_core.training.loss import causal_loss, classification_loss, transformers_model
+from svfit_core.training.memory import plan_memory
 from svfit_core.training.methods import Method, default_targets, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
+from svfit_core.bases import BasisStore
 from svfit_core.training.run_config import PeftSpec, TrainConfig
+from svfit_core.training.setup_resources import SetupResources
 from svfit_core.training.layout import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -74,8 +77,12 @@ class TrainingCallbacks:
         because an epoch ended (one per epoch, as OpenAI lists them), not by ``checkpoint_every`` or a pause."""
 
     def should_stop(self) -> StopDecision:
-        """Polled before every optimizer step."""
+        """Polled before every optimizer step, and between matrices while the bases are set up."""
         return "continue"
+
+    def on_setup_progress(self, done: int, total: int) -> None:
+        """While setting up: ``done`` of ``total`` adapted matrices have their bases (taken from the basis
+        store or computed), one call per matrix."""
 
 
 # How a run ended: every step done, or stopped early because the callbacks asked ("cancel", "pause").
@@ -116,6 +123,7 @@ class _Run:
     warmup_steps: int = 0
     steps_per_epoch: int = 0
     param_groups: list[dict] = field(default_factory=list)
+    auto_checkpointing: bool = False  # gradient checkpointing was left to the loop, which may turn it on
 
 
 def run_training(
@@ -127,11 +135,14 @@ def run_training(
     output_dir: str | Path,
     callbacks: TrainingCallbacks | None = None,
     resume_from: str | Path | None = None,
+    bases: BasisStore | None = None,
 ) -> TrainResult:
     """Train and write ``output_dir/final``; or stop early (cancel / pause) as the callbacks ask.
 
     With ``resume_from`` (a ``checkpoints/step-N`` folder written by an earlier call with the same
     arguments) the run continues from that step exactly: same batches, RNG, optimizer moments and schedule.
+    With ``bases`` (a basis store, svfit_core/bases.py) SVFit takes each weight's SVD from it or computes and
+    keeps it there, and its checkpoints and adapters name their bases instead of storing U and V.
     """
     callbacks = callbacks or TrainingCallbacks()
     peft.validate()
@@ -141,9 +152,16 @@ def run_training(
 
     # Seed before the model loads: a classification head is initialised from torch's global RNG.
     _seed_everything(config.seed)
-    run = _setup_model(Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config,
-                       resume_from)
+    try:
+        run = _setup_model(Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft,
+                           config, resume_from, _setup_resources(bases, callbacks))
+    except _StoppedDuringSetup as stop:
+        start = state.step if state is not None else 0
+        return TrainResult(stop.decision, start, 0, state.trained_tokens if state is not None else 0,
+                           dict(state.metrics) if state is not None else {}, None,
+                           Path(resume_from) if resume_from is not None else None)
     _setup_data(run, fmt, train_examples, valid_examples or [])
+    _plan_memory(run)
     optimizer = _setup_optimizer(run)
     step, epoch, batch_index, trained_tokens, metrics = 0, 0, 0, 0, {}
     if state is not None:
@@ -273,18 +291,26 @@ def _setup_model(
     peft: PeftSpec,
     config: TrainConfig,
     resume_from: str | Path | None,
+    resources: SetupResources,
 ) -> _Run:
     method = get_method(peft.method)
     id2label = dict(enumerate(label_names)) if label_names else None
+    device = _pick_device(config.device)
+    # Straight onto the device in the run's dtype (bf16 on most GPUs): no fp32 copy of the frozen base.
+    dtype = base_dtype_for(base_model_path, config.base_dtype, device, bf16=config.bf16,
+                           trains_base=peft.method == "full")
     model, tokenizer = load_base_model(
-        base_model_path, task, num_labels=len(label_names) if label_names else None, id2label=id2label
+        base_model_path, task, num_labels=len(label_names) if label_names else None, id2label=id2label,
+        dtype=dtype, device=device,
     )
     if task == "classification":
         model.config.problem_type = "single_label_classification"
     head_modules = head_module_names(model) if task == "classification" else []
+    for name in head_modules:  # trained: fp32 weights and Adam moments, computed in the base's dtype by autocast
+        model.get_submodule(name).float()
     resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
-    device = _pick_device(config.device)
-    resolved_config = replace(config.resolved(peft.method), device=str(device))
+    resolved_config = replace(config.resolved(peft.method), device=str(device),
+                              base_dtype=str(dtype).removeprefix("torch."))
     resolved_config.bf16 = _use_bf16(resolved_config, device)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -293,10 +319,32 @@ def _setup_model(
         lr=resolved_config.learning_rate, head_lr=resolved_config.head_learning_rate,
         weight_decay=resolved_config.weight_decay,
         checkpoint_dir=Path(resume_from) if resume_from is not None else None,
+        resources=resources,
     )
     model.to(device)
     return _Run(base_model_path, output_dir, task, method, resolved_peft, resolved_config, label_names,
                 head_modules, model, tokenizer, device, param_groups=groups)
+
+
+class _StoppedDuringSetup(Exception):
+    """The callbacks asked to cancel or pause while the bases were being set up."""
+
+    def __init__(self, decision: EndedBy) -> None:
+        super().__init__(decision)
+        self.decision = decision
+
+
+def _setup_resources(bases: BasisStore | None, callbacks: TrainingCallbacks) -> SetupResources:
+    """The basis store, and a per-matrix hook that reports progress and stops between matrices when asked:
+    on a large model the SVDs take minutes, and a cancel or pause must not wait for all of them."""
+
+    def on_progress(done: int, total: int) -> None:
+        callbacks.on_setup_progress(done, total)
+        decision = callbacks.should_stop()
+        if decision != "continue" and done < total:
+            raise _StoppedDuringSetup(decision)
+
+    return SetupResources(bases=bases, on_progress=on_progress)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -335,7 +383,8 @@ def _run_identity(run: _Run) -> dict:
     """What must match for a checkpoint to continue this run exactly."""
     # Cadences and placement may change between the two halves of a run; the trajectory may not.
     trajectory = {k: v for k, v in run.config.to_dict().items()
-                  if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing", "bf16")}
+                  if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing", "bf16",
+                               "max_tokens_per_micro_batch", "base_dtype")}
     return {"method": run.method.name, "task": run.task, "peft": run.peft.to_dict(), "config": trajectory,
             "label_names": run.label_names, "num_examples": len(run.train)}
 
@@ -365,13 +414,87 @@ def _start_info(run: _Run, optimizer: torch.optim.Optimizer, resumed_step: int |
         "label_names": run.label_names,
         "device": str(run.device),
         "resumed_from_step": resumed_step,
+        "tokens_per_micro_batch": run.config.max_tokens_per_micro_batch,
+        "micro_batches_per_step": _micro_batches_per_step(run),
     }
+
+
+# -- fitting a step in device memory --------------------------------------------------------------------------
+
+
+def _plan_memory(run: _Run) -> None:
+    """Resolve the config's automatic ``gradient_checkpointing`` and ``max_tokens_per_micro_batch`` (see
+    memory.py), now that the model is on its device and the data's longest row is known."""
+    config = run.config
+    adapter_width = 0
+    if run.method.name == "svfit":  # Σ r is the number of σ; LoRA's ranks are too small to count
+        adapter_width = count_trainable([g for g in run.param_groups if g["name"] == run.method.body_name])
+    param_bytes = next(p.element_size() for p in run.model.parameters() if p.is_floating_point())
+    plan = plan_memory(
+        run.model, run.device,
+        trainable=[p for group in run.param_groups for p in group["params"]],
+        compute_bytes=2 if config.bf16 else param_bytes,
+        adapter_width=adapter_width,
+        longest_row=max(len(row) for row in run.train),
+        max_tokens=config.max_tokens_per_micro_batch,
+        checkpointing=config.gradient_checkpointing,
+    )
+    run.auto_checkpointing = config.gradient_checkpointing is None
+    if run.auto_checkpointing and plan.gradient_checkpointing:
+        _enable_gradient_checkpointing(transformers_model(run.model))
+    run.config = replace(config, gradient_checkpointing=plan.gradient_checkpointing,
+                         max_tokens_per_micro_batch=plan.tokens_per_micro_batch)
+
+
+def _micro_batches(run: _Run, batch: list[int], examples: list[Encoded]) -> list[list[int]]:
+    return micro_batches(batch, examples, run.config.gradient_accumulation_steps,
+                         run.config.max_tokens_per_micro_batch)
+
+
+def _micro_batches_per_step(run: _Run) -> int:
+    """The most micro-batches a step of the first epoch runs at the planned budget."""
+    batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, 0)
+    return max(len(_micro_batches(run, batch, run.train)) for batch in batches)
+
+
+def _shrink_after_oom(run: _Run, failed: list[int]) -> None:
+    """Make the micro-batch that ran out of device memory smaller, for its retry and the rest of the run:
+    the budget becomes half its padded size; a single row gets gradient checkpointing when the loop may
+    turn it on. A single row that cannot shrink further ends the run."""
+    width = max(len(run.train[i]) for i in failed)
+    if len(failed) > 1:
+        run.config.max_tokens_per_micro_batch = len(failed) * width // 2
+    elif run.auto_checkpointing and not run.config.gradient_checkpointing:
+        _enable_gradient_checkpointing(transformers_model(run.model))
+        run.config.gradient_checkpointing = True
+    else:
+        checkpointing = " with gradient checkpointing" if run.config.gradient_checkpointing else ""
+        raise DeviceMemoryError(
+            f"one training example of {width} tokens does not fit in device memory even alone{checkpointing}: "
+            f"lower max_seq_length (now {run.config.max_seq_length}; {width // 2} would halve this example's "
+            "activations), adapt fewer target modules, or use a smaller rank",
+            tokens=width,
+        )
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators a step draws from (dropout): the CPU one and, on CUDA, the device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # -- one step ---------------------------------------------------------------------------------------------
 
 
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.base_dtype != "float32":  # a half-precision base computes in its own dtype
+        return config.base_dtype == "bfloat16"
     if config.bf16 is not None:
         return config.bf16
     # By default only on CUDA: CPU runs stay fp32, where resumed runs are bit-identical.
@@ -379,48 +502,71 @@ def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
 
 
 def _autocast(run: _Run):
-    # Autocast computes in bf16 but keeps the trained tensors (σ, adapters, head) and their Adam moments
-    # in fp32, which small updates to σ need.
-    if run.config.bf16:
-        return torch.autocast(run.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    # Autocast computes in bf16 (or a half-precision base's own dtype) but keeps the trained tensors (σ,
+    # adapters, head) and their Adam moments in fp32, which small updates to σ need; on a half-precision
+    # base it is also what lets an fp32 head take the base's activations.
+    dtype = torch.bfloat16 if run.config.bf16 else DTYPES[run.config.base_dtype]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=dtype)
 
 
 def _loss_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the batch's targets and the number of correct predictions.
+    """Summed cross-entropy over the batch's targets and the number of correct predictions (see loss.py).
 
     Sums, not means: the caller divides by the targets of the whole optimizer batch, so micro-batches of
     different sizes weigh each target equally.
     """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with _autocast(run):
-        logits = run.model(**inputs).logits
-    logits = logits.float()
-    if run.task == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_labels = labels.reshape(-1)
-    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != IGNORE_INDEX)).sum()
-    return loss_sum, correct
+        if run.task == "causal":
+            return causal_loss(run.model, batch)
+        return classification_loss(run.model, batch)
 
 
-def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -> dict:
-    """One optimizer step over ``batch`` (example indices), in micro-batches when accumulating."""
-    run.model.train()
-    targets = max(1, batch_targets([run.train[i] for i in batch]))
+def _accumulate_gradients(
+    run: _Run, batch: list[int], targets: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor, int] | None, list[int] | None]:
+    """Forward and backward of each micro-batch of ``batch``: ((loss sum, correct, tokens), None), or
+    (None, the micro-batch that ran out of device memory) with the gradients part accumulated."""
     loss_total = torch.zeros((), device=run.device)
     correct_total = torch.zeros((), dtype=torch.long, device=run.device)
     tokens = 0
-    for micro in micro_batches(batch, run.train, run.config.gradient_accumulation_steps):
+    for micro in _micro_batches(run, batch, run.train):
         rows = [run.train[i] for i in micro]
         inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
-        loss_sum, correct = _loss_step(run, inputs)
-        (loss_sum / targets).backward()
+        try:
+            loss_sum, correct = _loss_step(run, inputs)
+            (loss_sum / targets).backward()
+        except torch.OutOfMemoryError:
+            # Returning ends this frame and the exception, and with them every activation of the attempt;
+            # a retry from inside the handler would run with all of them still alive.
+            return None, micro
         loss_total += loss_sum.detach()
         correct_total += correct
-        tokens += int(inputs["attention_mask"].sum())
+        tokens += sum(len(row) for row in rows)
+    return (loss_total, correct_total, tokens), None
+
+
+def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -> dict:
+    """One optimizer step over ``batch`` (example indices), in micro-batches under the token budget.
+
+    Running out of device memory restarts the step with smaller micro-batches (``_shrink_after_oom``): the
+    partial gradients are dropped and the RNG rewound, so the retry computes what the step would have
+    computed with the smaller budget from the start.
+    """
+    run.model.train()
+    targets = max(1, batch_targets([run.train[i] for i in batch]))
+    rng = _rng_state(run.device)
+    while True:
+        sums, failed = _accumulate_gradients(run, batch, targets)
+        if failed is None:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the failed attempt's blocks back: a fragmented cache OOMs again
+        _shrink_after_oom(run, failed)
+        _set_rng_state(run.device, rng)
+    loss_total, correct_total, tokens = sums
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if run.config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
@@ -433,14 +579,15 @@ def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -
 @torch.no_grad()
 def _evaluate(run: _Run) -> dict:
     run.model.eval()
-    size = max(1, run.config.batch_size // run.config.gradient_accumulation_steps)
     loss_total, correct_total = 0.0, 0
-    for start in range(0, len(run.valid), size):
-        rows = run.valid[start : start + size]
-        inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
-        loss_sum, correct = _loss_step(run, inputs)
-        loss_total += loss_sum.item()
-        correct_total += int(correct)
+    for start in range(0, len(run.valid), run.config.batch_size):
+        batch = list(range(start, min(start + run.config.batch_size, len(run.valid))))
+        for micro in _micro_batches(run, batch, run.valid):
+            rows = [run.valid[i] for i in micro]
+            inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
+            loss_sum, correct = _loss_step(run, inputs)
+            loss_total += loss_sum.item()
+            correct_total += int(correct)
     run.model.train()
     targets = max(1, batch_targets(run.valid))
     return {"loss": loss_total / targets, "accuracy": correct_total / targets}

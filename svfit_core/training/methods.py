@@ -21,6 +21,7 @@ from svfit_core.training.param_groups import build_param_groups
 from svfit_core.serialization import load_svfit_adapter, save_svfit_adapter
 from svfit_core.targets import DEFAULT_TARGETS
 from svfit_core.training.run_config import HyperparameterError, PeftSpec
+from svfit_core.training.setup_resources import NO_RESOURCES, SetupResources
 
 
 class Method(Protocol):
@@ -28,12 +29,14 @@ class Method(Protocol):
     body_name: str  # the param group name of the method's own parameters
     decay_body: bool  # whether weight decay may apply to those (never for σ)
 
-    def prepare(self, model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str) -> nn.Module: ...
+    def prepare(self, model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str,
+                resources: SetupResources = NO_RESOURCES) -> nn.Module: ...
     def save(self, model: nn.Module, out_dir: Path) -> None: ...
-    def load(self, base_model: nn.Module, adapter_dir: Path, trainable: bool = False) -> nn.Module: ...
+    def load(self, base_model: nn.Module, adapter_dir: Path, trainable: bool = False,
+             resources: SetupResources = NO_RESOURCES) -> nn.Module: ...
     def save_resume_state(self, model: nn.Module, checkpoint_dir: Path) -> None: ...
     def restore(self, base_model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str,
-                checkpoint_dir: Path) -> nn.Module: ...
+                checkpoint_dir: Path, resources: SetupResources = NO_RESOURCES) -> nn.Module: ...
 
 
 class SVFitMethod:
@@ -50,26 +53,28 @@ class SVFitMethod:
             energy_measure=spec.energy_measure,
             target_modules=spec.target_modules,
             train_bottom=spec.train_bottom,
-            # Bases in the artifact: serving and resuming never depend on an SVD being recomputed
-            # bit-for-bit on another machine.
+            # Without a basis store, U and V go into every adapter: serving and resuming then never depend
+            # on an SVD recomputed bit for bit on another machine. With one, adapters name their bases in it.
             store_bases=True,
             modules_to_save=list(head_modules),
         )
 
-    def prepare(self, model, spec, head_modules, task):
-        return inject_svfit(model, self.svfit_config(spec, head_modules))
+    def prepare(self, model, spec, head_modules, task, resources=NO_RESOURCES):
+        return inject_svfit(
+            model, self.svfit_config(spec, head_modules), bases=resources.bases, on_progress=resources.on_progress
+        )
 
     def save(self, model: SVFitModel, out_dir):
         save_svfit_adapter(model, out_dir)
 
-    def load(self, base_model, adapter_dir, trainable=False):
-        return load_svfit_adapter(base_model, adapter_dir, is_trainable=trainable)
+    def load(self, base_model, adapter_dir, trainable=False, resources=NO_RESOURCES):
+        return load_svfit_adapter(base_model, adapter_dir, is_trainable=trainable, bases=resources.bases)
 
     def save_resume_state(self, model, checkpoint_dir):
-        """Nothing beyond the adapter: it stores σ, the bases and the head exactly."""
+        """Nothing beyond the adapter: it stores σ and the head exactly, and the bases or their keys."""
 
-    def restore(self, base_model, spec, head_modules, task, checkpoint_dir):
-        return self.load(base_model, checkpoint_dir, trainable=True)
+    def restore(self, base_model, spec, head_modules, task, checkpoint_dir, resources=NO_RESOURCES):
+        return self.load(base_model, checkpoint_dir, trainable=True, resources=resources)
 
 
 METHODS: dict[str, Method] = {
@@ -115,13 +120,14 @@ def setup_method(
     head_lr: float,
     weight_decay: float,
     checkpoint_dir: Path | None = None,
+    resources: SetupResources = NO_RESOURCES,
 ) -> tuple[nn.Module, list[dict]]:
     """Prepare ``model`` for ``spec.method`` (or restore it from ``checkpoint_dir``) -> (model, param groups)."""
     method = get_method(spec.method)
     if checkpoint_dir is None:
-        model = method.prepare(model, spec, head_modules, task)
+        model = method.prepare(model, spec, head_modules, task, resources)
     else:
-        model = method.restore(model, spec, head_modules, task, checkpoint_dir)
+        model = method.restore(model, spec, head_modules, task, checkpoint_dir, resources)
     groups = build_param_groups(
         model, head_modules, body_name=method.body_name, lr=lr, head_lr=head_lr,
         weight_decay=weight_decay, decay_body=method.decay_body,

@@ -2,8 +2,9 @@
 way (its ``training_meta.json`` says which method and task), and converts to the downloadable formats.
 
 Formats: ``svfit`` (the native adapter, SVFit runs only), ``peft_lora`` (a standard PEFT LoRA adapter:
-SVFit exports exactly, LoRA and PiSSA already are one), ``merged`` (a full HF model folder with the update
-folded in, any method). Each export is written atomically and carries a ``manifest.json`` of sha256 sums.
+SVFit exports exactly, LoRA and PiSSA already are one; at a serving rank, the best approximation of that
+rank), ``merged`` (a full HF model folder with the update folded in, any method). Each export is written
+atomically and carries a ``manifest.json`` of sha256 sums (for ``peft_lora`` also its rank and kept energy).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from svfit_core.training.checkpointing import atomic_dir
-from svfit_core.errors import AdapterFormatError, SVFitError
-from svfit_core.export import export_merged, export_peft_lora
+from svfit_core.errors import AdapterFormatError, ConfigError, SVFitError
+from svfit_core.export import export_merged, export_peft_lora, read_kept_energy, truncate_peft_lora
 from svfit_core.loading import load_base_model
 from svfit_core.training.methods import get_method
 from svfit_core.training.layout import ARTIFACT_FORMATS, FORMAT_METHODS, TRAINING_META
@@ -56,8 +58,14 @@ def load_trained_model(
     return model.eval(), tokenizer, meta
 
 
-def write_artifact(base_model_path: str | Path, adapter_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """Write ``adapter_dir``'s weights as ``fmt`` into ``out_dir`` (replaced if present); return ``out_dir``."""
+def write_artifact(
+    base_model_path: str | Path, adapter_dir: str | Path, fmt: str, out_dir: str | Path, rank: int | None = None
+) -> Path:
+    """Write ``adapter_dir``'s weights as ``fmt`` into ``out_dir`` (replaced if present); return ``out_dir``.
+
+    ``rank``: ``peft_lora`` only, a serving rank r′ (None: the trained rank, exact); modules above it are
+    cut to their best rank-r′ approximation.
+    """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     meta = read_training_meta(adapter_dir)
     method = meta["method"]
@@ -66,20 +74,44 @@ def write_artifact(base_model_path: str | Path, adapter_dir: str | Path, fmt: st
     if method not in FORMAT_METHODS[fmt]:
         usable = [f for f in ARTIFACT_FORMATS if method in FORMAT_METHODS[f]]
         raise ArtifactFormatUnavailable(f"format {fmt!r} is not available for a {method} job; use one of {usable}")
+    if rank is not None and fmt != "peft_lora":
+        raise ConfigError(f"a rank applies to format 'peft_lora' only, not {fmt!r}", code="invalid_rank")
 
     with atomic_dir(out_dir) as part:
-        if fmt == "svfit" or (fmt == "peft_lora" and method in ("lora", "pissa")):
+        kept = None
+        if fmt == "svfit":
             # The servable adapter already is this format: copy it as written.
             for name in _ADAPTER_FILES:
                 shutil.copy2(adapter_dir / name, part / name)
+        elif fmt == "peft_lora" and method in ("lora", "pissa"):
+            # Already a PEFT LoRA: copied as written, or cut down when its rank is above ``rank``.
+            truncate_peft_lora(adapter_dir, part, rank)
+            kept = read_kept_energy(part)
         elif fmt == "peft_lora":
             model, _, _ = load_trained_model(base_model_path, adapter_dir)
-            export_peft_lora(model, part)
+            export_peft_lora(model, part, rank=rank, dtype=_checkpoint_dtype(base_model_path))
+            kept = read_kept_energy(part)
         else:
             _write_merged(base_model_path, adapter_dir, method, part)
         (part / TRAINING_META).write_text(json.dumps(meta, indent=2))
-        _write_manifest(part, fmt)
+        extra = {"rank": rank, "kept_energy": kept["kept_energy"]} if kept is not None else {}
+        _write_manifest(part, fmt, extra)
     return out_dir
+
+
+_CHECKPOINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _checkpoint_dtype(base_model_path: str | Path) -> torch.dtype | None:
+    """The dtype the base checkpoint's ``config.json`` declares, or None. ``load_base_model`` loads float32
+    whatever the checkpoint holds, and a LoRA export should come in the weights' own dtype (bf16 for a bf16
+    model, as a LoRA server expects)."""
+    path = Path(base_model_path)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return None  # a GGUF folder: its quantised types are no dtype for a LoRA
+    declared = json.loads(config.read_text())
+    return _CHECKPOINT_DTYPES.get(declared.get("dtype") or declared.get("torch_dtype"))
 
 
 def _write_merged(base_model_path: str | Path, adapter_dir: Path, method: str, out: Path) -> None:
@@ -93,7 +125,7 @@ def _write_merged(base_model_path: str | Path, adapter_dir: Path, method: str, o
     tokenizer.save_pretrained(out)
 
 
-def _write_manifest(folder: Path, fmt: str) -> None:
+def _write_manifest(folder: Path, fmt: str, extra: dict) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest = hashlib.sha256()
@@ -101,4 +133,4 @@ def _write_manifest(folder: Path, fmt: str) -> None:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         files[str(path.relative_to(folder))] = digest.hexdigest()
-    (folder / "manifest.json").write_text(json.dumps({"format": fmt, "sha256": files}, indent=2))
+    (folder / "manifest.json").write_text(json.dumps({"format": fmt, **extra, "sha256": files}, indent=2))

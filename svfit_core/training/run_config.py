@@ -16,6 +16,7 @@ from svfit_core.errors import ConfigError
 METHODS = ("svfit", "lora", "pissa", "full", "head_only")
 SCHEDULERS = ("linear", "cosine")
 ENERGY_MEASURES = ("squared", "linear")
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Default learning rates per method. σ needs one to two orders of magnitude more than LoRA's factors: a step
 # of Δσ moves a whole singular direction of a weight whose singular values are O(1–10), where LoRA's B starts
@@ -136,10 +137,14 @@ class TrainConfig:
     """How to optimise.
 
     ``batch_size`` is the number of examples per optimizer step (OpenAI's meaning); with
-    ``gradient_accumulation_steps`` = g each step runs g micro-batches of about batch_size / g examples, so
-    g trades memory for time without changing the result. ``learning_rate`` / ``head_learning_rate`` None
-    take the method's default. ``weight_decay`` never applies to σ. ``eval_every`` / ``checkpoint_every``
-    count optimizer steps. ``label_names`` names classification labels 0..n-1 (default: the integers).
+    ``gradient_accumulation_steps`` = g each step runs at least g micro-batches of about batch_size / g
+    examples, and each is split further until its padded token count is at most
+    ``max_tokens_per_micro_batch`` (None: chosen from free device memory, see ``training.memory``). Both
+    trade memory for time without changing the result. ``gradient_checkpointing`` None turns it on only
+    when one example of the longest length would not fit otherwise (never on CPU).
+    ``learning_rate`` / ``head_learning_rate`` None take the method's default. ``weight_decay`` never
+    applies to σ. ``eval_every`` / ``checkpoint_every`` count optimizer steps. ``label_names`` names
+    classification labels 0..n-1 (default: the integers).
     """
 
     n_epochs: int = 3
@@ -155,11 +160,17 @@ class TrainConfig:
     eval_every: int | None = None
     checkpoint_every: int | None = None
     seed: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    max_tokens_per_micro_batch: int | None = None
     max_steps: int | None = None
     label_names: list[str] | None = None
     device: str | None = None  # None: CUDA when available, else CPU
     bf16: bool | None = None  # bf16 autocast; None: on for a CUDA device that supports it, off on CPU
+    # The dtype the frozen base is held in (rule: ``loading.base_dtype_for``). "auto": float32 on CPU, with
+    # bf16 false, or for full fine-tuning; on CUDA the checkpoint's own bf16/fp16, and bf16 for an fp32 one
+    # where the device computes bf16 natively. A half-precision base computes in its own dtype (σ and a head
+    # stay fp32 under autocast to it), so "bfloat16" needs bf16 unset or true, "float16" unset or false.
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def validate(self) -> None:
         for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length"):
@@ -167,7 +178,7 @@ class TrainConfig:
                 raise HyperparameterError(
                     f"{name} must be an integer from 1 to 2^31-1, got {shown(getattr(self, name))}", param=name
                 )
-        for name in ("eval_every", "checkpoint_every", "max_steps"):
+        for name in ("eval_every", "checkpoint_every", "max_steps", "max_tokens_per_micro_batch"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise HyperparameterError(
@@ -186,9 +197,17 @@ class TrainConfig:
                                       param="warmup_ratio")
         if self.bf16 not in (None, True, False):
             raise HyperparameterError(f"bf16 must be true, false or null, got {shown(self.bf16)}", param="bf16")
-        if not isinstance(self.gradient_checkpointing, bool):
+        if self.base_dtype not in BASE_DTYPES:
             raise HyperparameterError(
-                f"gradient_checkpointing must be a boolean, got {shown(self.gradient_checkpointing)}",
+                f"base_dtype must be one of {BASE_DTYPES}, got {shown(self.base_dtype)}", param="base_dtype"
+            )
+        if (self.base_dtype, self.bf16) in (("bfloat16", False), ("float16", True)):
+            raise HyperparameterError(
+                f"a {self.base_dtype} base computes in {self.base_dtype}, so bf16 cannot be {self.bf16}", param="bf16"
+            )
+        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
+            raise HyperparameterError(
+                f"gradient_checkpointing must be true, false or null, got {shown(self.gradient_checkpointing)}",
                 param="gradient_checkpointing",
             )
         if self.lr_scheduler not in SCHEDULERS:

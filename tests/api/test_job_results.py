@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -165,9 +166,77 @@ def test_artifact_archives_are_built_once_with_their_sha256(make_api, trained, m
     lora = api.client.get(url, params={"format": "peft_lora", "step": 1}, headers=api.headers())
     assert lora.status_code == 200, lora.text
     assert lora.headers["x-content-sha256"] == hashlib.sha256(lora.content).hexdigest()
-    assert f"{job_id}-step-1-peft_lora/adapter_config.json" in _members(lora.content)
+    assert f"{job_id}-step-1-peft_lora-r64/adapter_config.json" in _members(lora.content)
     leftovers = [p.name for p in api.app.state.storage.path(f"artifacts/{job_id}").iterdir() if p.name.startswith(".build")]
     assert leftovers == []
+
+
+def _manifest(archive: bytes) -> dict:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/manifest.json"))
+        return json.loads(tar.extractfile(member).read())
+
+
+@pytest.mark.parametrize("peft_type", ["svfit", "lora"])
+def test_peft_lora_comes_at_rank_64_by_default_with_its_kept_energy(make_api, trained, peft_type):
+    api = make_api(models_dir=trained["models_dir"])
+    job_id = _publish(api, trained[peft_type], peft_type=peft_type)
+    response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts", params={"format": "peft_lora"},
+                              headers=api.headers())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-disposition"] == f'attachment; filename="{job_id}-final-peft_lora-r64.tar.gz"'
+    manifest = _manifest(response.content)
+    assert manifest["format"] == "peft_lora" and manifest["rank"] == 64
+    assert manifest["kept_energy"] == 1.0  # both adapters have rank 2: nothing to cut
+    assert response.headers["x-kept-energy"] == "1.0000"
+    assert f"{job_id}-final-peft_lora-r64/kept_energy.json" in _members(response.content)
+    for fmt in ("svfit", "merged") if peft_type == "svfit" else ("merged",):
+        other = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts", params={"format": fmt}, headers=api.headers())
+        assert other.status_code == 200 and "x-kept-energy" not in other.headers
+        assert "rank" not in _manifest(other.content)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"format": "peft_lora", "rank": 0}, {"format": "peft_lora", "rank": 513}, {"format": "peft_lora", "rank": -4},
+     {"format": "peft_lora", "rank": "abc"}, {"format": "peft_lora", "rank": 1.5}, {"format": "svfit", "rank": 8},
+     {"format": "merged", "rank": 64}, {"rank": 64}],
+    ids=["zero", "above-512", "negative", "not-a-number", "fraction", "svfit", "merged", "default-format"],
+)
+def test_a_bad_or_misplaced_rank_is_a_400_naming_rank(make_api, trained, params):
+    api = make_api(models_dir=trained["models_dir"])
+    job_id = _publish(api, trained["svfit"], peft_type="svfit")
+    response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts", params=params, headers=api.headers())
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "rank" and error["type"] == "invalid_request_error" and error["code"] == "invalid_parameter"
+    assert not api.app.state.storage.path(f"artifacts/{job_id}").exists()  # refused before anything was built
+
+
+def test_peft_lora_archives_are_cached_per_rank(make_api, trained, monkeypatch):
+    api = make_api(models_dir=trained["models_dir"])
+    job_id = _publish(api, trained["svfit"], peft_type="svfit")
+    url = f"/v1/fine_tuning/jobs/{job_id}/artifacts"
+    cut = api.client.get(url, params={"format": "peft_lora", "rank": 1}, headers=api.headers())
+    whole = api.client.get(url, params={"format": "peft_lora", "rank": 2}, headers=api.headers())
+    assert cut.status_code == whole.status_code == 200
+    assert cut.headers["x-content-sha256"] != whole.headers["x-content-sha256"]
+    assert cut.headers["content-disposition"].endswith('-peft_lora-r1.tar.gz"')
+    assert 0 < float(cut.headers["x-kept-energy"]) < 1 and whole.headers["x-kept-energy"] == "1.0000"
+    assert _manifest(cut.content)["kept_energy"] == pytest.approx(float(cut.headers["x-kept-energy"]), abs=5e-5)
+
+    import svfit_core.training.outputs
+
+    def no_rebuild(*_args, **_kwargs):
+        raise AssertionError("rebuilt a cached artifact")
+
+    monkeypatch.setattr(svfit_core.training.outputs, "write_artifact", no_rebuild)
+    for rank, first in ((1, cut), (2, whole)):
+        again = api.client.get(url, params={"format": "peft_lora", "rank": rank}, headers=api.headers())
+        assert again.content == first.content
+        assert again.headers["x-kept-energy"] == first.headers["x-kept-energy"]
+    uncached = api.client.get(url, params={"format": "peft_lora", "rank": 3}, headers=api.headers())
+    assert uncached.status_code == 500  # a rank not built yet is built, not served from another rank's archive
 
 
 def test_svfit_format_of_a_lora_job_is_unavailable(make_api, trained):

@@ -87,3 +87,21 @@ def test_a_download_that_does_not_match_its_sha256_is_refused_and_removed(tmp_pa
     assert refused.value.code == "checksum_mismatch"
     assert list(tmp_path.iterdir()) == []  # neither the archive nor its .part, and nothing outside
     assert not (tmp_path.parent.parent / "escape.tar.gz").exists()
+
+
+def test_a_rank_goes_to_the_server_and_only_with_peft_lora(tmp_path, capsys):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(request.url.params))
+        return httpx.Response(200, content=b"archive")
+
+    client = ApiClient("http://test/v1", None, transport=httpx.MockTransport(handler))
+    result = artifacts.download(client, "ftjob-x", "peft_lora", None, str(tmp_path), rank=16)
+    assert seen == [{"format": "peft_lora", "rank": "16"}]
+    assert result["path"] == str(tmp_path / "ftjob-x-peft_lora-rank-16.tar.gz")
+
+    from svfit_cli.commands import main
+
+    assert main(["artifacts", "download", "ftjob-x", "--format", "svfit", "--rank", "16"]) == base.EXIT_ERROR
+    assert "error: invalid_parameter: --rank applies only to --format peft_lora" in capsys.readouterr().err

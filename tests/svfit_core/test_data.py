@@ -242,9 +242,9 @@ def test_epoch_order_is_reproducible_and_differs_between_epochs():
 def test_micro_batches_cover_the_batch(llama_tokenizer):
     rows = [encode_example({"prompt": "hello", "completion": "yes " * n}, "completion", llama_tokenizer, 512)
             for n in range(1, 6)]
-    parts = micro_batches([4, 0, 2, 1, 3], rows, 2)
+    parts = micro_batches([4, 0, 2, 1, 3], rows, 2, max_tokens=10_000)
     assert len(parts) == 2 and sorted(i for p in parts for i in p) == [0, 1, 2, 3, 4]
-    assert micro_batches([1], rows, 4) == [[1]]
+    assert micro_batches([1], rows, 4, max_tokens=10_000) == [[1]]
 
 
 def test_schedule_warms_up_then_decays():

@@ -17,7 +17,9 @@ from svfit_core import (
     NonFiniteMergeError,
     SVFitConfig,
     SVFitError,
+    SVFitLayer,
     TargetModulesNotFoundError,
+    UnsupportedLayerError,
     export_merged,
     export_peft_lora,
     inject_svfit,
@@ -106,6 +108,56 @@ def test_double_injection_is_refused(tiny_case_factory):
         with pytest.raises(ConfigError) as info:
             inject_svfit(target)
         assert info.value.code == "already_injected"
+
+
+class Linear4bit(nn.Linear):
+    """Stands in for bitsandbytes' class (not installed here): an nn.Linear whose weight is packed uint8."""
+
+
+class Linear8bitLt(nn.Linear):
+    """Stands in for bitsandbytes' int8 linear, here with a float weight: the class alone refuses it."""
+
+
+def _quantized(layer: nn.Linear, kind: str) -> nn.Linear:
+    out_f, in_f = layer.weight.shape
+    if kind == "int8":  # a plain Linear holding int8 rows
+        new = nn.Linear(in_f, out_f, bias=False)
+        new.weight = nn.Parameter(torch.ones(out_f, in_f, dtype=torch.int8), requires_grad=False)
+    elif kind == "Linear4bit":  # two 4-bit values per byte, flattened as bitsandbytes stores them
+        new = Linear4bit(in_f, out_f, bias=False)
+        new.weight = nn.Parameter(torch.ones(out_f * in_f // 2, 1, dtype=torch.uint8), requires_grad=False)
+    else:
+        new = Linear8bitLt(in_f, out_f, bias=False)
+    return new
+
+
+@pytest.mark.parametrize("kind", ["int8", "Linear4bit", "Linear8bitLt"])
+def test_quantized_targets_are_refused_before_any_svd(tiny_case_factory, kind, monkeypatch):
+    model = tiny_case_factory("llama", "causal").load()
+    name = "model.layers.1.self_attn.v_proj"
+    model.model.layers[1].self_attn.v_proj = _quantized(model.model.layers[1].self_attn.v_proj, kind)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD ran before the refusal")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)  # q_proj comes first and is fine: checked all the same
+    with pytest.raises(UnsupportedLayerError) as info:
+        inject_svfit(model, SVFitConfig(target_modules=["q_proj", "v_proj"]))
+    assert info.value.code == "unsupported_layer"
+    assert info.value.module == name and name in str(info.value)
+    assert info.value.layer_type == type(model.get_submodule(name)).__name__
+    assert info.value.layer_type in str(info.value)
+    assert not any(isinstance(m, SVFitLayer) for m in model.modules())
+
+
+def test_an_adapter_is_refused_on_a_quantized_base(tiny_case_factory, tmp_path):
+    case = tiny_case_factory("llama", "causal")
+    _saved_adapter(case, tmp_path)
+    base = case.load()
+    base.model.layers[0].self_attn.q_proj = _quantized(base.model.layers[0].self_attn.q_proj, "Linear4bit")
+    with pytest.raises(UnsupportedLayerError) as info:
+        load_svfit_adapter(base, tmp_path)
+    assert info.value.module == "model.layers.0.self_attn.q_proj"
 
 
 def _saved_adapter(case, tmp_path, **config):

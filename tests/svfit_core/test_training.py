@@ -43,7 +43,8 @@ GOLDEN_LAST_LOSS = 4.526974487304687
 
 
 class Recorder(TrainingCallbacks):
-    """Keeps everything the loop reports; stops ("pause" / "cancel") once ``stop_after`` steps are done."""
+    """Keeps everything the loop reports; stops ("pause" / "cancel") once ``stop_after`` steps are done (a
+    stop during setup is asked for with ``stop_after_matrices``)."""
 
     def __init__(self, stop_after: int | None = None, decision: str = "pause") -> None:
         self.info: dict = {}
@@ -52,6 +53,11 @@ class Recorder(TrainingCallbacks):
         self.checkpoints: list[tuple[int, Path]] = []
         self.epoch_checkpoints: list[int] = []
         self.stop_after, self.decision = stop_after, decision
+        self.setup_progress: list[tuple[int, int]] = []
+        self.stop_after_matrices: int | None = None
+
+    def on_setup_progress(self, done, total):
+        self.setup_progress.append((done, total))
 
     def on_start(self, info):
         self.info = info
@@ -68,6 +74,9 @@ class Recorder(TrainingCallbacks):
             self.epoch_checkpoints.append(step)
 
     def should_stop(self):
+        if not self.info:  # still setting up
+            stop = self.stop_after_matrices is not None and len(self.setup_progress) >= self.stop_after_matrices
+            return self.decision if stop else "continue"
         return self.decision if self.stop_after is not None and len(self.steps) >= self.stop_after else "continue"
 
     @property

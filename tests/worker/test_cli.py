@@ -13,8 +13,10 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from svfit_cli import main
+from svfit_cli.server import visible_gpus, worker_slots
 from tests.network import free_port
 from tests.worker.conftest import ROOT, clear_caches, worker_env
 
@@ -61,6 +63,35 @@ def test_keys_create_prints_the_key_once_and_revoke_by_id(fresh, capsys):
 def test_parser_rejects_zero_concurrency(fresh):
     with pytest.raises(SystemExit):
         main(["worker", "--concurrency", "0"])
+
+
+@pytest.mark.parametrize("gpus", ["0,x", "0,0", "-1", "0,,1"])
+def test_parser_rejects_bad_gpu_lists(fresh, gpus):
+    with pytest.raises(SystemExit):
+        main(["worker", "--gpus", gpus])
+
+
+def test_worker_slots_one_per_gpu_or_round_robin():
+    assert worker_slots([], None) == [("worker 1/1", {})]
+    assert worker_slots([], 2) == [("worker 1/2", {}), ("worker 2/2", {})]
+    assert worker_slots(["0", "1"], None) == [
+        ("worker 1/2 on GPU 0", {"CUDA_VISIBLE_DEVICES": "0"}),
+        ("worker 2/2 on GPU 1", {"CUDA_VISIBLE_DEVICES": "1"}),
+    ]
+    dealt = [env["CUDA_VISIBLE_DEVICES"] for _, env in worker_slots(["2", "3"], 5)]
+    assert dealt == ["2", "3", "2", "3", "2"]
+
+
+def test_visible_gpus_name_the_devices_this_process_was_given(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ["0", "1"]
+    # Pinned to physical GPUs 2 and 3 itself: its children must name those, not 0 and 1.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == ["2", "3"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []
 
 
 class Supervisor:
@@ -210,5 +241,27 @@ def test_worker_concurrency_restarts_a_dead_child_and_stops_them_all(fresh):
         workers.process.send_signal(signal.SIGTERM)
         assert workers.process.wait(timeout=90) == 0, workers.text()
         assert not alive(replacement) and not alive(other)
+    finally:
+        workers.kill_all()
+
+
+@pytest.mark.slow
+def test_worker_gpus_pins_one_child_to_each_gpu_and_stops_them_all(fresh):
+    # No GPU is needed: the children are ordinary workers whose environment names their GPU.
+    assert main(["migrate"]) == 0  # the workers' reapers read the jobs table
+    workers = Supervisor(fresh, "worker", "--gpus", "0,1")
+    try:
+        labels = ("worker 1/2 on GPU 0", "worker 2/2 on GPU 1")
+        deadline = time.monotonic() + 30
+        while not all(workers.worker_pids(label) for label in labels):
+            assert workers.process.poll() is None and time.monotonic() < deadline, workers.text()
+            time.sleep(0.2)
+        pids = [workers.worker_pids(label)[0] for label in labels]
+        assert [environ(pid).get("CUDA_VISIBLE_DEVICES") for pid in pids] == ["0", "1"]
+        assert all(alive(pid) for pid in pids)
+
+        workers.process.send_signal(signal.SIGTERM)
+        assert workers.process.wait(timeout=90) == 0, workers.text()
+        assert not any(alive(pid) for pid in pids)
     finally:
         workers.kill_all()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from api.core.tables import Checkpoint, File, FineTunedModel
+from svfit_core.errors import UnsupportedLayerError
 from tests.worker.conftest import HYPERPARAMETERS, clear_caches
 from tests.worker.helpers import adapter_tensors, assert_same_adapter
 from worker import pipeline, publishing, recovery
@@ -47,7 +48,9 @@ def test_run_job_succeeds_and_publishes(service):
     assert job.requested_action is None
 
     messages = [e.message for e in service.events(job_id)]
-    assert messages[0] == "Fine-tuning job started"
+    # Bases first (q and v of 2 layers, one SVD each; with progress written at once, one event a matrix),
+    # then training.
+    assert messages[:5] == [f"Setting up bases: {i}/4 matrices" for i in range(1, 5)] + ["Fine-tuning job started"]
     assert messages[-1] == "The job has successfully completed"
     metrics = [e.data for e in service.events(job_id) if e.type == "metrics"]
     train = [m for m in metrics if "train_loss" in m]
@@ -248,6 +251,7 @@ def test_publish_dir_is_atomic_and_idempotent(service, tmp_path):
         ("missing_file_content", "invalid_training_file", "training_file"),
         ("internal", "internal_error", None),
         ("oom", "out_of_memory", None),
+        ("quantized", "unsupported_layer", "model"),
     ],
 )
 def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param):
@@ -260,8 +264,12 @@ def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param
         file_id = service.add_file([{"prompt": "a", "completion": "b"}] * 10)
         service.store_path(f"files/{file_id}.jsonl").unlink()
         overrides["training_file"] = file_id
-    elif case in ("internal", "oom"):
-        error = RuntimeError("secret detail") if case == "internal" else torch.OutOfMemoryError("CUDA out of memory")
+    elif case in ("internal", "oom", "quantized"):
+        error = {
+            "internal": RuntimeError("secret detail"),
+            "oom": torch.OutOfMemoryError("CUDA out of memory"),
+            "quantized": UnsupportedLayerError("module 'q_proj' is a Linear4bit", module="q_proj"),
+        }[case]
 
         def explode(*args, **kwargs):  # noqa: ANN002, ANN003
             raise error
