@@ -32,10 +32,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bases import BasisStore, stored_or_computed
 from .config import SVFitConfig
 from .errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from .layer import weight_sha256
-from .rank import truncated_svd
 from .serialization import WEIGHTS_NAME, read_adapter_config, recorded_precision
 from .targets import LINEAR_TYPES
 
@@ -167,10 +167,15 @@ class MultiAdapterModel:
     ``base_hashes``: per-module sha256 of the base weights as the adapters were trained on them, when the
     model was loaded in another dtype than that (hash before casting); otherwise hashed on first use. An
     adapter trained on a base held in bf16 or fp16 is verified against the loaded weights rounded to that.
+    ``bases``: the basis store compact adapters' bases are read from (bases.py); without it, or for an entry
+    it lacks, their SVD is recomputed.
     """
 
-    def __init__(self, model: nn.Module, *, base_hashes: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, base_hashes: dict[str, str] | None = None, bases: BasisStore | None = None
+    ) -> None:
         self.model = model
+        self.bases = bases
         self.adapters: dict[str, AdapterEntry] = {}
         self._hashes: dict[str, str] = dict(base_hashes or {})
         self._slots: dict[str, MultiAdapterLinear] = {}
@@ -228,10 +233,18 @@ class MultiAdapterModel:
                     raise AdapterFormatError(f"tensor svfit.{name}.{key} is missing or not of shape {shape}")
                 found[key] = t.to(torch.float32)
             return found["U"], found["s"], found["V"]
-        # Compact artifact: recompute the SVD of the hash-verified base weight, as loading a single adapter does.
+        # Compact artifact: the bases its key names in the basis store, else the SVD of the hash-verified base
+        # weight recomputed, as loading a single adapter does.
         w = slot.base_layer.weight
+        precision = recorded_precision(name, spec)
+        if precision is not None:  # the SVD of the weights the adapter trained on, not of a wider load of them
+            w = w.to(precision)
         cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
-        return truncated_svd(w.mT if isinstance(slot.base_layer, Conv1D) else w, cfg)
+        key = spec.get("basis")
+        u, s, v = stored_or_computed(
+            w.mT if isinstance(slot.base_layer, Conv1D) else w, key, cfg, self.bases if key else None
+        )
+        return u.to(torch.float32), s.to(torch.float32), v.to(torch.float32)
 
     @staticmethod
     def _matches(basis: Basis, u: torch.Tensor, v: torch.Tensor) -> bool:

@@ -221,6 +221,9 @@ def _build_layer(
         cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
         weight = module.weight.detach()
         weight = weight.mT if spec.get("layout") == "conv1d" else weight
+        precision = recorded_precision(name, spec)
+        if precision is not None:  # the SVD of the weights the adapter trained on, not of a wider load of them
+            weight = weight.to(precision)
         key = spec.get("basis")
         u, s, v = stored_or_computed(weight, key, cfg, bases if key else None)
         if s.numel() != r:

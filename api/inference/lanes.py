@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from svfit_core.bases import BasisStore
 from svfit_core.multi_adapter import MultiAdapterModel
 
 from api.inference.servable_models import context_length, eos_token_ids, model_bytes
@@ -119,10 +120,10 @@ class SharedBaseLane(_AdapterLane):
     """The base model and all its SVFit adapters in one copy; a batch mixes them freely."""
 
     def __init__(self, key, model, tokenizer, *, max_adapters: int, serving_rank: int | None,
-                 base_hashes: dict[str, str] | None = None) -> None:
+                 base_hashes: dict[str, str] | None = None, bases: BasisStore | None = None) -> None:
         super().__init__(key, model, tokenizer, max_adapters=max_adapters)
         self.serving_rank = serving_rank
-        self.multi = MultiAdapterModel(model, base_hashes=base_hashes)
+        self.multi = MultiAdapterModel(model, base_hashes=base_hashes, bases=bases)
 
     def _register(self, tag: str, ref: ModelRef) -> None:
         self.multi.add_adapter(tag, ref.adapter_dir)

@@ -29,7 +29,9 @@ from api.core.errors import (
     ServiceError,
     WrongModelTask,
 )
+from api.core.basis_store import StoredBases
 from api.core.settings import Settings
+from api.core.storage import storage_for
 from api.inference.kv import PaddedCache, left_pad
 from api.inference.lanes import EncoderLane, Lane, LoraLane, ModelLane, SharedBaseLane
 from api.inference.servable_models import (
@@ -129,6 +131,8 @@ class Scheduler:
         self.max_batch = settings.inference_max_batch
         self.cache = ModelCache(int(settings.inference_memory_budget_mb * 2**20))
         self.states: dict[tuple, LaneState] = {}
+        # Compact SVFit adapters name their bases in the store; the trainer put them there.
+        self.bases = StoredBases(storage_for(settings, check=False))
 
     # -- lanes -------------------------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class Scheduler:
             if kind == "shared":
                 model, tokenizer, hashes = load_causal_base(ref.base_path, self.dtype, self.device)
                 return SharedBaseLane(key, model, tokenizer, max_adapters=s.inference_max_adapters,
-                                      serving_rank=s.inference_serving_rank, base_hashes=hashes)
+                                      serving_rank=s.inference_serving_rank, base_hashes=hashes, bases=self.bases)
             if kind == "lora":
                 model, tokenizer, _ = load_causal_base(ref.base_path, self.dtype, self.device)
                 return LoraLane(key, model, tokenizer, max_adapters=s.inference_max_adapters)

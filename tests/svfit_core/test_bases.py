@@ -140,3 +140,21 @@ def test_setup_progress_counts_every_matrix(llama, tmp_path):
     run_training(llama.path, CHAT, None, PeftSpec(), TRAIN, tmp_path, recorder)
     total = recorder.setup_progress[-1][1]
     assert recorder.setup_progress == [(i, total) for i in range(1, total + 1)]
+
+
+def test_serving_reads_a_compact_adapters_bases_from_the_store(llama, tmp_path, counted_svds):
+    from svfit_core.multi_adapter import MultiAdapterModel
+
+    store = DirectoryBasisStore(tmp_path / "bases")
+    model = _trained(llama, store)
+    save_svfit_adapter(model, tmp_path / "adapter")
+    computed = len(counted_svds)
+    batch = llama.batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        served = MultiAdapterModel(llama.load(), bases=store)
+        served.add_adapter("a", tmp_path / "adapter")
+        served.set_batch(["a"] * batch["input_ids"].shape[0])
+        logits = served.model(**batch).logits
+    assert len(counted_svds) == computed, "no SVD at serving time"
+    assert (logits - expected).abs().max() < 1e-5

@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from svfit_core import BaseModelMismatchError, SVFitConfig, SVFitLayer, inject_svfit, save_svfit_adapter
+from svfit_core import (
+    BaseModelMismatchError,
+    SVFitConfig,
+    SVFitLayer,
+    inject_svfit,
+    load_svfit_adapter,
+    save_svfit_adapter,
+)
 from svfit_core.loading import base_dtype_for, checkpoint_dtype, load_base_model
 from svfit_core.multi_adapter import MultiAdapterModel
 from svfit_core.training import PeftSpec, TrainConfig, run_training
@@ -232,6 +239,17 @@ def test_a_bf16_adapter_joins_a_multi_adapter_fp32_base(tiny_case_factory, tmp_p
         MultiAdapterModel(auto_class("causal").from_pretrained(
             str(build_tiny("llama", "causal", tmp_path / "other", seed=1))
         )).add_adapter("a", tmp_path)
+
+
+def test_a_compact_bf16_adapter_recomputes_the_bases_it_trained_on(tiny_case_factory, tmp_path):
+    llama = tiny_case_factory("llama", "causal")
+    trained = inject_svfit(load_bf16(llama), SVFitConfig(store_bases=False))
+    perturb(trained)
+    save_svfit_adapter(trained, tmp_path)
+    loaded = load_svfit_adapter(llama.load(), tmp_path)  # fp32: the SVD is of its weights rounded to bf16
+    for name, layer in loaded.svfit_layers().items():
+        original = trained.svfit_layers()[name]
+        assert torch.equal(layer.s, original.s) and torch.equal(layer.U.to(torch.bfloat16), original.U), name
 
 
 def test_pause_and_resume_on_a_bf16_base_is_exact(tiny_case_factory, tmp_path):
