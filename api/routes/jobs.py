@@ -135,9 +135,15 @@ def download_job_artifact(
             "update of higher rank is cut to its best approximation of this rank.",
         ),
     ] = None,
+    include_basis: Annotated[
+        bool,
+        Query(description="`svfit` only: put U, V and s in the adapter (self-contained). By default it holds σ "
+              "and the keys of its bases, and loads anywhere by recomputing the SVD of the base."),
+    ] = False,
 ) -> FileResponse:
     archive = artifacts_service.artifact_archive(
-        session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step, rank=rank
+        session, storage, settings, org_id=org_id, job_id=job_id, fmt=artifact_format, step=step, rank=rank,
+        include_basis=include_basis,
     )
     headers = {"X-Content-SHA256": archive.sha256}
     if archive.kept_energy is not None:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.base_checkpoints import resolve_base_model
+from api.core.basis_store import StoredBases
 from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
 from api.core.job_states import JobStatus
 from api.core.settings import Settings
@@ -102,15 +103,18 @@ def _kept_energy_file(archive: Path) -> Path:
 
 
 def _build(
-    base_model_path: Path, adapter_dir: Path, fmt: str, rank: int | None, archive: Path, digest_file: Path,
-    root_name: str,
+    base_model_path: Path, adapter_dir: Path, fmt: str, rank: int | None, include_basis: bool, storage: Storage,
+    archive: Path, digest_file: Path, root_name: str,
 ) -> None:
     # Imported on use: the training library pulls in torch, which only this route needs.
     from svfit_core.training.outputs import ArtifactFormatUnavailable, write_artifact
 
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".build-") as scratch:
         try:
-            exported = Path(write_artifact(base_model_path, adapter_dir, fmt, Path(scratch) / root_name, rank=rank))
+            exported = Path(write_artifact(
+                base_model_path, adapter_dir, fmt, Path(scratch) / root_name, rank=rank,
+                bases=StoredBases(storage), include_bases=include_basis,
+            ))
         except ArtifactFormatUnavailable as exc:
             raise ArtifactUnavailable(str(exc), param="format") from exc
         part = Path(scratch) / "archive.part"
@@ -148,16 +152,22 @@ def artifact_archive(
     fmt: str,
     step: int | None = None,
     rank: int | None = None,
+    include_basis: bool = False,
 ) -> ArtifactArchive:
     """The cached archive of job `job_id`'s adapter in format `fmt` (`peft_lora`: at rank `rank`, default
-    DEFAULT_LORA_RANK), built on first request (slow: call it off the event loop)."""
+    DEFAULT_LORA_RANK; `svfit`: compact, σ and the keys of its bases, or with `include_basis` self-contained),
+    built on first request (slow: call it off the event loop)."""
     if fmt not in ARTIFACT_FORMATS:
         raise InvalidParameter(f"'format' must be one of {', '.join(ARTIFACT_FORMATS)}.", param="format")
     rank = _lora_rank(fmt, rank)
+    if include_basis and fmt != "svfit":
+        raise InvalidParameter("'include_basis' applies only to format 'svfit'.", param="include_basis")
     job = get_job(session, org_id, job_id)
     adapter_key, label = _adapter_key(session, job, step)
     # The rank is part of the name, hence of the cache key: each rank is its own archive.
-    root_name = f"{job.id}-{label}-{fmt}" + (f"-r{rank}" if rank is not None else "")
+    root_name = f"{job.id}-{label}-{fmt}" + (f"-r{rank}" if rank is not None else "") + (
+        "-with-bases" if include_basis else ""
+    )
     archive = storage.path(f"artifacts/{job.id}/{root_name}.tar.gz")
     digest_file = archive.with_name(archive.name + ".sha256")
 
@@ -173,7 +183,8 @@ def artifact_archive(
                     base_model_path = resolve_base_model(job.model, settings.models_dir)
                 except ModelNotFound as exc:
                     raise ArtifactUnavailable(f"The base model '{job.model}' is no longer installed.") from exc
-                _build(base_model_path, adapter_dir, fmt, rank, archive, digest_file, root_name)
+                _build(base_model_path, adapter_dir, fmt, rank, include_basis, storage, archive, digest_file,
+                       root_name)
     kept_energy = float(_kept_energy_file(archive).read_text()) if rank is not None else None
     return ArtifactArchive(
         path=archive, sha256=digest_file.read_text().strip(), filename=f"{root_name}.tar.gz", kept_energy=kept_energy

@@ -14,16 +14,18 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from svfit_core.bases import BasisStore
+from svfit_core.serialization import read_adapter_config, save_svfit_adapter
 from svfit_core.training.checkpointing import atomic_dir
 from svfit_core.errors import AdapterFormatError, ConfigError, SVFitError
 from svfit_core.export import export_merged, export_peft_lora, read_kept_energy, truncate_peft_lora
-from svfit_core.loading import load_base_model
+from svfit_core.loading import checkpoint_dtype, load_base_model
 from svfit_core.training.methods import get_method
 from svfit_core.training.layout import ARTIFACT_FORMATS, FORMAT_METHODS, TRAINING_META
+from svfit_core.training.setup_resources import SetupResources
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -42,9 +44,10 @@ def read_training_meta(adapter_dir: str | Path) -> dict:
 
 
 def load_trained_model(
-    base_model_path: str | Path, adapter_dir: str | Path
+    base_model_path: str | Path, adapter_dir: str | Path, bases: BasisStore | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
-    """``(model, tokenizer, meta)`` ready for inference (eval mode). ``meta`` has method, task, label_names."""
+    """``(model, tokenizer, meta)`` ready for inference (eval mode). ``meta`` has method, task, label_names.
+    ``bases``: the basis store a compact SVFit adapter's bases are read from (else its SVD is recomputed)."""
     adapter_dir = Path(adapter_dir)
     meta = read_training_meta(adapter_dir)
     label_names = meta.get("label_names")
@@ -54,17 +57,26 @@ def load_trained_model(
         num_labels=len(label_names) if label_names else None,
         id2label=dict(enumerate(label_names)) if label_names else None,
     )
-    model = get_method(meta["method"]).load(base, adapter_dir)
+    model = get_method(meta["method"]).load(base, adapter_dir, resources=SetupResources(bases=bases))
     return model.eval(), tokenizer, meta
 
 
 def write_artifact(
-    base_model_path: str | Path, adapter_dir: str | Path, fmt: str, out_dir: str | Path, rank: int | None = None
+    base_model_path: str | Path,
+    adapter_dir: str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    rank: int | None = None,
+    *,
+    bases: BasisStore | None = None,
+    include_bases: bool = False,
 ) -> Path:
     """Write ``adapter_dir``'s weights as ``fmt`` into ``out_dir`` (replaced if present); return ``out_dir``.
 
     ``rank``: ``peft_lora`` only, a serving rank r′ (None: the trained rank, exact); modules above it are
-    cut to their best rank-r′ approximation.
+    cut to their best rank-r′ approximation. ``bases``: the basis store a compact SVFit adapter's bases
+    come from. ``include_bases``: ``svfit`` only, write U, V and s into the adapter (self-contained)
+    instead of the compact σ and basis keys (which load anywhere by recomputing the SVD of the base).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     meta = read_training_meta(adapter_dir)
@@ -76,10 +88,16 @@ def write_artifact(
         raise ArtifactFormatUnavailable(f"format {fmt!r} is not available for a {method} job; use one of {usable}")
     if rank is not None and fmt != "peft_lora":
         raise ConfigError(f"a rank applies to format 'peft_lora' only, not {fmt!r}", code="invalid_rank")
+    if include_bases and fmt != "svfit":
+        raise ConfigError(f"including bases applies to format 'svfit' only, not {fmt!r}", code="invalid_format")
 
     with atomic_dir(out_dir) as part:
         kept = None
-        if fmt == "svfit":
+        if fmt == "svfit" and include_bases and not read_adapter_config(adapter_dir).get("store_bases", True):
+            model, _, _ = load_trained_model(base_model_path, adapter_dir, bases)
+            model.basis_keys = {}  # saved without keys, it carries its bases
+            save_svfit_adapter(model, part)
+        elif fmt == "svfit":
             # The servable adapter already is this format: copy it as written.
             for name in _ADAPTER_FILES:
                 shutil.copy2(adapter_dir / name, part / name)
@@ -88,34 +106,21 @@ def write_artifact(
             truncate_peft_lora(adapter_dir, part, rank)
             kept = read_kept_energy(part)
         elif fmt == "peft_lora":
-            model, _, _ = load_trained_model(base_model_path, adapter_dir)
-            export_peft_lora(model, part, rank=rank, dtype=_checkpoint_dtype(base_model_path))
+            model, _, _ = load_trained_model(base_model_path, adapter_dir, bases)
+            export_peft_lora(model, part, rank=rank, dtype=checkpoint_dtype(base_model_path))
             kept = read_kept_energy(part)
         else:
-            _write_merged(base_model_path, adapter_dir, method, part)
+            _write_merged(base_model_path, adapter_dir, method, part, bases)
         (part / TRAINING_META).write_text(json.dumps(meta, indent=2))
         extra = {"rank": rank, "kept_energy": kept["kept_energy"]} if kept is not None else {}
         _write_manifest(part, fmt, extra)
     return out_dir
 
 
-_CHECKPOINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _checkpoint_dtype(base_model_path: str | Path) -> torch.dtype | None:
-    """The dtype the base checkpoint's ``config.json`` declares, or None. ``load_base_model`` loads float32
-    whatever the checkpoint holds, and a LoRA export should come in the weights' own dtype (bf16 for a bf16
-    model, as a LoRA server expects)."""
-    path = Path(base_model_path)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    if not config.is_file():
-        return None  # a GGUF folder: its quantised types are no dtype for a LoRA
-    declared = json.loads(config.read_text())
-    return _CHECKPOINT_DTYPES.get(declared.get("dtype") or declared.get("torch_dtype"))
-
-
-def _write_merged(base_model_path: str | Path, adapter_dir: Path, method: str, out: Path) -> None:
-    model, tokenizer, _ = load_trained_model(base_model_path, adapter_dir)
+def _write_merged(
+    base_model_path: str | Path, adapter_dir: Path, method: str, out: Path, bases: BasisStore | None
+) -> None:
+    model, tokenizer, _ = load_trained_model(base_model_path, adapter_dir, bases)
     if method == "svfit":
         export_merged(model, tokenizer, out)
         return

@@ -86,13 +86,15 @@ def test_artifacts_of_an_unfinished_job_are_unavailable(api):
 # --- real archives --------------------------------------------------------------------------------------
 
 
-def _train_one_step(base: Path, out: Path, method: str) -> Path:
+def _train_one_step(base: Path, out: Path, method: str, bases_dir: Path | None = None) -> Path:
+    from svfit_core.bases import DirectoryBasisStore
     from svfit_core.training import PeftSpec, TrainConfig, run_training
 
     examples = [chat_line(i) for i in range(4)]
     result = run_training(
         base, examples, None, PeftSpec(method=method, rank=2),
         TrainConfig(n_epochs=1, batch_size=2, max_seq_length=16, max_steps=1, seed=0, device="cpu"), out,
+        bases=DirectoryBasisStore(bases_dir) if bases_dir is not None else None,
     )
     assert result.ended_by == "completion" and result.adapter_dir is not None
     return result.adapter_dir
@@ -113,6 +115,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "models_dir": models_dir,
         "svfit": _train_one_step(base, root / "run-svfit", "svfit"),
         "lora": _train_one_step(base, root / "run-lora", "lora"),
+        # As the worker trains: bases in the store, σ and their keys in the adapter.
+        "compact": _train_one_step(base, root / "run-compact", "svfit", bases_dir=root / "bases"),
+        "bases": root / "bases",
+        "base": base,
     }
 
 
@@ -169,6 +175,52 @@ def test_artifact_archives_are_built_once_with_their_sha256(make_api, trained, m
     assert f"{job_id}-step-1-peft_lora-r64/adapter_config.json" in _members(lora.content)
     leftovers = [p.name for p in api.app.state.storage.path(f"artifacts/{job_id}").iterdir() if p.name.startswith(".build")]
     assert leftovers == []
+
+
+def _adapter_tensor_names(archive: bytes) -> set[str]:
+    from safetensors.torch import load
+
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/adapter_model.safetensors"))
+        return set(load(tar.extractfile(member).read()))
+
+
+def test_svfit_artifact_names_its_bases_unless_asked_to_include_them(make_api, trained):
+    import shutil
+
+    import torch
+
+    from svfit_core import load_svfit_adapter
+    from testkit.tiny_models import load_tiny, sample_batch
+
+    api = make_api(models_dir=trained["models_dir"])
+    shutil.copytree(trained["bases"], api.app.state.storage.path("bases"))  # where the worker keeps them
+    job_id = _publish(api, trained["compact"], peft_type="svfit")
+    url = f"/v1/fine_tuning/jobs/{job_id}/artifacts"
+
+    compact = api.client.get(url, params={"format": "svfit"}, headers=api.headers())
+    assert compact.status_code == 200, compact.text
+    assert _adapter_tensor_names(compact.content) and all(
+        name.endswith(".sigma") for name in _adapter_tensor_names(compact.content)
+    )
+    full = api.client.get(url, params={"format": "svfit", "include_basis": "true"}, headers=api.headers())
+    assert full.status_code == 200, full.text
+    assert full.headers["content-disposition"] == f'attachment; filename="{job_id}-final-svfit-with-bases.tar.gz"'
+    assert any(name.endswith(".U") for name in _adapter_tensor_names(full.content))
+
+    # The self-contained adapter loads with no basis store and computes what the trained one does.
+    folder = Path(api.app.state.storage.path("unpacked"))
+    with tarfile.open(fileobj=io.BytesIO(full.content), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+    batch = sample_batch(batch=2, seq=8, seed=0)
+    with torch.no_grad():
+        unpacked = load_svfit_adapter(load_tiny(trained["base"], "causal"), folder / f"{job_id}-final-svfit-with-bases")
+        trained_model = load_svfit_adapter(load_tiny(trained["base"], "causal"), trained["compact"])
+        # The trained adapter's bases recomputed by SVD here: equal up to the SVD's rounding.
+        assert (unpacked(**batch).logits - trained_model(**batch).logits).abs().max() < 1e-5
+
+    wrong = api.client.get(url, params={"format": "merged", "include_basis": "true"}, headers=api.headers())
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "include_basis"
 
 
 def _manifest(archive: bytes) -> dict:

@@ -270,3 +270,18 @@ def test_an_adapter_published_by_the_worker_downloads_as_an_archive_from_an_empt
         assert f"{root}/adapter_config.json" in tar.getnames()
         weights = tar.extractfile(f"{root}/adapter_model.safetensors")
         assert weights is not None and weights.read() == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_bases_computed_by_one_worker_are_read_by_another_through_the_bucket(endpoint, bucket, tmp_path):
+    import torch
+
+    from api.core.basis_store import StoredBases, basis_storage_key
+
+    tensors = {"U": torch.randn(6, 2), "s": torch.tensor([3.0, 1.0]), "V": torch.randn(4, 2)}
+    StoredBases(_store(endpoint, bucket, tmp_path / "worker-a")).save("k1", tensors)
+    assert f"{PREFIX}/{basis_storage_key('k1')}" in _keys(endpoint, bucket)
+
+    other = StoredBases(_store(endpoint, bucket, tmp_path / "worker-b"))  # another host: an empty cache
+    loaded = other.load("k1")
+    assert loaded is not None and all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+    assert other.load("missing") is None

@@ -73,10 +73,11 @@ def test_upload_create_follow_and_download_verified_artifacts(svfit: Run, chat_j
     with tarfile.open(archive) as tar:
         assert any(name.endswith("adapter_model.safetensors") for name in tar.getnames())
 
-    # A checkpoint's native adapter, to an explicit file name, with the path as the only stdout line.
-    step = svfit("artifacts", "download", job_id, "--format", "svfit", "--step", "4", "-o", "ckpt4.tar.gz", cwd=tmp_path)
+    # A checkpoint's native adapter (the end of epoch 1; retention deleted the earlier step ones), to an
+    # explicit file name, with the path as the only stdout line.
+    step = svfit("artifacts", "download", job_id, "--format", "svfit", "--step", "8", "-o", "ckpt8.tar.gz", cwd=tmp_path)
     assert step.returncode == 0, step.stderr
-    assert step.stdout.strip() == "ckpt4.tar.gz" and (tmp_path / "ckpt4.tar.gz").stat().st_size > 0
+    assert step.stdout.strip() == "ckpt8.tar.gz" and (tmp_path / "ckpt8.tar.gz").stat().st_size > 0
 
 
 def test_one_command_from_a_local_file_to_a_model(svfit: Run, chat_jsonl: Path):
