@@ -35,9 +35,16 @@ class StoredBases:
         return load_file(str(self.storage.path(name)))
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         name = basis_storage_key(key)
         part = self.storage.part_path(name)
-        save_file(tensors, str(part))
+        # Serialised here and written with Python's own I/O: a full disk then raises OSError(ENOSPC), which
+        # the worker reports as `insufficient_storage` (safetensors' writer raises its own error type).
+        try:
+            with open(part, "wb") as handle:
+                handle.write(save(tensors))
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
         self.storage.commit(name)

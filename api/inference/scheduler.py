@@ -182,7 +182,7 @@ class Scheduler:
                 return ModelLane(key, *load_full_model(ref, self.dtype, self.device))
             if ref.adapter_dir is None:
                 raise WrongModelTask(f"The model '{ref.model_id}' is not a classification model.", param="model")
-            model, tokenizer = load_adapted_model(ref, self.dtype, self.device)
+            model, tokenizer = load_adapted_model(ref, self.dtype, self.device, self.bases)
             return ModelLane(key, model, tokenizer, task=ref.task)
         except ServiceError:
             raise
@@ -201,7 +201,7 @@ class Scheduler:
             raise WrongModelTask(
                 f"The model '{ref.model_id}' generates text; embeddings come from encoder models and their "
                 "classification fine-tunes.", param="model")
-        model, tokenizer = load_encoder(ref, self.dtype, self.device)
+        model, tokenizer = load_encoder(ref, self.dtype, self.device, self.bases)
         return EncoderLane(key, model, tokenizer, pooling_mode(ref.base_path), max_sequence_length(ref.base_path))
 
     def install(self, key: tuple, lane: Lane) -> Lane:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from svfit_core.bases import BasisStore
 from svfit_core.training.outputs import load_trained_model
 from svfit_core.layer import weight_sha256
 from svfit_core.loading import load_base_model, load_tokenizer, max_positions
@@ -58,10 +59,11 @@ def load_full_model(ref: ModelRef, dtype: torch.dtype, device: torch.device):
     return _place(model, dtype, device), tokenizer
 
 
-def load_adapted_model(ref: ModelRef, dtype: torch.dtype, device: torch.device):
+def load_adapted_model(ref: ModelRef, dtype: torch.dtype, device: torch.device, bases: BasisStore | None = None):
     """Any fine-tune through the training library's own loader (classifiers; SVFit adapters that train a
-    whole module). Merged for speed where the method allows: the model serves one adapter only."""
-    model, tokenizer, _ = load_trained_model(ref.base_path, ref.adapter_dir)
+    whole module). Merged for speed where the method allows: the model serves one adapter only. ``bases``:
+    where a compact SVFit adapter's bases are."""
+    model, tokenizer, _ = load_trained_model(ref.base_path, ref.adapter_dir, bases)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return _place(model, dtype, device), tokenizer
@@ -78,14 +80,14 @@ def is_encoder(path: Path) -> bool:
     return not decoder and not any(a.endswith(generators) for a in getattr(config, "architectures", None) or [])
 
 
-def load_encoder(ref: ModelRef, dtype: torch.dtype, device: torch.device):
+def load_encoder(ref: ModelRef, dtype: torch.dtype, device: torch.device, bases: BasisStore | None = None):
     """The encoder that embeds for ``ref``: the base's, or a classification fine-tune's body (its adapter
     applied, its head left out)."""
     if ref.adapter_dir is None:
         model = AutoModel.from_pretrained(ref.base_path, dtype=torch.float32, trust_remote_code=False)
         tokenizer = load_tokenizer(ref.base_path)
     else:
-        classifier, tokenizer = load_adapted_model(ref, torch.float32, torch.device("cpu"))
+        classifier, tokenizer = load_adapted_model(ref, torch.float32, torch.device("cpu"), bases)
         model = classifier.base_model
     return _place(model, dtype, device), tokenizer
 

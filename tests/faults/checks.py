@@ -69,6 +69,7 @@ class ReferenceRuns:
         self._done: dict[str, Path] = {}
 
     def adapter(self, job: Job) -> Path:
+        from svfit_core.bases import DirectoryBasisStore
         from svfit_core.training.data import load_examples
         from svfit_core.training import run_training
 
@@ -82,9 +83,10 @@ class ReferenceRuns:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
+                # With a basis store, as the worker trains: the adapter holds σ and the keys of its bases.
                 result = run_training(
                     self.models_dir / BASE_MODEL, load_examples(self.train_path), None,
-                    peft_spec(job.peft), config, out,
+                    peft_spec(job.peft), config, out, bases=DirectoryBasisStore(self.root / "bases"),
                 )
             finally:
                 torch.set_num_threads(threads)
