@@ -307,7 +307,7 @@ def measure_activations(model: nn.Module, shape: ModelShape, settings: Settings)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(shape.vocab, (1, settings.act_tokens), generator=gen, device=device)
     with torch.no_grad():
-        embeds = model.model.embed_tokens(ids)  # (1, T, H) in the embedding's dtype
+        embeds = model.model.embed_tokens(ids).detach()  # (1, T, H) in the embedding's dtype
     grad = torch.randn(1, settings.act_tokens, shape.hidden, generator=gen, device=device, dtype=embeds.dtype)
     existing = [*model.parameters(), *model.buffers(), ids, embeds, grad]
     hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in model.parameters() if p.requires_grad]
@@ -315,13 +315,17 @@ def measure_activations(model: nn.Module, shape: ModelShape, settings: Settings)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            hidden = body(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (1, T, H)
+            hidden = body(inputs_embeds=inputs, use_cache=False).last_hidden_state  # (1, T, H)
         hidden.backward(grad.to(hidden.dtype))
+        inputs.grad = None
 
     out = {}
     try:
         for ckpt in (False, True):
             _checkpointing(model, ckpt)
+            # transformers' checkpointing makes the embedding output require grad (enable_input_require_grads),
+            # and the first layer then keeps what its input gradient needs: mirror that, and only that.
+            inputs = embeds.detach().requires_grad_(ckpt)
             for n in (1, 2):
                 model.config.num_hidden_layers = n  # the stack runs layers[:n]
                 out[f"{'ckpt' if ckpt else 'no_ckpt'}_{n}"] = peak_bytes(step, existing, device)

@@ -126,14 +126,8 @@ def ensure_checkpoint_rows(
     ).one_or_none()
     if checkpoint is None:
         checkpoint = Checkpoint(
-            id=new_id("ftckpt"),
-            job_id=job.id,
-            org_id=job.org_id,
-            step_number=step,
-            kind=kind,
-            metrics=metrics,
-            fine_tuned_model_checkpoint=ckpt_name,
-            storage_key=key,
+            id=new_id("ftckpt"), job_id=job.id, org_id=job.org_id, step_number=step, kind=kind, metrics=metrics,
+            fine_tuned_model_checkpoint=ckpt_name, storage_key=key,
         )
         session.add(checkpoint)
     ensure_model_row(session, job, ckpt_name, key, step)

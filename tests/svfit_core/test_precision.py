@@ -15,12 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from svfit_core import (
     BaseModelMismatchError,
     SVFitConfig,
-    SVFitLayer,
     inject_svfit,
     load_svfit_adapter,
     save_svfit_adapter,
@@ -30,7 +28,7 @@ from svfit_core.multi_adapter import MultiAdapterModel
 from svfit_core.training import PeftSpec, TrainConfig, run_training
 from svfit_core.training.outputs import load_trained_model
 from svfit_core.training.run_config import HyperparameterError
-from tests.svfit_core.test_svfit_properties import FORMULATIONS, logits, perturb
+from tests.svfit_core.test_svfit_properties import logits, perturb
 from tests.svfit_core.test_training import CHAT, PAIRS, Recorder, train
 from testkit.tiny_models import auto_class, build_tiny
 
@@ -108,23 +106,6 @@ def test_load_base_model_holds_the_base_in_the_dtype_asked(tiny_case_factory):
 
 
 # -- the layer and the model on a bf16 base ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layer_cls", [nn.Linear, Conv1D])
-def test_every_formulation_is_a_bf16_base_layer_at_init(layer_cls):
-    torch.manual_seed(0)
-    base = (nn.Linear(24, 16) if layer_cls is nn.Linear else Conv1D(16, 24)).to(torch.bfloat16)
-    layer = SVFitLayer.from_base(base, SVFitConfig(rank=8))
-    assert layer.U.dtype == layer.V.dtype == torch.bfloat16  # (16, 8), (24, 8)
-    assert layer.s.dtype == layer.sigma.dtype == torch.float32  # (8,)
-    x = torch.randn(3, 5, 24, dtype=torch.bfloat16, requires_grad=True)
-    expected = base(x)
-    for formulation in FORMULATIONS:
-        layer.formulation = formulation
-        y = layer(x)
-        assert y.dtype == torch.bfloat16 and torch.equal(y, expected), formulation
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and layer.sigma.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16-autocast"])

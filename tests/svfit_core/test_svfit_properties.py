@@ -82,11 +82,14 @@ def test_gradients_match_naive_formula(formulation, transposed):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("layer_cls", [nn.Linear, Conv1D])
-def test_every_formulation_is_the_base_layer_at_init(layer_cls, autocast):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_every_formulation_is_the_base_layer_at_init(layer_cls, autocast, dtype):
     torch.manual_seed(0)
-    base = nn.Linear(24, 16) if layer_cls is nn.Linear else Conv1D(16, 24)
+    base = (nn.Linear(24, 16) if layer_cls is nn.Linear else Conv1D(16, 24)).to(dtype)
     layer = SVFitLayer.from_base(base, SVFitConfig(rank=8))
-    x = torch.randn(3, 5, 24, requires_grad=True)
+    assert layer.U.dtype == layer.V.dtype == dtype  # the bases in the base's dtype: (16, 8), (24, 8)
+    assert layer.s.dtype == layer.sigma.dtype == torch.float32  # (8,)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         expected = base(x)
         for formulation in FORMULATIONS:
