@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import functools
+import gc
 import math
 import shutil
 import tempfile
@@ -340,18 +340,22 @@ def measure_activations(model: nn.Module, shape: ModelShape, settings: Settings)
 # ----------------------------------------------------------------------------------------- the SVDs
 
 
-def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest principal angle between the column spans of ``a`` and ``b`` (orthonormal columns)."""
-    cos = float(torch.linalg.svdvals(a.mT @ b).min().clamp(-1.0, 1.0))
-    return math.degrees(math.acos(cos))
+def _angles(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(largest principal angle in degrees, mean cos² of all of them) between the column spans of ``a`` and
+    ``b`` (orthonormal columns). The largest angle is set by the directions at the rank boundary, where
+    neighbouring singular values are close; the mean cos² is the share of the subspace both agree on."""
+    cos = torch.linalg.svdvals(a.mT @ b).clamp(-1.0, 1.0)
+    return math.degrees(math.acos(float(cos.min()))), float(cos.square().mean())
 
 
 def _agreement(ref: tuple, got: tuple, r: int) -> dict[str, float]:
     """How far a fast method's top-r triplets land from the full SVD's."""
     (u, s, v), (u2, s2, v2) = ref, got
-    rel = ((s2[:r] - s[:r]).abs() / s[:r].clamp_min(torch.finfo(s.dtype).tiny)).max()
-    return {"r": r, "s_rel_err_max": float(rel), "angle_u_deg": _angle_deg(u[:, :r], u2[:, :r]),
-            "angle_v_deg": _angle_deg(v[:, :r], v2[:, :r])}
+    rel = (s2[:r] - s[:r]).abs() / s[:r].clamp_min(torch.finfo(s.dtype).tiny)
+    angle_u, overlap_u = _angles(u[:, :r], u2[:, :r])
+    angle_v, overlap_v = _angles(v[:, :r], v2[:, :r])
+    return {"r": r, "s_rel_err_max": float(rel.max()), "s_rel_err_median": float(rel.median()),
+            "angle_u_deg": angle_u, "angle_v_deg": angle_v, "overlap_u": overlap_u, "overlap_v": overlap_v}
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -360,6 +364,15 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     out = fn()
     _sync(device)
     return out, time.perf_counter() - start
+
+
+def _timed_best(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``_timed``, repeated (best of 3) when a call takes under a second: short calls are the noisy ones."""
+    out, best = _timed(fn, device)
+    for _ in range(2 if best < 1.0 else 0):
+        out, secs = _timed(fn, device)
+        best = min(best, secs)
+    return out, best
 
 
 def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,7 +388,7 @@ def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def svd_study(weights: dict[str, torch.Tensor], settings: Settings) -> list[dict[str, Any]]:
     """Seconds and agreement of the full SVD, the randomized SVD and the Gram eigh, per distinct shape."""
     device = torch.device(settings.device)
-    warm = torch.randn(64, 48, device=device)  # first calls load solver kernels: keep that out of the timings
+    warm = torch.randn(320, 256, device=device)  # first calls load solver kernels: keep that out of the timings
     torch.linalg.svd(warm, full_matrices=False), torch.svd_lowrank(warm, q=8, niter=2), _gram_eigh(warm)
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, w in weights.items():
@@ -384,17 +397,20 @@ def svd_study(weights: dict[str, torch.Tensor], settings: Settings) -> list[dict
     for (m, n), names in by_shape.items():
         a = weights[names[0]].detach().float()  # (m, n)
         k = min(m, n)
-        (u, s, vh), full_s = _timed(lambda: torch.linalg.svd(a, full_matrices=False), device)
+        (u, s, vh), full_s = _timed_best(lambda: torch.linalg.svd(a, full_matrices=False), device)
         ref = (u, s, vh.mT)
         row: dict[str, Any] = {"shape": [m, n], "matrices": names, "k": k, "full_svd_s": full_s}
         for r in settings.svd_ranks:
             if r >= k:
                 row[f"lowrank_r{r}"] = None  # nothing to approximate: r = k needs the full SVD
                 continue
-            torch.manual_seed(0)
-            got, secs = _timed(lambda: torch.svd_lowrank(a, q=min(r + 10, k), niter=2), device)
+            def lowrank(r: int = r) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                torch.manual_seed(0)  # the same random sketch on every repeat
+                return torch.svd_lowrank(a, q=min(r + 10, k), niter=2)
+
+            got, secs = _timed_best(lowrank, device)
             row[f"lowrank_r{r}"] = {"seconds": secs, **_agreement(ref, got, r)}
-        got, secs = _timed(lambda: _gram_eigh(a), device)
+        got, secs = _timed_best(lambda: _gram_eigh(a), device)
         row["gram_eigh"] = {"seconds": secs,
                             "agreement": [_agreement(ref, got, r) for r in (*settings.svd_ranks, k) if r <= k]}
         rows.append(row)
@@ -1038,7 +1054,7 @@ def _svd_table(rows: list[dict[str, Any]]) -> str:
         if entry is None:
             return "-"
         return (f"{entry['seconds']:.2f} s, s err {entry['s_rel_err_max']:.1e}, "
-                f"{max(entry['angle_u_deg'], entry['angle_v_deg']):.1f} deg")
+                f"overlap {min(entry['overlap_u'], entry['overlap_v']):.3f}")
 
     lines = []
     for row in rows:
@@ -1047,7 +1063,7 @@ def _svd_table(rows: list[dict[str, Any]]) -> str:
         lines.append([f"{row['shape'][0]}x{row['shape'][1]}", row["full_svd_s"], fast(row.get("lowrank_r64")),
                       fast(row.get("lowrank_r256")),
                       f"{row['gram_eigh']['seconds']:.2f} s, r={top['r']}: s err {top['s_rel_err_max']:.1e}, "
-                      f"{max(top['angle_u_deg'], top['angle_v_deg']):.1f} deg"])
+                      f"overlap {min(top['overlap_u'], top['overlap_v']):.4f}"])
     return format_table(["matrix", "full svd s", "lowrank r=64", "lowrank r=256", "gram eigh"], lines)
 
 

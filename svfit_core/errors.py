@@ -25,7 +25,7 @@ class ConfigError(SVFitError, ValueError):
 
     Specific codes: ``invalid_rank``, ``invalid_energy``, ``invalid_energy_measure``,
     ``invalid_target_modules``, ``invalid_modules_to_save``, ``no_default_targets``, ``already_injected``,
-    ``rank_not_allowed``.
+    ``rank_not_allowed``, ``world_size_mismatch`` (a run joined a process group of another size).
     """
 
     code = "invalid_config"
@@ -98,14 +98,28 @@ class DataError(SVFitError, ValueError):
 
 class DeviceMemoryError(SVFitError):
     """Training does not fit in device memory even one example at a time (with gradient checkpointing when
-    it was left automatic). The message names what would fit; ``tokens`` is the length of the example that
-    failed. Not raised for an ordinary out-of-memory: the loop retries those with smaller micro-batches."""
+    it was left automatic): found before loading by the pre-flight estimate, or by a step that failed. The
+    message names what would fit; ``tokens`` is the length of the example that does not. Not raised for an
+    ordinary out-of-memory: the loop retries those with smaller micro-batches."""
 
     code = "out_of_memory"
 
     def __init__(self, message: str, *, tokens: int, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.tokens = tokens
+
+
+class HostMemoryError(SVFitError):
+    """Loading the base model would need more host memory (RAM) than the machine has available. Raised before
+    loading starts, where running out would get the worker process killed. ``needed`` and ``available`` are
+    bytes."""
+
+    code = "insufficient_host_memory"
+
+    def __init__(self, message: str, *, needed: int, available: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.needed = needed
+        self.available = available
 
 
 class UnsupportedLayerError(SVFitError):
@@ -124,3 +138,28 @@ class UnsupportedLayerError(SVFitError):
         super().__init__(message, code=code)
         self.module = module
         self.layer_type = layer_type
+
+
+class InsufficientDevicesError(SVFitError):
+    """A data-parallel run asks for more GPUs (one per process, ``world_size``) than this process sees.
+
+    ``requested`` is the run's world size, ``visible`` the CUDA devices this process can use.
+    """
+
+    code = "insufficient_devices"
+
+    def __init__(self, message: str, *, requested: int, visible: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.requested = requested
+        self.visible = visible
+
+
+class RankFailedError(SVFitError):
+    """Another process of a data-parallel run failed with one of these errors; it carries that error's
+    ``code`` and message, and ``rank``, the process that raised it."""
+
+    code = "rank_failed"
+
+    def __init__(self, message: str, *, rank: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.rank = rank

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -71,6 +72,20 @@ def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
         return None
     declared = json.loads((folder / "config.json").read_text())
     return DTYPES.get(declared.get("dtype") or declared.get("torch_dtype"))
+
+
+def read_model_config(path: str | Path) -> dict | None:
+    """The base's config as a dict, read without loading a weight: ``config.json``, or a GGUF file's metadata
+    (its header; needs the ``gguf`` package and an architecture transformers maps). None when a GGUF file's
+    cannot be read that way."""
+    folder, gguf_file = resolve_model_source(path)
+    if not gguf_file:
+        return json.loads((folder / "config.json").read_text())
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
+    except (ImportError, OSError, ValueError, KeyError):
+        return None
+    return config.to_dict()
 
 
 def base_dtype_for(

@@ -134,6 +134,13 @@ _PARAM_OF_LIBRARY_CODE = {
     "invalid_energy": "peft.energy",
     "invalid_energy_measure": "peft.energy_measure",
     "unsupported_layer": "model",  # a quantized base: no choice of targets helps, an unquantized model does
+    # The pre-flight's and the loop's device-memory error names the longest max_seq_length that fits first
+    # (then a rank, fewer targets); host memory runs short loading the base, which a smaller model helps (or a
+    # worker with more memory, which is no field of the request).
+    "out_of_memory": "peft.max_seq_length",
+    "insufficient_host_memory": "model",
+    # A job asking for more GPUs than this worker process sees (one per process unless started otherwise).
+    "insufficient_devices": "peft.gpus",
 }
 
 
@@ -155,9 +162,11 @@ def error_for(exc: BaseException) -> tuple[str, str, str | None]:
             None,
         )
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        # A smaller batch_size would not help: a step runs in micro-batches that fit, with the same result.
         return (
             "out_of_memory",
-            "The job ran out of memory on the worker. Try a smaller batch_size or max_seq_length.",
+            "The job ran out of memory on the worker. Try a smaller max_seq_length, a smaller rank or fewer "
+            "target_modules.",
             None,
         )
     if isinstance(exc, SVFitError):

@@ -121,9 +121,10 @@ class JobReporter(TrainingCallbacks):
         else:
             self.epoch = 0.0
         # What will actually run: the job's hyperparameters plus the library's resolved method and config
-        # (default targets, learning rates, schedule), so the event log answers "what did it train with?".
+        # (default targets, learning rates, schedule), so the event log answers "what did it train with?"; and
+        # the pre-flight's device memory estimate by part, which says what a larger job would cost.
         keys = ("total_steps", "task", "method", "device", "num_examples", "truncated_examples", "trainable_params",
-                "label_names", "config")
+                "label_names", "config", "memory_estimate")
         data = {key: info[key] for key in keys if info.get(key) is not None}
         data["hyperparameters"] = self.job.hyperparameters
         data["peft"] = info.get("peft") or self.job.peft

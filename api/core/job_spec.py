@@ -25,7 +25,8 @@ from svfit_core.training.run_config import finite_number, shown
 PEFT_TYPES = ("svfit", "lora", "full")
 
 # Training options a request may add to `peft`, stored as given: the first two are PeftSpec's, the rest
-# TrainConfig's. Any other key of the request's `peft` is dropped.
+# TrainConfig's (under the library's name where it has another, LIBRARY_NAMES). Any other key of the
+# request's `peft` is dropped.
 SPEC_OPTIONS = ("energy_measure", "train_bottom")
 TRAIN_OPTIONS = (
     "max_seq_length",
@@ -38,12 +39,15 @@ TRAIN_OPTIONS = (
     "weight_decay",
     "head_learning_rate",
     "lr_scheduler",
+    "gpus",
 )
 PEFT_OPTIONS = SPEC_OPTIONS + TRAIN_OPTIONS
+# A request counts GPUs; the library counts processes (one device each), which on CPU are not GPUs.
+LIBRARY_NAMES = {"gpus": "world_size"}
 # JSON has one number type: a whole 4.0 in these is the integer 4 (as for n_epochs), before the library's
 # integer rules see it.
 _WHOLE_NUMBERS = (
-    "rank", "max_seq_length", "checkpoint_every", "eval_every", "max_steps", "gradient_accumulation_steps"
+    "rank", "max_seq_length", "checkpoint_every", "eval_every", "max_steps", "gradient_accumulation_steps", "gpus"
 )
 
 N_EPOCHS_BOUNDS = (1, 50)
@@ -143,7 +147,8 @@ def _request_field(param: str | None, param_prefix: str) -> str:
     """The request field a library HyperparameterError is about."""
     if param == "learning_rate":  # set through the multiplier, which can underflow it to 0
         return f"{param_prefix}.learning_rate_multiplier"
-    return "peft.alpha" if param == "lora_alpha" else f"peft.{param}"
+    request_names = {"lora_alpha": "alpha", **{library: name for name, library in LIBRARY_NAMES.items()}}
+    return f"peft.{request_names.get(param, param)}"
 
 
 def _resolved_hyperparameters(
@@ -221,7 +226,7 @@ def train_config(
 ) -> TrainConfig:
     """The library's TrainConfig: epochs, batch size and the absolute learning rate from `hyperparameters`,
     training options from `peft`, checkpoints every `default_checkpoint_every` steps unless `peft` says."""
-    options = {name: peft[name] for name in TRAIN_OPTIONS if peft.get(name) is not None}
+    options = {LIBRARY_NAMES.get(name, name): peft[name] for name in TRAIN_OPTIONS if peft.get(name) is not None}
     options.setdefault("checkpoint_every", default_checkpoint_every)
     return TrainConfig(
         n_epochs=hyperparameters["n_epochs"],

@@ -1,7 +1,7 @@
 """Training with SVFit or a baseline: the loop (``loop.py``), what a run is asked to do (``run_config.py``),
-the data formats and their encoding, batching, the learning-rate schedule, resumable checkpoints, the
-methods (SVFit and the LoRA / PiSSA / full / head-only baselines) and what a run leaves behind
-(``outputs.py``).
+the data formats and their encoding, batching, the learning-rate schedule, resumable checkpoints,
+data-parallel runs over several processes (``distributed.py``), the methods (SVFit and the LoRA / PiSSA /
+full / head-only baselines) and what a run leaves behind (``outputs.py``).
 
 Like the package above it, importing this costs nothing until a name is touched: ``run_config.py`` and
 ``data.py`` are torch-free, so the service validates requests and uploads with them without loading torch.

@@ -31,8 +31,11 @@ def micro_batches(
     ``max_tokens``. A row longer than ``max_tokens`` goes alone; rows are never cut.
 
     Rows are grouped by length first so each micro-batch pads little; the split changes memory use, not
-    the result, because the loss is normalised over the whole batch (see ``loop._train_step``).
+    the result, because the loss is normalised over the whole batch (see ``loop._train_step``). An empty
+    batch (a data-parallel rank's share of a step with fewer examples than ranks) has none.
     """
+    if not batch:
+        return []
     by_length = sorted(batch, key=lambda i: len(examples[i]))
     parts = np.array_split(np.array(by_length, dtype=np.int64), min(accumulation_steps, len(batch)))
     split: list[list[int]] = []

@@ -3,7 +3,9 @@ SVFit or a baseline method, resumable from any checkpoint.
 
 ``run_training`` reads top to bottom: validate, set up the model, the data and the optimizer, then loop over
 optimizer steps (poll the callbacks, step, report, evaluate, checkpoint) and write the final adapter. It
-knows nothing of queues or databases; the caller listens through ``TrainingCallbacks``.
+knows nothing of queues or databases; the caller listens through ``TrainingCallbacks``. A data-parallel run
+(``world_size`` > 1) runs this same loop in every process (``distributed.py``): rank 0, the caller's process,
+calls the callbacks and writes every file; the ranks split each step's examples and sum the gradients.
 
 Output layout under ``output_dir``: ``checkpoints/step-N/`` (servable adapter + training state) and
 ``final/`` (servable adapter). Every adapter folder carries ``training_meta.json``.
@@ -14,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -34,6 +37,8 @@ from svfit_core.training.checkpointing import (
 )
 from svfit_core.training.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
 from svfit_core.training.data import check_examples, task_for_format
+from svfit_core.training import distributed
+from svfit_core.training.distributed import SOLO, Ranks
 from svfit_core.training.encoding import Encoded, encode_example
 from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
 from svfit_core.loading import DTYPES, base_dtype_for, head_module_names, load_base_model, max_positions
@@ -41,6 +46,7 @@ from svfit_core.training.loss import causal_loss, classification_loss, transform
 from svfit_core.training.memory import plan_memory
 from svfit_core.training.methods import Method, default_targets, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
+from svfit_core.training.preflight import check_memory
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
 from svfit_core.bases import BasisStore
 from svfit_core.training.run_config import PeftSpec, TrainConfig
@@ -56,6 +62,7 @@ from svfit_core.training.layout import (
 __all__ = ["TrainingCallbacks", "TrainResult", "run_training"]
 
 StopDecision = Literal["continue", "cancel", "pause"]
+STOP_DECISIONS = get_args(StopDecision)
 
 
 class TrainingCallbacks:
@@ -63,7 +70,8 @@ class TrainingCallbacks:
 
     def on_start(self, info: dict) -> None:
         """Once, before the first step: total_steps, task, num_examples, truncated_examples,
-        trainable_params, the resolved ``config`` and ``peft`` (no None/"auto" left), label_names."""
+        trainable_params, the resolved ``config`` and ``peft`` (no None/"auto" left), label_names, and
+        memory_estimate (the pre-flight's device memory estimate in GB by part, or None)."""
 
     def on_step(self, metrics: dict) -> None:
         """After each optimizer step: step, total_steps, epoch (float), train_loss,
@@ -124,6 +132,7 @@ class _Run:
     steps_per_epoch: int = 0
     param_groups: list[dict] = field(default_factory=list)
     auto_checkpointing: bool = False  # gradient checkpointing was left to the loop, which may turn it on
+    memory_estimate: dict | None = None  # the pre-flight's, in GB (preflight.check_memory); None if skipped
 
 
 def run_training(
@@ -143,18 +152,32 @@ def run_training(
     arguments) the run continues from that step exactly: same batches, RNG, optimizer moments and schedule.
     With ``bases`` (a basis store, svfit_core/bases.py) SVFit takes each weight's SVD from it or computes and
     keeps it there, and its checkpoints and adapters name their bases instead of storing U and V.
+    With ``config.world_size`` N > 1 this process becomes rank 0 of N and starts the others (which need
+    ``bases`` to pickle); it alone calls ``callbacks`` and writes into ``output_dir``.
     """
     callbacks = callbacks or TrainingCallbacks()
     peft.validate()
     config.validate()
     fmt, label_names = _check_data(train_examples, valid_examples, config.label_names)
     state = load_training_state(Path(resume_from)) if resume_from is not None else None
+    if config.world_size > 1 and not distributed.in_group():
+        return distributed.launch(
+            run_training, config.world_size, distributed.device_type(config.device, config.world_size), callbacks,
+            base_model_path=base_model_path, train_examples=train_examples, valid_examples=valid_examples,
+            peft=peft, config=config, output_dir=output_dir, resume_from=resume_from, bases=bases,
+        )
+    ranks = SOLO
+    if config.world_size > 1:
+        ranks = distributed.joined(config.world_size, config.device)
+        config = replace(config, device=str(ranks.device))
 
     # Seed before the model loads: a classification head is initialised from torch's global RNG.
     _seed_everything(config.seed)
     try:
-        run = _setup_model(Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft,
-                           config, resume_from, _setup_resources(bases, callbacks))
+        run = _set_up_in_turn(ranks, lambda: _setup_model(
+            Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config, resume_from,
+            _setup_resources(bases, callbacks),
+        ))
     except _StoppedDuringSetup as stop:
         start = state.step if state is not None else 0
         return TrainResult(stop.decision, start, 0, state.trained_tokens if state is not None else 0,
@@ -163,6 +186,7 @@ def run_training(
     _setup_data(run, fmt, train_examples, valid_examples or [])
     _plan_memory(run)
     optimizer = _setup_optimizer(run)
+    ranks.copy_from_main([p for group in run.param_groups for p in group["params"]])
     step, epoch, batch_index, trained_tokens, metrics = 0, 0, 0, 0, {}
     if state is not None:
         _check_resume(run, state)
@@ -171,7 +195,7 @@ def run_training(
         step, epoch, batch_index = state.step, state.epoch, state.batch_index
         trained_tokens, metrics = state.trained_tokens, dict(state.metrics)
 
-    callbacks.on_start(_start_info(run, optimizer, resumed_step=step if state else None))
+    callbacks.on_start(_start_info(run, optimizer, ranks, resumed_step=step if state else None))
     last_checkpoint = Path(resume_from) if resume_from is not None else None
     saved_step = step if state is not None else None  # the step whose checkpoint is already on disk
     batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
@@ -179,7 +203,9 @@ def run_training(
     def result(ended_by: EndedBy, adapter_dir: Path | None = None) -> TrainResult:
         return TrainResult(ended_by, step, run.total_steps, trained_tokens, dict(metrics), adapter_dir, last_checkpoint)
 
-    def checkpoint(epoch_end: bool = False) -> Path:
+    def checkpoint(epoch_end: bool = False) -> Path | None:
+        if not ranks.is_main:  # every rank holds the same σ and optimizer state; one writes them
+            return None
         position = TrainingState(step, epoch, batch_index, run.config.seed, trained_tokens, run.total_steps,
                                  _run_identity(run), dict(metrics))
         path = _save_checkpoint(run, optimizer, position, epoch_end)
@@ -187,7 +213,7 @@ def run_training(
         return path
 
     while step < run.total_steps:
-        decision = callbacks.should_stop()
+        decision = ranks.decide(callbacks.should_stop(), STOP_DECISIONS)
         if decision == "cancel":
             return result("cancel")
         if decision == "pause":
@@ -196,7 +222,8 @@ def run_training(
             return result("pause")
 
         apply_lr(optimizer, lr_multiplier(step, run.total_steps, run.warmup_steps, run.config.lr_scheduler))
-        step_metrics = _train_step(run, optimizer, batches[batch_index])
+        ranks.seed_step(run.config.seed, step)
+        step_metrics = _train_step(run, optimizer, batches[batch_index], ranks)
         step += 1
         trained_tokens += step_metrics["tokens"]
 
@@ -220,7 +247,7 @@ def run_training(
 
         every_eval = run.config.eval_every
         if run.valid and ((every_eval and step % every_eval == 0) or step == run.total_steps):
-            valid = _evaluate(run)
+            valid = _evaluate(run, ranks)
             metrics.update(valid_loss=valid["loss"], valid_mean_token_accuracy=valid["accuracy"])
             callbacks.on_eval(
                 {"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]}
@@ -233,8 +260,9 @@ def run_training(
             last_checkpoint, saved_step = checkpoint(epoch_end), step
 
     final = run.output_dir / FINAL_DIR
-    with atomic_dir(final) as part:
-        _write_servable(run, part, step)
+    if ranks.is_main:
+        with atomic_dir(final) as part:
+            _write_servable(run, part, step)
     return result("completion", adapter_dir=final)
 
 
@@ -299,9 +327,14 @@ def _setup_model(
     # Straight onto the device in the run's dtype (bf16 on most GPUs): no fp32 copy of the frozen base.
     dtype = base_dtype_for(base_model_path, config.base_dtype, device, bf16=config.bf16,
                            trains_base=peft.method == "full")
+    resolved_config = replace(config.resolved(peft.method), device=str(device),
+                              base_dtype=str(dtype).removeprefix("torch."))
+    resolved_config.bf16 = _use_bf16(resolved_config, device)
+    num_labels = len(label_names) if label_names else None
+    # Before minutes of loading and SVDs: a job whose smallest step cannot fit fails here (preflight.py).
+    memory_estimate = check_memory(base_model_path, task, num_labels, peft, resolved_config, device)
     model, tokenizer = load_base_model(
-        base_model_path, task, num_labels=len(label_names) if label_names else None, id2label=id2label,
-        dtype=dtype, device=device,
+        base_model_path, task, num_labels=num_labels, id2label=id2label, dtype=dtype, device=device,
     )
     if task == "classification":
         model.config.problem_type = "single_label_classification"
@@ -309,9 +342,6 @@ def _setup_model(
     for name in head_modules:  # trained: fp32 weights and Adam moments, computed in the base's dtype by autocast
         model.get_submodule(name).float()
     resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
-    resolved_config = replace(config.resolved(peft.method), device=str(device),
-                              base_dtype=str(dtype).removeprefix("torch."))
-    resolved_config.bf16 = _use_bf16(resolved_config, device)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model, groups = setup_method(
@@ -323,7 +353,7 @@ def _setup_model(
     )
     model.to(device)
     return _Run(base_model_path, output_dir, task, method, resolved_peft, resolved_config, label_names,
-                head_modules, model, tokenizer, device, param_groups=groups)
+                head_modules, model, tokenizer, device, param_groups=groups, memory_estimate=memory_estimate)
 
 
 class _StoppedDuringSetup(Exception):
@@ -332,6 +362,24 @@ class _StoppedDuringSetup(Exception):
     def __init__(self, decision: EndedBy) -> None:
         super().__init__(decision)
         self.decision = decision
+
+
+def _set_up_in_turn(ranks: Ranks, setup: Callable[[], _Run]) -> _Run:
+    """``setup()`` on rank 0 first, then on the others once rank 0 says it finished: with a basis store rank 0
+    computes and keeps every basis and the others read them, so each SVD runs once. A stop the callbacks ask
+    for while rank 0 sets up (only rank 0 polls them) stops every rank."""
+    if ranks.is_main:
+        try:
+            run = setup()
+        except _StoppedDuringSetup as stop:
+            ranks.decide(stop.decision, STOP_DECISIONS)
+            raise
+        ranks.decide("continue", STOP_DECISIONS)
+        return run
+    decision = ranks.decide("continue", STOP_DECISIONS)
+    if decision != "continue":
+        raise _StoppedDuringSetup(decision)
+    return setup()
 
 
 def _setup_resources(bases: BasisStore | None, callbacks: TrainingCallbacks) -> SetupResources:
@@ -391,15 +439,17 @@ def _run_identity(run: _Run) -> dict:
 
 def _check_resume(run: _Run, state: TrainingState) -> None:
     expected = _run_identity(run)
-    if state.run != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
-        differing = sorted(k for k in expected if state.run.get(k) != json.loads(json.dumps(expected[k])))
+    # A checkpoint from before data parallelism does not name its world size: it ran in one process.
+    saved = {**state.run, "config": {"world_size": 1, **state.run.get("config", {})}}
+    if saved != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
+        differing = sorted(k for k in expected if saved.get(k) != json.loads(json.dumps(expected[k])))
         raise ConfigError(
             f"the checkpoint belongs to a run with other settings ({', '.join(differing) or 'total_steps'})",
             code="checkpoint_mismatch",
         )
 
 
-def _start_info(run: _Run, optimizer: torch.optim.Optimizer, resumed_step: int | None) -> dict:
+def _start_info(run: _Run, optimizer: torch.optim.Optimizer, ranks: Ranks, resumed_step: int | None) -> dict:
     return {
         "total_steps": run.total_steps,
         "task": run.task,
@@ -415,7 +465,8 @@ def _start_info(run: _Run, optimizer: torch.optim.Optimizer, resumed_step: int |
         "device": str(run.device),
         "resumed_from_step": resumed_step,
         "tokens_per_micro_batch": run.config.max_tokens_per_micro_batch,
-        "micro_batches_per_step": _micro_batches_per_step(run),
+        "micro_batches_per_step": _micro_batches_per_step(run, ranks),
+        "memory_estimate": run.memory_estimate,
     }
 
 
@@ -451,10 +502,10 @@ def _micro_batches(run: _Run, batch: list[int], examples: list[Encoded]) -> list
                          run.config.max_tokens_per_micro_batch)
 
 
-def _micro_batches_per_step(run: _Run) -> int:
-    """The most micro-batches a step of the first epoch runs at the planned budget."""
+def _micro_batches_per_step(run: _Run, ranks: Ranks) -> int:
+    """The most micro-batches a step of the first epoch runs on this rank at the planned budget."""
     batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, 0)
-    return max(len(_micro_batches(run, batch, run.train)) for batch in batches)
+    return max(len(_micro_batches(run, ranks.share(batch), run.train)) for batch in batches)
 
 
 def _shrink_after_oom(run: _Run, failed: list[int]) -> None:
@@ -547,18 +598,19 @@ def _accumulate_gradients(
     return (loss_total, correct_total, tokens), None
 
 
-def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -> dict:
-    """One optimizer step over ``batch`` (example indices), in micro-batches under the token budget.
+def _share_gradients(
+    run: _Run, optimizer: torch.optim.Optimizer, share: list[int], targets: int
+) -> tuple[float, int, int]:
+    """Accumulate the gradients of ``share`` (this rank's example indices of a step) in micro-batches under
+    the token budget -> (loss sum, correct predictions, tokens).
 
-    Running out of device memory restarts the step with smaller micro-batches (``_shrink_after_oom``): the
+    Running out of device memory restarts the share with smaller micro-batches (``_shrink_after_oom``): the
     partial gradients are dropped and the RNG rewound, so the retry computes what the step would have
     computed with the smaller budget from the start.
     """
-    run.model.train()
-    targets = max(1, batch_targets([run.train[i] for i in batch]))
     rng = _rng_state(run.device)
     while True:
-        sums, failed = _accumulate_gradients(run, batch, targets)
+        sums, failed = _accumulate_gradients(run, share, targets)
         if failed is None:
             break
         optimizer.zero_grad(set_to_none=True)
@@ -567,21 +619,38 @@ def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int]) -
         _shrink_after_oom(run, failed)
         _set_rng_state(run.device, rng)
     loss_total, correct_total, tokens = sums
+    # .item() syncs with the GPU once per step, after the backward passes are queued.
+    return loss_total.item(), int(correct_total.item()), tokens
+
+
+def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], ranks: Ranks) -> dict:
+    """One optimizer step over ``batch`` (example indices): each rank accumulates the gradients of its share,
+    the ranks sum them, and every rank applies the same update."""
+    run.model.train()
+    # Every rank divides by the targets of the whole batch, which it knows: the gradients summed over the
+    # ranks are then exactly what one process computes for the batch.
+    targets = max(1, batch_targets([run.train[i] for i in batch]))
+    try:
+        sums, failure = _share_gradients(run, optimizer, ranks.share(batch), targets), None
+    except DeviceMemoryError as exc:
+        sums, failure = (0.0, 0, 0), exc  # raised in sum_step, once the other ranks know to stop too
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_total, correct_total, tokens = ranks.sum_step(params, sums, failure)
     if run.config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # .item() syncs with the GPU once per step, after the work is queued; cheap next to the step itself.
-    return {"loss": loss_total.item() / targets, "accuracy": correct_total.item() / targets, "tokens": tokens}
+    return {"loss": loss_total / targets, "accuracy": correct_total / targets, "tokens": int(tokens)}
 
 
 @torch.no_grad()
-def _evaluate(run: _Run) -> dict:
+def _evaluate(run: _Run, ranks: Ranks) -> dict:
+    """The validation loss and accuracy over all of ``run.valid``, each rank evaluating its share."""
     run.model.eval()
     loss_total, correct_total = 0.0, 0
-    for start in range(0, len(run.valid), run.config.batch_size):
-        batch = list(range(start, min(start + run.config.batch_size, len(run.valid))))
+    share = ranks.share(list(range(len(run.valid))))
+    for start in range(0, len(share), run.config.batch_size):
+        batch = share[start : start + run.config.batch_size]
         for micro in _micro_batches(run, batch, run.valid):
             rows = [run.valid[i] for i in micro]
             inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
@@ -589,6 +658,7 @@ def _evaluate(run: _Run) -> dict:
             loss_total += loss_sum.item()
             correct_total += int(correct)
     run.model.train()
+    loss_total, correct_total = ranks.sum([loss_total, correct_total])
     targets = max(1, batch_targets(run.valid))
     return {"loss": loss_total / targets, "accuracy": correct_total / targets}
 

@@ -17,6 +17,8 @@ METHODS = ("svfit", "lora", "pissa", "full", "head_only")
 SCHEDULERS = ("linear", "cosine")
 ENERGY_MEASURES = ("squared", "linear")
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What a data-parallel run may name as its device: a type, never one device (rank i takes cuda:i); None is CUDA.
+DATA_PARALLEL_DEVICES = (None, "cuda", "cpu")
 
 # Default learning rates per method. σ needs one to two orders of magnitude more than LoRA's factors: a step
 # of Δσ moves a whole singular direction of a weight whose singular values are O(1–10), where LoRA's B starts
@@ -144,7 +146,10 @@ class TrainConfig:
     when one example of the longest length would not fit otherwise (never on CPU).
     ``learning_rate`` / ``head_learning_rate`` None take the method's default. ``weight_decay`` never
     applies to σ. ``eval_every`` / ``checkpoint_every`` count optimizer steps. ``label_names`` names
-    classification labels 0..n-1 (default: the integers).
+    classification labels 0..n-1 (default: the integers). ``world_size`` N > 1 trains data-parallel in N
+    processes of this machine, one device each (``cuda:0`` … ``cuda:N-1``, or CPU processes with
+    ``device="cpu"``), each taking its share of every batch; the result is the one-process run's up to
+    floating-point summation order and dropout draws (see ``training.distributed``).
     """
 
     n_epochs: int = 3
@@ -171,9 +176,10 @@ class TrainConfig:
     # where the device computes bf16 natively. A half-precision base computes in its own dtype (σ and a head
     # stay fp32 under autocast to it), so "bfloat16" needs bf16 unset or true, "float16" unset or false.
     base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    world_size: int = 1
 
     def validate(self) -> None:
-        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length"):
+        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "world_size"):
             if not _positive_int(getattr(self, name)):
                 raise HyperparameterError(
                     f"{name} must be an integer from 1 to 2^31-1, got {shown(getattr(self, name))}", param=name
@@ -204,6 +210,11 @@ class TrainConfig:
         if (self.base_dtype, self.bf16) in (("bfloat16", False), ("float16", True)):
             raise HyperparameterError(
                 f"a {self.base_dtype} base computes in {self.base_dtype}, so bf16 cannot be {self.bf16}", param="bf16"
+            )
+        if self.world_size != 1 and self.device not in DATA_PARALLEL_DEVICES:
+            raise HyperparameterError(
+                f"a run of world_size {self.world_size} places each process itself: device must be one of "
+                f"{DATA_PARALLEL_DEVICES}, got {shown(self.device)}", param="device"
             )
         if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
             raise HyperparameterError(

@@ -8,6 +8,7 @@ import pytest
 
 from api.core.errors import InvalidParameter
 from api.core.job_spec import (
+    LIBRARY_NAMES,
     PEFT_TYPES,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
@@ -77,7 +78,14 @@ def test_full_round_trip_drops_the_adapter_options():
 
 def test_every_peft_option_is_a_field_of_the_library_class_that_receives_it():
     assert set(SPEC_OPTIONS) <= set(PeftSpec.__dataclass_fields__)
-    assert set(TRAIN_OPTIONS) <= set(TrainConfig.__dataclass_fields__)
+    assert {LIBRARY_NAMES.get(name, name) for name in TRAIN_OPTIONS} <= set(TrainConfig.__dataclass_fields__)
+
+
+def test_gpus_is_stored_as_asked_and_becomes_the_library_world_size():
+    stored, _, _, config = round_trip({"gpus": 4.0})
+    assert stored["gpus"] == 4 and isinstance(stored["gpus"], int) and config.world_size == 4
+    stored, _, _, config = round_trip({})
+    assert "gpus" not in stored and config.world_size == 1
 
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
@@ -96,6 +104,8 @@ def test_the_learning_rate_comes_from_the_library_table(monkeypatch, peft_type):
         ({"train_bottom": "yes"}, None, "peft.train_bottom"),
         ({"gradient_checkpointing": 1}, None, "peft.gradient_checkpointing"),
         ({"max_steps": 2**31}, None, "peft.max_steps"),
+        ({"gpus": 0}, None, "peft.gpus"),
+        ({"gpus": 1.5}, None, "peft.gpus"),
         ({"max_seq_length": 64.5}, None, "peft.max_seq_length"),
         ({"head_learning_rate": float("inf")}, None, "peft.head_learning_rate"),
         ({"weight_decay": 10**400}, None, "peft.weight_decay"),

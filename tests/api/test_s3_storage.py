@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import shutil
 import tarfile
 import uuid
@@ -94,6 +95,20 @@ def test_a_file_is_committed_to_the_bucket_read_through_a_fresh_cache_and_delete
     assert not writer.exists(key) and not writer.path(key).exists()
     reader.delete(key)  # deleting what is gone is fine, and drops the cached copy
     assert not (tmp_path / "reader" / key).exists()
+
+
+def test_the_store_pickles_for_another_process_which_builds_its_own_client(endpoint, bucket, tmp_path):
+    # What a multi-GPU job does to give its other ranks the basis store (svfit_core/training/distributed.py).
+    store = _store(endpoint, bucket, tmp_path / "cache")
+    with store.part_path("bases/k.safetensors").open("wb") as out:
+        out.write(b"basis")
+    store.commit("bases/k.safetensors")
+
+    copy = pickle.loads(pickle.dumps(store))
+    assert (copy.root, copy.bucket, copy.prefix, copy.endpoint_url) == (store.root, bucket, PREFIX, endpoint)
+    copy.path("bases/k.safetensors").unlink()  # emptied cache: the copy downloads through its own client
+    with copy.open("bases/k.safetensors") as fh:
+        assert fh.read() == b"basis"
 
 
 def test_a_missing_key_is_a_path_that_does_not_exist(endpoint, bucket, tmp_path):

@@ -132,6 +132,10 @@ CASES: list[tuple[str, dict, str]] = [
     ("warmup_ratio_one", peft(warmup_ratio=1), P + "warmup_ratio"),
     ("warmup_ratio_nan", peft(warmup_ratio=float("nan")), P + "warmup_ratio"),
     ("weight_decay_negative", peft(weight_decay=-1), P + "weight_decay"),
+    ("gpus_zero", peft(gpus=0), P + "gpus"),
+    ("gpus_fraction", peft(gpus=1.5), P + "gpus"),
+    ("gpus_string", peft(gpus="2"), P + "gpus"),
+    ("gpus_bool", peft(gpus=True), P + "gpus"),
     ("scheduler_unknown", peft(lr_scheduler="exponential"), P + "lr_scheduler"),
     ("method_unknown", {"method": {"type": "dpo"}}, "method.type"),
     # what the job trains on

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from api.core.tables import Checkpoint, File, FineTunedModel
-from svfit_core.errors import UnsupportedLayerError
-from tests.worker.conftest import HYPERPARAMETERS, clear_caches
+from svfit_core.errors import DeviceMemoryError, HostMemoryError, UnsupportedLayerError
+from tests.worker.conftest import HYPERPARAMETERS, PEFT, clear_caches
 from tests.worker.helpers import adapter_tensors, assert_same_adapter
 from worker import pipeline, publishing, recovery
 from worker.reporting import JobReporter
@@ -51,6 +51,8 @@ def test_run_job_succeeds_and_publishes(service):
     # Bases first (q and v of 2 layers, one SVD each; with progress written at once, one event a matrix),
     # then training.
     assert messages[:5] == [f"Setting up bases: {i}/4 matrices" for i in range(1, 5)] + ["Fine-tuning job started"]
+    started = next(e for e in service.events(job_id) if e.message == "Fine-tuning job started")
+    assert started.data["memory_estimate"]["total_gb"] > 0  # the pre-flight's estimate, by part
     assert messages[-1] == "The job has successfully completed"
     metrics = [e.data for e in service.events(job_id) if e.type == "metrics"]
     train = [m for m in metrics if "train_loss" in m]
@@ -252,6 +254,7 @@ def test_publish_dir_is_atomic_and_idempotent(service, tmp_path):
         ("internal", "internal_error", None),
         ("oom", "out_of_memory", None),
         ("quantized", "unsupported_layer", "model"),
+        ("more_gpus_than_the_worker_sees", "insufficient_devices", "peft.gpus"),
     ],
 )
 def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param):
@@ -264,6 +267,9 @@ def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param
         file_id = service.add_file([{"prompt": "a", "completion": "b"}] * 10)
         service.store_path(f"files/{file_id}.jsonl").unlink()
         overrides["training_file"] = file_id
+    elif case == "more_gpus_than_the_worker_sees":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU worker, whatever runs the test
+        overrides["peft"] = {**PEFT, "gpus": 2}
     elif case in ("internal", "oom", "quantized"):
         error = {
             "internal": RuntimeError("secret detail"),
@@ -286,3 +292,14 @@ def test_failures_set_stable_error_codes(service, monkeypatch, case, code, param
     assert "Traceback" not in job.error["message"] and "secret" not in job.error["message"]
     last = service.events(job_id)[-1]
     assert last.level == "error" and last.message == job.error["message"]
+
+
+def test_memory_errors_name_what_to_change():
+    too_long = DeviceMemoryError("needs 38.0 GB, 24.0 GB free; max_seq_length 1,024 would fit", tokens=2048)
+    assert pipeline.error_for(too_long) == ("out_of_memory", too_long.message, "peft.max_seq_length")
+    small_host = HostMemoryError("needs 40.0 GB of host memory, 8.0 GB available", needed=40, available=8)
+    assert pipeline.error_for(small_host) == ("insufficient_host_memory", small_host.message, "model")
+    # A raw out-of-memory keeps its code; its advice no longer names batch_size, which micro-batching made moot.
+    code, message, param = pipeline.error_for(torch.OutOfMemoryError("CUDA out of memory"))
+    assert (code, param) == ("out_of_memory", None)
+    assert "batch_size" not in message and "max_seq_length" in message

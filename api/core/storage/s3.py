@@ -64,6 +64,11 @@ def s3_client(endpoint_url: str | None, region: str | None) -> Any:
     return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options))
 
 
+def _reopened(root: Path, bucket: str, prefix: str, endpoint_url: str | None, region: str | None) -> S3Storage:
+    """The store ``S3Storage.__reduce__`` describes, with a client of this process."""
+    return S3Storage(root, s3_client(endpoint_url, region), bucket, prefix, endpoint_url=endpoint_url)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -82,6 +87,11 @@ class S3Storage(LocalStorage):
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    def __reduce__(self) -> tuple:
+        # A multi-GPU job hands its basis store, over this store, to the processes of its other ranks
+        # (svfit_core/training/distributed.py). A boto3 client does not pickle: each process builds its own.
+        return _reopened, (self.root, self.bucket, self.prefix, self.endpoint_url, self.client.meta.region_name)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
