@@ -49,7 +49,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ from benchmarks.common import REPO_ROOT, format_table, log, median, quantile, sm
 from svfit_core.bases import DirectoryBasisStore, basis_key
 from svfit_core.config import SVFitConfig
 from svfit_core.export import export_peft_lora
-from svfit_core.layer import BALANCE, SVFitLayer, choose_plan, plan_cost, svfit_linear, weight_sha256
+from svfit_core.layer import BALANCE, choose_plan, plan_cost, svfit_linear, weight_sha256
 from svfit_core.model import SVFitModel, inject_svfit
 from svfit_core.serialization import save_svfit_adapter
 from svfit_core.targets import resolve_targets
@@ -152,8 +152,7 @@ class Settings:
         if quick:
             return cls(device, act_tokens=256, step_tokens=512 if cuda else 128, step_rounds=5, warmup_rounds=1,
                        real_weights=False)
-        return cls(device, step_tokens=4096 if cuda else 512, step_rounds=20 if cuda else 10,
-                   warmup_rounds=3 if cuda else 2)
+        return cls(device, step_tokens=4096 if cuda else 512, step_rounds=20, warmup_rounds=3 if cuda else 2)
 
 
 # ------------------------------------------------------------------------------------- small helpers
@@ -803,7 +802,8 @@ def step_study(shape: ModelShape, parts: dict[str, list[tuple]], settings: Setti
             if rnd >= settings.warmup_rounds:
                 times[name].append(secs)
     return {name: {"ms_median": 1000 * median(ts), "ms_p25": 1000 * quantile(ts, 0.25),
-                   "ms_p75": 1000 * quantile(ts, 0.75), "steps": len(ts)} for name, ts in times.items()}
+                   "ms_p75": 1000 * quantile(ts, 0.75), "ms_min": 1000 * min(ts), "steps": len(ts)}
+            for name, ts in times.items()}
 
 
 # ------------------------------------------------------------------------------------ one model shape
@@ -867,6 +867,8 @@ def _add_step(row: dict[str, Any], shape: ModelShape, steps: dict[str, dict[str,
     step = dict(steps[arm.name])
     step["tokens"] = settings.step_tokens
     step["ratio_to_lora"] = step["ms_median"] / steps[lora.name]["ms_median"]
+    # Other work on a shared machine only ever adds time: the fastest steps are a second, less noisy view.
+    step["ratio_to_lora_min"] = step["ms_min"] / steps[lora.name]["ms_min"]
     step["ratio_to_floor"] = step["ms_median"] / steps["floor"]["ms_median"]
     for label, tokens in (("rule", settings.step_tokens), (f"rule_T{settings.rule_tokens}", settings.rule_tokens)):
         cost, plans = rule_cost(shape, arm, tokens)
@@ -956,9 +958,12 @@ def check_targets(shapes: list[dict[str, Any]], arms: list[dict[str, Any]], sett
             by[name]["step"]["ratio_to_lora"], limit, "x LoRA r=16", step_note)
     for name in ("svfit_r64_all", "svfit_r256_all", "svfit_rk_all"):
         step = by[name]["step"]
+        # The rule prices SVFit; LoRA's price is this benchmark's (six skinny matmuls), so the floor view is
+        # the rule's own check.
         add(f"rule_{name}", f"{label} {name}: measured step ratio within 10 % of the cost rule's (same T)",
             abs(step["vs_rule"] - 1), 0.10, "relative deviation",
-            f"measured {step['ratio_to_lora']:.2f}x, rule {step['rule_ratio_to_lora']:.2f}x at "
+            f"x LoRA r=16: measured {step['ratio_to_lora']:.2f}, rule {step['rule_ratio_to_lora']:.2f}; x frozen "
+            f"floor: measured {step['ratio_to_floor']:.2f}, rule {step['rule_ratio_to_floor']:.2f}; "
             f"T = {settings.step_tokens}" + ("; CPU: indicative" if cpu else ""))
     return out
 
@@ -1008,11 +1013,11 @@ def print_tables(payload: dict[str, Any]) -> None:
         rows = [a for a in payload["arms"] if a["shape"] == info["shape"]]
         print(f"\n{info['label']} (hidden {info['hidden']}, {info['layers']} layers; base layer "
               f"{info['layer_bytes'] / MB:,.0f} MB bf16, embeddings/head {info['outside_bytes'] / MB:,.0f} MB)")
-        print("per decoder layer (MB; activations at "
-              f"{settings['act_tokens']:,} tokens)")
+        print(f"per decoder layer (MB; activations at {settings['act_tokens']:,} tokens; LoRA file: SVFit's "
+              f"export at r'={settings['serving_rank']}, LoRA's own adapter)")
         print(format_table(
             ["arm", "trained", "bases", "trained+grad+AdamW", "ckpt compact", "ckpt self-cont.", "artifact",
-             "peft r'64", "act", "act ckpt"],
+             "LoRA file", "act", "act ckpt"],
             [[r["name"], r["per_layer"]["trainable_params"], _mb(r["per_layer"]["basis_bytes"]),
               _mb(r["per_layer"]["trainable_bytes"] + r["per_layer"]["grad_bytes"] + r["per_layer"]["optimizer_bytes"]),
               _mb(r["per_layer"]["checkpoint_compact_bytes"]), _mb(r["per_layer"]["checkpoint_self_contained_bytes"]),
@@ -1024,9 +1029,10 @@ def print_tables(payload: dict[str, Any]) -> None:
         print(f"\nstep of one layer's linears at T = {t:,} (floor {info['step_floor']['ms_median']:.1f} ms) and "
               f"the whole model at {info['layers']} layers")
         print(format_table(
-            ["arm", "step ms", "x LoRA16", f"rule x LoRA16 (T={t})", f"rule (T={settings['rule_tokens']})",
+            ["arm", "step ms", "x LoRA16", "(min)", f"rule x LoRA16 (T={t})", f"rule (T={settings['rule_tokens']})",
              "x floor", "peak GiB ckpt", "peak GiB no ckpt", "ckpt MB", "act GiB ckpt", "planner act GiB"],
-            [[r["name"], r["step"]["ms_median"], r["step"]["ratio_to_lora"], r["step"]["rule_ratio_to_lora"],
+            [[r["name"], r["step"]["ms_median"], r["step"]["ratio_to_lora"], r["step"]["ratio_to_lora_min"],
+              r["step"]["rule_ratio_to_lora"],
               r["step"][f"rule_T{settings['rule_tokens']}_ratio_to_lora"], r["step"]["ratio_to_floor"],
               r["model"]["peak_gib_ckpt"], r["model"]["peak_gib_no_ckpt"], _mb(r["model"]["checkpoint_compact_bytes"]),
               r["model"]["activation_bytes_ckpt"] / GIB, r["model"]["planner_activation_bytes_ckpt"] / GIB]
@@ -1041,8 +1047,9 @@ def print_tables(payload: dict[str, Any]) -> None:
         print(f"\nbasis store: first injection of one layer {reuse['first_s']:.2f} s, second {reuse['second_s']:.3f} s "
               f"({100 * reuse['ratio']:.1f} %); store holds {reuse['store_bytes_per_layer'] / MB:,.0f} MB per layer "
               f"({reuse['store_dtypes']})")
-        print(f"loss path at {logits['tokens']:,} tokens: full fp32 logits peak {logits['full_logits_peak_bytes'] / MB:,.0f} MB, "
-              f"chunked {logits['chunked_peak_bytes'] / MB:,.0f} MB (fp32 logits alone {logits['fp32_logits_bytes'] / MB:,.0f} MB)")
+        print(f"loss path at {logits['tokens']:,} tokens: full fp32 logits peak "
+              f"{logits['full_logits_peak_bytes'] / MB:,.0f} MB, chunked {logits['chunked_peak_bytes'] / MB:,.0f} MB "
+              f"(fp32 logits alone {logits['fp32_logits_bytes'] / MB:,.0f} MB)")
     print("\nTargets")
     print(format_table(["target", "measured", "limit", "unit", "met"],
                        [[t["name"], t["value"], t["limit"], t["unit"], "yes" if t["met"] else "NO"]
@@ -1074,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="result file name (default scale / scale_quick)")
     ap.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    ap.add_argument("--step-tokens", type=int, default=None, help="T of the step timing (default 4,096 on "
+                    "CUDA, 512 on the CPU)")
+    ap.add_argument("--step-rounds", type=int, default=None, help="timed round-robin rounds (default 20)")
     args = ap.parse_args(argv)
 
     started = time.time()
@@ -1082,6 +1092,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device")
     torch.set_num_threads(args.threads)
     settings = Settings.for_run(device, args.quick)
+    if args.step_tokens:
+        settings = replace(settings, step_tokens=args.step_tokens)
+    if args.step_rounds:
+        settings = replace(settings, step_rounds=args.step_rounds)
     default = [SMOLLM2, LLAMA32_1B] if args.quick else [SMOLLM2, LLAMA32_1B, LLAMA31_8B]
     shapes = [SHAPES[k] for k in args.shapes.split(",")] if args.shapes else default
     payload = run(shapes, settings)

@@ -4,6 +4,7 @@ result it writes: every arm, every target, each target with its five keys."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def payload(tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        settings = Settings("cpu", act_tokens=64, step_tokens=32, step_rounds=2, warmup_rounds=1, real_weights=False)
+        # --quick's settings, with the token counts cut to the tiny shape
+        settings = replace(Settings.for_run("cpu", quick=True), act_tokens=64, step_tokens=32, step_rounds=2)
         result = run([TINY], settings, workdir=tmp_path_factory.mktemp("scale"))
     finally:
         torch.set_num_threads(threads)
