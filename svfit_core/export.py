@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import AdapterFormatError, ConfigError, NonFiniteMergeError, SVFitError
 from .layer import SVFitLayer
+from .rank import kept_directions
 from .model import SVFitModel
 from .serialization import base_model_info
 from .targets import is_classification_model
@@ -44,19 +45,6 @@ def _padded_rank(r: int, allowed: list[int] | None, name: str) -> int:
             f"module {name!r} has rank {r}, above every allowed LoRA rank {allowed}", code="rank_not_allowed"
         )
     return allowed[i]
-
-
-def kept_directions(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """Indices (ascending) of the ``rank`` largest |Δσ_i|; all r of them when ``rank`` is None or ≥ r.
-
-    U_r diag(Δσ) V_rᵀ already is an SVD of ΔW (orthonormal columns), so these directions give its best
-    rank-``rank`` approximation (Eckart–Young). ``torch.topk`` on the same float32 Δσ is also how the
-    engine picks them at its serving rank, so both agree on ties too.
-    """
-    r = delta.numel()
-    if rank is None or rank >= r:
-        return torch.arange(r, device=delta.device)
-    return torch.topk(delta.abs(), rank).indices.sort().values
 
 
 def lora_factors(

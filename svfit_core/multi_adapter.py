@@ -32,11 +32,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bases import BasisStore, stored_or_computed
-from .config import SVFitConfig
+from .bases import BasisStore
+from .rank import kept_directions
 from .errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from .layer import weight_sha256
-from .serialization import WEIGHTS_NAME, read_adapter_config, recorded_precision
+from .serialization import WEIGHTS_NAME, compact_bases, read_adapter_config, recorded_precision
 from .targets import LINEAR_TYPES
 
 # Stored bases of one SVD compare equal bit for bit; the tolerance only absorbs a base recomputed on other
@@ -94,14 +94,8 @@ class ModuleDelta:
         key = (serving_rank, width)
         if key not in self._dense:
             out = torch.zeros(width, dtype=torch.float32, device=self.delta.device)
-            r = self.delta.numel()
-            if serving_rank is None or serving_rank >= r:
-                out[:r] = self.delta
-            else:
-                # Eckart–Young: U diag(Δσ) Vᵀ already is an SVD, so the r' largest |Δσ_i| give the best
-                # rank-r' approximation of the update.
-                top = torch.topk(self.delta.abs(), serving_rank).indices
-                out[top] = self.delta[top]
+            keep = kept_directions(self.delta, serving_rank)  # the best rank-r' approximation's directions
+            out[keep] = self.delta[keep]
             self._dense[key] = out
         return self._dense[key]
 
@@ -233,17 +227,7 @@ class MultiAdapterModel:
                     raise AdapterFormatError(f"tensor svfit.{name}.{key} is missing or not of shape {shape}")
                 found[key] = t.to(torch.float32)
             return found["U"], found["s"], found["V"]
-        # Compact artifact: the bases its key names in the basis store, else the SVD of the hash-verified base
-        # weight recomputed, as loading a single adapter does.
-        w = slot.base_layer.weight
-        precision = recorded_precision(name, spec)
-        if precision is not None:  # the SVD of the weights the adapter trained on, not of a wider load of them
-            w = w.to(precision)
-        cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
-        key = spec.get("basis")
-        u, s, v = stored_or_computed(
-            w.mT if isinstance(slot.base_layer, Conv1D) else w, key, cfg, self.bases if key else None
-        )
+        u, s, v = compact_bases(slot.base_layer, name, spec, self.bases)
         return u.to(torch.float32), s.to(torch.float32), v.to(torch.float32)
 
     @staticmethod

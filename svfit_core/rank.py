@@ -1,6 +1,7 @@
 """Rank selection: the float32 thin SVD of a weight and the rule that picks which r triplets to train.
 
-Kept apart from the layer so the rule can be tested on matrices with a known spectrum.
+Kept apart from the layer so the rules can be tested on matrices with a known spectrum. Also the rule that
+keeps the best rank-r′ part of a trained update (``kept_directions``), shared by the LoRA export and the engine.
 """
 
 from __future__ import annotations
@@ -49,3 +50,16 @@ def truncated_svd(
     r = select_rank(s, config)
     idx = select_indices(s.numel(), r, config.train_bottom)
     return u[:, idx].contiguous(), s[idx].contiguous(), v[:, idx].contiguous()
+
+
+def kept_directions(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """Indices (ascending) of the ``rank`` largest |Δσ_i|; all r of them when ``rank`` is None or ≥ r.
+
+    U_r diag(Δσ) V_rᵀ already is an SVD of ΔW (orthonormal columns), so these directions give its best
+    rank-``rank`` approximation (Eckart–Young). The LoRA export and the serving engine both pick with this
+    function, so an exported adapter and the engine at the same rank agree, ties included.
+    """
+    r = delta.numel()
+    if rank is None or rank >= r:
+        return torch.arange(r, device=delta.device)
+    return torch.topk(delta.abs(), rank).indices.sort().values

@@ -203,6 +203,26 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) 
     return t
 
 
+def compact_bases(
+    module: nn.Module, name: str, spec: dict[str, Any], bases: BasisStore | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, s_r, V_r) of a compact adapter's module (one that stores σ only): the bases its key names in
+    ``bases``; without a store (or an entry), the SVD of the (hash-verified) base recomputed, keeping the same
+    triplets. Shared by the single-adapter loader and the multi-adapter engine."""
+    r = spec["rank"]
+    cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
+    weight = module.weight.detach()
+    weight = weight.mT if spec.get("layout") == "conv1d" else weight  # (out, in)
+    precision = recorded_precision(name, spec)
+    if precision is not None:  # the SVD of the weights the adapter trained on, not of a wider load of them
+        weight = weight.to(precision)
+    key = spec.get("basis")
+    u, s, v = stored_or_computed(weight, key, cfg, bases if key else None)
+    if s.numel() != r:
+        raise AdapterFormatError(f"module {name!r}: rank {r} exceeds the weight's k = {s.numel()}")
+    return u, s, v
+
+
 def _build_layer(
     module: nn.Module,
     name: str,
@@ -216,18 +236,7 @@ def _build_layer(
         raise AdapterFormatError(f"module {name!r} has invalid rank {r!r}")
     sigma = _tensor(tensors, f"svfit.{name}.sigma", (r,))
     if not store_bases:
-        # Compact: the bases named by key from the basis store; without a store (or an entry), the SVD of
-        # the (hash-verified) base recomputed, keeping the same triplets.
-        cfg = SVFitConfig(rank=r, train_bottom=spec.get("selection") == "bottom")
-        weight = module.weight.detach()
-        weight = weight.mT if spec.get("layout") == "conv1d" else weight
-        precision = recorded_precision(name, spec)
-        if precision is not None:  # the SVD of the weights the adapter trained on, not of a wider load of them
-            weight = weight.to(precision)
-        key = spec.get("basis")
-        u, s, v = stored_or_computed(weight, key, cfg, bases if key else None)
-        if s.numel() != r:
-            raise AdapterFormatError(f"module {name!r}: rank {r} exceeds the weight's k = {s.numel()}")
+        u, s, v = compact_bases(module, name, spec, bases)
         return SVFitLayer(module, u, s, v, sigma=sigma)
     w = module.weight
     out_f, in_f = (w.shape[1], w.shape[0]) if spec.get("layout") == "conv1d" else tuple(w.shape)

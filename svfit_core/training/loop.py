@@ -179,10 +179,10 @@ def run_training(
             _setup_resources(bases, callbacks),
         ))
     except _StoppedDuringSetup as stop:
-        start = state.step if state is not None else 0
-        return TrainResult(stop.decision, start, 0, state.trained_tokens if state is not None else 0,
-                           dict(state.metrics) if state is not None else {}, None,
-                           Path(resume_from) if resume_from is not None else None)
+        if state is None:
+            return TrainResult(stop.decision, step=0, total_steps=0, trained_tokens=0)
+        return TrainResult(stop.decision, state.step, 0, state.trained_tokens, dict(state.metrics),
+                           last_checkpoint=Path(resume_from))
     _setup_data(run, fmt, train_examples, valid_examples or [])
     _plan_memory(run)
     optimizer = _setup_optimizer(run)
