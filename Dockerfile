@@ -20,6 +20,7 @@ RUN mkdir -p api worker svfit_core svfit_cli dashboard migrations \
     && pip install ".[s3]" && pip uninstall -y svfit-service
 COPY api ./api
 COPY worker ./worker
+COPY serving ./serving
 COPY svfit_core ./svfit_core
 COPY svfit_cli ./svfit_cli
 COPY dashboard ./dashboard

@@ -1,7 +1,7 @@
 """Request dependencies as `Annotated` aliases, so route signatures read like prose.
 
 Everything comes from `app.state`, set once by `create_app()`: one settings object, one engine and
-session factory, one store, the job dispatcher, the inference engine, the rate limiter and the default
+session factory, one store, the job dispatcher, the inference router, the rate limiter and the default
 organization. Nothing here reads global state.
 
 FastAPI runs a plain `def` dependency in a worker thread, and each hop there costs about as much CPU as a
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from api.core.errors import RateLimited, Unauthorized
 from api.core.settings import Settings
 from api.core.storage import Storage
-from api.inference.engine import InferenceEngine
+from api.routing.forwarder import Forwarder
 from api.core.job_queue import EnqueueJob
 from api.services.keys import DefaultOrganization, Principal, authenticate, usable_key
 
@@ -76,15 +76,15 @@ async def get_dispatch(request: Request) -> EnqueueJob:
     return request.app.state.dispatch
 
 
-async def get_inference(request: Request) -> InferenceEngine:
-    return request.app.state.inference
+async def get_forwarder(request: Request) -> Forwarder:
+    return request.app.state.forwarder
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatchDep = Annotated[EnqueueJob, Depends(get_dispatch)]
-InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
+ForwarderDep = Annotated[Forwarder, Depends(get_forwarder)]
 
 # Declared for the OpenAPI "Authorize" button; the check itself is below.
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `svfit keys create --org NAME`.")

@@ -1,4 +1,4 @@
-"""The application factory: settings, database (checked to be migrated), store, dispatcher, inference engine,
+"""The application factory: settings, database (checked to be migrated), store, dispatcher, inference router,
 routes, errors.
 
 `create_app()` builds everything an app needs into `app.state` and reads no globals afterwards, so tests
@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.db import make_engine
@@ -24,9 +23,10 @@ from api.core.migrations import ensure_up_to_date
 from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
 from api.core.storage import storage_for
-from api.error_handlers import error_response, register_error_handlers
-from api.inference.engine import InferenceEngine
+from api.core.error_handlers import error_response, register_error_handlers
 from api.routes import files, health, inference as inference_routes, jobs, models, ui
+from api.routing.forwarder import Forwarder
+from api.routing.pool import ReplicaPool
 from api.schemas import ErrorEnvelope
 from api.services.keys import DefaultOrganization
 
@@ -43,7 +43,8 @@ ERROR_RESPONSES = {
         413: "Upload too large",
         429: "Rate limit reached for this API key (see Retry-After)",
         500: "Server error",
-        503: "A dependency (database, job queue) is unavailable; retry",
+        502: "The serving replica failed mid-answer; retry",
+        503: "A dependency (database, job queue, serving replicas) is unavailable; retry",
     }.items()
 }
 
@@ -129,13 +130,15 @@ def create_app(settings: Settings | None = None, *, dispatch: EnqueueJob, auto_m
         engine.dispose()
         raise
 
-    inference = InferenceEngine(settings)  # its thread starts with the first inference request
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    # Inference goes to serving replicas (api/routing); this process loads no model.
+    forwarder = Forwarder(settings, ReplicaPool(settings, sessions), storage)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         freeze_long_lived("start-up")
         yield
-        await run_in_threadpool(inference.stop)
+        await forwarder.aclose()
         engine.dispose()
 
     app = FastAPI(
@@ -146,10 +149,10 @@ def create_app(settings: Settings | None = None, *, dispatch: EnqueueJob, auto_m
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.sessionmaker = sessions
     app.state.storage = storage
     app.state.dispatch = dispatch
-    app.state.inference = inference
+    app.state.forwarder = forwarder
     app.state.rate_limiter = limiter_for(settings)
     app.state.default_org = DefaultOrganization(settings.default_org)
 

@@ -4,7 +4,7 @@ adapter, PEFT's mixed-adapter LoRA batching of the same adapters, and the adapte
     python -m benchmarks.inference [--quick]
 
 Every arm sends the same 32 concurrent chat requests (GSM8K questions, cut to a few words) through the
-inference engine the HTTP routes use (api/inference: its thread, continuous batching and decode loop), greedy,
+inference engine the HTTP routes use (serving: its thread, continuous batching and decode loop), greedy,
 each generating exactly ``--max-tokens`` tokens (``ignore_eos``), so every arm does the same work:
 
 - ``base``: the base model alone (no adapter rows).
@@ -154,7 +154,7 @@ def questions(n: int, words: int) -> list[str]:
 
 
 def make_arms(base: Path, adapters: dict[str, list[Path]], requests: int) -> list[Arm]:
-    from api.inference.types import ModelRef
+    from serving.types import ModelRef
 
     def ref(folder: Path | None, method: str | None) -> ModelRef:
         name = folder.name if folder else "base"
@@ -171,7 +171,7 @@ def make_arms(base: Path, adapters: dict[str, list[Path]], requests: int) -> lis
 
 
 async def one_request(engine, ref, prompt: str, max_tokens: int) -> dict[str, float]:
-    from api.inference.types import GenerationDone, GenerationRequest, SamplingParams, TextDelta
+    from serving.types import GenerationDone, GenerationRequest, SamplingParams, TextDelta
 
     start = time.perf_counter()
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -220,8 +220,8 @@ async def run_arm(engine, arm: Arm, prompts: list[str], max_tokens: int) -> dict
 
 async def load_stall(settings, base: Path, merged: Path, prompts: list[str], max_tokens: int) -> dict[str, Any]:
     """The longest token gap of running streams while another model loads, against the load's duration."""
-    from api.inference.engine import InferenceEngine
-    from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
+    from serving.engine import InferenceEngine
+    from serving.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
 
     base_ref = ModelRef(model_id="base", base_id="base", base_path=base)
     merged_ref = ModelRef(model_id="merged", base_id="base", base_path=base, adapter_dir=merged, method="full")
@@ -444,7 +444,7 @@ def _settings(args, workdir: Path):
 
 
 async def _serve_arms(args, base: Path, adapters, workdir: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
-    from api.inference.engine import InferenceEngine
+    from serving.engine import InferenceEngine
 
     engine = InferenceEngine(_settings(args, workdir))
     arms = make_arms(base, adapters, args.requests)

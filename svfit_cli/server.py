@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
+import socket
 import sys
 import threading
 
@@ -148,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.main import create_app
     from worker.supervisor import SupervisedWorker
 
+    # The in-process replica and the API share a token made up for this run, unless one is configured.
+    os.environ.setdefault("SVFIT_SERVING_TOKEN", secrets.token_urlsafe(32))
     settings = get_settings()
     if not _store_usable("serve"):
         return 2
@@ -156,9 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upgrade_to_head()
     worker = SupervisedWorker(worker_command(settings.worker_queue, args.loglevel)).start()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    replica = None
     try:
-        uvicorn.run(create_app(dispatch=enqueue_job, auto_migrate=True), host=settings.host, port=settings.port, log_level=args.loglevel)
+        from serving.embedded import ReplicaThread
+
+        replica = ReplicaThread(settings).start()
+        print(f"  serving:   in-process replica at {replica.url}", flush=True)
+        uvicorn.run(create_app(dispatch=enqueue_job, auto_migrate=True), host=settings.host, port=settings.port,
+                    log_level=args.loglevel)
     finally:
+        if replica is not None:
+            replica.stop()
         print("stopping the worker...", flush=True)
         worker.stop()
     return 0
@@ -180,6 +192,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         print(f"svfit api: {exc}", file=sys.stderr)
         return 2
     if not _store_usable("api"):
+        return 2
+    if not settings.serving_token:
+        print("svfit api: set SVFIT_SERVING_TOKEN (the secret the serving replicas require) to route inference",
+              file=sys.stderr)
         return 2
     _banner("api")
     uvicorn.run(create_app(dispatch=enqueue_job, auto_migrate=False), host=settings.host, port=settings.port, log_level=args.loglevel)
@@ -220,6 +236,61 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _advertised_url(host: str, port: int, given: str | None) -> str:
+    """How the API reaches this replica: `--advertise-url`, else the bound address (this host's name when
+    bound to every interface)."""
+    if given:
+        return given.rstrip("/")
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"http://{host}:{port}"
+
+
+def cmd_serving(args: argparse.Namespace) -> int:
+    _quiet_progress_bars()
+    import uvicorn
+
+    from api.core.migrations import DatabaseNotMigrated
+    from api.core.settings import get_settings
+    from serving.app import MissingServingToken, create_serving_app
+
+    if args.device:
+        os.environ["SVFIT_INFERENCE_DEVICE"] = args.device
+        get_settings.cache_clear()
+    settings = get_settings()
+    if not _store_usable("serving"):
+        return 2
+    host = args.host or "127.0.0.1"
+    url = _advertised_url(host, args.port, args.advertise_url)
+    try:
+        app = create_serving_app(settings, advertise_url=url)
+    except (MissingServingToken, DatabaseNotMigrated) as exc:
+        print(f"svfit serving: {exc}", file=sys.stderr)
+        return 2
+    print(f"svfit serving: {url} (device {settings.inference_device}, models {settings.models_dir})", flush=True)
+    uvicorn.run(app, host=host, port=args.port, log_level=args.loglevel)
+    return 0
+
+
+def cmd_serving_register(args: argparse.Namespace) -> int:
+    from api.core.settings import get_settings
+    from serving.heartbeat import Heartbeat
+    from serving.registrar import ExternalEngine
+
+    settings = get_settings()
+    external = ExternalEngine(settings, args.url, args.base, args.engine, args.max_loras, args.max_lora_rank)
+    heartbeat = Heartbeat(settings, external.describe)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    print(f"svfit serving register: {args.engine} at {external.url} for {args.base}; beating while it answers",
+          flush=True)
+    heartbeat.start()  # a first beat now if it answers; the loop keeps trying when it does not
+    stop.wait()
+    heartbeat.stop()
+    return 0
+
+
 def cmd_migrate(_args: argparse.Namespace) -> int:
     from api.core.migrations import upgrade_to_head
     from api.core.settings import get_settings
@@ -257,7 +328,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Add `serve`, `api`, `worker`, `migrate` and `keys` to the `svfit` sub-command table."""
+    """Add `serve`, `api`, `worker`, `serving`, `migrate` and `keys` to the `svfit` sub-command table."""
 
     def server_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", help="bind address (default 127.0.0.1; auth is off only on loopback)")
@@ -286,6 +357,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(func=cmd_worker)
+
+    serving = commands.add_parser(
+        "serving", help="a serving replica: hosted inference on this host's device, registered for the API",
+    )
+    serving.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serving.add_argument("--port", type=int, default=8100, help="port (default 8100)")
+    serving.add_argument("--device", help="cuda:0, cuda, cpu or auto (default: $SVFIT_INFERENCE_DEVICE or auto)")
+    serving.add_argument("--advertise-url", help="how the API reaches this replica (default http://<host>:<port>)")
+    serving.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    serving.set_defaults(func=cmd_serving)
+    serving_commands = serving.add_subparsers(dest="serving_command")
+    register = serving_commands.add_parser(
+        "register", help="route to an operator-run vLLM or SGLang server (beats for it while it answers)",
+    )
+    register.add_argument("--url", required=True, help="the server's base URL, e.g. http://gpu-7:8000")
+    register.add_argument("--base", required=True, help="the base model id it serves (its --served-model-name)")
+    register.add_argument("--engine", default="vllm", choices=["vllm", "sglang"])
+    register.add_argument("--max-lora-rank", type=_at_least_one, default=64,
+                          help="its --max-lora-rank: adapters are exported at min(this, SVFIT_SERVING_LORA_RANK)")
+    register.add_argument("--max-loras", type=_at_least_one, default=8,
+                          help="adapters it may hold at once; the least recently used beyond are unloaded")
+    register.set_defaults(func=cmd_serving_register)
 
     migrate = commands.add_parser("migrate", help="bring the database schema to the current revision")
     migrate.set_defaults(func=cmd_migrate)

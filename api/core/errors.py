@@ -129,6 +129,22 @@ class ServiceUnavailable(ServiceError):
         super().__init__(message, param, code=code, headers={"Retry-After": str(self.retry_after_s), **(headers or {})})
 
 
+class NoServingReplica(ServiceUnavailable):
+    """No live serving replica can take the request (none registered, or every one that could failed)."""
+
+    code = "no_serving_replica"
+
+
+class ServingReplicaFailed(ServiceError):
+    """The replica answering a request went away before the answer was whole (502; retry goes elsewhere)."""
+
+    status, type, code = 502, "server_error", "serving_replica_failed"
+    retry_after_s = 1
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param, headers={"Retry-After": str(self.retry_after_s)})
+
+
 class InsufficientStorage(ServiceError):
     """The file or artifact store is out of space: nothing was saved, and retrying helps only once space is freed."""
 

@@ -87,7 +87,25 @@ class Settings(BaseSettings):
         "again (a broker restart or a failed enqueue lost its message).",
     )
 
-    # Hosted inference (api/inference): one engine thread per API process owns the models.
+    # Serving replicas (serving/): `svfit serving` processes that hold the models, found by the API through
+    # their heartbeats in the database (api/core/replicas.py). `svfit serve` runs one in its own process.
+    serving_token: str | None = Field(
+        default=None, description="Shared secret a serving replica requires (Authorization: Bearer); the API sends "
+        "it. Required by `svfit serving` and `svfit api`; `svfit serve` makes one up for its own replica.",
+    )
+    serving_heartbeat_s: float = Field(default=2.0, gt=0, description="How often a replica writes its heartbeat.")
+    serving_replica_ttl_s: float = Field(
+        default=10.0, gt=0, description="A replica whose last heartbeat is older than this gets no more requests.",
+    )
+    serving_connect_timeout_s: float = Field(default=2.0, gt=0, description="Connecting to a replica.")
+    serving_read_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest silence from a replica inside one answer (a model load included).",
+    )
+    serving_lora_rank: int = Field(
+        default=64, ge=1, le=512, description="Rank r' of the LoRA exports loaded into vLLM/SGLang replicas.",
+    )
+
+    # The inference engine inside a replica: one engine thread owns the models.
     inference_device: str = Field(
         default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto': cuda when available, else cpu."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -143,3 +143,28 @@ class FineTunedModel(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ServingReplica(Base):
+    """A serving replica as its last heartbeat described it: where it answers, what it runs and holds.
+
+    A native replica (`svfit serving`) writes its own row; an external vLLM/SGLang server gets one from the
+    `svfit serving register` process that watches it. Rows whose `beat_at` is older than the TTL are ignored
+    by the router and deleted by the next replica that beats.
+    """
+
+    __tablename__ = "serving_replicas"
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(String(512))  # base URL, without /v1
+    engine: Mapped[str] = mapped_column(String(16))  # "native", "vllm" or "sglang"
+    device: Mapped[str] = mapped_column(String(32))
+    servable_bases: Mapped[list[Any]] = mapped_column(default=list)  # base model ids it can load
+    loaded_bases: Mapped[list[Any]] = mapped_column(default=list)  # base model ids in its memory now
+    adapters: Mapped[list[Any]] = mapped_column(default=list)  # adapter names loaded (load_lora_adapter)
+    max_adapters: Mapped[int] = mapped_column(Integer)
+    max_lora_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)  # external engines' limit
+    free_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)  # requests it is answering
+    started_at: Mapped[float] = mapped_column(Float)
+    beat_at: Mapped[float] = mapped_column(Float, index=True)

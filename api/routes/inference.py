@@ -1,263 +1,82 @@
-"""`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings` and `/v1/classifications` (extension).
+"""`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings` and `/v1/classifications` (extension), routed.
 
-Thin async endpoints: resolve the model (database work on a worker thread), submit to the inference engine,
-and either wait for the whole answer or stream it as server-sent events (`data: <chunk>` … `data: [DONE]`).
-Both shapes are built from the same engine events, so a streamed answer equals the non-streamed one. When
-the client goes away, the request's rows are cancelled and leave the batch at the engine's next step.
+The API checks the key, the rate limit and which of the organization's models the request names, then
+forwards the body unchanged to a serving replica (api/routing), which validates it and answers; its answer,
+streamed or whole, errors included, comes back as it was sent.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import Response
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from api.core.errors import InvalidParameter, ServiceError
-from api.core.ids import new_id
-from api.core.settings import Settings
-from api.core.storage import Storage
-from api.deps import CurrentOrg, InferenceDep, InferenceRateLimit, SessionDep, SettingsDep, StorageDep
-from api.inference.engine import GenerationTicket
-from api.inference.types import ChoiceFinished, GenerationDone, ModelRef, TextDelta
-from api.openai_shapes import CompletionLogprobsWriter, base64_floats, chat_logprobs
-from api.schemas_inference import (
-    ChatChoice,
-    ChatCompletionCreate,
-    ChatCompletionPublic,
-    ChatMessagePublic,
-    ClassificationCreate,
-    ClassificationPublic,
-    ClassificationsPublic,
-    CompletionChoice,
-    CompletionCreate,
-    CompletionPublic,
-    EmbeddingCreate,
-    EmbeddingPublic,
-    EmbeddingsPublic,
-    EmbeddingUsage,
-    LabelProbability,
-    Usage,
-)
-from api.services import inference as inference_service
+from api.core.errors import InvalidParameter, MissingParameter
+from api.deps import CurrentOrg, ForwarderDep, InferenceRateLimit, SessionDep, run_in_session
+from api.routing.forwarder import Forwarder
+from api.routing.targets import resolve_target
 
 # Every inference request takes a token from the caller's inference bucket (429 + Retry-After when empty).
 router = APIRouter(tags=["inference"], dependencies=[InferenceRateLimit])
 
-# How often a non-streaming request checks that its client is still there.
-DISCONNECT_POLL_S = 0.5
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
-
-
-async def _resolve(session: Session, org_id: str, model: str, settings: Settings, storage: Storage) -> ModelRef:
-    def resolve() -> ModelRef:
-        try:
-            return inference_service.resolve_model(session, org_id, model, settings, storage)
-        finally:
-            # Hand the connection back now: a stream can last minutes and must not hold a pooled connection.
-            session.close()
-
-    return await run_in_threadpool(resolve)
-
-
-def _usage(done: GenerationDone) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
-
-
-async def _collect(request: Request, ticket: GenerationTicket):
-    """The whole answer, unless the client disconnects first (then the rows are cancelled)."""
-    task = asyncio.ensure_future(ticket.collect())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-        ticket.cancel()  # a no-op once finished
-
-
-async def _sse(ticket: GenerationTicket, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-        yield "data: [DONE]\n\n"
-    except ServiceError as exc:  # the engine failed mid-stream: the client raises this as an APIError
-        yield f"data: {json.dumps(exc.envelope())}\n\n"
-    finally:
-        # Reached on completion, on error, and when the server cancels the stream because the client left.
-        ticket.cancel()
-
-
-def _stream_response(ticket: GenerationTicket, chunks: AsyncIterator[dict]) -> StreamingResponse:
-    return StreamingResponse(
-        _sse(ticket, chunks),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-async def _chunks(
-    ticket: GenerationTicket,
-    header: dict,
-    include_usage: bool,
-    opening: Callable[[int], dict] | None,
-    text_choice: Callable[[TextDelta], dict],
-    final_choice: Callable[[int, str], dict],
-) -> AsyncIterator[dict]:
-    """Chunk dicts from engine events: an optional opening chunk per choice, one per text delta and per
-    finish, and a usage chunk (empty choices) at the end when asked for."""
-    extra = {"usage": None} if include_usage else {}
-    if opening is not None:
-        for index in range(ticket.admission.choices):
-            yield {**header, "choices": [opening(index)], **extra}
-    async for event in ticket.stream():
-        if isinstance(event, TextDelta):
-            yield {**header, "choices": [text_choice(event)], **extra}
-        elif isinstance(event, ChoiceFinished):
-            yield {**header, "choices": [final_choice(event.index, event.finish_reason)], **extra}
-        elif isinstance(event, GenerationDone) and include_usage:
-            yield {**header, "choices": [], "usage": _usage(event)}
-
-
+# Read (and parsed as a JSON object) before any dependency runs, as a typed body would be: an oversized or
+# malformed body is refused before authentication, the same on every route. The replica validates the rest.
+JsonObject = Annotated[dict[str, Any], Body(description="The OpenAI request body; `model` names the model.")]
 # With `stream: true` the answer is server-sent events instead of the JSON object.
-STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    "description": "The completion, or with `stream: true` its chunks as server-sent events."}}
+STREAMABLE = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "The answer, or with `stream: true` its chunks as server-sent events."}}
 
 
-@router.post("/completions", response_model=CompletionPublic, responses=STREAMABLE)
+def _model_and_stream(body: dict[str, Any]) -> tuple[str, bool]:
+    """The two fields the router reads; everything else is the replica's to validate."""
+    model = body.get("model")
+    if model is None:
+        raise MissingParameter("Missing required parameter: 'model'.", param="model")
+    if not isinstance(model, str):
+        raise InvalidParameter("Invalid value for 'model': it must be a model id (a string).", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidParameter("Invalid value for 'stream': Input should be a valid boolean.", param="stream")
+    return model, bool(stream)
+
+
+async def _route(path: str, body: dict[str, Any], request: Request, session: Session, org_id: str,
+                 forwarder: Forwarder) -> Response:
+    model, stream = _model_and_stream(body)
+    target = await run_in_session(session, resolve_target, org_id, model)
+    # The bytes as the client sent them (Starlette keeps what it read to parse them): forwarded unchanged.
+    return await forwarder.forward(request, path, await request.body(), target, stream)
+
+
+@router.post("/completions", responses=STREAMABLE)
 async def create_completion(
-    body: CompletionCreate,
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    org_id: CurrentOrg,
-    engine: InferenceDep,
+    body: JsonObject, request: Request, session: SessionDep, org_id: CurrentOrg, forwarder: ForwarderDep
 ):
-    ref = await _resolve(session, org_id, body.model, settings, storage)
-    ticket = await engine.generate(inference_service.completion_request(body, ref, settings))
-    header = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
-    wants_logprobs = body.logprobs is not None
-    logprobs = CompletionLogprobsWriter(with_top=bool(body.logprobs))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream_response(ticket, _chunks(
-            ticket, header, include_usage, None,
-            lambda e: {"text": e.text, "index": e.index,
-                       "logprobs": logprobs(e.index, e.logprobs) if wants_logprobs else None, "finish_reason": None},
-            lambda i, reason: {"text": "", "index": i, "logprobs": None, "finish_reason": reason},
-        ))
-    answer = await _collect(request, ticket)
-    if answer is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    choices, done = answer
-    return CompletionPublic(
-        id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
-        choices=[
-            CompletionChoice(text=c.text, index=c.index, finish_reason=c.finish_reason,
-                             logprobs=logprobs(c.index, c.logprobs) if wants_logprobs else None)
-            for c in choices
-        ],
-    )
+    """OpenAI's completions: `prompt` as text or token ids, sampling options, `stream`, `logprobs`, `echo`."""
+    return await _route("completions", body, request, session, org_id, forwarder)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionPublic, responses=STREAMABLE)
+@router.post("/chat/completions", responses=STREAMABLE)
 async def create_chat_completion(
-    body: ChatCompletionCreate,
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    org_id: CurrentOrg,
-    engine: InferenceDep,
+    body: JsonObject, request: Request, session: SessionDep, org_id: CurrentOrg, forwarder: ForwarderDep
 ):
-    ref = await _resolve(session, org_id, body.model, settings, storage)
-    ticket = await engine.generate(inference_service.chat_request(body, ref, settings))
-    header = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
-              "model": body.model, "system_fingerprint": None}
-    wants_logprobs = bool(body.logprobs)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream_response(ticket, _chunks(
-            ticket, header, include_usage,
-            lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                       "finish_reason": None},
-            lambda e: {"index": e.index, "delta": {"content": e.text},
-                       "logprobs": chat_logprobs(e.logprobs) if wants_logprobs else None, "finish_reason": None},
-            lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
-        ))
-    answer = await _collect(request, ticket)
-    if answer is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    choices, done = answer
-    return ChatCompletionPublic(
-        id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
-        choices=[
-            ChatChoice(index=c.index, message=ChatMessagePublic(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=chat_logprobs(c.logprobs) if wants_logprobs else None)
-            for c in choices
-        ],
-    )
+    """OpenAI's chat completions: `messages` through the model's chat template, sampling options, `stream`."""
+    return await _route("chat/completions", body, request, session, org_id, forwarder)
 
 
 @router.post("/embeddings")
 async def create_embedding(
-    body: EmbeddingCreate,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    org_id: CurrentOrg,
-    engine: InferenceDep,
-) -> EmbeddingsPublic:
+    body: JsonObject, request: Request, session: SessionDep, org_id: CurrentOrg, forwarder: ForwarderDep
+):
     """Unit-length embeddings from an encoder base model or a classification fine-tune of one."""
-    ref = await _resolve(session, org_id, body.model, settings, storage)
-    result = await engine.embed(inference_service.embedding_request(body, ref))
-    width = len(result.vectors[0])
-    if body.dimensions is not None and body.dimensions != width:
-        raise InvalidParameter(f"This model's embeddings have {width} dimensions; 'dimensions' cannot change that.",
-                               param="dimensions")
-    data = [
-        EmbeddingPublic(index=i, embedding=base64_floats(v) if body.encoding_format == "base64" else v)
-        for i, v in enumerate(result.vectors)
-    ]
-    return EmbeddingsPublic(data=data, model=body.model,
-                            usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
+    return await _route("embeddings", body, request, session, org_id, forwarder)
 
 
 @router.post("/classifications")
 async def create_classification(
-    body: ClassificationCreate,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    org_id: CurrentOrg,
-    engine: InferenceDep,
-) -> ClassificationsPublic:
+    body: JsonObject, request: Request, session: SessionDep, org_id: CurrentOrg, forwarder: ForwarderDep
+):
     """Extension: the label probabilities of each input under a classification fine-tune."""
-    ref = await _resolve(session, org_id, body.model, settings, storage)
-    result = await engine.classify(inference_service.classification_request(body.input, ref))
-    data = []
-    for index, probs in enumerate(result.probabilities):
-        ranked = sorted(zip(result.labels, probs), key=lambda lp: lp[1], reverse=True)
-        data.append(ClassificationPublic(
-            index=index,
-            label=ranked[0][0],
-            labels=[LabelProbability(label=label, probability=p) for label, p in ranked],
-        ))
-    return ClassificationsPublic(
-        id=new_id("clf"), model=body.model, data=data,
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0, total_tokens=result.prompt_tokens),
-    )
+    return await _route("classifications", body, request, session, org_id, forwarder)

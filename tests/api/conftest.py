@@ -68,6 +68,12 @@ class Api:
     dispatch: RecordingDispatch
     keys: dict[str, str] = field(default_factory=dict)  # org name -> plaintext key
     org_ids: dict[str, str] = field(default_factory=dict)  # org name -> org id
+    replica: Any = None  # the serving replica (a thread of this process) inference routes to, when asked for
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.replica.stop()
+        self.app.state.engine.dispose()
 
     def headers(self, org: str | None = "alpha") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[org]}"} if org else {}
@@ -165,12 +171,19 @@ def sqlite_url(tmp_path: Path, migrated_sqlite_template: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _build_api(tmp_path: Path, database_url: str, **overrides: Any) -> Api:
+def _build_api(tmp_path: Path, database_url: str, *, serving: bool = False, **overrides: Any) -> Api:
+    """An app over its own data directory; with `serving`, a serving replica too, for inference to reach."""
+    if serving:
+        overrides.setdefault("serving_token", "test-serving-token")
     settings = _make_settings(tmp_path, database_url, **overrides)
     dispatch = RecordingDispatch()
     app = create_app(settings, dispatch=dispatch)
     client = TestClient(app, raise_server_exceptions=False)
     api = Api(app=app, client=client, settings=settings, dispatch=dispatch)
+    if serving:
+        from serving.embedded import ReplicaThread
+
+        api.replica = ReplicaThread(settings).start()
     with api.session() as session:
         for org in ("alpha", "beta"):
             org_id, key = create_api_key(session, org)
@@ -191,7 +204,7 @@ def make_api(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Api]]:
     yield _make
     for api in built:
         api.client.close()
-        api.app.state.engine.dispose()
+        api.close()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import uvicorn
 from api.core.migrations import upgrade_to_head
 from api.core.settings import Settings
 from api.main import create_app
+from serving.embedded import ReplicaThread
 from api.services.keys import create_api_key
 from tests.hostile.served_models import LLAMA, build_models, publish_classifier
 from tests.network import free_port
@@ -69,10 +70,12 @@ def serve(root: Path, database_url: str | None = None, **overrides) -> Iterator[
     values = dict(
         data_dir=root / "data", database_url=database_url, models_dir=models, require_auth=True,
         min_training_examples=3, max_upload_bytes=1024 * 1024, upload_chunk_bytes=64 * 1024,
-        inference_batch_window_ms=0,
+        inference_batch_window_ms=0, serving_token="fuzz-serving-token",
     )
     values.update(overrides)
-    app = create_app(Settings(**values), dispatch=lambda job_id: None)
+    settings = Settings(**values)
+    app = create_app(settings, dispatch=lambda job_id: None)
+    replica = ReplicaThread(settings).start()
     with app.state.sessionmaker() as session:
         _, key = create_api_key(session, "alpha")
 
@@ -92,6 +95,7 @@ def serve(root: Path, database_url: str | None = None, **overrides) -> Iterator[
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        replica.stop()
         app.state.engine.dispose()
 
 

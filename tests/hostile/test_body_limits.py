@@ -36,7 +36,7 @@ def test_json_bodies_over_the_limit_are_413(make_api, path: str, how: str):
 
 
 def test_a_body_just_under_the_limit_is_read(make_api):
-    api = make_api(max_json_body_bytes=LIMIT)
+    api = make_api(max_json_body_bytes=LIMIT, serving=True)
     body = json.dumps({"model": "no-such-model", "input": "x" * (LIMIT - 100)}).encode()
     response = api.client.post("/v1/classifications", content=pieces(body), headers={**api.headers(),
                                "Content-Type": "application/json"})
@@ -44,7 +44,7 @@ def test_a_body_just_under_the_limit_is_read(make_api):
 
 
 def test_an_upload_content_type_does_not_buy_a_json_endpoint_the_upload_limit(make_api):
-    api = make_api(max_json_body_bytes=LIMIT)
+    api = make_api(max_json_body_bytes=LIMIT, serving=True)
     response = api.client.post("/v1/fine_tuning/jobs", content=b"x" * (2 * LIMIT),
                                headers={**api.headers(), "Content-Type": "multipart/form-data; boundary=x"})
     assert_envelope(response, 413, "request_too_large", None)

@@ -35,11 +35,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -
     root = tmp_path_factory.mktemp("inference-bounds")
     models = build_models(root)
     shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
-    api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0)
+    api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0,
+                     serving=True)
     classifier = publish_classifier(api.app, api.org_ids["alpha"], models)
     with api.client:
         yield Served(api, classifier)
-    api.app.state.engine.dispose()
+    api.close()
     torch.set_num_threads(threads)
 
 

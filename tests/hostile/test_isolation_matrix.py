@@ -38,7 +38,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) ->
     root = tmp_path_factory.mktemp("isolation")
     models = build_models(root)
     shutil.copyfile(migrated_sqlite_template, root / "svfit.db")
-    api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0)
+    api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0,
+                     serving=True)
     beta = api.org_ids["beta"]
     with api.client:
         file_id = api.upload_ok(chat_file(5), org="beta")
@@ -63,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) ->
                   "event": "ftevent-0123456789abcdef01234567"}
         own_files = {org: api.upload_ok(chat_file(5), org=org) for org in ("alpha", "beta")}
         yield World(api, ids, ghosts, own_files)
-    api.app.state.engine.dispose()
+    api.close()
 
 
 # (resource, verb, method, url, json body, what beta itself gets). `{name}` is filled from the world's ids.

@@ -25,10 +25,10 @@ def nul_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     else:
         url = request.getfixturevalue("postgres_database")
         empty_database(url)
-    api = _build_api(root, url)
+    api = _build_api(root, url, serving=True)
     with api.client:
         yield api
-    api.app.state.engine.dispose()
+    api.close()
 
 
 @pytest.mark.parametrize(

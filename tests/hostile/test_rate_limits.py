@@ -55,7 +55,7 @@ def test_job_creation_over_the_limit_is_429_and_enqueues_nothing(make_api):
 
 def test_inference_over_the_limit_is_429_before_any_model_work(make_api):
     """The 429 comes before the model is resolved: even a request for a model that does not exist counts."""
-    api = make_api(rate_limit_inference_per_minute=3)
+    api = make_api(rate_limit_inference_per_minute=3, serving=True)
     bodies = [
         ("/v1/completions", {"model": "no-such-model", "prompt": "x"}),
         ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),

@@ -12,8 +12,8 @@ import torch
 from api.core.base_checkpoints import list_base_models
 from api.core.errors import InvalidParameter
 from api.core.settings import Settings
-from api.inference.engine import InferenceEngine
-from api.inference.types import EmbeddingRequest, ModelRef
+from serving.engine import InferenceEngine
+from serving.types import EmbeddingRequest, ModelRef
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # The sentences and cosine similarities of sentence-transformers' quick start for this model.

@@ -1,5 +1,5 @@
-"""The official `openai` client against a real uvicorn server (a thread on a free port), and a client that
-hangs up mid-stream."""
+"""The official `openai` client against a real uvicorn server (a thread on a free port) routing to a serving
+replica (another one), and a client that hangs up mid-stream: the replica's rows leave the batch."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from api.inference.scheduler import Scheduler
+from serving.scheduler import Scheduler
 from api.main import create_app
 from api.services.keys import create_api_key
-from tests.inference.conftest import BERT, LLAMA, make_settings, publish
+from serving.embedded import ReplicaThread
+from tests.serving.conftest import BERT, LLAMA, make_settings, publish
 from tests.network import uvicorn_in_thread
 
 
@@ -24,8 +25,8 @@ def server(tmp_path_factory, zoo) -> Iterator[tuple[str, str, object, dict]]:
     with app.state.sessionmaker() as session:
         org_id, key = create_api_key(session, "alpha")
     ids = publish(app, org_id, zoo, settings.data_dir)
-    with uvicorn_in_thread(app) as port:
-        yield f"http://127.0.0.1:{port}", key, app, ids
+    with ReplicaThread(settings) as replica, uvicorn_in_thread(app) as port:
+        yield f"http://127.0.0.1:{port}", key, replica.app.state.inference, ids
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_openai_errors(client):
 
 
 def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
-    base_url, key, app, ids = server
+    base_url, key, engine, ids = server
     original = Scheduler._decode
     monkeypatch.setattr(Scheduler, "_decode", lambda self, state: (time.sleep(0.02), original(self, state)))
     body = {"model": ids["sv1"], "prompt": "the movie was", "max_tokens": 50, "ignore_eos": True, "stream": True,
@@ -147,10 +148,10 @@ def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
                       headers={"Authorization": f"Bearer {key}"}, timeout=30) as response:
         assert response.status_code == 200
         for _line in response.iter_lines():
-            if app.state.inference.stats()["decoding"] == 2:  # both rows decoding (stats lag a step)
+            if engine.stats()["decoding"] == 2:  # both rows decoding (stats lag a step)
                 break  # leaving iter_lines closes the stream: the client hangs up
     hung_up = time.monotonic()
-    wait_until(lambda: app.state.inference.stats()["decoding"] == 0)
+    wait_until(lambda: engine.stats()["decoding"] == 0)
     # 50 tokens at ≥ 20 ms a step take a second: the rows left early because the client did
     assert time.monotonic() - hung_up < 0.8
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from api.inference.lanes import SharedBaseLane
-from api.inference.scheduler import Scheduler
-from api.inference.types import ModelRef
+from serving.lanes import SharedBaseLane
+from serving.scheduler import Scheduler
+from serving.types import ModelRef
 from api.main import create_app
 from api.services.keys import create_api_key
 from svfit_core import load_svfit_adapter
 from testkit.tiny_models import load_tiny, sample_batch
-from tests.inference.conftest import LLAMA, make_settings, publish
+from tests.serving.conftest import LLAMA, make_settings, publish
 
 ATOL = 1e-4  # fp32
 

@@ -11,7 +11,7 @@ import gc
 import logging
 from collections import OrderedDict
 
-from api.inference.lanes import Lane
+from serving.lanes import Lane
 
 logger = logging.getLogger(__name__)
 

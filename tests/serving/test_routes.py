@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from tests.inference.conftest import BERT, LLAMA, fail_shared_forward
+from tests.serving.conftest import BERT, LLAMA, fail_shared_forward
 
 CHAT = [{"role": "user", "content": "what is good ?"}]
 

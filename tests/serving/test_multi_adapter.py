@@ -13,7 +13,7 @@ from svfit_core import load_svfit_adapter
 from svfit_core.errors import BaseModelMismatchError, ConfigError
 from svfit_core.multi_adapter import MultiAdapterLinear, MultiAdapterModel
 from testkit.tiny_models import build_tiny, load_tiny, sample_batch
-from tests.inference.conftest import perturbed_svfit
+from tests.serving.conftest import perturbed_svfit
 
 ATOL = 1e-4  # fp32
 

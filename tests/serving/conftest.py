@@ -22,6 +22,7 @@ from api.core.settings import Settings
 from api.core.tables import FineTunedModel, Job
 from api.main import create_app
 from api.services.keys import create_api_key
+from serving.embedded import ReplicaThread
 from svfit_core import SVFitConfig, export_merged, inject_svfit, save_svfit_adapter
 from testkit.tiny_models import build_tiny, load_tiny
 
@@ -33,7 +34,7 @@ LABELS = ["negative", "positive"]
 def fail_shared_forward(monkeypatch: pytest.MonkeyPatch, on_call: int) -> None:
     """Make the shared-base lane's `on_call`-th forward (1-based) raise, as a kernel failure would; every
     other call runs the real forward."""
-    from api.inference.lanes import SharedBaseLane
+    from serving.lanes import SharedBaseLane
 
     original = SharedBaseLane.forward
     calls = {"n": 0}
@@ -145,13 +146,20 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 
 @dataclass
 class Served:
-    """A running app (TestClient) whose organization `alpha` owns every zoo adapter as a model."""
+    """A running app (TestClient) whose organization `alpha` owns every zoo adapter as a model, routing its
+    inference to a serving replica on a thread of this process."""
 
     app: object
     client: TestClient
     settings: Settings
     keys: dict[str, str]
     model_ids: dict[str, str]  # zoo name -> served model id
+    replica: ReplicaThread  # the serving replica the app routes to, in this process
+
+    @property
+    def engine(self):
+        """The replica's inference engine (for tests that look inside it)."""
+        return self.replica.app.state.inference
 
     def headers(self, org: str = "alpha") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[org]}"}
@@ -191,7 +199,7 @@ def publish(app, org_id: str, zoo: Zoo, data_dir: Path) -> dict[str, str]:
 
 def make_settings(tmp: Path, zoo: Zoo, **overrides) -> Settings:
     values = dict(data_dir=tmp / "data", models_dir=zoo.models_dir, require_auth=True,
-                  inference_batch_window_ms=2.0)
+                  inference_batch_window_ms=2.0, serving_token="test-serving-token")
     values.update(overrides)
     return Settings(**values)
 
@@ -207,6 +215,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, zoo: Zoo) -> Iterator[Serve
         for org in ("alpha", "beta"):
             org_ids[org], keys[org] = create_api_key(session, org)
     ids = publish(app, org_ids["alpha"], zoo, settings.data_dir)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Served(app, client, settings, keys, ids)
+    with ReplicaThread(settings) as replica, TestClient(app, raise_server_exceptions=False) as client:
+        yield Served(app, client, settings, keys, ids, replica)
     app.state.engine.dispose()

@@ -26,8 +26,8 @@ from typing import Any
 from api.core.errors import InternalError, ServiceError, ServiceUnavailable
 from api.core.gc_pauses import freeze_long_lived
 from api.core.settings import Settings
-from api.inference.load_thread import LaneLoader, LoadFinished
-from api.inference.types import (
+from serving.load_thread import LaneLoader, LoadFinished
+from serving.types import (
     Admission,
     Choice,
     ChoiceFinished,
@@ -219,7 +219,7 @@ class InferenceEngine:
     def _run(self) -> None:
         import torch
 
-        from api.inference.scheduler import Scheduler
+        from serving.scheduler import Scheduler
 
         freeze_long_lived("inference library")  # before any model loads: those must stay collectable
         torch.set_grad_enabled(False)  # grad mode is per thread: this one never trains

@@ -25,9 +25,9 @@ from transformers import PreTrainedTokenizerBase
 from svfit_core.bases import BasisStore
 from svfit_core.multi_adapter import MultiAdapterModel
 
-from api.inference.servable_models import context_length, eos_token_ids, model_bytes
-from api.inference.logprobs import TokenNames
-from api.inference.types import ModelRef
+from serving.servable_models import context_length, eos_token_ids, model_bytes
+from serving.logprobs import TokenNames
+from serving.types import ModelRef
 
 
 class Lane:

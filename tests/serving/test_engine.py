@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from api.core.errors import InternalError
-from api.inference.engine import InferenceEngine
-from api.inference.lanes import LoraLane, SharedBaseLane
-from api.inference.scheduler import Scheduler
-from api.inference.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
+from serving.engine import InferenceEngine
+from serving.lanes import LoraLane, SharedBaseLane
+from serving.scheduler import Scheduler
+from serving.types import GenerationRequest, ModelRef, SamplingParams, TextDelta
 from svfit_core.training.outputs import load_trained_model
 from svfit_core.loading import load_base_model
-from tests.inference.conftest import LLAMA, fail_shared_forward, make_settings
+from tests.serving.conftest import LLAMA, fail_shared_forward, make_settings
 
 PROMPTS = ["the movie was", "i love this", "what is good ?", "hello world"]
 
@@ -270,7 +270,7 @@ def test_a_model_loading_does_not_pause_the_models_already_loaded(zoo, tmp_path,
 
 
 def test_a_failed_load_fails_every_request_waiting_for_it_and_the_engine_goes_on(zoo, tmp_path, monkeypatch):
-    import api.inference.scheduler as scheduler_module
+    import serving.lane_manager as scheduler_module  # where load_full_model is looked up
 
     engine = InferenceEngine(make_settings(tmp_path, zoo))
     started, release, _ = gate_model_loads(monkeypatch, "model")
@@ -335,7 +335,7 @@ def test_logprobs_are_the_models_own_distribution_at_each_step(zoo, engine):
 
 
 def test_logprobs_of_sampled_tokens_and_without_alternatives(zoo, engine, monkeypatch):
-    import api.inference.scheduler as scheduler_module
+    import serving.batching as scheduler_module  # where next_tokens is looked up
 
     sampled: list[int] = []
     real_next_tokens = scheduler_module.next_tokens

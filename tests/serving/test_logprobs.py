@@ -6,7 +6,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from api.inference.logprobs import TokenNames
+from serving.logprobs import TokenNames
 from testkit.tiny_models import build_tokenizer
 
 

@@ -1,70 +1,22 @@
-"""Turning an inference request into what the engine runs: which weights a model id names for this
-organization, and the validated sampling options. Takes a session explicitly; knows nothing of HTTP.
-
-A model id is a base model, a fine-tune (`ft:…`) or a checkpoint (`…:ckpt-step-N`); fine-tunes and
-checkpoints resolve through the organization's FineTunedModel rows to their published adapter folder.
+"""Admission at the replica's edge: an OpenAI request body turned into what the engine runs, with OpenAI's
+defaults and limits validated (sampling options, stop sequences, logit bias, prompt and input forms).
+Knows nothing of HTTP; which weights a model id names is `served_models.py`'s job.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from api.core.base_checkpoints import list_base_models
-from api.core.errors import InvalidParameter, UnknownModel
+from api.core.errors import InvalidParameter
 from api.core.settings import Settings
-from api.core.storage import Storage
-from api.core.tables import FineTunedModel
-from api.inference.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
-from api.schemas_inference import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
-from svfit_core.training.layout import TRAINING_META
+from serving.schemas import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
+from serving.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
 
 # OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-
-
-def _unknown(model_id: str) -> UnknownModel:
-    return UnknownModel(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
-
-
-def resolve_model(session: Session, org_id: str, model_id: str, settings: Settings, storage: Storage) -> ModelRef:
-    """The servable model ``model_id`` names for ``org_id``; 404 (param ``model``) when there is none.
-
-    Another organization's fine-tune answers exactly like a missing one: existence is not leaked.
-    """
-    row = session.scalar(
-        select(FineTunedModel).where(
-            FineTunedModel.id == model_id, FineTunedModel.org_id == org_id, FineTunedModel.deleted_at.is_(None)
-        )
-    )
-    bases = {base.id: base.path for base in list_base_models(settings.models_dir)}
-    if row is None:
-        if model_id in bases:
-            return ModelRef(model_id=model_id, base_id=model_id, base_path=bases[model_id])
-        raise _unknown(model_id)
-    adapter_dir = storage.path(row.storage_key)
-    meta_path = adapter_dir / TRAINING_META
-    if row.parent not in bases or not meta_path.is_file():
-        # The row outlived its weights (base uninstalled, store wiped): nothing to serve.
-        raise _unknown(model_id)
-    meta = json.loads(meta_path.read_text())
-    labels = meta.get("label_names")
-    return ModelRef(
-        model_id=model_id,
-        base_id=row.parent,
-        base_path=Path(bases[row.parent]),
-        task=meta.get("task", "causal"),
-        adapter_dir=adapter_dir,
-        method=meta.get("method"),
-        label_names=tuple(labels) if labels else None,
-    )
 
 
 def sampling_params(

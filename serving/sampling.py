@@ -14,7 +14,7 @@ import torch
 
 
 class RowSampling(Protocol):
-    """What sampling reads of a row being generated (api/inference/scheduler.Row)."""
+    """What sampling reads of a row being generated (serving/scheduler.Row)."""
 
     temperature: float
     top_p: float

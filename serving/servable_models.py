@@ -17,7 +17,7 @@ from svfit_core.layer import weight_sha256
 from svfit_core.loading import load_base_model, load_tokenizer, max_positions
 from svfit_core.targets import LINEAR_TYPES
 
-from api.inference.types import ModelRef
+from serving.types import ModelRef
 
 
 def resolve_device(setting: str) -> torch.device:

@@ -1,10 +1,10 @@
-"""Incremental detokenization and stop sequences (api/inference/text.py)."""
+"""Incremental detokenization and stop sequences (serving/text.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from api.inference.text import TextTracker
+from serving.text import TextTracker
 from testkit.tiny_models import build_tokenizer
 
 

@@ -18,7 +18,7 @@ import torch
 from tokenizers import decoders
 from transformers import PreTrainedTokenizerBase
 
-from api.inference.types import TokenLogprob
+from serving.types import TokenLogprob
 
 
 def _byte_decoder() -> dict[str, int]:

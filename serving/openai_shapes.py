@@ -10,7 +10,7 @@ import base64
 import sys
 from collections.abc import Sequence
 
-from api.inference.types import TokenLogprob
+from serving.types import TokenLogprob
 
 
 def _chat_token(entry: TokenLogprob, with_top: bool = True) -> dict:

@@ -1,0 +1,181 @@
+"""Relays one inference request to a serving replica and its answer back, unchanged.
+
+Before the first byte a replica that cannot be reached is left out and the next one tried; with none left the
+client gets 503 `no_serving_replica` with Retry-After. A stream is relayed event by event as the replica
+writes it (the client's reading paces ours: backpressure); a client that leaves closes the upstream
+request, which the replica sees and cancels. A replica that dies mid-answer ends a stream with an SSE error
+event, or a non-streamed answer with 502 `serving_replica_failed`, as soon as its connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.core.errors import ServiceError, ServingReplicaFailed
+from api.core.settings import Settings
+from api.core.storage import Storage
+from api.routing.lora_exports import lora_export_dir
+from api.routing.pool import ReplicaPool, ReplicaView
+from api.routing.targets import RouteTarget
+
+# How often a non-streamed request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+# The replica's answer headers worth passing on; the rest (length, encoding, date, server) are the relay's.
+PASSED_HEADERS = ("content-type", "retry-after", "retry-after-ms", "cache-control", "x-accel-buffering",
+                  "x-kept-energy")
+# Failures that mean the request never reached a working replica: safe to try the next one.
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _sse_error(error: ServiceError) -> bytes:
+    return f"data: {json.dumps(error.envelope())}\n\n".encode()
+
+
+def _headers(upstream: httpx.Response) -> dict[str, str]:
+    return {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+
+
+class Forwarder:
+    def __init__(self, settings: Settings, pool: ReplicaPool, storage: Storage) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.storage = storage
+        self.auth = {"Authorization": f"Bearer {settings.serving_token or ''}"}
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.serving_read_timeout_s, connect=settings.serving_connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def forward(self, request: Request, path: str, body: bytes, target: RouteTarget, stream: bool) -> Response:
+        await self.pool.refresh()
+        tried: set[str] = set()
+        while True:
+            view = self.pool.choose(target, tried)
+            tried.add(view.state.id)
+            view.in_flight += 1
+            released = False
+            try:
+                upstream = await self._open(view, path, body, target)
+                if upstream is None:
+                    continue  # unreachable: the next replica
+                if target.adapter_key is None:
+                    view.bases.add(target.base_id)
+                released = True  # the relay releases it when the answer is done
+                if stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                    return StreamingResponse(self._events(view, upstream), status_code=upstream.status_code,
+                                             headers=_headers(upstream))
+                return await self._whole(request, view, upstream)
+            finally:
+                if not released:
+                    view.in_flight -= 1
+
+    async def _open(self, view: ReplicaView, path: str, body: bytes, target: RouteTarget) -> httpx.Response | None:
+        """The replica's answer, headers read and body not yet; None when the replica cannot be reached."""
+        for attempt in range(2):
+            try:
+                if target.adapter_key is not None and target.model_id not in view.adapters:
+                    await self._load(view, target)
+                request = self.client.build_request(
+                    "POST", f"{view.state.url}/v1/{path}", content=body,
+                    headers={**self.auth, "Content-Type": "application/json"},
+                )
+                upstream = await self.client.send(request, stream=True)
+            except UNREACHABLE:
+                self.pool.failed(view)
+                return None
+            except httpx.HTTPError as exc:
+                raise ServingReplicaFailed(f"The serving replica failed before answering ({type(exc).__name__}).") \
+                    from exc
+            if upstream.status_code == 404 and target.adapter_key is not None and attempt == 0:
+                # It no longer has the adapter (restarted, or its own limit unloaded it): load it and ask again.
+                await upstream.aclose()
+                self.pool.forget_adapter(view, target.model_id)
+                continue
+            if target.adapter_key is not None:
+                for name in self.pool.used_adapter(view, target.model_id):
+                    asyncio.ensure_future(self._unload(view, name))
+            return upstream
+        return upstream
+
+    async def _load(self, view: ReplicaView, target: RouteTarget) -> None:
+        """vLLM's load_lora_adapter: our replicas read the adapter's folder from the store by key; an external
+        engine gets a PEFT LoRA folder exported at the serving rank (built once, kept in the store)."""
+        path = target.adapter_key
+        if view.state.engine != "native":
+            rank = min(self.settings.serving_lora_rank, view.state.max_lora_rank or self.settings.serving_lora_rank)
+            path = str(await run_in_threadpool(lora_export_dir, self.storage, self.settings, target, rank))
+        answer = await self.client.post(
+            f"{view.state.url}/v1/load_lora_adapter", headers=self.auth,
+            json={"lora_name": target.model_id, "lora_path": path, "base_model_name": target.base_id},
+        )
+        already = answer.status_code == 400 and "already" in answer.text  # vLLM's answer to a second load
+        if answer.status_code != 200 and not already:
+            raise _replica_error(answer)
+        self.pool.used_adapter(view, target.model_id)
+
+    async def _unload(self, view: ReplicaView, name: str) -> None:
+        try:
+            await self.client.post(f"{view.state.url}/v1/unload_lora_adapter", headers=self.auth,
+                                   json={"lora_name": name})
+        except httpx.HTTPError:
+            pass  # it is gone or busy; its own limit unloads what it must
+
+    async def _events(self, view: ReplicaView, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        """Whole SSE events as the replica sends them; an error event if it dies mid-stream."""
+        pending = b""
+        try:
+            async for chunk in upstream.aiter_raw():
+                pending += chunk
+                end = pending.rfind(b"\n\n")
+                if end >= 0:
+                    yield pending[: end + 2]
+                    pending = pending[end + 2 :]
+            if pending:
+                yield pending
+        except httpx.HTTPError:
+            yield _sse_error(ServingReplicaFailed("The serving replica stopped in the middle of this answer; retry."))
+        finally:
+            view.in_flight -= 1
+            await upstream.aclose()
+
+    async def _whole(self, request: Request, view: ReplicaView, upstream: httpx.Response) -> Response:
+        reading = asyncio.ensure_future(upstream.aread())
+        try:
+            while True:
+                done, _ = await asyncio.wait({reading}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
+            try:
+                content = reading.result()
+            except httpx.HTTPError as exc:
+                raise ServingReplicaFailed("The serving replica stopped in the middle of this answer; retry.") from exc
+            return Response(content, status_code=upstream.status_code, headers=_headers(upstream))
+        finally:
+            if not reading.done():
+                reading.cancel()
+            view.in_flight -= 1
+            await upstream.aclose()
+
+
+def _replica_error(answer: httpx.Response) -> ServiceError:
+    """The replica's own error envelope (status, code, param) as ours, or a plain 502."""
+    try:
+        error = answer.json()["error"]
+        exc = ServiceError(error["message"], error.get("param"), code=error.get("code"))
+        exc.status, exc.type = answer.status_code, error.get("type", "server_error")
+        return exc
+    except (ValueError, KeyError, TypeError):
+        return ServingReplicaFailed(f"The serving replica refused to load the adapter ({answer.status_code}).")
