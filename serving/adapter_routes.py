@@ -1,5 +1,6 @@
 """vLLM's dynamic-adapter protocol, which the API's router speaks to every replica: `/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`, and `/v1/models` listing the bases and loaded adapters; `/health` for probes.
+`/v1/unload_lora_adapter`, and `/v1/models` listing the bases and loaded adapters; `/health` for probes and
+`/replica` for operators (what its heartbeat says, with the engine's counters).
 
 `lora_path` is, for this replica, the adapter's key in the shared store (a vLLM server gets a folder path);
 `base_model_name` says which base it applies to (vLLM knows its one base).
@@ -8,8 +9,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
@@ -57,3 +59,8 @@ async def list_models(served: ServedModelsDep) -> dict:
     data += [{"id": name, "object": "model", "created": created, "owned_by": "svfit", "parent": ref.base_id}
              for name, ref in served.adapters().items()]
     return {"object": "list", "data": data}
+
+
+@router.get("/replica")
+async def replica_state(request: Request) -> dict:
+    return {**asdict(request.app.state.describe()), "engine_stats": request.app.state.inference.stats()}

@@ -121,6 +121,7 @@ def create_serving_app(settings: Settings, *, advertise_url: str | None = None) 
     app.state.served_models = served
     app.state.replica_id = replica_id
     app.state.describe = describe
+    app.state.heartbeat = heartbeat
     register_error_handlers(app)
     app.include_router(adapter_routes.health_router)
     app.include_router(adapter_routes.router)

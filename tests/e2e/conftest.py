@@ -36,6 +36,7 @@ class Service:
     env: dict[str, str]
     data_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)  # serving process name -> its URL
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.data_dir / f"{name}.log").open("ab")
@@ -58,6 +59,24 @@ class Service:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"service not ready in {timeout}s:\n" + "\n".join(self.log(n) for n in self.processes))
+
+    def start_replica(self, name: str) -> str:
+        """A `svfit serving` process on a free port; returns its URL once it answers (and so has registered:
+        its first heartbeat is written before it starts listening)."""
+        port = free_port()
+        self.start(name, "serving", "--host", "127.0.0.1", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.processes[name].returncode}:\n{self.log(name)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not ready in 60s:\n{self.log(name)}")
 
     def log(self, name: str) -> str:
         path = self.data_dir / f"{name}.log"
@@ -92,6 +111,7 @@ def base_env(data_dir: Path, models_dir: Path, port: int) -> dict[str, str]:
         SVFIT_PORT=str(port),
         SVFIT_MIN_TRAINING_EXAMPLES="4",
         SVFIT_HEARTBEAT_INTERVAL_S="0.5",
+        SVFIT_SERVING_HEARTBEAT_S="0.5",
         SVFIT_PROGRESS_INTERVAL_S="0.2",
         PYTHONPATH=str(ROOT),
         OMP_NUM_THREADS="1",
@@ -108,7 +128,8 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def production_service(tmp_path_factory, models_dir, postgres_url) -> Iterator[Service]:
-    """`svfit migrate`, then `svfit api` and one `svfit worker` on Postgres + Redis, as production runs them."""
+    """`svfit migrate`, then `svfit api`, one `svfit worker` and two `svfit serving` replicas on Postgres +
+    Redis, as production runs them (the replicas' URLs are `service.replicas`)."""
     port = free_port()
     data_dir = tmp_path_factory.mktemp("prod-data")
     env = base_env(data_dir, models_dir, port)
@@ -116,12 +137,14 @@ def production_service(tmp_path_factory, models_dir, postgres_url) -> Iterator[S
         SVFIT_DATABASE_URL=postgres_url,
         SVFIT_BROKER_URL=f"redis://127.0.0.1:6379/{secrets.randbelow(8) + 8}",
         SVFIT_WORKER_QUEUE=f"e2e-{secrets.token_hex(4)}",
+        SVFIT_SERVING_TOKEN=secrets.token_urlsafe(16),
     )
     service = Service(f"http://127.0.0.1:{port}", env, data_dir)
     subprocess.run([*SVFIT, "migrate"], cwd=ROOT, env=env, check=True, capture_output=True)
     service.start("api", "api", "--host", "127.0.0.1", "--port", str(port))
     service.start("worker", "worker", "--queue", env["SVFIT_WORKER_QUEUE"])
     try:
+        service.replicas = {name: service.start_replica(name) for name in ("serving-1", "serving-2")}
         service.wait_ready()
         yield service
     finally:

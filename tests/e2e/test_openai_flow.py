@@ -140,6 +140,14 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     listed = {m.id for m in client.models.list()}
     assert job.fine_tuned_model in listed and "tiny-llama" in listed
 
+    # The fine-tune answers at once, through the API's router to a serving replica, streamed as whole.
+    prompt = [{"role": "user", "content": "hello there"}]
+    whole = client.chat.completions.create(model=job.fine_tuned_model, messages=prompt, max_tokens=6, temperature=0)
+    chunks = client.chat.completions.create(model=job.fine_tuned_model, messages=prompt, max_tokens=6,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens > 0 and whole.model == job.fine_tuned_model
+
     check_artifacts(service, api_key, job.id, models_dir, tmp_path)
 
     # A second job, cancelled while it runs (or before it starts): it ends `cancelled`, not `succeeded`.
