@@ -172,7 +172,7 @@ def test_unexpected_errors_are_500_without_internals(api):
 
 def test_health_probes_and_docs(api):
     assert api.client.get("/healthz").json() == {"status": "ok"}
-    assert api.client.get("/readyz").json() == {"status": "ok"}
+    assert api.client.get("/readyz").json() == {"status": "ok", "serving_replicas": 0}
     assert api.client.get("/docs").status_code == 200
     paths = api.client.get("/openapi.json").json()["paths"]
     assert "/v1/fine_tuning/jobs/{job_id}/artifacts" in paths and "/v1/models/{model}" in paths

@@ -88,6 +88,7 @@ class Cluster:
             SVFIT_DATABASE_URL=proxied,
             SVFIT_BROKER_URL=redis.url,
             SVFIT_WORKER_QUEUE=self.queue,
+            SVFIT_SERVING_TOKEN="faults-serving-token",
             SVFIT_PORT=str(self.port),
             SVFIT_MIN_TRAINING_EXAMPLES="4",
             SVFIT_HEARTBEAT_INTERVAL_S="0.25",

@@ -177,6 +177,7 @@ def test_a_replica_whose_heartbeat_stops_gets_no_more_requests(tmp_path, zoo):
     app = create_app(settings, dispatch=lambda job_id: None, auto_migrate=True)
     with ReplicaThread(settings) as replica, TestClient(app) as client:
         body = {"model": LLAMA, "prompt": "the movie was", "max_tokens": 2}
+        assert client.get("/readyz").json()["serving_replicas"] == 1
         assert client.post("/v1/completions", json=body).status_code == 200
         heartbeat = replica.app.state.heartbeat
         heartbeat._stop.set()  # the beats stop; the replica itself still answers
@@ -184,4 +185,5 @@ def test_a_replica_whose_heartbeat_stops_gets_no_more_requests(tmp_path, zoo):
         time.sleep(settings.serving_replica_ttl_s + 1.1)  # past the TTL and the router's re-read
         response = client.post("/v1/completions", json=body)
         assert response.status_code == 503 and response.json()["error"]["code"] == "no_serving_replica"
+        assert client.get("/readyz").json()["serving_replicas"] == 0
     app.state.engine.dispose()

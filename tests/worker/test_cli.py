@@ -265,3 +265,12 @@ def test_worker_gpus_pins_one_child_to_each_gpu_and_stops_them_all(fresh):
         assert not any(alive(pid) for pid in pids)
     finally:
         workers.kill_all()
+
+
+def test_api_and_serving_refuse_to_start_without_the_serving_token(fresh, capsys):
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
+    assert main(["api"]) == 2
+    assert "SVFIT_SERVING_TOKEN" in capsys.readouterr().err
+    assert main(["serving", "--port", "1"]) == 2
+    assert "SVFIT_SERVING_TOKEN" in capsys.readouterr().err
