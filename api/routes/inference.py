@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.core.errors import InvalidParameter, MissingParameter
 from api.deps import CurrentOrg, ForwarderDep, InferenceRateLimit, SessionDep, run_in_session
 from api.routing.forwarder import Forwarder
-from api.routing.targets import resolve_target
+from api.routing.targets import base_target, resolve_target
 
 # Every inference request takes a token from the caller's inference bucket (429 + Retry-After when empty).
 router = APIRouter(tags=["inference"], dependencies=[InferenceRateLimit])
@@ -45,7 +45,7 @@ def _model_and_stream(body: dict[str, Any]) -> tuple[str, bool]:
 async def _route(path: str, body: dict[str, Any], request: Request, session: Session, org_id: str,
                  forwarder: Forwarder) -> Response:
     model, stream = _model_and_stream(body)
-    target = await run_in_session(session, resolve_target, org_id, model)
+    target = base_target(model) or await run_in_session(session, resolve_target, org_id, model)
     # The bytes as the client sent them (Starlette keeps what it read to parse them): forwarded unchanged.
     return await forwarder.forward(request, path, await request.body(), target, stream)
 

@@ -22,6 +22,16 @@ class RouteTarget:
     adapter_key: str | None = None
 
 
+# Every fine-tune and checkpoint id starts so (worker/publishing.py names them as OpenAI does).
+FINE_TUNE_PREFIX = "ft:"
+
+
+def base_target(model_id: str) -> RouteTarget | None:
+    """The target of an id that cannot name a fine-tune (a base model, or nothing), with no database read:
+    most requests name a base or a fine-tune, and a base's needs no lookup."""
+    return None if model_id.startswith(FINE_TUNE_PREFIX) else RouteTarget(model_id=model_id, base_id=model_id)
+
+
 def resolve_target(session: Session, org_id: str, model_id: str) -> RouteTarget:
     """A fine-tune row of `org_id`, or else the id taken as a base model (the replicas say if one exists)."""
     row = session.scalar(
