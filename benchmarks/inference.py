@@ -125,10 +125,12 @@ BANDWIDTH_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), 
 
 def smollm2_tokenizer(folder: str | Path | None = None):
     """SmolLM2's tokenizer: from ``folder`` (an HF tokenizer folder, see --save-tokenizer) or the package."""
+    from transformers import AutoTokenizer
+
     from svfit_core.loading import load_tokenizer
 
-    if folder is not None:
-        return load_tokenizer(Path(folder))
+    if folder is not None:  # saved from load_tokenizer's result: pad token and chat template included
+        return AutoTokenizer.from_pretrained(folder)
     try:
         package, gguf = smollm2_location()
     except RuntimeError as e:

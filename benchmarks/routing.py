@@ -14,7 +14,8 @@ Arms:
 
 direct_1 and routed_1 alternate round by round (load from other work hits both alike); routed_2 runs after the
 second replica has started and answered once. Targets: the router costs ≤ 5 % of throughput and ≤ 5 ms of
-p50 time to first token; two replicas give ≥ 1.5× one. On this 2-core machine the API process and the load
+p50 time to first token; two replicas give ≥ 1.5× one; the API process's peak RSS stays under 400 MiB (it
+loads no model). On this 2-core machine the API process and the load
 generator share the cores with the two replicas, which bounds the last ratio below 2.
 
 Model: SmolLM2-135M-Instruct (benchmarks.inference.build_base); --quick: its quartered random twin, fewer
@@ -47,6 +48,7 @@ TARGETS = [
     ("router_throughput_cost", "throughput_cost", 0.05, "share", "max"),
     ("router_ttft_p50_cost", "ttft_p50_cost_ms", 5.0, "ms", "max"),
     ("two_replicas_vs_one", "two_vs_one", 1.5, "ratio", "min"),
+    ("api_peak_rss", "api_peak_rss_mb", 400.0, "MiB", "max"),
 ]
 
 
@@ -98,6 +100,13 @@ class Processes:
     def api(self) -> str:
         port = free_port()
         return self.start("api", "api", "--port", str(port), ready=f"http://127.0.0.1:{port}/readyz")
+
+    def peak_rss_mb(self, index: int) -> float:
+        """A process's peak resident memory (VmHWM), read while it still runs."""
+        for line in Path(f"/proc/{self.running[index].pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
 
     def stop(self) -> None:
         for proc in self.running:
@@ -174,6 +183,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: routed_2")
             runs["routed_2"].append(asyncio.run(one_round(api, {}, prompts, args.max_tokens)))
+        api_peak_rss_mb = deployment.peak_rss_mb(1)  # the API: started second, after replica 1
     finally:
         deployment.stop()
     arms = [summarise(name, rounds) for name, rounds in runs.items()]
@@ -182,6 +192,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "throughput_cost": 1 - by["routed_1"]["tokens_per_s"] / by["direct_1"]["tokens_per_s"],
         "ttft_p50_cost_ms": 1000 * (by["routed_1"]["ttft_p50_s"] - by["direct_1"]["ttft_p50_s"]),
         "two_vs_one": by["routed_2"]["tokens_per_s"] / by["routed_1"]["tokens_per_s"],
+        "api_peak_rss_mb": api_peak_rss_mb,
     }
     targets = [
         {"name": name, "value": round(measured[metric], 4), "limit": limit, "unit": unit,
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
           a["latency_p99_s"]] for a in payload["arms"]],
     ))
     for target in payload["targets"]:
-        print(f"{target['name']}: {target['value']} ({'≤' if target['unit'] != 'ratio' else '≥'} {target['limit']} "
+        print(f"{target['name']}: {target['value']} ({'≥' if target['unit'] == 'ratio' else '≤'} {target['limit']} "
               f"{target['unit']}) {'met' if target['met'] else 'NOT met'}")
     path = write_result("routing_quick" if args.quick else "routing", payload, started)
     print(f"wrote {path}")

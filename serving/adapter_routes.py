@@ -2,8 +2,9 @@
 `/v1/unload_lora_adapter`, and `/v1/models` listing the bases and loaded adapters; `/health` for probes and
 `/replica` for operators (what its heartbeat says, with the engine's counters).
 
-`lora_path` is, for this replica, the adapter's key in the shared store (a vLLM server gets a folder path);
-`base_model_name` says which base it applies to (vLLM knows its one base).
+`lora_path` is the adapter's key in the shared store, or the absolute path of a PEFT LoRA folder as vLLM takes
+it (so this replica can stand in for a vLLM server in tests); `base_model_name` says which base it applies to
+(vLLM knows its one base).
 """
 
 from __future__ import annotations

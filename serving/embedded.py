@@ -18,12 +18,12 @@ START_TIMEOUT_S = 60.0
 
 
 class ReplicaThread:
-    def __init__(self, settings: Settings, host: str = "127.0.0.1") -> None:
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", *, register: bool = True) -> None:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, 0))
         self.url = f"http://{host}:{self._socket.getsockname()[1]}"
-        self.app = create_serving_app(settings, advertise_url=self.url)
+        self.app = create_serving_app(settings, advertise_url=self.url if register else None)
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -31,7 +31,7 @@ class ReplicaThread:
         )
 
     def start(self) -> "ReplicaThread":
-        """Returns once the replica answers and has registered (its first heartbeat is in)."""
+        """Returns once the replica answers and (unless told not to register) its first heartbeat is in."""
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.server.started:

@@ -50,16 +50,21 @@ class ServedModels:
         with self._lock:
             return dict(self._adapters)
 
-    def load(self, name: str, key: str, base_id: str | None) -> ModelRef:
-        """Register the adapter folder at store key `key` under `name` (again: refreshed, not an error)."""
+    def load(self, name: str, lora_path: str, base_id: str | None) -> ModelRef:
+        """Register an adapter under `name` (again: refreshed, not an error). `lora_path` is a key in the store
+        (a published fine-tune: SVFit, LoRA or full, as training wrote it) or, as vLLM takes it, the absolute
+        path of a PEFT LoRA folder (what the router hands external engines)."""
         bases = self.bases()
         if not base_id or base_id not in bases:
             raise InvalidParameter(f"This replica does not serve the base model '{base_id}'.", param="base_model_name")
-        adapter_dir = self.storage.path(key)
-        meta_path = adapter_dir / TRAINING_META
-        if not meta_path.is_file():
+        adapter_dir = Path(lora_path) if Path(lora_path).is_absolute() else self.storage.path(lora_path)
+        meta_path, config_path = adapter_dir / TRAINING_META, adapter_dir / "adapter_config.json"
+        if not meta_path.is_file() and not config_path.is_file():
             raise _unknown(name)  # the row outlived its weights: nothing to serve
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"task": "causal"}
+        if config_path.is_file() and json.loads(config_path.read_text()).get("peft_type") == "LORA":
+            # A PEFT LoRA folder (an export keeps the training's meta, whose method was SVFit): serve it as LoRA.
+            meta["method"] = "lora"
         labels = meta.get("label_names")
         ref = ModelRef(
             model_id=name, base_id=base_id, base_path=bases[base_id], task=meta.get("task", "causal"),

@@ -36,6 +36,7 @@ from svfit_core import SVFitConfig, inject_svfit, save_svfit_adapter  # noqa: E4
 from svfit_core.loading import load_base_model  # noqa: E402
 from testkit.tiny_models import build_tiny, load_tiny  # noqa: E402
 
+DEVICE = "cuda"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 PROMPTS = ["the movie was", "i love this", "what is good ?", "hello world"]
@@ -99,7 +100,7 @@ def zoo(tmp_path_factory) -> dict[str | None, ModelRef]:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    settings = engine_settings(tmp_path_factory.mktemp("gpu-engine"), inference_device="cuda",
+    settings = engine_settings(tmp_path_factory.mktemp("gpu-engine"), inference_device=DEVICE,
                                inference_dtype="bfloat16", inference_batch_window_ms=50)
     engine = InferenceEngine(settings)
     yield engine
@@ -133,9 +134,9 @@ def alone(engine, requests) -> list[list[Step]]:
 @torch.no_grad()
 def hf_greedy(base: Path, prompt: str) -> list[Step]:
     """transformers' own greedy ``generate`` of the base model on the GPU in bf16, past EOS like ignore_eos."""
-    model, tokenizer = load_base_model(base, "causal", dtype=torch.bfloat16, device=torch.device("cuda"))
+    model, tokenizer = load_base_model(base, "causal", dtype=torch.bfloat16, device=torch.device(DEVICE))
     model.eval().generation_config.eos_token_id = None  # no stopping at EOS; the logits are untouched
-    encoded = tokenizer(prompt, return_tensors="pt").to("cuda")
+    encoded = tokenizer(prompt, return_tensors="pt").to(DEVICE)
     out = model.generate(**encoded, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                          output_logits=True, return_dict_in_generate=True)
     new = out.sequences[0, encoded["input_ids"].shape[1]:].tolist()
@@ -175,9 +176,8 @@ def test_svfit_adapters_batched_with_the_base_answer_as_alone_on_cuda(zoo, engin
     batched = together(engine, requests)
     assert max(len(tags) for tags in seen) == 4  # the base and three adapters in one forward
     single = alone(engine, requests)
-    for i, name in enumerate(names):
-        assert assert_same_greedy(batched[i], single[i], f"{name or 'base'}, row {i}") >= 1 or \
-            batched[i][0].token == single[i][0].token
+    compared = [assert_same_greedy(batched[i], single[i], f"{name or 'base'}, row {i}") for i, name in enumerate(names)]
+    assert sum(compared) >= len(names) * MAX_TOKENS // 2  # ties are rare: most steps were compared
     # adapters change the answers: otherwise this could not tell batching them from ignoring them
     same_prompt = alone(engine, [greedy(zoo[n], PROMPTS[0]) for n in (None, "sv0", "sv1")])
     assert len({tuple(s.token for s in steps) for steps in same_prompt}) >= 2

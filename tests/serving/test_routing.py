@@ -15,6 +15,7 @@ from api.core.db import make_engine
 from api.core.migrations import upgrade_to_head
 from api.core.replicas import ReplicaState, beat, live_replicas, remove
 from api.core.settings import Settings
+from api.core.tables import ServingReplica as ServingReplicaTable
 from api.main import create_app
 from api.routing.pool import ReplicaPool, ReplicaView
 from api.routing.targets import RouteTarget
@@ -187,3 +188,53 @@ def test_a_replica_whose_heartbeat_stops_gets_no_more_requests(tmp_path, zoo):
         assert response.status_code == 503 and response.json()["error"]["code"] == "no_serving_replica"
         assert client.get("/readyz").json()["serving_replicas"] == 0
     app.state.engine.dispose()
+
+
+def test_the_router_unloads_the_least_recently_used_adapter_beyond_a_replicas_limit():
+    v = view("a")
+    v.state = ReplicaState(id="a", url="http://a", servable_bases=(LLAMA,), max_adapters=2)
+    pool = pool_of(v)
+    assert pool.used_adapter(v, "x") == [] and pool.used_adapter(v, "y") == []
+    assert pool.used_adapter(v, "x") == []  # x is now the most recent
+    assert pool.used_adapter(v, "z") == ["y"]
+    assert list(v.adapters) == ["x", "z"]
+
+
+def test_an_external_engine_gets_the_lora_export_at_its_rank(served):
+    """A replica registered as vLLM (max LoRA rank 4) is sent `load_lora_adapter` with a PEFT LoRA folder
+    exported at rank 4: our replica stands in for vLLM here (same endpoints, and it loads a bare PEFT
+    folder as vLLM does). Its greedy answer equals our engine's serving the SVFit adapter at r' = 4."""
+    from api.core.replicas import beat as write_beat
+
+    settings = served.settings
+    stand_in = ReplicaThread(settings, register=False).start()
+    at_rank = ReplicaThread(settings.model_copy(update={"inference_serving_rank": 4}), register=False).start()
+    try:
+        served.replica.app.state.heartbeat._stop.set()  # only the stand-in is routable for this test
+        served.replica.app.state.heartbeat._thread.join()
+        with served.app.state.sessionmaker() as session:
+            session.execute(ServingReplicaTable.__table__.delete())
+            session.commit()
+            write_beat(session, ReplicaState(id="vllm-1", url=stand_in.url, engine="vllm", device="external",
+                                             servable_bases=(LLAMA,), loaded_bases=(LLAMA,), max_adapters=8,
+                                             max_lora_rank=4), ttl_s=60)
+        served.app.state.forwarder.pool._read_at = 0.0
+        model = served.model_ids["sv2"]  # SVFit r = 16 on every linear layer
+        body = {"model": model, "prompt": "the movie was", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0}
+        routed = served.post("/completions", body)
+        assert routed.status_code == 200, routed.text
+        exports = list((settings.data_dir / "store" / "serving-exports").rglob("adapter_config.json"))
+        assert len(exports) == 1 and json.loads(exports[0].read_text())["r"] == 4
+        token = {"Authorization": f"Bearer {settings.serving_token}"}
+        loaded = httpx.post(f"{at_rank.url}/v1/load_lora_adapter", headers=token, json={
+            "lora_name": model, "lora_path": "jobs/ftjob-sv2/final", "base_model_name": LLAMA})
+        assert loaded.status_code == 200, loaded.text
+        own = httpx.post(f"{at_rank.url}/v1/completions", json=body, headers=token, timeout=30).json()
+        assert routed.json()["choices"][0]["text"] == own["choices"][0]["text"]
+        assert routed.json()["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+            own["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4)
+    finally:
+        stand_in.stop()
+        at_rank.stop()
+        served.replica.app.state.heartbeat.start()  # the module's other tests route to it again
