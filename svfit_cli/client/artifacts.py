@@ -94,7 +94,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     download_cmd.add_argument("--format", default="svfit", choices=["svfit", "peft_lora", "merged"])
     download_cmd.add_argument("--step", type=int, help="a checkpoint's step (default: the final weights)")
     download_cmd.add_argument(
-        "--rank", type=int, help="peft_lora only: the LoRA rank, 1-512 (default: the server's, 64)"
+        "--rank", type=int, help="peft_lora only: the LoRA rank, 1-512 (default: the server's serving rank, 256)"
     )
     download_cmd.add_argument("-o", "--output", help="file or directory (default: the server's name, here)")
     download_cmd.set_defaults(func=cmd_download)

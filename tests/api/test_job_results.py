@@ -230,18 +230,18 @@ def _manifest(archive: bytes) -> dict:
 
 
 @pytest.mark.parametrize("peft_type", ["svfit", "lora"])
-def test_peft_lora_comes_at_rank_64_by_default_with_its_kept_energy(make_api, trained, peft_type):
+def test_peft_lora_comes_at_the_serving_rank_by_default_with_its_kept_energy(make_api, trained, peft_type):
     api = make_api(models_dir=trained["models_dir"])
     job_id = _publish(api, trained[peft_type], peft_type=peft_type)
     response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts", params={"format": "peft_lora"},
                               headers=api.headers())
     assert response.status_code == 200, response.text
-    assert response.headers["content-disposition"] == f'attachment; filename="{job_id}-final-peft_lora-r64.tar.gz"'
+    assert response.headers["content-disposition"] == f'attachment; filename="{job_id}-final-peft_lora-r256.tar.gz"'
     manifest = _manifest(response.content)
-    assert manifest["format"] == "peft_lora" and manifest["rank"] == 64
+    assert manifest["format"] == "peft_lora" and manifest["rank"] == 256
     assert manifest["kept_energy"] == 1.0  # both adapters have rank 2: nothing to cut
     assert response.headers["x-kept-energy"] == "1.0000"
-    assert f"{job_id}-final-peft_lora-r64/kept_energy.json" in _members(response.content)
+    assert f"{job_id}-final-peft_lora-r256/kept_energy.json" in _members(response.content)
     for fmt in ("svfit", "merged") if peft_type == "svfit" else ("merged",):
         other = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts", params={"format": fmt}, headers=api.headers())
         assert other.status_code == 200 and "x-kept-energy" not in other.headers
