@@ -73,7 +73,7 @@ from svfit_core.rank import kept_directions
 
 DATA_SEED = 1234  # fixes which training examples are drawn
 GAIN_FOR_DEFAULT = 0.95  # recommended_serving_rank: the smallest r' keeping this share of the loss gain
-DEFAULT_RANK = 64  # api/services/artifacts.py: DEFAULT_LORA_RANK, the rank a peft_lora download gets
+DEFAULT_RANK = 64  # the export rank these targets were set at; the service default is now 256 (api/core/settings.py)
 TARGET_SHARE = 0.9  # "most of an update": the limit of both targets at DEFAULT_RANK
 # Every linear layer of the blocks: q, k, v, o, gate, up, down (the embeddings and the tied head are not).
 TARGETS = "all-linear"
