@@ -172,7 +172,7 @@ def test_artifact_archives_are_built_once_with_their_sha256(make_api, trained, m
     lora = api.client.get(url, params={"format": "peft_lora", "step": 1}, headers=api.headers())
     assert lora.status_code == 200, lora.text
     assert lora.headers["x-content-sha256"] == hashlib.sha256(lora.content).hexdigest()
-    assert f"{job_id}-step-1-peft_lora-r64/adapter_config.json" in _members(lora.content)
+    assert f"{job_id}-step-1-peft_lora-r256/adapter_config.json" in _members(lora.content)
     leftovers = [p.name for p in api.app.state.storage.path(f"artifacts/{job_id}").iterdir() if p.name.startswith(".build")]
     assert leftovers == []
 
