@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import REPO_ROOT, format_table, log, median, quantile, write_result
-from benchmarks.inference import build_base, questions
+from benchmarks.inference import build_base, covered_seconds, questions
 
 MODEL = "smollm2"
 TARGETS = [
@@ -157,16 +157,6 @@ async def one_round(url: str, headers: dict, prompts: list[str], max_tokens: int
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "decode_tokens_per_s": decode_tokens / covered_seconds([r["decoding"] for r in results]),
             "ttfts": [r["ttft"] for r in results], "latencies": [r["latency"] for r in results]}
-
-
-def covered_seconds(intervals: list[tuple[float, float]]) -> float:
-    """How long at least one of the intervals was open (the decode phase: some stream past its first token)."""
-    total, end = 0.0, float("-inf")
-    for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
 
 
 def cpu_seconds(pid: int) -> float:

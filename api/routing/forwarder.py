@@ -94,7 +94,8 @@ class Forwarder:
 
     async def _open(self, view: ReplicaView, path: str, body: bytes,
                     target: RouteTarget) -> aiohttp.ClientResponse | None:
-        """The replica's answer, headers read and body not yet; None when the replica cannot be reached."""
+        """The replica's answer, headers read and body not yet; None when the replica cannot be reached. A 404
+        for an adapter gets one more try after loading it again; the second answer is returned as it is."""
         for attempt in range(2):
             try:
                 if target.adapter_key is not None and target.model_id not in view.adapters:
@@ -118,7 +119,7 @@ class Forwarder:
                 for name in self.pool.used_adapter(view, target.model_id):
                     asyncio.ensure_future(self._unload(view, name))
             return upstream
-        return upstream
+        raise AssertionError("unreachable: the second attempt always returns")
 
     async def _load(self, view: ReplicaView, target: RouteTarget) -> None:
         """vLLM's load_lora_adapter: our replicas read the adapter's folder from the store by key; an external
