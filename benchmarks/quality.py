@@ -3,7 +3,7 @@ fewer parameters? Pretrained MiniLM-L6 on SST-2 and TREC-6, every arm trained by
 
     python -m benchmarks.quality [--quick]
 
-Arms (the classification head trains in every arm):
+Arms (the classification head trains in every arm, and the pooler under it in every arm but head_only):
     head_only        a linear probe: only the head trains
     full             full fine-tuning
     lora_r8_qv       LoRA r=8, alpha 16, on query/value (HF PEFT)
@@ -11,6 +11,10 @@ Arms (the classification head trains in every arm):
     svfit_rk_qv      SVFit with r = k (every singular value) on query/value
     svfit_e099_all   SVFit with τ = 0.99 (squared energy) on every linear layer of the encoder blocks
     svfit_r128_all   SVFit with r = 128 on every linear layer: svfit_rk_qv's 4,608 parameters, spread out
+    svfit_rk_ffn     SVFit with r = k on the feed-forward pair
+    svfit_default, lora_default, full_default
+                     each method exactly as the service trains it when a request names only `peft.type`:
+                     targets, rank, learning rates, epochs and batch size all "auto" (no sweep)
 
 Protocol (the same for every arm):
 - Data: a fixed random training subset and a disjoint held-out slice, both drawn from the task's training
@@ -63,6 +67,7 @@ from benchmarks.common import (
     minilm_path,
     write_result,
 )
+from benchmarks.service_defaults import service_job
 
 HEAD_LR = 5e-3  # SVFT's recipe uses 6e-3 on the head; one value, shared by every arm that trains a body
 DATA_SEED = 1234  # fixes which examples form the training subset and the held-out slice
@@ -75,11 +80,14 @@ class ArmSpec:
     peft: dict[str, Any]  # PeftSpec fields
     lr_grid: tuple[float, ...]
     note: str = ""
+    # The request's `peft` for an arm that runs as the service runs it: every hyperparameter "auto"
+    # (benchmarks/service_defaults.py), no sweep, the service's own learning rates for body and head.
+    service: dict[str, Any] | None = None
 
 
 ARMS = [
-    # MiniLM's pooler (inside the backbone, frozen for every arm but full) gives nearly constant outputs,
-    # so a probe on it needs a high rate; the grid sits higher than usual for that reason.
+    # A probe keeps MiniLM's pooler frozen (every other arm trains it with the head), and the frozen pooler
+    # gives nearly constant outputs, so a probe on it needs a high rate; the grid sits higher for that reason.
     ArmSpec("head_only", {"method": "head_only"}, (3e-3, 1e-2, 3e-2, 1e-1), "linear probe; sweeps the head lr"),
     ArmSpec("full", {"method": "full"}, (2e-5, 5e-5, 1e-4), "every weight trains"),
     ArmSpec("lora_r8_qv", {"method": "lora", "rank": 8, "lora_alpha": 16, "target_modules": QV},
@@ -97,6 +105,10 @@ ARMS = [
     ArmSpec("svfit_rk_ffn", {"method": "svfit", "target_modules": r".*layer\.\d+\.(intermediate|output)\.dense"},
             (1e-2, 3e-2, 1e-1), "r = k: every singular value of the feed-forward matrices"),
 ]
+# Each method exactly as the service trains it when a request names only `peft.type`.
+SERVICE_ARMS = [ArmSpec(f"{kind}_default", {"method": kind}, (), "the service's defaults, every value auto",
+                        service={"type": kind}) for kind in ("svfit", "lora", "full")]
+ARMS += SERVICE_ARMS
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
 
@@ -193,6 +205,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     data = task_data(job["task"], settings.train_size, settings.heldout_size)
     lr, seed = job["lr"], job["seed"]
     head_lr = lr if arm.peft["method"] == "head_only" else HEAD_LR
+    if arm.service is not None:
+        from svfit_core.training.run_config import DEFAULT_HEAD_LEARNING_RATE
+
+        head_lr = DEFAULT_HEAD_LEARNING_RATE[arm.peft["method"]]
     record: dict[str, Any] = {"task": job["task"], "arm": arm.name, "lr": lr, "head_lr": head_lr, "seed": seed}
     started: dict[str, Any] = {}
 
@@ -204,11 +220,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                          head_learning_rate=head_lr, weight_decay=0.0, warmup_ratio=0.1, lr_scheduler="linear",
                          max_grad_norm=1.0, max_seq_length=settings.max_seq_length, seed=seed,
                          label_names=data["label_names"], device=settings.device)
+    peft = PeftSpec(**arm.peft)
+    if arm.service is not None:
+        peft, config, _ = service_job(arm.service, len(data["train"]), seed, max_seq_length=settings.max_seq_length,
+                                      label_names=data["label_names"], device=settings.device)
+        record["epochs"], record["batch_size"] = config.n_epochs, config.batch_size
     base = minilm_path()
     out = Path(tempfile.mkdtemp(prefix=f"svfit-quality-{arm.name}-"))
     try:
         with Stopwatch() as train_sw:
-            result = run_training(base, data["train"], data["heldout"], PeftSpec(**arm.peft), config, out,
+            result = run_training(base, data["train"], data["heldout"], peft, config, out,
                                   callbacks=Recorder())
         with Stopwatch() as eval_sw:
             accuracy = evaluate(base, result.adapter_dir, data["evaluation"], settings.max_seq_length,
@@ -291,8 +312,10 @@ def head_param_count(num_labels: int) -> int:
 def select_lrs(settings: Settings, arms: list[ArmSpec], runlog: RunLog) -> tuple[dict[str, float], list[dict]]:
     """Each arm's learning rate: the best held-out accuracy on the sweep task (seed 0), or without a sweep
     the middle of its grid. Returns the choice and the sweep records."""
+    service = {a.name: service_learning_rate(a, settings) for a in arms if a.service is not None}
+    arms = [a for a in arms if a.service is None]
     if settings.sweep_task is None:
-        return {a.name: a.lr_grid[len(a.lr_grid) // 2] for a in arms}, []
+        return {**{a.name: a.lr_grid[len(a.lr_grid) // 2] for a in arms}, **service}, []
     sdict = asdict(settings)
     jobs = [{"task": settings.sweep_task, "arm": a.name, "lr": lr, "seed": 0, "settings": sdict}
             for a in arms for lr in a.lr_grid]
@@ -303,9 +326,15 @@ def select_lrs(settings: Settings, arms: list[ArmSpec], runlog: RunLog) -> tuple
         if ok:
             # Highest held-out accuracy; a tie goes to the smaller learning rate.
             chosen[arm.name] = max(ok, key=lambda r: (r["heldout_accuracy"], -r["lr"]))["lr"]
+    chosen.update(service)
     sweep = [{k: r.get(k) for k in ("task", "arm", "lr", "seed", "heldout_accuracy", "accuracy", "wall_s",
                                     "status", "error")} for r in records if r]
     return chosen, sweep
+
+
+def service_learning_rate(arm: ArmSpec, settings: Settings) -> float:
+    """The learning rate the service picks for this arm on a training file of ``settings.train_size`` lines."""
+    return service_job(arm.service, settings.train_size, 0)[1].learning_rate
 
 
 def summarise(task: str, arm: ArmSpec, lr: float, records: list[dict], settings: Settings,

@@ -16,6 +16,8 @@ from serving.pooling import pool
 from serving.sampling import row_generator
 from serving.text import TextTracker
 from serving.types import Admission, ClassificationResult, EmbeddingRequest, EmbeddingResult
+from svfit_core.training.collate import collate
+from svfit_core.training.encoding import encode_classification
 
 
 def _token_ids(ids, vocab: int, param: str) -> list[int]:
@@ -158,14 +160,16 @@ class Admitter:
         config = model.config
         labels = list(request.ref.label_names or [config.id2label[i] for i in range(config.num_labels)])
         token_types = bool(getattr(config, "type_vocab_size", 0))  # as training encodes (svfit_core.training)
-        result = ClassificationResult(labels=labels)
-        inputs = list(request.inputs)
-        for start in range(0, len(inputs), self.max_batch):
-            chunk = inputs[start:start + self.max_batch]
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=lane.context_length,
-                            return_token_type_ids=token_types, return_tensors="pt")
-            result.prompt_tokens += int(enc["attention_mask"].sum())
-            logits = model(**{k: v.to(lane.device) for k, v in enc.items()}).logits
+        # Each text or pair goes through training's own encoder and padding, so a pair is served the logits the
+        # trained model gives that pair as a training row. The label 0 is a placeholder the encoder asks for.
+        pairs = request.text_pairs or (None,) * len(request.inputs)
+        rows = [encode_classification(text, pair, 0, tokenizer, lane.context_length, token_types=token_types)
+                for text, pair in zip(request.inputs, pairs, strict=True)]
+        result = ClassificationResult(labels=labels, prompt_tokens=sum(len(row) for row in rows))
+        for start in range(0, len(rows), self.max_batch):
+            batch = collate(rows[start:start + self.max_batch], tokenizer.pad_token_id)
+            del batch["labels"]  # the placeholders: given labels, the model would compute a loss too
+            logits = model(**{k: v.to(lane.device) for k, v in batch.items()}).logits
             result.probabilities.extend(torch.softmax(logits.float(), dim=-1).tolist())
         return result
 

@@ -1,13 +1,14 @@
 """Admission at the replica's edge: an OpenAI request body turned into what the engine runs, with OpenAI's
-defaults and limits validated (sampling options, stop sequences, logit bias, prompt and input forms).
-Knows nothing of HTTP; which weights a model id names is `served_models.py`'s job.
+defaults and limits validated (sampling options, stop sequences, logit bias, prompt and input forms, and
+whether a classifier takes texts or text pairs). Knows nothing of HTTP; which weights a model id names is
+`served_models.py`'s job.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from api.core.errors import InvalidParameter
+from api.core.errors import InvalidParameter, WrongInputKind
 from api.core.settings import Settings
 from serving.schemas import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
 from serving.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
@@ -16,6 +17,8 @@ from serving.types import ClassificationRequest, EmbeddingRequest, GenerationReq
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+MAX_CLASSIFICATION_INPUTS = MAX_EMBEDDING_INPUTS
+PAIR_KEYS = ("text", "text_pair")  # a text pair as training reads one (svfit_core.training.data)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
@@ -103,11 +106,41 @@ def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) 
     return GenerationRequest(ref=ref, sampling=sampling, messages=messages)
 
 
-def classification_request(inputs: str | list[str], ref: ModelRef) -> ClassificationRequest:
-    items = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+def classification_request(inputs: str | dict | list[str | dict], ref: ModelRef) -> ClassificationRequest:
+    """The texts, or text pairs, to classify: one string, a list of strings, one object ``{"text", "text_pair"}``
+    or a list of such objects (never a mix). A classifier trained on pairs takes only pairs, one trained on
+    single texts only strings; where training recorded neither (``ref.text_pair`` None) both are taken."""
+    items = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
     if not items:
         raise InvalidParameter("'input' must not be empty.", param="input")
-    return ClassificationRequest(ref=ref, inputs=items)
+    if len(items) > MAX_CLASSIFICATION_INPUTS:
+        raise InvalidParameter(f"'input' holds at most {MAX_CLASSIFICATION_INPUTS} items.", param="input")
+    if all(isinstance(i, str) for i in items):
+        texts, pairs = tuple(items), None
+    elif all(isinstance(i, dict) for i in items):
+        checked = [_text_pair(i) for i in items]
+        texts, pairs = tuple(text for text, _ in checked), tuple(pair for _, pair in checked)
+    else:
+        raise InvalidParameter(
+            "'input' must be a string, a list of strings, an object {\"text\": ..., \"text_pair\": ...} or a list "
+            "of such objects, not a mix of strings and objects.", param="input")
+    if ref.text_pair is not None and ref.text_pair != (pairs is not None):
+        expected = ('text pairs: send each input as {"text": ..., "text_pair": ...}' if ref.text_pair
+                    else "single texts: send each input as a string")
+        raise WrongInputKind(f"The model '{ref.model_id}' was trained on {expected}.", param="input")
+    return ClassificationRequest(ref=ref, inputs=texts, text_pairs=pairs)
+
+
+def _text_pair(item: dict) -> tuple[str, str]:
+    """A pair object's two texts, checked as the upload validator checks a training line's."""
+    if set(item) != set(PAIR_KEYS):
+        raise InvalidParameter("A text pair in 'input' takes exactly the keys 'text' and 'text_pair'.",
+                               param="input")
+    for key in PAIR_KEYS:
+        if not isinstance(item[key], str):
+            raise InvalidParameter(f"'{key}' in 'input' must be a string, got {type(item[key]).__name__}.",
+                                   param="input")
+    return item["text"], item["text_pair"]
 
 
 def embedding_request(body: EmbeddingCreate, ref: ModelRef) -> EmbeddingRequest:

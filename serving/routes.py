@@ -221,7 +221,7 @@ async def create_classification(
     served: ServedModelsDep,
     engine: EngineDep,
 ) -> ClassificationsPublic:
-    """Extension: the label probabilities of each input under a classification fine-tune."""
+    """Extension: the label probabilities of each input (a text, or a text pair) under a classification fine-tune."""
     ref = served.resolve(body.model)
     result = await engine.classify(inference_service.classification_request(body.input, ref))
     data = []

@@ -3,7 +3,8 @@ classifications.
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
 ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
-`top_p`, `n`, `max_tokens`, the penalties, `logprobs` / `top_logprobs`). Extensions: `ignore_eos` on generation requests, and `/v1/classifications`.
+`top_p`, `n`, `max_tokens`, the penalties, `logprobs` / `top_logprobs`). Extensions: `ignore_eos` on
+generation requests, and `/v1/classifications` (texts or text pairs).
 Streaming chunks are plain dicts built in the route (they are never validated, only written).
 """
 
@@ -77,7 +78,10 @@ class EmbeddingCreate(BaseModel):
 
 class ClassificationCreate(BaseModel):
     model: str
-    input: str | list[str]
+    # Objects typed loosely for the reason given on CompletionCreate: serving/requests.py names `input`.
+    input: str | dict[str, Any] | list[str | dict[str, Any]] = Field(
+        description='A text, a list of texts, a text pair `{"text": ..., "text_pair": ...}` or a list of pairs.'
+    )
 
 
 # --- responses -----------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class ServedModels:
         ref = ModelRef(
             model_id=name, base_id=base_id, base_path=bases[base_id], task=meta.get("task", "causal"),
             adapter_dir=adapter_dir, method=meta.get("method"), label_names=tuple(labels) if labels else None,
+            text_pair=meta.get("text_pair"),  # absent before training recorded it: either input kind
         )
         with self._lock:
             self._adapters[name] = ref

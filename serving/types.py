@@ -18,7 +18,9 @@ class ModelRef:
     """A servable model as the engine needs it: the base weights and, for a fine-tune, its adapter folder.
 
     ``method`` is the training method (``svfit``, ``lora``, ``pissa``, ``full``, ``head_only``), None for a
-    base model; ``label_names`` are a classifier's labels.
+    base model; ``label_names`` are a classifier's labels. ``text_pair``: whether a classifier was trained on
+    text pairs (True) or single texts (False); None where nothing says (a base, an adapter from before
+    training recorded it): it takes either.
     """
 
     model_id: str
@@ -28,6 +30,7 @@ class ModelRef:
     adapter_dir: Path | None = None
     method: str | None = None
     label_names: tuple[str, ...] | None = None
+    text_pair: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,11 @@ class Choice:
 
 @dataclass(frozen=True)
 class ClassificationRequest:
+    """Texts to classify; with ``text_pairs`` (as long as ``inputs``) each is the first text of a pair."""
+
     ref: ModelRef
     inputs: tuple[str, ...]
+    text_pairs: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -40,8 +40,9 @@ class SVFitConfig:
         store_bases: keep U_r, V_r, s_r in the artifact (True) or only σ, recomputing the SVD at load time
             after verifying the base-weight hash (False, "compact").
         modules_to_save: modules trained in full and saved whole (a classification head). ``None`` means
-            "the classification head if the model has one"; ``[]`` means none. Entries match like list
-            targets.
+            "a classifier's head and its backbone's pooler (BERT's ``bert.pooler``), if the model is one"
+            (``targets.classification_modules``); ``[]`` means none. Entries match like list targets; a
+            target inside a saved module is left to it.
     """
 
     rank: int | None = None

@@ -115,8 +115,9 @@ def export_peft_lora(
     ranks a server accepts (e.g. vLLM's ``max_lora_rank`` steps); each module's rank is padded with zeros up
     to the next allowed value. ``dtype``: of the LoRA factors; None: each module's base weight dtype.
     Per-module ranks go to ``rank_pattern``/``alpha_pattern`` when they differ; GPT-2 ``Conv1D`` layers set
-    ``fan_in_fan_out``; the saved head goes to ``modules_to_save``. The kept share of ‖Δσ‖², overall and
-    per module, goes to ``KEPT_ENERGY_FILE`` (``read_kept_energy``).
+    ``fan_in_fan_out``; the saved modules (a classifier's head and pooler) go to ``modules_to_save``, their
+    tensors under the names PEFT saves them by (``base_model.model.bert.pooler.dense.weight``). The kept
+    share of ‖Δσ‖², overall and per module, goes to ``KEPT_ENERGY_FILE`` (``read_kept_energy``).
     """
     from peft import LoraConfig  # only this export needs peft
 

@@ -204,14 +204,3 @@ def max_positions(model: PreTrainedModel) -> int | None:
             return value
     return None
 
-
-def head_module_names(model: PreTrainedModel) -> list[str]:
-    """Top-level modules of a classifier that are not its backbone: the task head (``score`` on Llama and
-    GPT-2, ``classifier`` on BERT and RoBERTa). These train alongside any method."""
-    backbone = getattr(model, model.base_model_prefix, None)
-    names = []
-    for name, child in model.named_children():
-        if child is backbone or not any(True for _ in child.parameters()):
-            continue
-        names.append(name)
-    return names

@@ -1,7 +1,8 @@
 """Injection and the ``SVFitModel`` wrapper: replace target layers in place, freeze the rest, merge.
 
 Freezing is structural: every parameter of the wrapped model is frozen except the σ vectors of the
-``SVFitLayer``s and the parameters of ``modules_to_save`` (the classification head).
+``SVFitLayer``s and the parameters of ``modules_to_save`` (a classifier's head and pooler, see
+``targets.BACKBONE_POOLERS``).
 """
 
 from __future__ import annotations
@@ -77,10 +78,17 @@ def inject_svfit(
     """
     config = config or SVFitConfig()
     check_not_injected(model)
-    targets = resolve_targets(model, config.target_modules)
+    heads = resolve_modules_to_save(model, config.modules_to_save)
+    matched = resolve_targets(model, config.target_modules)
+    # A target inside a module trained in full (BERT's `bert.pooler.dense` under "dense") is left to that
+    # module, as HF PEFT does for LoRA; a target that *is* a saved module stays a conflict (attach_layers).
+    targets = [t for t in matched if not any(t.startswith(h + ".") for h in heads)]
+    if matched and not targets:
+        raise ConfigError(
+            f"every target in {matched!r} lies inside modules_to_save {heads!r}", code="invalid_modules_to_save"
+        )
     for name in targets:
         check_adaptable(name, model.get_submodule(name))
-    heads = resolve_modules_to_save(model, config.modules_to_save)
     layers: dict[str, SVFitLayer] = {}
     hashes: dict[str, str] = {}
     keys: dict[str, str] = {}
@@ -162,7 +170,7 @@ class SVFitModel(nn.Module):
         return [layer.sigma for layer in self.svfit_layers().values()]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of ``modules_to_save`` (the classification head)."""
+        """Parameters of ``modules_to_save`` (a classifier's head and pooler)."""
         return [p for name in self.modules_to_save for p in self.model.get_submodule(name).parameters()]
 
     def trainable_parameter_count(self) -> int:

@@ -1,4 +1,4 @@
-"""Which modules of a model SVFit adapts, and which it trains in full (the task head).
+"""Which modules of a model SVFit adapts, and which it trains in full (a classifier's head and pooler).
 
 Owns the target-spec rule documented in ``config.py``, the per-architecture defaults, the "all-linear"
 rule (linear layers inside the transformer blocks only), the fused-projection bookkeeping, and the refusal
@@ -55,8 +55,19 @@ FUSED_PROJECTION_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pa
 # adapter config so a future per-slice mode can tell the artifacts apart.
 FUSED_PROJECTION_MODE = "whole_matrix"
 
-# Task heads trained in full for classification models, as PEFT's SEQ_CLS task names them.
-CLASSIFICATION_HEADS = ("classifier", "score")
+# What a classifier trains in full beside its adapters (``classification_modules``): its task head, that is
+# every top-level module outside the backbone that has parameters (`score` on Llama and GPT-2, `classifier`
+# on BERT and RoBERTa; DistilBERT's `pre_classifier` and DeBERTa-v2's `pooler`, initialised with the head,
+# come with it), and these dense layers between encoder and head that sit at the top of the backbone:
+# BERT's (MiniLM's, ALBERT's) `pooler`, a dense + tanh over the first token. Its pretrained weights served
+# next-sentence prediction or nothing (sentence-transformers checkpoints never trained it); left frozen, it
+# hands the head nearly constant features (a linear probe of frozen MiniLM on SST-2: 72.0 through the
+# pooler, 78.7 on mean-pooled states; SVFit and LoRA ended as majority-class predictors on a CoLA-like
+# task). RoBERTa's `classifier` holds its own dense layer and `score` reads the last hidden state directly:
+# nothing to add there. Never a target: "all-linear" stays inside the blocks, and a listed target inside a
+# module trained in full is left to it (``inject_svfit``; HF PEFT does the same for LoRA). In training,
+# head_only leaves the pooler frozen and full trains it with the body (``Method.head_includes_pooler``).
+BACKBONE_POOLERS = ("pooler",)
 
 
 def _matches_name(name: str, entry: str) -> bool:
@@ -149,13 +160,33 @@ def is_classification_model(model: nn.Module) -> bool:
     return type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
 
 
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def classification_modules(model: nn.Module, *, with_pooler: bool = True) -> list[str]:
+    """Full names of the modules a classifier trains in full, in module order: its task head and, with
+    ``with_pooler``, the ``BACKBONE_POOLERS`` at the top of its backbone (see there): ``["bert.pooler",
+    "classifier"]`` for BERT, ``["score"]`` for Llama."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    names = []
+    for name, child in model.named_children():
+        if child is backbone:
+            if with_pooler:
+                names += [f"{name}.{sub}" for sub, module in child.named_children()
+                          if sub in BACKBONE_POOLERS and _has_parameters(module)]
+        elif _has_parameters(child):
+            names.append(name)
+    return names
+
+
 def resolve_modules_to_save(model: nn.Module, spec: list[str] | None) -> list[str]:
-    """Full names of the modules trained in full. ``None``: the classification head when there is one."""
-    names = [name for name, _ in model.named_modules() if name]
+    """Full names of the modules trained in full. ``None``: a classifier's ``classification_modules``
+    (its head and its backbone's pooler), nothing for other models."""
     if spec is None:
-        if not is_classification_model(model):
-            return []
-        return [n for n in names if n in CLASSIFICATION_HEADS]
+        return classification_modules(model) if is_classification_model(model) else []
+    names = [name for name, _ in model.named_modules() if name]
     missing = [e for e in spec if not any(_matches_name(n, e) for n in names)]
     if missing:
         raise TargetModulesNotFoundError(

@@ -59,6 +59,12 @@ class WrongModelTask(InvalidRequest):
     code = "invalid_model"
 
 
+class WrongInputKind(InvalidRequest):
+    """A text pair to a classifier trained on single texts, or a single text to one trained on pairs."""
+
+    code = "invalid_input_kind"
+
+
 class InvalidTrainingFile(InvalidRequest):
     code = "invalid_training_file"
 

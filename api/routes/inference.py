@@ -78,5 +78,5 @@ async def create_embedding(
 async def create_classification(
     body: JsonObject, request: Request, session: SessionDep, org_id: CurrentOrg, forwarder: ForwarderDep
 ):
-    """Extension: the label probabilities of each input under a classification fine-tune."""
+    """Extension: the label probabilities of each input (a text, or a text pair) under a classification fine-tune."""
     return await _route("classifications", body, request, session, org_id, forwarder)

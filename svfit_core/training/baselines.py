@@ -31,11 +31,13 @@ def _unfreeze(model: nn.Module, module_names: list[str]) -> None:
 
 
 class LoraMethod:
-    """LoRA through HF PEFT: W + (α/r) B A on the target modules; the head trains as ``modules_to_save``."""
+    """LoRA through HF PEFT: W + (α/r) B A on the target modules; a classifier's head and pooler train as
+    ``modules_to_save``, which PEFT also keeps out of the targets ("all-linear" names `bert.pooler.dense`)."""
 
     name = "lora"
     body_name = "lora"
     decay_body = True
+    head_includes_pooler = True
     init_lora_weights: bool | str = True
 
     def lora_config(self, spec: PeftSpec, head_modules: list[str], task: str) -> LoraConfig:
@@ -137,6 +139,9 @@ class FullMethod:
     name = "full"
     body_name = "full"
     decay_body = True
+    # It trains anyway, with the body at the body's rate as it always did: a full checkpoint written before
+    # the other methods trained the pooler keeps its optimizer groups when resumed.
+    head_includes_pooler = False
 
     def prepare(self, model, spec, head_modules, task, resources: SetupResources = NO_RESOURCES):
         for param in model.parameters():
@@ -164,6 +169,10 @@ class HeadOnlyMethod:
     name = "head_only"
     body_name = "head"
     decay_body = True
+    # A benchmark baseline: a probe of the encoder as pretrained, so the backbone's pooler stays frozen. The
+    # head is every top-level module outside the backbone (DistilBERT's `pre_classifier`, initialised with
+    # the head, trains with it), as before pooler training was added for the other methods.
+    head_includes_pooler = False
 
     def prepare(self, model, spec, head_modules, task, resources: SetupResources = NO_RESOURCES):
         if task != "classification" or not head_modules:

@@ -41,7 +41,7 @@ from svfit_core.training import distributed
 from svfit_core.training.distributed import SOLO, Ranks
 from svfit_core.training.encoding import Encoded, encode_example
 from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
-from svfit_core.loading import DTYPES, base_dtype_for, head_module_names, load_base_model, max_positions
+from svfit_core.loading import DTYPES, base_dtype_for, load_base_model, max_positions
 from svfit_core.training.loss import causal_loss, classification_loss, transformers_model
 from svfit_core.training.memory import plan_memory
 from svfit_core.training.methods import Method, default_targets, get_method, setup_method
@@ -49,6 +49,7 @@ from svfit_core.training.param_groups import count_trainable
 from svfit_core.training.preflight import check_memory
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
 from svfit_core.bases import BasisStore
+from svfit_core.targets import classification_modules
 from svfit_core.training.run_config import PeftSpec, TrainConfig
 from svfit_core.training.setup_resources import SetupResources
 from svfit_core.training.layout import (
@@ -133,6 +134,7 @@ class _Run:
     param_groups: list[dict] = field(default_factory=list)
     auto_checkpointing: bool = False  # gradient checkpointing was left to the loop, which may turn it on
     memory_estimate: dict | None = None  # the pre-flight's, in GB (preflight.check_memory); None if skipped
+    text_pair: bool | None = None  # a classifier trained on text pairs (serving takes only pairs); None: causal
 
 
 def run_training(
@@ -338,7 +340,9 @@ def _setup_model(
     )
     if task == "classification":
         model.config.problem_type = "single_label_classification"
-    head_modules = head_module_names(model) if task == "classification" else []
+    head_modules = []
+    if task == "classification":  # the head, with the backbone's pooler where the method counts it in
+        head_modules = classification_modules(model, with_pooler=method.head_includes_pooler)
     for name in head_modules:  # trained: fp32 weights and Adam moments, computed in the base's dtype by autocast
         model.get_submodule(name).float()
     resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
@@ -411,6 +415,7 @@ def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples:
         limit = min(limit, positions)  # longer rows would index past the position embeddings
     # Segment (token type) embeddings exist only in BERT-style models; others must not receive the ids.
     token_types = bool(getattr(run.model.config, "type_vocab_size", 0))
+    run.text_pair = fmt == "classification_pair" if run.task == "classification" else None
     run.train = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in train_examples]
     run.valid = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in valid_examples]
     run.truncated = sum(row.truncated for row in run.train)
@@ -672,6 +677,7 @@ def training_meta(run: _Run, step: int, epoch_end: bool = False) -> dict:
         "method": run.method.name,
         "task": run.task,
         "label_names": run.label_names,
+        "text_pair": run.text_pair,
         "base_model_path": str(run.base_model_path.resolve()),
         "base_model_name": run.base_model_path.resolve().name,
         "step": step,

@@ -19,10 +19,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from svfit_core.loading import DTYPES, head_module_names, max_positions
-from svfit_core.targets import resolve_targets
+from svfit_core.loading import DTYPES, max_positions
+from svfit_core.targets import classification_modules, resolve_targets
 from svfit_core.training.loss import LOSS_CHUNK_TOKENS, transformers_model
-from svfit_core.training.methods import default_targets
+from svfit_core.training.methods import default_targets, get_method
 from svfit_core.training.run_config import PeftSpec, TrainConfig
 
 # CPU runs are tiny models (tests, demos) and RAM is not probed: a budget that holds a batch of 64 rows of
@@ -150,7 +150,8 @@ def estimate_memory(
     the base's config alone, before anything is loaded. The parts are the tensors the run builds (the
     modules come from ``shape_model``, the targets from ``spec`` by the run's own rule):
 
-    - ``base``: every parameter of the loaded model in ``config.base_dtype`` (a classification head in fp32);
+    - ``base``: every parameter of the loaded model in ``config.base_dtype`` (a classifier's head and
+      pooler in fp32);
     - ``bases``: SVFit's U_r, V_r in the base dtype and s in fp32, per target, at the largest r the spec
       allows (r = k = min(m, n) under an energy rule, which picks r only once it sees the spectrum);
     - ``trainable``: what the method adds that trains, in fp32: σ (r per target), LoRA's A and B;
@@ -164,7 +165,8 @@ def estimate_memory(
     """
     model = shape_model(model_config, task, num_labels)
     dtype = DTYPES[config.base_dtype]
-    heads = head_module_names(model) if task == "classification" else []
+    with_pooler = get_method(spec.method).head_includes_pooler
+    heads = classification_modules(model, with_pooler=with_pooler) if task == "classification" else []
     head_params = {id(p) for name in heads for p in model.get_submodule(name).parameters()}
     params = list(model.parameters())
     base = sum(p.numel() * (4 if id(p) in head_params else dtype.itemsize) for p in params)

@@ -28,6 +28,9 @@ class Method(Protocol):
     name: str
     body_name: str  # the param group name of the method's own parameters
     decay_body: bool  # whether weight decay may apply to those (never for σ)
+    # Whether the backbone's pooler (targets.BACKBONE_POOLERS) joins a classifier's head: ``head_modules``
+    # then names it, and it trains in full with the head, at the head's learning rate, saved with it.
+    head_includes_pooler: bool
 
     def prepare(self, model: nn.Module, spec: PeftSpec, head_modules: list[str], task: str,
                 resources: SetupResources = NO_RESOURCES) -> nn.Module: ...
@@ -40,11 +43,12 @@ class Method(Protocol):
 
 
 class SVFitMethod:
-    """SVFit: only the singular values σ of the target matrices train (plus the classification head)."""
+    """SVFit: only the singular values σ of the target matrices train (plus a classifier's head and pooler)."""
 
     name = "svfit"
     body_name = "svfit"
     decay_body = False  # weight decay on σ would shrink the pretrained weight itself
+    head_includes_pooler = True
 
     def svfit_config(self, spec: PeftSpec, head_modules: list[str]) -> SVFitConfig:
         return SVFitConfig(

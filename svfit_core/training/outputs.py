@@ -46,7 +46,8 @@ def read_training_meta(adapter_dir: str | Path) -> dict:
 def load_trained_model(
     base_model_path: str | Path, adapter_dir: str | Path, bases: BasisStore | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
-    """``(model, tokenizer, meta)`` ready for inference (eval mode). ``meta`` has method, task, label_names.
+    """``(model, tokenizer, meta)`` ready for inference (eval mode). ``meta`` has method, task, label_names and
+    text_pair (absent from adapters older than that record).
     ``bases``: the basis store a compact SVFit adapter's bases are read from (else its SVD is recomputed)."""
     adapter_dir = Path(adapter_dir)
     meta = read_training_meta(adapter_dir)

@@ -1,5 +1,6 @@
 """Optimizer parameter groups shared by every method: the method's own parameters (σ, LoRA factors, or the
-whole body) and the task head, each with its own learning rate and weight decay.
+whole body) and the task head (``head_modules``: with a classifier's pooler, which trains in full like the
+head and so at its learning rate), each with its own learning rate and weight decay.
 
 Weight decay goes to matrices only, never to 1-D tensors (biases, norms, and σ: decaying σ would shrink the
 pretrained weight itself, see SVFIT.md). Each group carries ``base_lr`` for the schedule to scale.

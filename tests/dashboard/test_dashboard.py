@@ -1,6 +1,7 @@
 """The dashboard in a real browser: upload (drag-and-drop and picker) with the validation report, create a
 job from the page, watch its curves gain points, cancel it; a finished job's page (curves, checkpoints,
-hyperparameters, resolved peft) and its artifact downloads; the jobs filter; the playground; the API key.
+hyperparameters, resolved peft) and its artifact downloads; the jobs filter; the playground (chat, text-pair
+classification, similarity); the API key.
 """
 
 from __future__ import annotations
@@ -190,6 +191,23 @@ def test_playground_compares_texts_with_an_encoders_embeddings(page: Page, servi
     expect(cells).to_have_count(2, timeout=60_000)
     # sentence-transformers' published similarities for these sentences under this model
     assert [float(c) for c in cells.all_inner_texts()] == pytest.approx([0.6660, 0.1046], abs=2e-4)
+
+
+def test_playground_sends_a_text_pair_from_its_second_box_when_classifying(page: Page, service: Service):
+    page.goto("/ui/#/models?model=tiny-llama")
+    expect(page.locator("#pg-model")).to_have_value("tiny-llama")
+    expect(page.locator("#pg-pair")).to_be_hidden()  # chat has no second text
+    page.locator("#pg-mode").select_option("classify")
+    page.locator("#pg-input").fill("a man sleeps")
+    page.locator("#pg-pair").fill("a person rests")
+    with page.expect_request("**/v1/classifications") as sent:
+        page.locator("#pg-send").click()
+    assert sent.value.post_data_json == {"model": "tiny-llama",
+                                         "input": {"text": "a man sleeps", "text_pair": "a person rests"}}
+    # The service holds no classifier: the replica took the pair and refused the model, and the page says so.
+    expect(page.locator("#playground")).to_contain_text("not a classification model")
+    page.locator("#pg-mode").select_option("chat")
+    expect(page.locator("#pg-pair")).to_be_hidden()
 
 
 def test_the_key_typed_into_the_page_is_the_one_the_api_checks(page: Page, service: Service, finished_job: dict):

@@ -27,8 +27,10 @@ def build_models(root: Path) -> Path:
     return models
 
 
-def publish_classifier(app, org_id: str, models_dir: Path, suffix: str = "clf") -> str:  # noqa: ANN001
-    """An SVFit classification fine-tune of tiny-bert, owned by `org_id`; returns its model id."""
+def publish_classifier(app, org_id: str, models_dir: Path, suffix: str = "clf",  # noqa: ANN001
+                       text_pair: bool | None = None) -> str:
+    """An SVFit classification fine-tune of tiny-bert, owned by `org_id`; returns its model id. `text_pair`:
+    what its training_meta.json records it was trained on (pairs or single texts); None records nothing."""
     from api.core.tables import FineTunedModel, Job
     from svfit_core import SVFitConfig, inject_svfit, save_svfit_adapter
     from testkit.tiny_models import load_tiny
@@ -39,6 +41,8 @@ def publish_classifier(app, org_id: str, models_dir: Path, suffix: str = "clf") 
     svfit = inject_svfit(load_tiny(models_dir / BERT, "classification"), SVFitConfig(rank=4))
     save_svfit_adapter(svfit, out)
     meta = {"format_version": 1, "method": "svfit", "task": "classification", "label_names": LABELS}
+    if text_pair is not None:
+        meta["text_pair"] = text_pair
     (out / "training_meta.json").write_text(json.dumps(meta))
     model_id = f"ft:{BERT}:{org_id}:{suffix}:{job_id}"
     with app.state.sessionmaker() as session:

@@ -2,8 +2,9 @@
 the field, on a real (tiny) model so that the checks that need one (context length, token ids, the
 model's task) run too.
 
-Served: `tiny-llama` (a random Llama with a 64-token context) as a base model, and a tiny BERT
-classification fine-tune owned by organization alpha.
+Served: `tiny-llama` (a random Llama with a 64-token context) as a base model, and tiny BERT
+classification fine-tunes owned by organization alpha: one whose training_meta.json predates the record of
+its input kind (it takes texts and text pairs), one trained on pairs and one trained on single texts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from tests.hostile.raw_json import Raw, body_text
 @dataclass
 class Served:
     api: Api
-    classifier: str  # alpha's classification fine-tune
+    classifier: str  # alpha's classification fine-tune (no input kind recorded)
+    pair_classifier: str  # one recorded as trained on text pairs
+    single_classifier: str  # one recorded as trained on single texts
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -
     api = _build_api(root, f"sqlite:///{root / 'svfit.db'}", models_dir=models, inference_batch_window_ms=0,
                      serving=True)
     classifier = publish_classifier(api.app, api.org_ids["alpha"], models)
+    pairs = publish_classifier(api.app, api.org_ids["alpha"], models, "pairclf", text_pair=True)
+    single = publish_classifier(api.app, api.org_ids["alpha"], models, "singleclf", text_pair=False)
     with api.client:
-        yield Served(api, classifier)
+        yield Served(api, classifier, pairs, single)
     api.close()
     torch.set_num_threads(threads)
 
@@ -121,6 +126,26 @@ CASES: list[tuple[str, str, dict, dict, int, str]] = [
     ("classify_input_object", "/classifications", {"model": "CLASSIFIER"}, {"input": {"a": "b"}}, 400, "input"),
     ("classify_model_unknown", "/classifications", {"model": "nope", "input": "x"}, {}, 404, "model"),
     ("classify_language_model", "/classifications", {"model": LLAMA, "input": "x"}, {}, 400, "model"),
+    ("classify_too_many_texts", "/classifications", {"model": "CLASSIFIER"}, {"input": ["x"] * 2049}, 400, "input"),
+    ("classify_list_of_lists", "/classifications", {"model": "CLASSIFIER"}, {"input": [["a", "b"]]}, 400, "input"),
+    *[(f"classify_pair_{name}", "/classifications", {"model": "CLASSIFIER"}, {"input": value}, 400, "input")
+      for name, value in [
+          ("missing_text_pair", {"text": "a"}),
+          ("missing_text", [{"text_pair": "b"}]),
+          ("unknown_key", {"text": "a", "text_pair": "b", "label": 1}),
+          ("text_number", {"text": 5, "text_pair": "b"}),
+          ("text_pair_null", [{"text": "a", "text_pair": None}]),
+          ("text_object", {"text": {"text": "a"}, "text_pair": "b"}),
+          ("text_pair_list", {"text": "a", "text_pair": ["b"]}),
+          ("mixed_with_strings", ["a", {"text": "a", "text_pair": "b"}]),
+          ("empty_object", {}),
+          ("too_many", [{"text": "x", "text_pair": "y"}] * 2049),
+      ]],
+    ("classify_string_to_pair_model", "/classifications", {"model": "PAIR_CLASSIFIER"}, {"input": "x"}, 400, "input"),
+    ("classify_strings_to_pair_model", "/classifications", {"model": "PAIR_CLASSIFIER"}, {"input": ["x", "y"]}, 400,
+     "input"),
+    ("classify_pair_to_single_text_model", "/classifications", {"model": "SINGLE_CLASSIFIER"},
+     {"input": {"text": "a", "text_pair": "b"}}, 400, "input"),
 ]
 
 
@@ -128,8 +153,9 @@ def _body(served: Served, base: dict, overrides: dict) -> dict:
     body = {**base, **overrides}
     for key in [k for k, v in body.items() if v is MISSING]:
         del body[key]
-    if body.get("model") == "CLASSIFIER":
-        body["model"] = served.classifier
+    named = {"CLASSIFIER": served.classifier, "PAIR_CLASSIFIER": served.pair_classifier,
+             "SINGLE_CLASSIFIER": served.single_classifier}
+    body["model"] = named.get(body.get("model"), body.get("model"))
     return body
 
 
@@ -153,14 +179,29 @@ def test_out_of_bounds_inference_parameters_name_the_field(served: Served, path,
         ("/completions", COMPLETION, {"max_tokens": CONTEXT - 3, "prompt": "hello world"}),
         ("/chat/completions", CHAT, {"max_completion_tokens": 1, "unknown_key": {"x": 1}}),
         ("/classifications", {"model": "CLASSIFIER"}, {"input": ["good movie", ""]}),
+        ("/classifications", {"model": "CLASSIFIER"}, {"input": [{"text": "", "text_pair": ""}]}),
+        ("/classifications", {"model": "PAIR_CLASSIFIER"}, {"input": {"text": "good", "text_pair": "the " * 100}}),
+        ("/classifications", {"model": "SINGLE_CLASSIFIER"}, {"input": ["good movie"]}),
     ],
     ids=["temperature_0", "temperature_2_huge_seed", "temperature_denormal", "chat_temperature_tiny",
          "top_p_1_n_16_four_stops", "max_tokens_1_token_ids", "max_tokens_fills_context", "max_completion_tokens_1",
-         "classify_empty_string"],
+         "classify_empty_string", "classify_empty_pair", "classify_pair_longer_than_the_context",
+         "classify_single_text_model"],
 )
 def test_values_at_the_bounds_are_served(served: Served, path, base, overrides):  # noqa: ANN001
     response = post(served.api, path, _body(served, base, overrides))
     assert response.status_code == 200, response.text
+
+
+def test_a_classifier_sent_the_other_input_kind_says_which_it_takes(served: Served):
+    to_pairs = post(served.api, "/classifications", {"model": served.pair_classifier, "input": ["good", "bad"]})
+    assert "trained on text pairs" in assert_envelope(to_pairs, 400, "invalid_input_kind", "input")["message"]
+    pair = {"text": "good", "text_pair": "bad"}
+    to_single = post(served.api, "/classifications", {"model": served.single_classifier, "input": [pair]})
+    assert "trained on single texts" in assert_envelope(to_single, 400, "invalid_input_kind", "input")["message"]
+    # A malformed input is a malformed input, whatever the model: not a question of kind.
+    mixed = post(served.api, "/classifications", {"model": served.pair_classifier, "input": [pair, "good"]})
+    assert_envelope(mixed, 400, "invalid_parameter", "input")
 
 
 def test_another_organizations_fine_tune_is_unknown(served: Served):

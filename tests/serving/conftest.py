@@ -29,6 +29,8 @@ from testkit.tiny_models import build_tiny, load_tiny
 LLAMA = "tiny-llama"
 BERT = "tiny-bert"
 LABELS = ["negative", "positive"]
+# The served classifier: an SVFit fine-tune of the tiny BERT (its head and pooler trained in full).
+CLF = dict(seed=40, targets=None, task="classification", scale=0.3)
 
 
 def fail_shared_forward(monkeypatch: pytest.MonkeyPatch, on_call: int) -> None:
@@ -57,9 +59,10 @@ def write_meta(folder: Path, meta: dict) -> Path:
     return folder
 
 
-def perturbed_svfit(base_dir: Path, out: Path, seed: int, *, rank: int | None = 8, targets="all-linear",
-                    scale: float = 0.5, task: str = "causal") -> Path:
-    """An SVFit adapter whose σ moved by seeded noise (scaled to each σ), saved as training saves it."""
+def perturbed_svfit_model(base_dir: Path, seed: int, *, rank: int | None = 8, targets="all-linear",
+                          scale: float = 0.5, task: str = "causal"):
+    """An SVFitModel whose σ moved by seeded noise (scaled to each σ), and whose saved modules (a
+    classifier's head and pooler) moved too: the same seed gives the same model."""
     model = load_tiny(base_dir, task)
     svfit = inject_svfit(model, SVFitConfig(rank=rank, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +71,12 @@ def perturbed_svfit(base_dir: Path, out: Path, seed: int, *, rank: int | None = 
             layer.sigma.mul_(1 + scale * torch.randn(layer.sigma.shape, generator=g))
         for p in svfit.head_parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=g))
-    save_svfit_adapter(svfit, out)
+    return svfit
+
+
+def perturbed_svfit(base_dir: Path, out: Path, seed: int, *, task: str = "causal", **options) -> Path:
+    """``perturbed_svfit_model``'s adapter, saved as training saves it."""
+    save_svfit_adapter(perturbed_svfit_model(base_dir, seed, task=task, **options), out)
     return write_meta(out, training_meta("svfit", task, LABELS if task == "classification" else None))
 
 
@@ -140,7 +148,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     z.adapters["lora1"] = perturbed_lora(z.llama, a / "lora1", 21)
     z.adapters["full0"] = perturbed_full(z.llama, a / "full0", 30)
     z.adapters["merged0"] = merged_as_full(z.llama, z.adapters["sv0"], a / "merged0")
-    z.adapters["clf"] = perturbed_svfit(z.bert, a / "clf", 40, targets=None, task="classification", scale=0.3)
+    z.adapters["clf"] = perturbed_svfit(z.bert, a / "clf", **CLF)
     return z
 
 

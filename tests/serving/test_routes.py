@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import shutil
 import struct
 
 import pytest
 import torch
 
-from tests.serving.conftest import BERT, LLAMA, fail_shared_forward
+from tests.serving.conftest import BERT, CLF, LLAMA, fail_shared_forward, perturbed_svfit_model
 
 CHAT = [{"role": "user", "content": "what is good ?"}]
 
@@ -192,6 +194,123 @@ def test_classification_labels_with_probabilities(served):
     # Same ranking; probabilities equal up to float rounding (a batch of 2 may take another BLAS kernel).
     assert [e["label"] for e in alone] == [e["label"] for e in batched]
     assert [e["probability"] for e in alone] == pytest.approx([e["probability"] for e in batched], rel=1e-5)
+
+
+PAIRS = [
+    {"text": f"the {noun} is {word}", "text_pair": f"i {verb} it", "label": (i + j) % 2}
+    for i, (noun, word) in enumerate([("movie", "good"), ("food", "bad"), ("book", "great"), ("film", "terrible")])
+    for j, verb in enumerate(("love", "hate"))
+]  # 8 examples, 2 labels
+
+
+def publish_classifier(served, name: str, folder) -> str:  # noqa: ANN001
+    """`folder` (an adapter of tiny-bert) as alpha's fine-tune `name`, with the rows the worker writes."""
+    from sqlalchemy import select
+
+    from api.core.tables import FineTunedModel, Job
+
+    app = served.app
+    job_id, key = f"ftjob-{name}", f"jobs/ftjob-{name}/final"
+    shutil.copytree(folder, app.state.storage.path(key))
+    with app.state.sessionmaker() as session:
+        org_id = session.scalar(select(FineTunedModel.org_id).where(FineTunedModel.id == served.model_ids["clf"]))
+        session.add(Job(id=job_id, org_id=org_id, model=BERT, training_file="file-x", seed=0, hyperparameters={},
+                        method={}, peft={}, status="succeeded"))
+        session.flush()  # the model row's foreign key needs the job row first
+        model = f"ft:{BERT}:org-alpha:{name}:{job_id}"
+        session.add(FineTunedModel(id=model, org_id=org_id, parent=BERT, job_id=job_id, storage_key=key))
+        session.commit()
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair_classifier(served, zoo, tmp_path_factory):  # noqa: ANN001, ANN201
+    """A tiny-bert classifier trained on text pairs by the training loop itself: (model id, adapter folder)."""
+    from svfit_core.training import PeftSpec, TrainConfig, run_training
+
+    # A tiny random BERT's answer barely depends on its input; a high σ rate makes it depend enough (below).
+    config = TrainConfig(n_epochs=4, batch_size=4, seed=0, learning_rate=1.0, label_names=["negative", "positive"])
+    result = run_training(zoo.bert, PAIRS, None, PeftSpec(rank=4), config, tmp_path_factory.mktemp("pair-clf"))
+    return publish_classifier(served, "pairs", result.adapter_dir), result.adapter_dir
+
+
+def test_a_pair_classifier_serves_the_logits_it_gives_its_training_encoding(served, zoo, pair_classifier):
+    from svfit_core.training.encoding import encode_classification
+    from svfit_core.training.outputs import load_trained_model
+
+    model_id, adapter = pair_classifier
+    pairs = [{"text": "the movie is good", "text_pair": "i hate it"},
+             {"text": "i hate it", "text_pair": "the movie is good"},
+             {"text": "a much longer first text than the second one", "text_pair": "short"}]
+    response = served.post("/classifications", {"model": model_id, "input": pairs})
+    assert response.status_code == 200, response.text
+    served_logprobs = torch.tensor([
+        [math.log({e["label"]: e["probability"] for e in item["labels"]}[label]) for label in ("negative", "positive")]
+        for item in response.json()["data"]
+    ])
+    model, tokenizer, meta = load_trained_model(zoo.bert, adapter)
+    assert meta["text_pair"] is True  # what training recorded, and what the refusal below rests on
+    token_types = bool(model.config.type_vocab_size)
+    own = []
+    with torch.no_grad():
+        for pair in pairs:  # one row at a time: no padding, exactly a training row of that pair
+            row = encode_classification(pair["text"], pair["text_pair"], 0, tokenizer, 64, token_types=token_types)
+            inputs = {"input_ids": torch.tensor([row.input_ids]), "token_type_ids": torch.tensor([row.token_type_ids])}
+            own.append(torch.log_softmax(model(**inputs).logits[0].float(), dim=-1))
+        alone = torch.log_softmax(model(**tokenizer(pairs[0]["text"], return_tensors="pt")).logits[0], dim=-1)
+    assert torch.allclose(served_logprobs, torch.stack(own), atol=1e-5), (served_logprobs, own)
+    # The check can fail: dropping the pair's second text moves the answer well past the tolerance.
+    assert (alone - own[0]).abs().max() > 1e-4
+
+    one = served.post("/classifications", {"model": model_id, "input": pairs[0]}).json()  # one object, no list
+    assert one["data"][0]["labels"][0]["probability"] == pytest.approx(
+        response.json()["data"][0]["labels"][0]["probability"], rel=1e-5)
+
+    refused = served.post("/classifications", {"model": model_id, "input": "the movie is good"})
+    assert "text pairs" in error(refused, 400, "input")
+    assert refused.json()["error"]["code"] == "invalid_input_kind"
+    error(served.post("/classifications", {"model": model_id, "input": ["a", "b"]}), 400, "input")
+
+
+def test_a_single_text_classifier_refuses_pairs_and_an_unrecorded_one_takes_both(served, zoo, tmp_path):
+    pair = {"text": "good movie", "text_pair": "bad film"}
+    single = tmp_path / "single"
+    shutil.copytree(zoo.adapters["clf"], single)
+    meta = json.loads((single / "training_meta.json").read_text())
+    (single / "training_meta.json").write_text(json.dumps({**meta, "text_pair": False}))
+    model_id = publish_classifier(served, "single", single)
+    refused = served.post("/classifications", {"model": model_id, "input": [pair]})
+    assert "single texts" in error(refused, 400, "input")
+    assert refused.json()["error"]["code"] == "invalid_input_kind"
+    assert served.post("/classifications", {"model": model_id, "input": "good movie"}).status_code == 200
+
+    # `clf` was written before training recorded the input kind: texts and pairs are both served.
+    both = served.post("/classifications", {"model": served.model_ids["clf"], "input": [pair, pair]})
+    assert both.status_code == 200, both.text
+    assert both.json()["data"][0]["labels"] == both.json()["data"][1]["labels"]
+
+
+def test_a_served_classifier_gives_the_trained_models_probabilities_pooler_included(served, zoo):
+    from transformers import AutoTokenizer
+
+    from testkit.tiny_models import load_tiny
+
+    assert json.loads((zoo.adapters["clf"] / "adapter_config.json").read_text())["modules_to_save"] == [
+        "bert.pooler", "classifier"]
+    trained = perturbed_svfit_model(zoo.bert, **CLF).eval()  # the very model the adapter was saved from
+    frozen_pooler = perturbed_svfit_model(zoo.bert, **CLF).eval()
+    frozen_pooler.model.bert.pooler.load_state_dict(load_tiny(zoo.bert, "classification").bert.pooler.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(zoo.bert)
+    texts = ["good movie", "the food was terrible"]
+    response = served.post("/classifications", {"model": served.model_ids["clf"], "input": texts})
+    assert response.status_code == 200, response.text
+    for text, item in zip(texts, response.json()["data"], strict=True):
+        got = {entry["label"]: entry["probability"] for entry in item["labels"]}
+        enc = tokenizer(text, return_tensors="pt", return_token_type_ids=True)
+        with torch.no_grad():
+            want, stale = (torch.softmax(m(**enc).logits[0], dim=-1) for m in (trained, frozen_pooler))
+        assert [got[label] for label in ("negative", "positive")] == pytest.approx(want.tolist(), abs=1e-5)
+        assert (want - stale).abs().max() > 1e-3  # so serving the base's pooler would have failed above
 
 
 def test_engine_failure_mid_stream_ends_with_an_error_event(served, monkeypatch):

@@ -1,6 +1,6 @@
 """`svfit` client commands as subprocesses against a real `svfit serve`: upload → create → follow →
 download (checked against the server's sha256), pause / resume / cancel, the key's three sources, chat,
-and the exit codes and `error: <code>: ...` lines scripts rely on."""
+classify, and the exit codes and `error: <code>: ...` lines scripts rely on."""
 
 from __future__ import annotations
 
@@ -200,3 +200,12 @@ def test_chat_one_turn_streams_the_reply(svfit: Run):
     assert whole.json()["object"] == "chat.completion"
     missing = svfit("chat", "no-such-model", "-m", "hello")
     assert missing.returncode == 1 and "error: model_not_found: " in missing.stderr
+
+
+def test_classify_sends_a_text_pair_the_service_reads(svfit: Run):
+    # The service serves no classifier here: the pair passes the replica's input checks and the refusal is
+    # about the model, not the input.
+    refused = svfit("classify", "tiny-llama", "a man sleeps", "--text-pair", "a person rests")
+    assert refused.returncode == 1 and "error: invalid_model: " in refused.stderr, refused.stderr
+    empty_pair = svfit("classify", "tiny-llama", "a man sleeps", "--text-pair", "")  # still a pair, and valid
+    assert empty_pair.returncode == 1 and "error: invalid_model: " in empty_pair.stderr, empty_pair.stderr

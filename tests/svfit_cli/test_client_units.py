@@ -105,3 +105,38 @@ def test_a_rank_goes_to_the_server_and_only_with_peft_lora(tmp_path, capsys):
 
     assert main(["artifacts", "download", "ftjob-x", "--format", "svfit", "--rank", "16"]) == base.EXIT_ERROR
     assert "error: invalid_parameter: --rank applies only to --format peft_lora" in capsys.readouterr().err
+
+
+def test_classify_sends_a_text_or_a_pair_and_prints_the_labels_most_likely_first(tmp_path, monkeypatch, capsys):
+    from svfit_cli.commands import main
+
+    sent = []
+    answer = {"id": "clf-1", "object": "list", "model": "nli", "usage": {},
+              "data": [{"index": 0, "object": "classification", "label": "entailment", "labels": [
+                  {"label": "entailment", "probability": 0.75}, {"label": "contradiction", "probability": 0.25}]}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, json.loads(request.content)))
+        if isinstance(sent[-1][1]["input"], str):  # as a model trained on pairs answers a bare string
+            return httpx.Response(400, json={"error": {"message": "The model 'nli' was trained on text pairs.",
+                                                       "type": "invalid_request_error", "param": "input",
+                                                       "code": "invalid_input_kind"}})
+        return httpx.Response(200, json=answer)
+
+    transport = httpx.MockTransport(handler)
+    monkeypatch.setattr(base, "ApiClient", lambda api_base, api_key: ApiClient(api_base, api_key, transport=transport))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("SVFIT_API_BASE", "http://test/v1")
+
+    assert main(["classify", "nli", "a man sleeps", "--text-pair", "a person rests"]) == base.EXIT_OK
+    assert sent[-1] == ("/v1/classifications",
+                        {"model": "nli", "input": {"text": "a man sleeps", "text_pair": "a person rests"}})
+    assert capsys.readouterr().out.splitlines() == [
+        "label          probability", "entailment     0.7500", "contradiction  0.2500"]
+
+    assert main(["classify", "nli", "a man sleeps", "--text-pair", "a person rests", "--json"]) == base.EXIT_OK
+    assert json.loads(capsys.readouterr().out) == answer
+
+    assert main(["classify", "nli", "a man sleeps"]) == base.EXIT_ERROR
+    assert sent[-1][1] == {"model": "nli", "input": "a man sleeps"}
+    assert "error: invalid_input_kind: The model 'nli' was trained on text pairs." in capsys.readouterr().err

@@ -6,6 +6,8 @@ the model-level properties each architecture must satisfy.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from svfit_core import (
     load_svfit_adapter,
     save_svfit_adapter,
 )
+from svfit_core.errors import ConfigError
 from svfit_core.layer import choose_plan, svfit_linear
 from svfit_core.rank import select_rank
 from svfit_core.targets import block_prefixes, resolve_targets
@@ -163,8 +166,12 @@ def test_only_sigma_and_head_train(case):
     sigma_names = {n for n in trainable if n.endswith(".sigma")}
     head_names = trainable - sigma_names
     assert len(sigma_names) == len(svfit_model.svfit_layers())
-    assert all(n.startswith("model.classifier.") for n in head_names)
-    assert bool(head_names) == (case.task == "classification")
+    # BERT's pooler (dense + tanh between encoder and head) trains in full with its head
+    saved = {"bert": ("model.bert.pooler.", "model.classifier.")}.get(case.arch, ("model.score.",))
+    assert {prefix for n in head_names for prefix in saved if n.startswith(prefix)} == (
+        set(saved) if case.task == "classification" else set()
+    )
+    assert all(n.startswith(saved) for n in head_names)
     assert svfit_model.trainable_parameter_count() == sum(svfit_model.ranks.values()) + sum(
         p.numel() for p in svfit_model.head_parameters()
     )
@@ -269,6 +276,73 @@ def test_merged_export_reloads_with_identical_outputs(case, tmp_path):
     # the SVFitModel was not merged in place
     assert not any(layer.merged for layer in svfit_model.svfit_layers().values())
     assert torch.equal(logits(svfit_model, batch), expected)
+
+
+# -- a BERT classifier's pooler: trained in full with the head, saved, exported and merged with it ---------
+
+
+def _pooler(model) -> torch.Tensor:
+    return model.get_submodule("bert.pooler.dense").weight.detach().clone()
+
+
+def test_bert_pooler_is_saved_exported_and_merged_with_the_head(tiny_case_factory, tmp_path):
+    from peft import PeftModel
+
+    case = tiny_case_factory("bert", "classification")
+    svfit_model = inject_svfit(case.load(), SVFitConfig())
+    assert svfit_model.modules_to_save == ["bert.pooler", "classifier"]
+    perturb(svfit_model)  # moves every saved parameter, the pooler's included
+    trained = _pooler(svfit_model.model)
+    assert not torch.equal(trained, _pooler(case.load()))
+    batch = case.batch()
+    expected = logits(svfit_model, batch)
+
+    save_svfit_adapter(svfit_model, tmp_path / "native")
+    config = json.loads((tmp_path / "native" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["bert.pooler", "classifier"]
+    loaded = load_svfit_adapter(case.load(), tmp_path / "native")
+    assert torch.equal(_pooler(loaded.model), trained)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
+
+    export_peft_lora(svfit_model, tmp_path / "peft")
+    assert "bert.pooler" in json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]
+    peft_model = PeftModel.from_pretrained(case.load(), tmp_path / "peft").eval()
+    wrapper = peft_model.get_submodule("base_model.model.bert.pooler")
+    assert torch.equal(wrapper.modules_to_save["default"].dense.weight, trained)
+    torch.testing.assert_close(logits(peft_model, batch), expected, atol=1e-5, rtol=0)
+
+    export_merged(svfit_model, None, tmp_path / "merged")
+    merged = type(case.load()).from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(_pooler(merged), trained)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_adapter_saved_before_the_pooler_trained_loads_as_before(tiny_case_factory, tmp_path):
+    case = tiny_case_factory("bert", "classification")
+    # What an adapter saved before pooler training looked like: only the classifier saved whole.
+    old = inject_svfit(case.load(), SVFitConfig(modules_to_save=["classifier"]))
+    perturb(old)
+    batch = case.batch()
+    expected = logits(old, batch)
+    save_svfit_adapter(old, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+    loaded = load_svfit_adapter(case.load(), tmp_path, is_trainable=True)
+    assert loaded.modules_to_save == ["classifier"]
+    pooler = loaded.model.get_submodule("bert.pooler")
+    assert not any(p.requires_grad for p in pooler.parameters())  # resumed, it stays frozen
+    assert torch.equal(_pooler(loaded.model), _pooler(case.load()))
+    torch.testing.assert_close(logits(loaded.eval(), batch), expected, atol=1e-5, rtol=0)
+
+
+def test_a_target_inside_the_pooler_is_left_to_it(tiny_case_factory):
+    model = tiny_case_factory("bert", "classification").load()
+    svfit_model = inject_svfit(model, SVFitConfig(target_modules=["dense"], rank=4))
+    assert svfit_model.svfit_layers() and not [n for n in svfit_model.svfit_layers() if ".pooler." in n]
+    assert all(p.requires_grad for p in svfit_model.model.get_submodule("bert.pooler").parameters())
+    with pytest.raises(ConfigError) as info:  # nothing left to adapt: a conflict, as for the head itself
+        inject_svfit(tiny_case_factory("bert", "classification").load(), SVFitConfig(target_modules=["pooler.dense"]))
+    assert info.value.code == "invalid_modules_to_save"
 
 
 EXPECTED_ALL_LINEAR = {"gpt2": 4, "llama": 7, "bert": 6}  # linear layers per block

@@ -140,6 +140,21 @@ def test_one_checkpoint_per_epoch_the_last_one_included(svfit_chat_run):
         assert meta["step"] == step and meta["epoch_end"] is True
 
 
+def test_the_adapter_records_whether_a_classifier_was_trained_on_text_pairs(svfit_chat_run, bert, tmp_path):
+    # Serving reads it: a pair classifier takes only pairs, a single-text one only texts (serving/requests.py).
+    singles = [{"text": ex["text"], "label": ex["label"]} for ex in PAIRS]
+    config = replace(PAIR_CONFIG, max_steps=1)
+    pairs, _ = train(bert, PAIRS, None, PeftSpec(rank=4), config, tmp_path / "pairs")
+    single, _ = train(bert, singles, None, PeftSpec(rank=4), config, tmp_path / "single")
+
+    def meta(result: TrainResult) -> dict:
+        return json.loads((result.adapter_dir / "training_meta.json").read_text())
+
+    assert meta(pairs)["text_pair"] is True
+    assert meta(single)["text_pair"] is False
+    assert meta(svfit_chat_run[0])["text_pair"] is None  # a language model: not a question it answers
+
+
 def test_golden_loss(svfit_chat_run):
     _, rec = svfit_chat_run
     print(f"golden: first={rec.losses[0]!r} last={rec.losses[-1]!r}")

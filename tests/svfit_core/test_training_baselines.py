@@ -4,16 +4,19 @@ is refused with a typed error."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from svfit_core.training.outputs import ArtifactFormatUnavailable, load_trained_model, write_artifact
 from svfit_core.loading import load_base_model
-from svfit_core.training.methods import get_method
+from svfit_core.targets import classification_modules
+from svfit_core.training.methods import default_targets, get_method, setup_method
 from svfit_core.serialization import load_svfit_adapter
 from svfit_core.training import PeftSpec, TrainConfig, run_training
 from tests.svfit_core.test_training import CHAT, Recorder
@@ -164,6 +167,87 @@ def test_full_and_head_only_export_merged_only(runs, llama, llama_cls, method, t
     for fmt in ("svfit", "peft_lora"):
         with pytest.raises(ArtifactFormatUnavailable):
             write_artifact(base_path, adapter, fmt, tmp_path / fmt)
+
+
+# -- a BERT classifier's pooler --------------------------------------------------------------------------
+# BERT's `bert.pooler` (dense + tanh between encoder and head) trains in full with the head under svfit, lora
+# and pissa; full trains it with the body, as it always did; head_only stays a probe of the encoder as
+# pretrained and leaves it frozen.
+
+POOLER = "bert.pooler.dense.weight"
+
+
+@pytest.fixture(scope="module")
+def bert_cls(tiny_case_factory) -> Path:
+    return tiny_case_factory("bert", "classification").path
+
+
+@pytest.fixture(scope="module")
+def bert_runs(bert_cls, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("pooler")
+    return {
+        method: _run(bert_cls, OVERFIT_PAIRS, PeftSpec(method=method, rank=None if method == "head_only" else 4),
+                     tmp / method, max_steps=3, learning_rate=1e-2)
+        for method in ("svfit", "lora", "head_only")
+    }
+
+
+def _saved_modules(method: str, adapter_dir: Path) -> list[str]:
+    if method == "head_only":
+        return json.loads((adapter_dir / "head_config.json").read_text())["head_modules"]
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["modules_to_save"]
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora", "head_only"])
+def test_the_pooler_trains_with_the_head_except_for_head_only(bert_runs, bert_cls, method, tmp_path):
+    result, rec = bert_runs[method]
+    trains_pooler = method != "head_only"
+    assert ("bert.pooler" in _saved_modules(method, result.adapter_dir)) == trains_pooler
+    # The merged artifact carries the trained pooler and is the model the adapter serves.
+    merged = write_artifact(bert_cls, result.adapter_dir, "merged", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    base, _ = load_base_model(bert_cls, "classification", num_labels=2)
+    assert (not torch.equal(merged.state_dict()[POOLER], base.state_dict()[POOLER])) == trains_pooler
+    reference, batch, _ = _reference(bert_cls, result.adapter_dir)
+    assert torch.allclose(_logits(merged, batch), reference, atol=1e-5)
+    if method == "head_only":
+        assert rec.info["trainable_params"] == 32 * 2 + 2  # the classifier alone
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora"])
+def test_peft_export_of_a_classifier_restores_its_pooler(bert_runs, bert_cls, method, tmp_path):
+    result, _ = bert_runs[method]
+    reference, batch, _ = _reference(bert_cls, result.adapter_dir)
+    lora = write_artifact(bert_cls, result.adapter_dir, "peft_lora", tmp_path / "lora")
+    assert POOLER in {k.removeprefix("base_model.model.") for k in load_file(lora / "adapter_model.safetensors")}
+    base, _ = load_base_model(bert_cls, "classification", num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, lora).eval()
+    assert torch.allclose(_logits(peft_model, batch), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora", "full", "head_only"])
+def test_the_pooler_learns_at_the_head_learning_rate(bert_cls, method):
+    model, _ = load_base_model(bert_cls, "classification", num_labels=2)
+    heads = classification_modules(model, with_pooler=get_method(method).head_includes_pooler)
+    spec = PeftSpec(method=method, rank=4 if method in ("svfit", "lora") else None).resolved(default_targets(model))
+    _, groups = setup_method(model, spec, heads, "classification", lr=1e-3, head_lr=7e-3, weight_decay=0.01)
+    rates = {name: (group["name"], group["lr"]) for group in groups for name in group["param_names"]}
+    pooler = {rate for name, rate in rates.items() if ".pooler." in name}
+    assert {rate for name, rate in rates.items() if "classifier." in name} == {("head", 7e-3)}
+    expected = {"head_only": set(), "full": {("full", 1e-3)}}  # frozen; with the body, as it always trained
+    assert pooler == expected.get(method, {("head", 7e-3)})
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora"])
+@pytest.mark.parametrize("targets", ["all-linear", ["dense"]], ids=["all-linear", "dense"])
+def test_the_pooler_is_never_a_target(bert_cls, method, targets):
+    model, _ = load_base_model(bert_cls, "classification", num_labels=2)
+    spec = PeftSpec(method=method, rank=4, target_modules=targets).resolved(None)
+    model = get_method(method).prepare(model, spec, classification_modules(model), "classification")
+    pooler = {name: p.requires_grad for name, p in model.named_parameters() if ".pooler." in name}
+    assert not [name for name in pooler if "sigma" in name or "lora_" in name], list(pooler)
+    assert any(pooler.values())  # it trains whole instead
+    assert any("sigma" in name or "lora_" in name for name, _ in model.named_parameters())
 
 
 # -- mixed precision -------------------------------------------------------------------------------------

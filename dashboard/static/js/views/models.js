@@ -1,6 +1,6 @@
 // Models: the base models and the organization's fine-tunes and checkpoints, and a small playground that
-// calls /v1/chat/completions or /v1/completions (streamed or not), /v1/classifications or /v1/embeddings
-// (similarity of each line to the first) on any of them.
+// calls /v1/chat/completions or /v1/completions (streamed or not), /v1/classifications (a text, or a text pair
+// given a second text) or /v1/embeddings (similarity of each line to the first) on any of them.
 
 import { del, get, modelPath, post, streamEvents } from "../api.js";
 import { errorBox, fill, h, when } from "../dom.js";
@@ -74,13 +74,18 @@ class Playground {
     this.temperature = h("input", { type: "number", id: "pg-temperature", value: "0.7", min: "0", max: "2", step: "0.1" });
     this.system = h("input", { id: "pg-system", placeholder: "system message (optional)" });
     this.input = h("textarea", { id: "pg-input", rows: 3, placeholder: "Type a message; Ctrl+Enter sends" });
+    // Classification only: the second text of a pair, for a model trained on {text, text_pair, label} lines.
+    this.pair = h("textarea", { id: "pg-pair", rows: 2, hidden: true, "aria-label": "Text pair",
+      placeholder: "Second text of a pair (optional, for a model trained on text pairs)" });
     this.output = h("div", { class: "transcript", id: "pg-output" });
     this.problem = h("div");
     this.send = h("button", { id: "pg-send", onclick: () => this.run() }, "Send");
     this.stopButton = h("button", { class: "secondary", hidden: true, onclick: () => this.stop() }, "Stop");
-    this.input.addEventListener("keydown", (e) => {
+    const sendOnCtrlEnter = (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.run();
-    });
+    };
+    this.input.addEventListener("keydown", sendOnCtrlEnter);
+    this.pair.addEventListener("keydown", sendOnCtrlEnter);
     this.mode.addEventListener("change", () => this.reset());
     this.model.addEventListener("change", () => this.reset());
     this.el = h("section", { class: "panel playground", id: "playground" },
@@ -89,7 +94,7 @@ class Playground {
         h("label", { class: "small" }, this.stream, " stream"),
         h("label", { class: "small" }, "max tokens ", this.maxTokens),
         h("label", { class: "small" }, "temperature ", this.temperature)),
-      this.system, this.output, this.input, this.problem,
+      this.system, this.output, this.input, this.pair, this.problem,
       h("div", { class: "actions" }, this.send, this.stopButton,
         h("button", { class: "secondary", onclick: () => this.reset() }, "Clear")));
   }
@@ -112,6 +117,7 @@ class Playground {
     fill(this.output);
     fill(this.problem);
     this.system.hidden = this.mode.value !== "chat";
+    this.pair.hidden = this.mode.value !== "classify";
     this.input.placeholder = this.mode.value === "similarity"
       ? "One text per line: each line is compared with the first" : "Type a message; Ctrl+Enter sends";
   }
@@ -214,8 +220,11 @@ class Playground {
   }
 
   async classify(text) {
-    this.bubble("input", text);
-    const answer = await post("classifications", { model: this.model.value, input: text }, { signal: this.controller.signal });
+    const pair = this.pair.value.trim();
+    this.bubble("input", pair ? `${text}\n${pair}` : text);
+    const input = pair ? { text, text_pair: pair } : text;
+    const answer = await post("classifications", { model: this.model.value, input }, { signal: this.controller.signal });
+    this.pair.value = "";
     const result = answer.data[0];
     this.output.append(h("div", { class: "bubble assistant" }, h("span", { class: "who" }, "labels"),
       h("table", { class: "grid compact" }, h("tbody", {}, (result.labels || []).map((l) => h("tr", {},
