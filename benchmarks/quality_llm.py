@@ -69,6 +69,7 @@ class ArmSpec:
     name: str
     peft: dict[str, Any]  # the request's `peft` object, as a user would send it
     note: str = ""
+    hyperparameters: dict[str, Any] | None = None  # the request's `hyperparameters` (None: all "auto")
 
 
 ARMS = [
@@ -82,6 +83,23 @@ ARMS = [
     ArmSpec("svfit_e090_all", {"type": "svfit", "energy": 0.9, "target_modules": "all-linear"},
             "energy rule: r per matrix holds 90% of sum s^2"),
 ]
+# The sweep behind the defaults (benchmarks/README.md): learning rate (through the request's multiplier),
+# targets and rank per method, each a request a user could send.
+LORA_ALL = {"type": "lora", "rank": 16, "target_modules": "all-linear"}
+SVFIT_R256_ALL = {"type": "svfit", "rank": 256, "target_modules": "all-linear"}
+SWEEP = [
+    ArmSpec("svfit_x0.4", {"type": "svfit"}, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
+    ArmSpec("svfit_x2", {"type": "svfit"}, "learning rate x2", {"learning_rate_multiplier": 2}),
+    ArmSpec("svfit_r256_all_x0.4", SVFIT_R256_ALL, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
+    ArmSpec("svfit_r256_all_x2", SVFIT_R256_ALL, "learning rate x2", {"learning_rate_multiplier": 2}),
+    ArmSpec("lora_x4", {"type": "lora"}, "learning rate x4", {"learning_rate_multiplier": 4}),
+    ArmSpec("lora_r16_all", LORA_ALL, "LoRA r=16 on every block linear"),
+    ArmSpec("lora_r16_all_x4", LORA_ALL, "LoRA r=16 on every block linear, learning rate x4",
+            {"learning_rate_multiplier": 4}),
+    ArmSpec("full_x0.4", {"type": "full"}, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
+    ArmSpec("full_x4", {"type": "full"}, "learning rate x4", {"learning_rate_multiplier": 4}),
+]
+ARMS += SWEEP
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 DEFAULT_ARMS = ("svfit", "lora", "full")
 
@@ -267,7 +285,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                           **evaluate(task, base, None, None, data, out, settings.threads_per_job, bases))
             return record
         arm = ARMS_BY_NAME[job["arm"]]
-        spec, config, hyperparameters = service_job(arm.peft, len(data["train"]), seed,
+        spec, config, hyperparameters = service_job(arm.peft, len(data["train"]), seed, arm.hyperparameters,
                                                     max_seq_length=MAX_SEQ_LENGTH[task], device=settings.device)
         started: dict[str, Any] = {}
 
