@@ -110,6 +110,8 @@ class PeftRequest(BaseModel):
     type: str | None = Field(default=None, description='"svfit" (default), "lora" or "full".')
     rank: Any = Field(default=None, description="svfit: singular values kept per matrix; lora: the LoRA rank.")
     energy: Any = Field(default=None, description="svfit: keep the top singular values holding this energy share.")
+    band: Any = Field(default=None, description="svfit: also train this many off-diagonals (0-8) on each side "
+                      "of the singular-value coupling (SVFT's banded variant; default 0).")
     alpha: Any = Field(default=None, description="lora: lora_alpha (default 2 x rank).")
     target_modules: Any = Field(default=None, description='Module names, or "all-linear"; default: per model.')
 

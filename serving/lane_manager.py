@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from svfit_core.errors import SVFitError
+from svfit_core.multi_adapter import unshareable_reason
 from svfit_core.serialization import read_adapter_config
 
 from api.core.basis_store import StoredBases
@@ -49,8 +50,9 @@ class LaneManager:
         if ref.method is None:
             return "shared"
         if ref.method == "svfit":
-            # An adapter that trains a whole module (a head) cannot share the base copy with others.
-            return "model" if read_adapter_config(ref.adapter_dir).get("modules_to_save") else "shared"
+            # An adapter that trains a whole module (a head), or a banded one, cannot share the base copy with
+            # others: the library's loader serves it merged on a copy of its own.
+            return "model" if unshareable_reason(read_adapter_config(ref.adapter_dir)) else "shared"
         if ref.method in LORA_METHODS:
             return "lora"
         return "model"

@@ -4,7 +4,8 @@
   same batch (``svfit_core.multi_adapter``: one forward, per-row Δσ).
 - ``LoraLane``: a second copy of the base under HF PEFT, mixing LoRA (and converted PiSSA) adapters per row
   with PEFT's ``adapter_names`` batching.
-- ``ModelLane``: a model of its own (a full fine-tune, a classifier, an SVFit adapter with a trained head).
+- ``ModelLane``: a model of its own (a full fine-tune, a classifier, an SVFit adapter with a trained head
+  or a banded coupling, merged).
 - ``EncoderLane``: an encoder answering `/v1/embeddings`.
 
 Rows carry a lane-specific ``tag`` (which adapter, None for the plain model). Adapters are registered on

@@ -3,6 +3,10 @@
 Rank rule: ``rank`` fixes r; otherwise ``energy`` (τ) picks the smallest r holding τ of the spectrum's
 energy; with neither, r = k = min(m, n). r is always clamped to 1 ≤ r ≤ k per matrix.
 
+Band (SVFT's banded variant): ``band`` = d > 0 also trains d upper and d lower off-diagonals of the r×r
+coupling Δ, so W' = W + U_r Δ V_rᵀ with Δ = diag(σ − s_r) + band (initialised to zero). Same bases, same
+basis-store keys; still exactly a rank-r update. d = 0 is plain SVFit.
+
 Target rule (same as HF PEFT, so specs carry over):
 - a list of names: a module matches an entry when its full name equals the entry or ends with
   ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``). Every entry must match
@@ -23,6 +27,8 @@ from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 ENERGY_MEASURES = ("squared", "linear")
+# Off-diagonals per side of the coupling matrix; SVFT uses 1 or 2, more makes Δ dense at a small r anyway.
+MAX_BAND = 8
 
 
 @dataclass
@@ -52,9 +58,11 @@ class SVFitConfig:
     train_bottom: bool = False
     store_bases: bool = True
     modules_to_save: list[str] | None = None
+    band: int = 0
 
     def __post_init__(self) -> None:
         self._validate_rank()
+        self._validate_band()
         self._validate_energy()
         self._validate_targets()
         if self.modules_to_save is not None:
@@ -73,6 +81,12 @@ class SVFitConfig:
         # bool is an int subclass; rank=True is a bug, not rank 1.
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}", code="invalid_rank")
+
+    def _validate_band(self) -> None:
+        if isinstance(self.band, bool) or not isinstance(self.band, int) or not 0 <= self.band <= MAX_BAND:
+            raise ConfigError(
+                f"band must be an integer from 0 to {MAX_BAND}, got {self.band!r}", code="invalid_band"
+            )
 
     def _validate_energy(self) -> None:
         if self.energy_measure not in ENERGY_MEASURES:

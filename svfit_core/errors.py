@@ -23,7 +23,7 @@ class SVFitError(Exception):
 class ConfigError(SVFitError, ValueError):
     """Invalid method options: rank ≤ 0, τ outside (0, 1], unknown energy measure, bad target spec.
 
-    Specific codes: ``invalid_rank``, ``invalid_energy``, ``invalid_energy_measure``,
+    Specific codes: ``invalid_rank``, ``invalid_energy``, ``invalid_energy_measure``, ``invalid_band``,
     ``invalid_target_modules``, ``invalid_modules_to_save``, ``no_default_targets``, ``already_injected``,
     ``rank_not_allowed``, ``world_size_mismatch`` (a run joined a process group of another size).
     """

@@ -1,10 +1,11 @@
 """Exports for serving stacks that do not know SVFit: a standard PEFT LoRA adapter and a merged model.
 
 The LoRA export is exact: ΔW = U_r diag(Δσ) V_rᵀ = B A with B = U_r diag(Δσ) (out, r), A = V_rᵀ (r, in) and
-lora_alpha = r (scale 1). At a serving rank r′ (LoRA servers load ranks up to a limit: vLLM's is 512) it is the
-exact best rank-r′ approximation instead, and so is ``truncate_peft_lora`` for an adapter that already is a
-PEFT LoRA; both record in ``KEPT_ENERGY_FILE`` the share of the update's squared Frobenius norm they kept.
-Neither export modifies the ``SVFitModel``.
+lora_alpha = r (scale 1); a banded layer's ΔW = U_r Δ V_rᵀ goes through the small SVD Δ = P S Qᵀ first, with
+B = U_r P S, A = Qᵀ V_rᵀ (``update_directions``). At a serving rank r′ (LoRA servers load ranks up to a limit:
+vLLM's is 512) it is the exact best rank-r′ approximation instead, and so is ``truncate_peft_lora`` for an
+adapter that already is a PEFT LoRA; both record in ``KEPT_ENERGY_FILE`` the share of the update's squared
+Frobenius norm they kept. Neither export modifies the ``SVFitModel``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from .errors import AdapterFormatError, ConfigError, NonFiniteMergeError, SVFitError
 from .layer import SVFitLayer
-from .rank import kept_directions
+from .rank import coupling_svd, kept_directions
 from .model import SVFitModel
 from .serialization import base_model_info
 from .targets import is_classification_model
@@ -47,19 +48,35 @@ def _padded_rank(r: int, allowed: list[int] | None, name: str) -> int:
     return allowed[i]
 
 
+def update_directions(layer: SVFitLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L (out, r), g (r,) float32, R (in, r)) with ΔW = L diag(g) Rᵀ (out, in) and L, R orthonormal columns,
+    so the largest |g_i| (``kept_directions``) give ΔW's best low-rank parts. Band 0: U_r, Δσ, V_r as stored,
+    no SVD. Banded: U_r P, S, V_r Q from Δ = P S Qᵀ (``coupling_svd``), float32."""
+    if not layer.band:
+        return layer.U, layer.delta_sigma().detach().to(torch.float32), layer.V
+    p, s, q = coupling_svd(layer.coupling())
+    left = layer.U.to(torch.float64) @ p  # (out, r)
+    right = layer.V.to(torch.float64) @ q  # (in, r)
+    return left.to(torch.float32), s.to(torch.float32), right.to(torch.float32)
+
+
 def lora_factors(
-    layer: SVFitLayer, rank: int | None = None, keep: torch.Tensor | None = None
+    layer: SVFitLayer,
+    rank: int | None = None,
+    keep: torch.Tensor | None = None,
+    directions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (rank, in), B (out, rank)) float32 with B A = U[:, keep] diag(Δσ[keep]) V[:, keep]ᵀ, which is ΔW
-    when ``keep`` is all r directions (the default); rows/columns past ``len(keep)`` are zero padding."""
-    d = layer.delta_sigma().detach().to(torch.float32)
+    """(A (rank, in), B (out, rank)) float32 with B A = L[:, keep] diag(g[keep]) R[:, keep]ᵀ for the layer's
+    ``update_directions`` (pass them as ``directions`` when already computed), which is ΔW when ``keep`` is
+    all r directions (the default); rows/columns past ``len(keep)`` are zero padding."""
+    left, d, right = update_directions(layer) if directions is None else directions
     keep = torch.arange(layer.rank, device=d.device) if keep is None else keep
     q = keep.numel()
     rank = rank or q
     a = torch.zeros(rank, layer.in_features, dtype=torch.float32, device=d.device)
     b = torch.zeros(layer.out_features, rank, dtype=torch.float32, device=d.device)
-    a[:q] = layer.V[:, keep].mT  # (q, in)
-    b[:, :q] = layer.U[:, keep].to(torch.float32) * d[keep]  # (out, q)
+    a[:q] = right[:, keep].mT  # (q, in)
+    b[:, :q] = left[:, keep].to(torch.float32) * d[keep]  # (out, q)
     return a.cpu(), b.cpu()
 
 
@@ -110,14 +127,16 @@ def export_peft_lora(
 ) -> Path:
     """Write a HF PEFT LoRA adapter equivalent to ``svfit_model`` (``PeftModel.from_pretrained`` loads it).
 
-    ``rank``: a serving rank r′; each module with r > r′ keeps its r′ largest |Δσ_i|, the best rank-r′
-    approximation of its update (``kept_directions``); None exports every module whole. ``allowed_ranks``:
+    ``rank``: a serving rank r′; each module with r > r′ keeps its r′ largest |Δσ_i| (a banded module: its r′
+    largest singular values of Δ), the best rank-r′ approximation of its update (``kept_directions``); None
+    exports every module whole. ``allowed_ranks``:
     ranks a server accepts (e.g. vLLM's ``max_lora_rank`` steps); each module's rank is padded with zeros up
     to the next allowed value. ``dtype``: of the LoRA factors; None: each module's base weight dtype.
     Per-module ranks go to ``rank_pattern``/``alpha_pattern`` when they differ; GPT-2 ``Conv1D`` layers set
     ``fan_in_fan_out``; the saved modules (a classifier's head and pooler) go to ``modules_to_save``, their
     tensors under the names PEFT saves them by (``base_model.model.bert.pooler.dense.weight``). The kept
-    share of ‖Δσ‖², overall and per module, goes to ``KEPT_ENERGY_FILE`` (``read_kept_energy``).
+    share of ‖Δσ‖² (banded: ‖S‖² = ‖ΔW‖²_F), overall and per module, goes to ``KEPT_ENERGY_FILE``
+    (``read_kept_energy``).
     """
     from peft import LoraConfig  # only this export needs peft
 
@@ -138,11 +157,12 @@ def export_peft_lora(
     ranks: dict[str, int] = {}
     energies: dict[str, tuple[float, float]] = {}
     for name, layer in layers.items():
-        delta = layer.delta_sigma().detach().to(torch.float32)  # (r,)
+        directions = update_directions(layer)
+        delta = directions[1]  # (r,): Δσ, or a banded layer's singular values of Δ
         keep = kept_directions(delta, rank)
         energies[name] = (float(delta[keep].square().sum()), float(delta.square().sum()))
         ranks[name] = _padded_rank(keep.numel(), allowed, name)
-        a, b = lora_factors(layer, ranks[name], keep)
+        a, b = lora_factors(layer, ranks[name], keep, directions)
         out_dtype = dtype or layer.base_layer.weight.dtype
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(out_dtype)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(out_dtype)
@@ -251,7 +271,7 @@ def merged_state_dict(svfit_model: SVFitModel) -> dict[str, torch.Tensor]:
     """
     state: dict[str, Any] = dict(svfit_model.model.state_dict(keep_vars=False))
     for name, layer in svfit_model.svfit_layers().items():
-        for key in ("sigma", "U", "V", "s"):
+        for key in ("sigma", "band_weights", "U", "V", "s"):
             state.pop(f"{name}.{key}", None)
         weight = state.pop(f"{name}.base_layer.weight")
         if not layer.merged:

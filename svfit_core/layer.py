@@ -8,6 +8,13 @@ with σ ∈ ℝ^r the only trainable tensor. ``_SVFitLinear`` is a custom autogr
 call and by a cost rule, the cheapest of three plans (skinny matmuls through V_r and U_r; or W' rebuilt on
 the fly, with the σ-gradient from Gᵀ X or from skinny matmuls) and never keeps a materialised W' alive for
 backward.
+
+The banded variant (``band`` = d > 0, SVFT's banded form) also trains d upper and d lower off-diagonals of
+the r×r coupling Δ = diag(σ − s_r) + band:
+
+    y = base_layer(x) + ((x V_r) Δᵀ) U_rᵀ      (W' = W + U_r Δ V_rᵀ, still rank r)
+
+where z Δᵀ is Δσ ⊙ z plus 2d shifted elementwise products (``banded_product``), in plain autograd.
 """
 
 from __future__ import annotations
@@ -207,6 +214,48 @@ def svfit_linear(
     return _SVFitLinear.apply(x, delta, weight, bias, u, v, transposed, formulation)
 
 
+# -- the banded coupling --------------------------------------------------------------------------------
+# The off-diagonals live in one flat fp32 vector, diagonal by diagonal: for j = 1..d, first the upper one
+# (Δ[i, i + j], r − j entries), then the lower one (Δ[i + j, i], r − j entries). Exactly the trained numbers,
+# no padding: its length is the parameter count 2·Σ_{j=1..d} (r − j).
+
+
+def effective_band(band: int, r: int) -> int:
+    """The band an r×r coupling can hold: an r×r matrix has r − 1 off-diagonals on each side."""
+    return max(0, min(band, r - 1))
+
+
+def band_size(r: int, band: int) -> int:
+    """Entries of the d = ``effective_band(band, r)`` upper and d lower off-diagonals: 2·Σ_{j=1..d} (r − j)."""
+    return 2 * sum(r - j for j in range(1, effective_band(band, r) + 1))
+
+
+def _diagonals(weights: torch.Tensor, r: int, band: int):
+    """(j, upper_j (r − j,), lower_j (r − j,)) for j = 1..band, views into the flat ``weights``."""
+    offset = 0
+    for j in range(1, band + 1):
+        n = r - j
+        yield j, weights[offset:offset + n], weights[offset + n:offset + 2 * n]
+        offset += 2 * n
+
+
+def coupling_matrix(delta: torch.Tensor, weights: torch.Tensor, band: int) -> torch.Tensor:
+    """Δ (r, r) = diag(``delta``) + the ``band`` off-diagonals packed in ``weights``."""
+    out = torch.diag(delta)
+    for j, upper, lower in _diagonals(weights, delta.numel(), band):
+        out = out + torch.diag(upper, j) + torch.diag(lower, -j)
+    return out
+
+
+def banded_product(z: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, band: int) -> torch.Tensor:
+    """z Δᵀ for z (..., r) and the banded Δ, without forming Δ: (z Δᵀ)_i = Σ_k Δ[i, k] z_k, so the upper
+    diagonal Δ[i, i + j] reads z_{i+j} into i < r − j and the lower Δ[i + j, i] reads z_i into i + j."""
+    out = z * delta
+    for j, upper, lower in _diagonals(weights, delta.numel(), band):
+        out = out + F.pad(z[..., j:] * upper, (0, j)) + F.pad(z[..., :-j] * lower, (j, 0))
+    return out
+
+
 def weight_sha256(weight: torch.Tensor, precision: torch.dtype | None = None) -> str:
     """sha256 of a weight's shape and float32 values (layout as stored).
 
@@ -225,12 +274,15 @@ def weight_sha256(weight: torch.Tensor, precision: torch.dtype | None = None) ->
 
 
 class SVFitLayer(nn.Module):
-    """y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ.
+    """y = base_layer(x) + ((x V_r) ⊙ (σ − s_r)) U_rᵀ; with ``band`` d > 0, y = base_layer(x) + ((x V_r) Δᵀ) U_rᵀ.
 
     ``base_layer`` is the original ``nn.Linear`` (weight (out, in)) or ``Conv1D`` (weight (in, out)), frozen.
     Buffers: ``U`` (out, r), ``V`` (in, r) in the base weight's dtype and ``s`` (r,) float32 — the trained
     singular triplets of the base weight taken in (out, in) layout. Parameter: ``sigma`` (r,) float32,
-    initialised to ``s`` so the layer is the base layer bit for bit until σ moves.
+    initialised to ``s`` so the layer is the base layer bit for bit until σ moves. With d > 0 (capped at
+    r − 1) also ``band_weights`` (2·Σ_{j=1..d} (r − j),) float32: the off-diagonals of Δ (packed as the comment
+    above ``effective_band`` says), initialised to exact zeros; that path runs in plain autograd, not the fused
+    kernel, whatever ``formulation`` says.
     """
 
     def __init__(
@@ -242,6 +294,8 @@ class SVFitLayer(nn.Module):
         *,
         sigma: torch.Tensor | None = None,
         formulation: str = "auto",
+        band: int = 0,
+        band_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, SUPPORTED_LAYERS):
@@ -270,7 +324,17 @@ class SVFitLayer(nn.Module):
         self.register_buffer("s", s.detach().to(**f32).contiguous())
         init = self.s if sigma is None else sigma.detach().to(**f32)
         self.sigma = nn.Parameter(init.clone())
-        # The Δσ folded into the base weight while merged, so unmerge subtracts exactly what was added.
+        self.band = effective_band(band, r)
+        if self.band:
+            size = band_size(r, self.band)
+            packed = torch.zeros(size, **f32) if band_weights is None else band_weights.detach().to(**f32).clone()
+            if packed.shape != (size,):
+                raise ValueError(f"band_weights of a band-{self.band} rank-{r} layer have {size} entries, "
+                                 f"got shape {tuple(packed.shape)}")
+            self.band_weights = nn.Parameter(packed)
+        else:
+            self.register_parameter("band_weights", None)
+        # The Δσ (or banded Δ) folded into the base weight while merged, so unmerge subtracts exactly that.
         self.register_buffer("merged_delta", None, persistent=False)
         self.formulation = formulation
 
@@ -279,6 +343,7 @@ class SVFitLayer(nn.Module):
         """Run the float32 SVD of ``base_layer``'s weight and keep the triplets ``config`` selects."""
         weight = base_layer.weight.detach()
         u, s, v = truncated_svd(weight.mT if isinstance(base_layer, Conv1D) else weight, config)
+        kwargs.setdefault("band", config.band)
         return cls(base_layer, u, s, v, **kwargs)
 
     # -- shape helpers ---------------------------------------------------------------------------------
@@ -309,6 +374,16 @@ class SVFitLayer(nn.Module):
         """σ − s_r (r,)."""
         return self.sigma - self.s
 
+    def coupling(self) -> torch.Tensor:
+        """The full coupling Δ (r, r) = diag(σ − s_r) + the trained off-diagonals (the diagonal alone at band 0)."""
+        if not self.band:
+            return torch.diag(self.delta_sigma())
+        return coupling_matrix(self.delta_sigma(), self.band_weights, self.band)
+
+    def _update(self) -> torch.Tensor:
+        """What ΔW is made of: Δσ (r,) at band 0, so that path stays exactly the diagonal one; else Δ (r, r)."""
+        return self.coupling() if self.band else self.delta_sigma()
+
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as an (out, in) view, whatever the layer's storage layout."""
         w = self.base_layer.weight
@@ -317,9 +392,13 @@ class SVFitLayer(nn.Module):
     # -- merge -----------------------------------------------------------------------------------------
 
     def get_delta_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW = U_r diag(Δσ) V_rᵀ in float32 and in the base layer's layout ((in, out) for Conv1D)."""
-        d = (self.delta_sigma() if delta is None else delta).detach().to(torch.float32)
-        delta_w = (self.U.float() * d) @ self.V.float().mT  # (out, in) float32, whatever the bases' dtype
+        """ΔW = U_r diag(Δσ) V_rᵀ (or U_r Δ V_rᵀ for a (r, r) ``delta``, the banded case) in float32 and in
+        the base layer's layout ((in, out) for Conv1D)."""
+        d = (self._update() if delta is None else delta).detach().to(torch.float32)
+        if d.ndim == 2:
+            delta_w = (self.U.float() @ d) @ self.V.float().mT  # (out, in)
+        else:
+            delta_w = (self.U.float() * d) @ self.V.float().mT  # (out, in) float32, whatever the bases' dtype
         return delta_w.mT if self.transposed else delta_w
 
     def merge(self, name: str | None = None) -> None:
@@ -327,7 +406,7 @@ class SVFitLayer(nn.Module):
         and leaves the weight untouched when it is not finite."""
         if self.merged:
             return
-        d = self.delta_sigma().detach().to(torch.float32).clone()
+        d = self._update().detach().to(torch.float32).clone()
         weight = self.base_layer.weight
         merged = weight.detach().to(torch.float32) + self.get_delta_weight(d)
         if not torch.isfinite(merged).all():
@@ -338,7 +417,7 @@ class SVFitLayer(nn.Module):
         self.merged_delta = d
 
     def unmerge(self) -> None:
-        """Subtract the ΔW that ``merge`` added (the Δσ recorded then, not the current one)."""
+        """Subtract the ΔW that ``merge`` added (the Δσ or Δ recorded then, not the current one)."""
         if not self.merged:
             return
         weight = self.base_layer.weight
@@ -352,6 +431,8 @@ class SVFitLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.band:
+            return self._banded_forward(x)
         return svfit_linear(
             x,
             self.delta_sigma(),
@@ -363,5 +444,18 @@ class SVFitLayer(nn.Module):
             formulation=self.formulation,
         )
 
+    def _banded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base_layer(x) + ((x V_r) Δᵀ) U_rᵀ in plain autograd. The base output is the base layer's own op and
+        the update is added to it, so at init (Δ = 0) it is the base output bit for bit."""
+        y = self.base_layer(x)
+        dtype = _compute_dtype(x, self.base_layer.weight)
+        with torch.autocast(x.device.type, enabled=False):
+            z = x.reshape(-1, self.in_features).to(dtype) @ self.V.to(dtype)  # (T, r)
+            # the coupling in fp32: σ and the off-diagonals get fp32 gradients summed over the tokens
+            zd = banded_product(z.float(), self.delta_sigma(), self.band_weights, self.band)  # (T, r) = z Δᵀ
+            update = zd.to(dtype) @ self.U.to(dtype).mT  # (T, out)
+        return y + update.view(y.shape)
+
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, in_features={self.in_features}, out_features={self.out_features}"
+        band = f", band={self.band}" if self.band else ""
+        return f"rank={self.rank}{band}, in_features={self.in_features}, out_features={self.out_features}"

@@ -1,8 +1,8 @@
 """Injection and the ``SVFitModel`` wrapper: replace target layers in place, freeze the rest, merge.
 
-Freezing is structural: every parameter of the wrapped model is frozen except the σ vectors of the
-``SVFitLayer``s and the parameters of ``modules_to_save`` (a classifier's head and pooler, see
-``targets.BACKBONE_POOLERS``).
+Freezing is structural: every parameter of the wrapped model is frozen except the σ vectors (and, with
+``band`` > 0, the coupling's off-diagonals) of the ``SVFitLayer``s and the parameters of ``modules_to_save``
+(a classifier's head and pooler, see ``targets.BACKBONE_POOLERS``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def inject_svfit(
         keys[name] = basis_key(hashes[name], transposed, config)
         weight = base.weight.detach()
         u, s, v = stored_or_computed(weight.mT if transposed else weight, keys[name], config, bases)
-        layers[name] = SVFitLayer(base, u, s, v)
+        layers[name] = SVFitLayer(base, u, s, v, band=config.band)
         if on_progress is not None:
             on_progress(done, len(targets))
     svfit_model = attach_layers(model, config, layers, heads, hashes)
@@ -166,8 +166,14 @@ class SVFitModel(nn.Module):
         return {n: layer.rank for n, layer in self.svfit_layers().items()}
 
     def svfit_parameters(self) -> list[nn.Parameter]:
-        """The σ vectors, one per adapted layer (give these the high learning rate, no weight decay)."""
-        return [layer.sigma for layer in self.svfit_layers().values()]
+        """The σ vectors, one per adapted layer, each followed by its layer's off-diagonals when banded (give
+        these the high learning rate, no weight decay)."""
+        params = []
+        for layer in self.svfit_layers().values():
+            params.append(layer.sigma)
+            if layer.band_weights is not None:
+                params.append(layer.band_weights)
+        return params
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of ``modules_to_save`` (a classifier's head and pooler)."""

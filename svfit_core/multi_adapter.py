@@ -15,6 +15,11 @@ U_r, V_r equal the basis' first r columns (up to a joint sign flip of a column p
 u_i Δσ_i v_iᵀ unchanged), after its per-module base-weight hashes matched the loaded base. A lower-rank
 adapter is zero-padded into a higher-rank basis of the same SVD; anything else gets a basis of its own.
 
+Adapters this cannot serve (``unshareable_reason``): one that trains whole modules (a classifier's head),
+and a banded one (``SVFitConfig.band`` > 0): its update U_r Δ V_rᵀ couples directions, so it is no per-row
+Δσ, and its best rank-r' part lives in a rotated basis of its own. The engine serves those on a model of their
+own (the library's loader, merged).
+
 Serving rank (SVFIT.md): with ``serving_rank=r'`` each adapter keeps only its r' largest |Δσ_i| per module
 (the best rank-r' approximation of its update, exactly) and a batch gathers the union of its rows' kept
 columns, so the skinny matmuls cost O(r') instead of O(r).
@@ -53,6 +58,19 @@ def _layout(layer: nn.Module) -> str:
 def _out_in(layer: nn.Module) -> tuple[int, int]:
     w = layer.weight
     return (w.shape[1], w.shape[0]) if isinstance(layer, Conv1D) else (w.shape[0], w.shape[1])
+
+
+def unshareable_reason(cfg: dict[str, Any]) -> str | None:
+    """Why the SVFit adapter with adapter config ``cfg`` cannot join a shared base copy, or None if it can.
+    The engine routes on this before loading anything (serving/lane_manager.py), and ``add_adapter`` refuses
+    on it, so the two cannot disagree."""
+    if cfg.get("modules_to_save"):
+        return f"it trains whole modules {cfg['modules_to_save']}"
+    modules = cfg.get("modules", {})
+    banded = sorted(name for name, spec in modules.items() if isinstance(spec, dict) and spec.get("band"))
+    if banded:
+        return f"it trains banded couplings (modules {banded[:3]}{'...' if len(banded) > 3 else ''}), not Δσ alone"
+    return None
 
 
 @dataclass
@@ -260,14 +278,13 @@ class MultiAdapterModel:
 
         Raises ``BaseModelMismatchError`` when it was trained on other weights, ``AdapterFormatError`` for a
         broken artifact, ``ConfigError`` (code ``not_shareable``) when it trains whole modules (a
-        classification head), which cannot share a base copy with other adapters.
+        classification head) or is banded, which cannot share a base copy with other adapters
+        (``unshareable_reason``).
         """
         cfg = read_adapter_config(adapter_dir)
-        if cfg.get("modules_to_save"):
-            raise ConfigError(
-                f"adapter {name!r} trains whole modules {cfg['modules_to_save']}; it needs a model of its own",
-                code="not_shareable",
-            )
+        reason = unshareable_reason(cfg)
+        if reason is not None:
+            raise ConfigError(f"adapter {name!r} needs a model of its own: {reason}", code="not_shareable")
         weights = Path(adapter_dir) / WEIGHTS_NAME
         if not weights.is_file():
             raise AdapterFormatError(f"{weights} not found")

@@ -1,7 +1,8 @@
 """Rank selection: the float32 thin SVD of a weight and the rule that picks which r triplets to train.
 
 Kept apart from the layer so the rules can be tested on matrices with a known spectrum. Also the rule that
-keeps the best rank-r′ part of a trained update (``kept_directions``), shared by the LoRA export and the engine.
+keeps the best rank-r′ part of a trained update (``kept_directions``), shared by the LoRA export and the engine,
+and the small SVD that puts a banded update into that form (``coupling_svd``).
 """
 
 from __future__ import annotations
@@ -57,9 +58,21 @@ def kept_directions(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
 
     U_r diag(Δσ) V_rᵀ already is an SVD of ΔW (orthonormal columns), so these directions give its best
     rank-``rank`` approximation (Eckart–Young). The LoRA export and the serving engine both pick with this
-    function, so an exported adapter and the engine at the same rank agree, ties included.
+    function, so an exported adapter and the engine at the same rank agree, ties included. A banded update
+    U_r Δ V_rᵀ is first put in that form by ``coupling_svd`` (pass its S as ``delta``).
     """
     r = delta.numel()
     if rank is None or rank >= r:
         return torch.arange(r, device=delta.device)
     return torch.topk(delta.abs(), rank).indices.sort().values
+
+
+def coupling_svd(coupling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Δ (r, r) -> P (r, r), S (r,) descending, Q (r, r) float64 with Δ = P diag(S) Qᵀ.
+
+    For a banded update ΔW = U_r Δ V_rᵀ = (U_r P) diag(S) (V_r Q)ᵀ, and U_r P, V_r Q still have orthonormal
+    columns, so that is an SVD of ΔW: keeping the r′ largest S is its best rank-r′ approximation, exactly.
+    float64: the matrix is tiny, and the kept share should not carry float32 rounding.
+    """
+    p, s, qh = torch.linalg.svd(coupling.detach().to(torch.float64))
+    return p, s, qh.mT

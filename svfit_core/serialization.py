@@ -3,6 +3,10 @@
 Load is the exact mirror of save and refuses a base model the adapter was not trained on: module names,
 weight shapes and per-module sha256 hashes of the base weights are checked before anything is attached.
 JSON and safetensors only; nothing is ever unpickled.
+
+A banded adapter (``SVFitConfig.band`` > 0) also stores each module's packed off-diagonals as
+``svfit.<module>.band`` and the module's band as ``modules.<module>.band``; an adapter without them (every
+adapter from before the banded variant) is band 0.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 from .bases import BasisStore, stored_or_computed
 from .config import SVFitConfig
 from .errors import AdapterFormatError, BaseModelMismatchError
-from .layer import SVFitLayer, weight_sha256
+from .layer import SVFitLayer, band_size, effective_band, weight_sha256
 from .model import SVFitModel, attach_layers, check_not_injected
 from .targets import FUSED_PROJECTION_MODE, LINEAR_TYPES, check_adaptable, fused_targets
 
@@ -77,11 +81,14 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_tensors(svfit_model: SVFitModel) -> dict[str, torch.Tensor]:
-    """σ per layer (+ U, V, s unless compact) and the full state of each saved module."""
+    """σ per layer (+ its off-diagonals when banded, + U, V, s unless compact) and the full state of each
+    saved module."""
     store_bases = stores_bases(svfit_model)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in svfit_model.svfit_layers().items():
         tensors[f"svfit.{name}.sigma"] = _cpu(layer.sigma)
+        if layer.band:
+            tensors[f"svfit.{name}.band"] = _cpu(layer.band_weights)
         if store_bases:
             tensors[f"svfit.{name}.U"] = _cpu(layer.U)
             tensors[f"svfit.{name}.V"] = _cpu(layer.V)
@@ -113,6 +120,7 @@ def adapter_config(svfit_model: SVFitModel) -> dict[str, Any]:
         "modules": {
             name: {
                 "rank": layer.rank,
+                **({"band": layer.band} if layer.band else {}),
                 "layout": _layout(layer.base_layer),
                 "weight_shape": list(layer.base_layer.weight.shape),
                 "selection": "bottom" if cfg.train_bottom else "top",
@@ -235,15 +243,25 @@ def _build_layer(
     if not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"module {name!r} has invalid rank {r!r}")
     sigma = _tensor(tensors, f"svfit.{name}.sigma", (r,))
+    band = module_band(name, spec)
+    band_weights = _tensor(tensors, f"svfit.{name}.band", (band_size(r, band),)) if band else None
     if not store_bases:
         u, s, v = compact_bases(module, name, spec, bases)
-        return SVFitLayer(module, u, s, v, sigma=sigma)
+        return SVFitLayer(module, u, s, v, sigma=sigma, band=band, band_weights=band_weights)
     w = module.weight
     out_f, in_f = (w.shape[1], w.shape[0]) if spec.get("layout") == "conv1d" else tuple(w.shape)
     u = _tensor(tensors, f"svfit.{name}.U", (out_f, r))
     v = _tensor(tensors, f"svfit.{name}.V", (in_f, r))
     s = _tensor(tensors, f"svfit.{name}.s", (r,))
-    return SVFitLayer(module, u, s, v, sigma=sigma)
+    return SVFitLayer(module, u, s, v, sigma=sigma, band=band, band_weights=band_weights)
+
+
+def module_band(name: str, spec: dict[str, Any]) -> int:
+    """Module ``name``'s band from its adapter-config entry: 0 when absent (plain SVFit, older adapters)."""
+    band, r = spec.get("band", 0), spec.get("rank")
+    if isinstance(band, bool) or not isinstance(band, int) or band != effective_band(band, r):
+        raise AdapterFormatError(f"module {name!r} has invalid band {band!r} for rank {r!r}")
+    return band
 
 
 def _load_saved_module(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

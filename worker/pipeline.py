@@ -133,6 +133,7 @@ _PARAM_OF_LIBRARY_CODE = {
     "invalid_rank": "peft.rank",
     "invalid_energy": "peft.energy",
     "invalid_energy_measure": "peft.energy_measure",
+    "invalid_band": "peft.band",
     "unsupported_layer": "model",  # a quantized base: no choice of targets helps, an unquantized model does
     # The pre-flight's and the loop's device-memory error names the longest max_seq_length that fits first
     # (then a rank, fewer targets); host memory runs short loading the base, which a smaller model helps (or a

@@ -24,10 +24,10 @@ from svfit_core.training.run_config import finite_number, shown
 # The methods this service offers (the library also has pissa and head_only).
 PEFT_TYPES = ("svfit", "lora", "full")
 
-# Training options a request may add to `peft`, stored as given: the first two are PeftSpec's, the rest
-# TrainConfig's (under the library's name where it has another, LIBRARY_NAMES). Any other key of the
-# request's `peft` is dropped.
-SPEC_OPTIONS = ("energy_measure", "train_bottom")
+# Training options a request may add to `peft`, stored as given: the first three are PeftSpec's (`band`: SVFT's
+# banded variant, svfit only), the rest TrainConfig's (under the library's name where it has another,
+# LIBRARY_NAMES). Any other key of the request's `peft` is dropped.
+SPEC_OPTIONS = ("energy_measure", "train_bottom", "band")
 TRAIN_OPTIONS = (
     "max_seq_length",
     "checkpoint_every",
@@ -47,7 +47,8 @@ LIBRARY_NAMES = {"gpus": "world_size"}
 # JSON has one number type: a whole 4.0 in these is the integer 4 (as for n_epochs), before the library's
 # integer rules see it.
 _WHOLE_NUMBERS = (
-    "rank", "max_seq_length", "checkpoint_every", "eval_every", "max_steps", "gradient_accumulation_steps", "gpus"
+    "rank", "band", "max_seq_length", "checkpoint_every", "eval_every", "max_steps", "gradient_accumulation_steps",
+    "gpus",
 )
 
 N_EPOCHS_BOUNDS = (1, 50)

@@ -444,8 +444,11 @@ def _run_identity(run: _Run) -> dict:
 
 def _check_resume(run: _Run, state: TrainingState) -> None:
     expected = _run_identity(run)
-    # A checkpoint from before data parallelism does not name its world size: it ran in one process.
+    # A checkpoint from before data parallelism does not name its world size: it ran in one process; one from
+    # before the banded variant does not name its band: it trained σ only.
     saved = {**state.run, "config": {"world_size": 1, **state.run.get("config", {})}}
+    if "peft" in state.run:
+        saved["peft"] = {"band": 0, **state.run["peft"]}
     if saved != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
         differing = sorted(k for k in expected if saved.get(k) != json.loads(json.dumps(expected[k])))
         raise ConfigError(

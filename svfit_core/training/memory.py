@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from svfit_core.layer import band_size
 from svfit_core.loading import DTYPES, max_positions
 from svfit_core.targets import classification_modules, resolve_targets
 from svfit_core.training.loss import LOSS_CHUNK_TOKENS, transformers_model
@@ -154,7 +155,8 @@ def estimate_memory(
       pooler in fp32);
     - ``bases``: SVFit's U_r, V_r in the base dtype and s in fp32, per target, at the largest r the spec
       allows (r = k = min(m, n) under an energy rule, which picks r only once it sees the spectrum);
-    - ``trainable``: what the method adds that trains, in fp32: σ (r per target), LoRA's A and B;
+    - ``trainable``: what the method adds that trains, in fp32: σ (r per target, plus 2·Σ_j (r − j) with a
+      band), LoRA's A and B;
     - ``gradients`` and ``optimizer`` (AdamW's two moments), fp32, of everything that trains;
     - ``activations``: the example's, by ``activation_bytes_per_token``;
     - ``loss``: one loss chunk of the example's tokens (a classifier's few logits count as nothing);
@@ -179,7 +181,7 @@ def estimate_memory(
             if spec.method == "svfit":
                 r = min(resolved.rank or m, m, n)  # no rank (all k, or an energy rule): r = k at worst
                 bases += (m + n) * r * dtype.itemsize + 4 * r  # U (m, r), V (n, r), s (r,)
-                added += r
+                added += r + band_size(r, spec.band)  # σ, and a banded coupling's off-diagonals
                 adapter_width += r
             else:
                 added += resolved.rank * (m + n)  # A (r, n), B (m, r)

@@ -57,6 +57,7 @@ class SVFitMethod:
             energy_measure=spec.energy_measure,
             target_modules=spec.target_modules,
             train_bottom=spec.train_bottom,
+            band=spec.band,
             # Without a basis store, U and V go into every adapter: serving and resuming then never depend
             # on an SVD recomputed bit for bit on another machine. With one, adapters name their bases in it.
             store_bases=True,

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from svfit_core.config import MAX_BAND
 from svfit_core.errors import ConfigError
 
 METHODS = ("svfit", "lora", "pissa", "full", "head_only")
@@ -71,7 +72,8 @@ def shown(value: Any) -> str:
 class PeftSpec:
     """Which parameters train. ``rank``/``energy`` follow ``SVFitConfig`` for svfit (neither: r = k) and
     ``rank`` is LoRA's r for lora/pissa (default 8). ``target_modules`` None means the architecture's q/v
-    projections. ``lora_alpha`` None means 2·rank."""
+    projections. ``lora_alpha`` None means 2·rank. ``band`` (svfit only) d > 0 also trains d off-diagonals on
+    each side of the r×r coupling (SVFT's banded variant, ``SVFitConfig.band``); 0 is plain SVFit."""
 
     method: Literal["svfit", "lora", "pissa", "full", "head_only"] = "svfit"
     rank: int | None = None
@@ -80,6 +82,7 @@ class PeftSpec:
     target_modules: list[str] | str | None = None
     lora_alpha: float | None = None
     train_bottom: bool = False
+    band: int = 0
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +100,11 @@ class PeftSpec:
             )
         if self.energy is not None and self.method != "svfit":
             raise HyperparameterError("energy applies to the svfit method only", param="energy")
+        if isinstance(self.band, bool) or not isinstance(self.band, int) or not 0 <= self.band <= MAX_BAND:
+            raise HyperparameterError(f"band must be an integer from 0 to {MAX_BAND}, got {shown(self.band)}",
+                                      param="band")
+        if self.band and self.method != "svfit":
+            raise HyperparameterError("band applies to the svfit method only", param="band")
         if self.lora_alpha is not None and not (finite_number(self.lora_alpha) and self.lora_alpha > 0):
             raise HyperparameterError(
                 f"lora_alpha must be a finite number > 0, got {shown(self.lora_alpha)}", param="lora_alpha"

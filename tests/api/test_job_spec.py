@@ -52,6 +52,24 @@ def test_svfit_round_trip():
     )
 
 
+def test_svfit_band_is_stored_as_a_whole_number_and_reaches_the_library():
+    stored, _, spec, _ = round_trip({"type": "svfit", "band": 2.0})
+    assert stored["band"] == 2 and isinstance(stored["band"], int) and spec.band == 2
+    stored, _, spec, _ = round_trip({})
+    assert "band" not in stored and spec.band == 0
+
+
+def test_a_banded_svfit_job_stores_and_echoes_its_band(api):
+    response = api.create_job(peft={"type": "svfit", "band": 1})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["peft"]["band"] == 1
+    again = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=api.headers())
+    assert again.status_code == 200 and again.json()["peft"]["band"] == 1
+    refused = api.create_job(peft={"type": "svfit", "band": 9})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "peft.band"
+
+
 def test_svfit_energy_is_stored_as_a_float():
     stored, _, spec, _ = round_trip({"energy": 1})
     assert stored["energy"] == 1.0 and isinstance(stored["energy"], float) and spec.energy == 1.0
@@ -102,6 +120,8 @@ def test_the_learning_rate_comes_from_the_library_table(monkeypatch, peft_type):
         ({"lr_scheduler": "exponential"}, None, "peft.lr_scheduler"),
         ({"energy_measure": "cubic"}, None, "peft.energy_measure"),
         ({"train_bottom": "yes"}, None, "peft.train_bottom"),
+        ({"band": 9}, None, "peft.band"),
+        ({"type": "lora", "band": 1}, None, "peft.band"),
         ({"gradient_checkpointing": 1}, None, "peft.gradient_checkpointing"),
         ({"max_steps": 2**31}, None, "peft.max_steps"),
         ({"gpus": 0}, None, "peft.gpus"),

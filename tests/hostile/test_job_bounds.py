@@ -113,6 +113,12 @@ CASES: list[tuple[str, dict, str]] = [
     ("energy_infinity", peft(energy=float("inf")), P + "energy"),
     ("energy_string", peft(energy="0.9"), P + "energy"),
     ("energy_400_digits", peft(energy=Raw("9" * 400)), P + "energy"),
+    # band: SVFit's banded coupling, 0 to 8 off-diagonals per side, svfit only
+    ("band_negative", peft(band=-1), P + "band"),
+    ("band_too_wide", peft(band=9), P + "band"),
+    ("band_fraction", peft(band=1.5), P + "band"),
+    ("band_bool", peft(band=True), P + "band"),
+    ("band_lora", peft(type="lora", band=1), P + "band"),
     # method type and options
     ("peft_unknown_type", peft(type="qlora"), P + "type"),
     ("peft_empty_type", peft(type=""), P + "type"),

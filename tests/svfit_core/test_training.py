@@ -222,6 +222,32 @@ def test_pause_and_resume_svfit_classification_is_exact(bert, tmp_path):
     _assert_same_adapter(resumed.adapter_dir, full.adapter_dir)
 
 
+def test_pause_and_resume_banded_svfit_is_exact(llama, tmp_path):
+    # The banded variant trains σ and the coupling's off-diagonals; both, and their AdamW moments, travel.
+    spec, config = PeftSpec(rank=8, band=2), replace(CHAT_CONFIG, eval_every=None)
+    full, full_rec = train(llama, CHAT, None, spec, config, tmp_path / "full")
+    paused, first = train(llama, CHAT, None, spec, config, tmp_path / "split", stop_after=4)
+    resumed, second = train(llama, CHAT, None, spec, config, tmp_path / "split", resume_from=paused.last_checkpoint)
+    # q (32×32) and v (16×32) of two layers, each r = 8 σ plus 2·(7 + 6) off-diagonal entries
+    assert full_rec.info["trainable_params"] == 4 * (8 + 2 * (7 + 6))
+    assert first.losses + second.losses == full_rec.losses
+    _assert_same_adapter(resumed.adapter_dir, full.adapter_dir)
+    bands = {k: v for k, v in _tensors(full.adapter_dir).items() if k.endswith(".band")}
+    assert len(bands) == 4 and all(v.abs().max() > 0 for v in bands.values())
+    optimizer = load_file(paused.last_checkpoint / "training_state.safetensors")
+    assert any(k.endswith(".band_weights.exp_avg") for k in optimizer)
+
+
+def test_a_checkpoint_from_before_the_band_option_resumes(llama, tmp_path):
+    paused, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=1)
+    state_file = paused.last_checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["run"]["peft"].pop("band") == 0
+    state_file.write_text(json.dumps(state))
+    resumed, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, resume_from=paused.last_checkpoint)
+    assert resumed.ended_by == "completion" and resumed.step == 6
+
+
 def test_a_checkpoint_is_servable(svfit_chat_run, llama, tmp_path):
     paused, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=2)
     model, tokenizer, meta = load_trained_model(llama, paused.last_checkpoint)
