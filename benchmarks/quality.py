@@ -12,6 +12,7 @@ Arms (the classification head trains in every arm, and the pooler under it in ev
     svfit_e099_all   SVFit with τ = 0.99 (squared energy) on every linear layer of the encoder blocks
     svfit_r128_all   SVFit with r = 128 on every linear layer: svfit_rk_qv's 4,608 parameters, spread out
     svfit_rk_ffn     SVFit with r = k on the feed-forward pair
+    svfit_band1_qv   svfit_rk_qv with one trained off-diagonal each side of the coupling (SVFT's banded variant)
     svfit_default, lora_default, full_default
                      each method exactly as the service trains it when a request names only `peft.type`:
                      targets, rank, learning rates, epochs and batch size all "auto" (no sweep)
@@ -101,6 +102,9 @@ ARMS = [
     # The parameter budget of svfit_rk_qv (4,608: 16x fewer than LoRA r=8) spread over all 36 linear layers.
     ArmSpec("svfit_r128_all", {"method": "svfit", "rank": 128, "target_modules": "all-linear"},
             (1e-2, 3e-2, 1e-1), "top 128 singular values of every encoder linear layer"),
+    # SVFT's banded variant: Δσ plus one trained off-diagonal on each side of the r x r coupling.
+    ArmSpec("svfit_band1_qv", {"method": "svfit", "target_modules": QV, "band": 1}, (1e-2, 3e-2, 1e-1),
+            "r = k on query/value, banded coupling d = 1"),
     # The same budget again, on the feed-forward pair (intermediate and output dense) instead of query/value.
     ArmSpec("svfit_rk_ffn", {"method": "svfit", "target_modules": r".*layer\.\d+\.(intermediate|output)\.dense"},
             (1e-2, 3e-2, 1e-1), "r = k: every singular value of the feed-forward matrices"),

@@ -82,6 +82,9 @@ ARMS = [
             "top 256 singular values of every block linear: the rank affordable at 8B (<= 1.1x a LoRA step)"),
     ArmSpec("svfit_e090_all", {"type": "svfit", "energy": 0.9, "target_modules": "all-linear"},
             "energy rule: r per matrix holds 90% of sum s^2"),
+    ArmSpec("svfit_band1", {"type": "svfit", "band": 1}, "banded coupling: Δσ plus one off-diagonal each side"),
+    ArmSpec("svfit_r256_all_band1", {"type": "svfit", "rank": 256, "target_modules": "all-linear", "band": 1},
+            "banded coupling on the top 256 directions of every block linear"),
 ]
 # The sweep behind the defaults (benchmarks/README.md): learning rate (through the request's multiplier),
 # targets and rank per method, each a request a user could send.
