@@ -99,6 +99,10 @@ SWEEP = [
     ArmSpec("lora_r16_all", LORA_ALL, "LoRA r=16 on every block linear"),
     ArmSpec("lora_r16_all_x4", LORA_ALL, "LoRA r=16 on every block linear, learning rate x4",
             {"learning_rate_multiplier": 4}),
+    # A minimum number of optimizer steps for small files: the same examples in batches of 4, twice the steps.
+    ArmSpec("svfit_b4", {"type": "svfit"}, "batches of 4", {"batch_size": 4}),
+    ArmSpec("svfit_r256_all_b4", SVFIT_R256_ALL, "batches of 4", {"batch_size": 4}),
+    ArmSpec("lora_r16_all_b4", LORA_ALL, "batches of 4", {"batch_size": 4}),
     ArmSpec("full_x0.4", {"type": "full"}, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
     ArmSpec("full_x4", {"type": "full"}, "learning rate x4", {"learning_rate_multiplier": 4}),
 ]
