@@ -16,6 +16,8 @@ Arms (the classification head trains in every arm, and the pooler under it in ev
     svfit_default, lora_default, full_default
                      each method exactly as the service trains it when a request names only `peft.type`:
                      targets, rank, learning rates, epochs and batch size all "auto" (no sweep)
+    svfit_r256_all_auto, lora_r16_all_auto
+                     candidate defaults: a request naming targets and rank, everything else "auto"
 
 Protocol (the same for every arm):
 - Data: a fixed random training subset and a disjoint held-out slice, both drawn from the task's training
@@ -112,6 +114,13 @@ ARMS = [
 # Each method exactly as the service trains it when a request names only `peft.type`.
 SERVICE_ARMS = [ArmSpec(f"{kind}_default", {"method": kind}, (), "the service's defaults, every value auto",
                         service={"type": kind}) for kind in ("svfit", "lora", "full")]
+# Candidate defaults: a request naming targets and rank, every hyperparameter still the service's "auto".
+SERVICE_ARMS += [
+    ArmSpec("svfit_r256_all_auto", {"method": "svfit"}, (), "top 256 singular values of every block linear",
+            service={"type": "svfit", "rank": 256, "target_modules": "all-linear"}),
+    ArmSpec("lora_r16_all_auto", {"method": "lora"}, (), "LoRA r=16 on every block linear",
+            service={"type": "lora", "rank": 16, "target_modules": "all-linear"}),
+]
 ARMS += SERVICE_ARMS
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
