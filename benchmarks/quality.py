@@ -120,6 +120,9 @@ SERVICE_ARMS += [
             service={"type": "svfit", "rank": 256, "target_modules": "all-linear"}),
     ArmSpec("lora_r16_all_auto", {"method": "lora"}, (), "LoRA r=16 on every block linear",
             service={"type": "lora", "rank": 16, "target_modules": "all-linear"}),
+    # The head and the pretrained pooler at LoRA's head rate (5e-4) instead of SVFit's (5e-3).
+    ArmSpec("svfit_r256_all_head5e-4", {"method": "svfit"}, (), "svfit_r256_all_auto, head and pooler at 5e-4",
+            service={"type": "svfit", "rank": 256, "target_modules": "all-linear", "head_learning_rate": 5e-4}),
 ]
 ARMS += SERVICE_ARMS
 ARMS_BY_NAME = {a.name: a for a in ARMS}
@@ -218,10 +221,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     data = task_data(job["task"], settings.train_size, settings.heldout_size)
     lr, seed = job["lr"], job["seed"]
     head_lr = lr if arm.peft["method"] == "head_only" else HEAD_LR
-    if arm.service is not None:
-        from svfit_core.training.run_config import DEFAULT_HEAD_LEARNING_RATE
-
-        head_lr = DEFAULT_HEAD_LEARNING_RATE[arm.peft["method"]]
     record: dict[str, Any] = {"task": job["task"], "arm": arm.name, "lr": lr, "head_lr": head_lr, "seed": seed}
     started: dict[str, Any] = {}
 
@@ -238,6 +237,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         peft, config, _ = service_job(arm.service, len(data["train"]), seed, max_seq_length=settings.max_seq_length,
                                       label_names=data["label_names"], device=settings.device)
         record["epochs"], record["batch_size"] = config.n_epochs, config.batch_size
+        record["head_lr"] = config.resolved(peft.method).head_learning_rate
     base = minilm_path()
     out = Path(tempfile.mkdtemp(prefix=f"svfit-quality-{arm.name}-"))
     try:
