@@ -314,6 +314,14 @@ def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict]
     return [runlog.get(j) for j in jobs]
 
 
+def pooler_param_count() -> int:
+    """Parameters of MiniLM's pooler (a dense hidden x hidden layer), trained in full with the head."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(minilm_path()).hidden_size
+    return hidden * hidden + hidden
+
+
 def head_param_count(num_labels: int) -> int:
     """Parameters of MiniLM's classification head (a fresh Linear(hidden, labels))."""
     from transformers import AutoConfig
@@ -352,6 +360,8 @@ def service_learning_rate(arm: ArmSpec, settings: Settings) -> float:
 
 def summarise(task: str, arm: ArmSpec, lr: float, records: list[dict], settings: Settings,
               head_params: int) -> dict[str, Any]:
+    from svfit_core.training.methods import get_method
+
     ok = [r for r in records if r and r["status"] == "ok"]
     if not ok:
         errors = [r.get("error") for r in records if r]
@@ -370,7 +380,10 @@ def summarise(task: str, arm: ArmSpec, lr: float, records: list[dict], settings:
         "head_learning_rate": ok[0]["head_lr"],
         "lr_grid": list(arm.lr_grid) if settings.sweep_task else [lr],
         "trainable_params": trainable,
-        "trainable_params_excl_head": trainable - head_params,
+        # The pooler trains with the head (in full) in every arm but the probe and full fine-tuning, where it
+        # stays frozen or is part of the body: it is no more the method's parameters than the head is.
+        "trainable_params_excl_head": trainable - head_params - (
+            pooler_param_count() if get_method(arm.peft["method"]).head_includes_pooler else 0),
         "head_params": head_params,
         "accuracy_mean": mean,
         "accuracy_std": std,
