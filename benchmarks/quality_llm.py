@@ -214,14 +214,15 @@ def _init_worker(threads: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-async def _answers(settings_dir: Path, ref, rows: list[dict], max_tokens: int, threads: int) -> list[str]:
+async def _answers(settings_dir: Path, ref, rows: list[dict], max_tokens: int, threads: int,
+                   device: str) -> list[str]:
     """Greedy answers of the serving engine to each row's user turn."""
     from benchmarks.engine_settings import engine_settings
     from serving.engine import InferenceEngine
     from serving.types import GenerationRequest, SamplingParams
 
     engine = InferenceEngine(engine_settings(settings_dir, inference_max_batch=32, inference_threads=threads,
-                                             inference_device="cpu", inference_memory_budget_mb=1 << 15))
+                                             inference_device=device, inference_memory_budget_mb=1 << 15))
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     async def one(row: dict) -> str:
@@ -237,12 +238,12 @@ async def _answers(settings_dir: Path, ref, rows: list[dict], max_tokens: int, t
 
 
 def exact_match(task: str, base: Path, adapter_dir: Path | None, method: str | None, rows: list[dict],
-                workdir: Path, threads: int) -> tuple[float, list[str]]:
+                workdir: Path, threads: int, device: str) -> tuple[float, list[str]]:
     from serving.types import ModelRef
 
     ref = ModelRef(model_id=adapter_dir.name if adapter_dir else "base", base_id="base", base_path=base,
                    adapter_dir=adapter_dir, method=method)
-    answers = asyncio.run(_answers(workdir / "engine", ref, rows, MAX_NEW_TOKENS[task], threads))
+    answers = asyncio.run(_answers(workdir / "engine", ref, rows, MAX_NEW_TOKENS[task], threads, device))
     correct = [is_correct(task, a, r["messages"][-1]["content"]) for a, r in zip(answers, rows)]
     return sum(correct) / len(rows), answers
 
@@ -263,10 +264,11 @@ def answer_loss(base: Path, adapter_dir: Path | None, rows: list[dict], bases) -
 
 
 def evaluate(task: str, base: Path, adapter_dir: Path | None, method: str | None, data: dict, workdir: Path,
-             threads: int, bases) -> dict[str, Any]:
+             settings: Settings, bases) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with Stopwatch() as sw:
-        out["exact_match"], answers = exact_match(task, base, adapter_dir, method, data["eval_em"], workdir, threads)
+        out["exact_match"], answers = exact_match(task, base, adapter_dir, method, data["eval_em"], workdir,
+                                                  settings.threads_per_job, settings.device)
         out["sample_answers"] = answers[:3]
         if task == "gsm8k":
             out["eval_loss"] = answer_loss(base, adapter_dir, data["eval_loss"], bases)
@@ -289,7 +291,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     try:
         if job["arm"] == "base":
             record.update(status="ok", trainable_params=0, wall_s=0.0, steps=0,
-                          **evaluate(task, base, None, None, data, out, settings.threads_per_job, bases))
+                          **evaluate(task, base, None, None, data, out, settings, bases))
             return record
         arm = ARMS_BY_NAME[job["arm"]]
         spec, config, hyperparameters = service_job(arm.peft, len(data["train"]), seed, arm.hyperparameters,
@@ -308,8 +310,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         record.update(status="ok", steps=result.step, trainable_params=started.get("trainable_params"),
                       truncated=started.get("truncated_examples"), train_loss=result.metrics.get("train_loss"),
                       hyperparameters=hyperparameters, wall_s=train_sw.seconds,
-                      **evaluate(task, base, result.adapter_dir, spec.method, data, out, settings.threads_per_job,
-                                 bases))
+                      **evaluate(task, base, result.adapter_dir, spec.method, data, out, settings, bases))
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         record.update(status="error", error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-size", type=int, default=None)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (runs in parallel share the one GPU)")
     ap.add_argument("--name", default=None, help="result file name (default quality_llm / quality_llm_quick)")
     ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
     ap.add_argument("--workdir", default=None, help="keep the base copy and the basis store here")
@@ -449,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     settings = QUICK if args.quick else FULL
     overrides = {"tasks": args.tasks.split(",") if args.tasks else None, "seeds": args.seeds,
-                 "train_size": args.train_size, "eval_size": args.eval_size, "jobs": args.jobs}
+                 "train_size": args.train_size, "eval_size": args.eval_size, "jobs": args.jobs,
+                 "device": args.device}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     settings = replace(settings, threads_per_job=max(1, 2 // settings.jobs))
     arm_names = args.arms.split(",") if args.arms else list(DEFAULT_ARMS)
