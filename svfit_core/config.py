@@ -15,6 +15,8 @@ Target rule (same as HF PEFT, so specs carry over):
   embeddings, ``lm_head``, the pooler or a classification head);
 - any other string: a regular expression that must *fully* match the module name (``re.fullmatch``);
 - ``None``: the architecture's default (q and v attention projections, see ``targets.DEFAULT_TARGETS``).
+  (A training run's ``PeftSpec`` resolves None to "all-linear" before it gets here:
+  ``training.run_config.DEFAULT_TARGET_MODULES``.)
 """
 
 from __future__ import annotations

@@ -133,15 +133,17 @@ def _whole(name: str, value: Any) -> Any:
 
 
 def _with_defaults(peft: dict[str, Any], spec: PeftSpec) -> dict[str, Any]:
-    """The validated `peft` with the library's defaults decided now, so the job object shows them."""
+    """The validated `peft` with the library's defaults decided now (targets, rank, LoRA's alpha), so the job
+    object shows them and a later change of the defaults never changes a job already created."""
+    if peft["type"] == "full":
+        return peft
+    resolved = spec.resolved()
+    decided = {"target_modules": resolved.target_modules, "rank": resolved.rank}
     if peft["type"] == "lora":
-        # Rank 8 and alpha 2·rank; the targets stay None, since only the worker, which loads the model, knows
-        # its default modules.
-        resolved = spec.resolved(default_targets=None)
-        return {**peft, "rank": resolved.rank, "alpha": float(resolved.lora_alpha)}
+        decided["alpha"] = float(resolved.lora_alpha)
     if peft["type"] == "svfit" and peft["energy"] is not None:
-        return {**peft, "energy": float(peft["energy"])}
-    return peft
+        decided["energy"] = float(peft["energy"])
+    return {**peft, **decided}
 
 
 def _request_field(param: str | None, param_prefix: str) -> str:

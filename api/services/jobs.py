@@ -175,7 +175,8 @@ def create_job(
         n_examples=training.num_examples or 0,
         param_prefix=param_prefix,
     )
-    _check_rank_fits(peft, base_model_path, request.model)
+    # Only a rank the request named: the default (SVFit's 256) is "at most", clamped to each matrix's k.
+    _check_rank_fits(request.peft.model_dump() if request.peft else {}, base_model_path, request.model)
 
     job = Job(
         id=new_id("ftjob"),

@@ -44,7 +44,7 @@ from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
 from svfit_core.loading import DTYPES, base_dtype_for, load_base_model, max_positions
 from svfit_core.training.loss import causal_loss, classification_loss, transformers_model
 from svfit_core.training.memory import plan_memory
-from svfit_core.training.methods import Method, default_targets, get_method, setup_method
+from svfit_core.training.methods import Method, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
 from svfit_core.training.preflight import check_memory
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
@@ -345,7 +345,7 @@ def _setup_model(
         head_modules = classification_modules(model, with_pooler=method.head_includes_pooler)
     for name in head_modules:  # trained: fp32 weights and Adam moments, computed in the base's dtype by autocast
         model.get_submodule(name).float()
-    resolved_peft = peft.resolved(default_targets(model) if peft.method in ("svfit", "lora", "pissa") else None)
+    resolved_peft = peft.resolved()
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model, groups = setup_method(

@@ -23,7 +23,7 @@ from svfit_core.layer import band_size
 from svfit_core.loading import DTYPES, max_positions
 from svfit_core.targets import classification_modules, resolve_targets
 from svfit_core.training.loss import LOSS_CHUNK_TOKENS, transformers_model
-from svfit_core.training.methods import default_targets, get_method
+from svfit_core.training.methods import get_method
 from svfit_core.training.run_config import PeftSpec, TrainConfig
 
 # CPU runs are tiny models (tests, demos) and RAM is not probed: a budget that holds a batch of 64 rows of
@@ -176,7 +176,7 @@ def estimate_memory(
 
     bases = added = adapter_width = 0
     if spec.method in ("svfit", "lora", "pissa"):
-        resolved = spec.resolved(default_targets(model))
+        resolved = spec.resolved()
         for m, n in _target_shapes(model, resolved.target_modules):
             if spec.method == "svfit":
                 r = min(resolved.rank or m, m, n)  # no rank (all k, or an energy rule): r = k at worst

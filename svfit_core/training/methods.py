@@ -99,9 +99,9 @@ def get_method(name: str) -> Method:
                                   param="method") from None
 
 
-def default_targets(model: nn.Module) -> list[str] | None:
-    """The architecture's q/v projections, shared by SVFit and the LoRA baselines so they adapt the same
-    matrices. Falls back to PEFT's table for architectures SVFit has no default for."""
+def attention_targets(model: nn.Module) -> list[str] | None:
+    """The architecture's q/v projections: the smaller target set a job that does not fit can fall back to
+    (``preflight``). Falls back to PEFT's table for architectures SVFit has no entry for."""
     model_type = getattr(model.config, "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[model_type])

@@ -19,7 +19,7 @@ from svfit_core.errors import ConfigError, DeviceMemoryError, HostMemoryError
 from svfit_core.loading import DTYPES, checkpoint_dtype, max_positions, read_model_config, resolve_model_source
 from svfit_core.targets import resolve_targets
 from svfit_core.training.memory import estimate_memory, free_device_memory, shape_model
-from svfit_core.training.methods import default_targets
+from svfit_core.training.methods import attention_targets
 from svfit_core.training.run_config import PeftSpec, TrainConfig
 
 __all__ = ["available_host_memory", "check_memory", "host_bytes_to_load"]
@@ -101,7 +101,7 @@ def _in_gb(size: int) -> float:
 
 def _what_fits(estimate: Estimator, model: nn.Module, peft: PeftSpec, config: TrainConfig, free: int) -> list[str]:
     """Each single change to the job that fits ``free`` by the same estimate: the largest max_seq_length, the
-    largest rank of ``RANK_STEPS`` below the job's, the architecture's default targets where they are fewer."""
+    largest rank of ``RANK_STEPS`` below the job's, the architecture's q/v projections where they are fewer."""
 
     def total(spec: PeftSpec, cfg: TrainConfig) -> int:
         return estimate(spec, cfg)[0]["total"]
@@ -115,17 +115,18 @@ def _what_fits(estimate: Estimator, model: nn.Module, peft: PeftSpec, config: Tr
             low, high = (mid, high) if total(peft, replace(config, max_seq_length=mid)) <= free else (low, mid - 1)
         options.append(f"max_seq_length {low:,} ({_gb(total(peft, replace(config, max_seq_length=low)))})")
     if peft.method in ("svfit", "lora", "pissa"):
-        for rank in (r for r in RANK_STEPS if peft.rank is None or r < peft.rank):
+        current_rank = peft.resolved().rank  # None: every singular value (an energy rule may reach k)
+        for rank in (r for r in RANK_STEPS if current_rank is None or r < current_rank):
             needed = total(replace(peft, rank=rank), config)
             if needed <= free:
                 options.append(f"rank {rank} ({_gb(needed)})")
                 break
         try:
-            defaults = default_targets(model)
+            defaults = attention_targets(model)
         except ConfigError:  # no default for this architecture: nothing smaller to name
             defaults = None
         if defaults is not None:
-            chosen = set(resolve_targets(model, peft.resolved(defaults).target_modules))
+            chosen = set(resolve_targets(model, peft.resolved().target_modules))
             if set(resolve_targets(model, defaults)) < chosen:
                 needed = total(replace(peft, target_modules=defaults), config)
                 if needed <= free:

@@ -18,7 +18,15 @@ from api.core.job_spec import (
     resolve_request,
     train_config,
 )
-from svfit_core.training.run_config import DEFAULT_LEARNING_RATE, DEFAULT_LORA_RANK, HyperparameterError, PeftSpec, TrainConfig
+from svfit_core.training.run_config import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_LORA_RANK,
+    DEFAULT_SVFIT_RANK,
+    DEFAULT_TARGET_MODULES,
+    HyperparameterError,
+    PeftSpec,
+    TrainConfig,
+)
 
 
 def round_trip(peft: dict | None, hyperparameters: dict | None = None, *, checkpoint_every: int | None = 50):
@@ -77,8 +85,10 @@ def test_svfit_energy_is_stored_as_a_float():
 
 def test_lora_round_trip_decides_the_library_defaults_at_creation():
     stored, _, spec, config = round_trip({"type": "lora", "energy": 0.5})  # energy is svfit's: dropped
-    assert stored == {"type": "lora", "rank": DEFAULT_LORA_RANK, "alpha": 2.0 * DEFAULT_LORA_RANK, "target_modules": None}
-    assert spec == PeftSpec(method="lora", rank=DEFAULT_LORA_RANK, lora_alpha=2.0 * DEFAULT_LORA_RANK)
+    assert stored == {"type": "lora", "rank": DEFAULT_LORA_RANK, "alpha": 2.0 * DEFAULT_LORA_RANK,
+                      "target_modules": DEFAULT_TARGET_MODULES}
+    assert spec == PeftSpec(method="lora", rank=DEFAULT_LORA_RANK, lora_alpha=2.0 * DEFAULT_LORA_RANK,
+                            target_modules=DEFAULT_TARGET_MODULES)
     assert config.learning_rate == DEFAULT_LEARNING_RATE["lora"] and config.checkpoint_every == 50
 
     stored, _, spec, _ = round_trip({"type": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear"})
@@ -175,10 +185,14 @@ def test_method_block_errors_name_the_method_block():
     assert info.value.param == "method.supervised.hyperparameters.batch_size"
 
 
-def test_peft_defaults():
+def test_peft_defaults_are_decided_at_creation():
+    # The job stores what will run, so a later change of the library's defaults leaves it as created.
     assert resolve_request(None, None, n_examples=40)[0] == {
-        "type": "svfit", "rank": None, "energy": None, "target_modules": None,
+        "type": "svfit", "rank": DEFAULT_SVFIT_RANK, "energy": None, "target_modules": DEFAULT_TARGET_MODULES,
     }
+    # An energy rule picks r per matrix: no rank is decided for it.
+    assert resolve_request({"energy": 0.9}, None, n_examples=40)[0]["rank"] is None
+    assert resolve_request({"target_modules": ["q_proj"]}, None, n_examples=40)[0]["target_modules"] == ["q_proj"]
 
 
 @pytest.mark.parametrize(("n", "epochs"), [(1, 25), (10, 10), (20, 5), (34, 3), (1000, 3), (10_000, 2), (100_000, 1)])

@@ -46,7 +46,7 @@ def test_create_resolves_everything_and_enqueues_after_commit(any_db_api):
         "type": "supervised",
         "supervised": {"hyperparameters": {k: hyper[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}},
     }
-    assert job["peft"] == {"type": "svfit", "rank": None, "energy": None, "target_modules": None}
+    assert job["peft"] == {"type": "svfit", "rank": 256, "energy": None, "target_modules": "all-linear"}
     assert job["result_files"] == [] and job["error"] is None and job["fine_tuned_model"] is None
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0, "seconds_remaining": None}
 

@@ -39,7 +39,7 @@ def test_files_and_jobs_through_the_openai_client(api: Api, served: str):
         extra_body={"peft": {"type": "svfit", "rank": 4}},
     )
     assert job.status == "queued" and job.hyperparameters.n_epochs == 2
-    assert job.peft == {"type": "svfit", "rank": 4, "energy": None, "target_modules": None}  # extension kept
+    assert job.peft == {"type": "svfit", "rank": 4, "energy": None, "target_modules": "all-linear"}  # extension kept
     assert api.dispatch.job_ids == [job.id]
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp & search"})] == [job.id]

@@ -20,7 +20,7 @@ from svfit_core.errors import DeviceMemoryError, InsufficientDevicesError, RankF
 from svfit_core.training import PeftSpec, TrainConfig, run_training
 from svfit_core.training import distributed
 from svfit_core.training.run_config import HyperparameterError
-from tests.svfit_core.test_training import CHAT, PAIRS, Recorder
+from tests.svfit_core.test_training import CHAT, PAIRS, SVFIT_QV, Recorder
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,9 @@ class RecordingStore(DirectoryBasisStore):
         return [(int(pid), key) for pid, key in (line.split() for line in lines)]
 
 
-def train(path, examples, valid, config, out, stop_after=None, resume_from=None, bases=None):
+def train(path, examples, valid, config, out, stop_after=None, resume_from=None, bases=None, peft=SVFIT_QV):
     recorder = Recorder(stop_after)
-    result = run_training(path, examples, valid, PeftSpec(), config, out, recorder, resume_from=resume_from,
+    result = run_training(path, examples, valid, peft, config, out, recorder, resume_from=resume_from,
                           bases=bases)
     return result, recorder
 
@@ -136,13 +136,15 @@ def test_a_paused_two_process_run_resumes_exactly_with_dropout(tiny_case_factory
     # BERT's dropout draws from each rank's generator: resuming must give every rank the same draws.
     path = tiny_case_factory("bert", "classification").path
     config = replace(PAIR_CONFIG, batch_size=5, n_epochs=1, world_size=2)  # shares of 3 and 2: unequal draws
-    full, full_rec = train(path, PAIRS, None, config, tmp_path / "full")
+    peft = replace(SVFIT_QV, target_modules=["query", "value"])  # BERT's names for q and v
+    full, full_rec = train(path, PAIRS, None, config, tmp_path / "full", peft=peft)
     # Rank 0's callbacks pause after step 1; rank 1 must stop there too, or the run would fail.
-    paused, paused_rec = train(path, PAIRS, None, config, tmp_path / "out", stop_after=1)
+    paused, paused_rec = train(path, PAIRS, None, config, tmp_path / "out", stop_after=1, peft=peft)
     assert paused.ended_by == "pause" and paused.step == 1
     assert paused.last_checkpoint == tmp_path / "out" / "checkpoints" / "step-1"
 
-    resumed, resumed_rec = train(path, PAIRS, None, config, tmp_path / "out", resume_from=paused.last_checkpoint)
+    resumed, resumed_rec = train(path, PAIRS, None, config, tmp_path / "out", resume_from=paused.last_checkpoint,
+                                 peft=peft)
     assert resumed.ended_by == full.ended_by == "completion" and resumed.step == full.step == 3
     assert paused_rec.losses + resumed_rec.losses == full_rec.losses
     assert resumed.trained_tokens == full.trained_tokens
@@ -153,7 +155,7 @@ def test_a_paused_two_process_run_resumes_exactly_with_dropout(tiny_case_factory
 def test_a_stop_asked_for_while_rank_0_sets_up_stops_every_rank(llama, tmp_path):
     recorder = Recorder(decision="cancel")
     recorder.stop_after_matrices = 1
-    result = run_training(llama, CHAT, None, PeftSpec(), replace(CHAT_CONFIG, world_size=2), tmp_path / "out",
+    result = run_training(llama, CHAT, None, SVFIT_QV, replace(CHAT_CONFIG, world_size=2), tmp_path / "out",
                           recorder)
     # Rank 1, waiting for rank 0's setup, got the decision and returned too (else the launch would fail).
     assert result.ended_by == "cancel" and result.step == 0

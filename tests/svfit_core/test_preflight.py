@@ -17,6 +17,7 @@ from svfit_core.errors import DeviceMemoryError, HostMemoryError
 from svfit_core.loading import read_model_config
 from svfit_core.training import PeftSpec, TrainConfig, loop, memory, preflight, run_training
 from svfit_core.training.loss import causal_loss
+from svfit_core.training.run_config import DEFAULT_SVFIT_RANK
 from svfit_core.training.setup_resources import NO_RESOURCES
 from tests.svfit_core.test_training import Recorder
 
@@ -128,7 +129,7 @@ def test_all_linear_full_rank_8b_on_24_gb_fails_before_loading_naming_what_fits(
     llama_8b, tmp_path, cuda_with_24_gb, no_loading
 ):
     config = TrainConfig(device="cuda", max_seq_length=2048)
-    peft = PeftSpec(target_modules="all-linear")
+    peft = PeftSpec(target_modules="all-linear", rank=4096)  # r = k: no matrix of Llama-8B has k above 4,096
     with pytest.raises(DeviceMemoryError) as raised:
         run_training(llama_8b, CHATS, None, peft, config, tmp_path / "out")
     error = raised.value
@@ -141,17 +142,46 @@ def test_all_linear_full_rank_8b_on_24_gb_fails_before_loading_naming_what_fits(
         return memory.estimate_memory(LLAMA_8B, spec, cfg)["total"]
 
     assert total(peft, resolved) > FREE_24_GB  # r = k on every linear: ~16 GB of weights and ~19 GB of bases
-    rank = re.search(r"rank (\d+)", error.message)
+    # The rank offered is the largest of the steps below the job's own rank that fits.
+    rank = re.search(r"rank (\d+) \(", error.message)
+    assert rank, error.message
+    fitting = [r for r in preflight.RANK_STEPS
+               if r < peft.rank and total(replace(peft, rank=r), resolved) <= FREE_24_GB]
+    assert int(rank.group(1)) == fitting[0]
     length = re.search(r"max_seq_length ([\d,]+)", error.message)
-    assert rank or length, error.message
-    if rank:
-        assert total(replace(peft, rank=int(rank.group(1))), resolved) <= FREE_24_GB
     if length:
         assert total(peft, replace(resolved, max_seq_length=int(length.group(1).replace(",", "")))) <= FREE_24_GB
     assert "target_modules ['q_proj', 'v_proj']" in error.message
 
 
-def test_q_v_full_rank_8b_fits_24_gb_and_goes_on_to_load(llama_8b, tmp_path, cuda_with_24_gb, no_loading):
+def test_a_default_spec_that_does_not_fit_is_offered_ranks_below_its_own_and_the_q_v_projections(
+    llama_8b, tmp_path, monkeypatch, no_loading
+):
+    # The options are judged against the spec as it resolves (all-linear, r = DEFAULT_SVFIT_RANK), not as
+    # written (None): give the default job a little less memory than it needs.
+    resolved = TrainConfig(device="cuda", max_seq_length=2048, base_dtype="bfloat16", bf16=True,
+                           gradient_checkpointing=True)
+
+    def total(spec: PeftSpec) -> int:
+        return memory.estimate_memory(LLAMA_8B, spec, resolved)["total"]
+
+    free = total(PeftSpec()) - 10**8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    with pytest.raises(DeviceMemoryError) as raised:
+        run_training(llama_8b, CHATS, None, PeftSpec(), TrainConfig(device="cuda", max_seq_length=2048),
+                     tmp_path / "out")
+    message = raised.value.message
+    rank = re.search(r"rank (\d+) \(", message)
+    assert rank, message
+    fitting = [r for r in preflight.RANK_STEPS if r < DEFAULT_SVFIT_RANK and total(PeftSpec(rank=r)) <= free]
+    assert int(rank.group(1)) == fitting[0]
+    # Fewer matrices than the all-linear the default resolves to.
+    assert "target_modules ['q_proj', 'v_proj']" in message
+
+
+def test_the_default_spec_on_8b_fits_24_gb_and_goes_on_to_load(llama_8b, tmp_path, cuda_with_24_gb, no_loading):
+    # The default: all-linear at r = 256 (DEFAULT_SVFIT_RANK), the rank chosen to stay affordable at this size.
     with pytest.raises(Loaded):
         run_training(llama_8b, CHATS, None, PeftSpec(), TrainConfig(device="cuda", max_seq_length=2048),
                      tmp_path / "out")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from svfit_core.loading import load_base_model
 from svfit_core.training.outputs import load_trained_model
 from svfit_core.errors import DataError
 from svfit_core.training.run_config import HyperparameterError
@@ -92,6 +93,10 @@ def train(path, examples, valid, peft, config, out, stop_after=None, decision="p
 
 CHAT_CONFIG = TrainConfig(n_epochs=2, batch_size=4, eval_every=2, seed=0, learning_rate=5e-2)
 PAIR_CONFIG = TrainConfig(n_epochs=2, batch_size=4, gradient_accumulation_steps=2, seed=1, learning_rate=5e-2)
+# The SVFit job these tests (and test_data_parallel, test_training_baselines) train on the tiny Llama: every
+# singular value (the tiny models are 32 wide, so rank 32 is r = k) of the q and v projections. Named, not
+# PeftSpec(), so the golden loss and the parameter counts stay put when the service's defaults move.
+SVFIT_QV = PeftSpec(rank=32, target_modules=["q_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +112,7 @@ def bert(tiny_case_factory) -> Path:
 @pytest.fixture(scope="module")
 def svfit_chat_run(llama, tmp_path_factory) -> tuple[TrainResult, Recorder]:
     """6 steps of SVFit on the chat set, uninterrupted; shared by several tests."""
-    return train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path_factory.mktemp("svfit-chat"))
+    return train(llama, CHAT, CHAT[:4], SVFIT_QV, CHAT_CONFIG, tmp_path_factory.mktemp("svfit-chat"))
 
 
 # -- callbacks -------------------------------------------------------------------------------------------
@@ -164,14 +169,14 @@ def test_golden_loss(svfit_chat_run):
 
 
 def test_cancel_stops_within_one_step(llama, tmp_path):
-    result, rec = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=1, decision="cancel")
+    result, rec = train(llama, CHAT, None, SVFIT_QV, CHAT_CONFIG, tmp_path, stop_after=1, decision="cancel")
     assert result.ended_by == "cancel" and result.step == 1 and len(rec.steps) == 1
     assert result.adapter_dir is None and not (tmp_path / "final").exists()
 
 
 def test_truncation_is_counted(llama, tmp_path):
     config = replace(CHAT_CONFIG, max_seq_length=8)
-    result, rec = train(llama, CHAT, CHAT[:2], PeftSpec(), config, tmp_path, stop_after=0, decision="cancel")
+    result, rec = train(llama, CHAT, CHAT[:2], SVFIT_QV, config, tmp_path, stop_after=0, decision="cancel")
     assert result.step == 0 and rec.info["truncated_examples"] == 12 and rec.info["truncated_valid_examples"] == 2
 
 
@@ -192,7 +197,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 def test_pause_and_resume_svfit_chat_is_exact(svfit_chat_run, llama, tmp_path):
     full, full_rec = svfit_chat_run
     # Pause after step 4: past the epoch boundary (3 steps per epoch), so the data position matters.
-    paused, first = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=4)
+    paused, first = train(llama, CHAT, CHAT[:4], SVFIT_QV, CHAT_CONFIG, tmp_path, stop_after=4)
     assert paused.ended_by == "pause" and paused.step == 4 and paused.adapter_dir is None
     assert paused.last_checkpoint == tmp_path / "checkpoints" / "step-4"
     # The end of epoch 1 (step 3), then the pause.
@@ -200,7 +205,7 @@ def test_pause_and_resume_svfit_chat_is_exact(svfit_chat_run, llama, tmp_path):
     assert first.epoch_checkpoints == [3]
     assert not list((tmp_path / "checkpoints").glob("*.part"))
 
-    resumed, second = train(llama, CHAT, CHAT[:4], PeftSpec(), CHAT_CONFIG, tmp_path,
+    resumed, second = train(llama, CHAT, CHAT[:4], SVFIT_QV, CHAT_CONFIG, tmp_path,
                             resume_from=paused.last_checkpoint)
     assert resumed.ended_by == "completion" and second.info["resumed_from_step"] == 4
     assert [m["step"] for m in second.steps] == [5, 6]
@@ -224,7 +229,7 @@ def test_pause_and_resume_svfit_classification_is_exact(bert, tmp_path):
 
 def test_pause_and_resume_banded_svfit_is_exact(llama, tmp_path):
     # The banded variant trains σ and the coupling's off-diagonals; both, and their AdamW moments, travel.
-    spec, config = PeftSpec(rank=8, band=2), replace(CHAT_CONFIG, eval_every=None)
+    spec, config = replace(SVFIT_QV, rank=8, band=2), replace(CHAT_CONFIG, eval_every=None)
     full, full_rec = train(llama, CHAT, None, spec, config, tmp_path / "full")
     paused, first = train(llama, CHAT, None, spec, config, tmp_path / "split", stop_after=4)
     resumed, second = train(llama, CHAT, None, spec, config, tmp_path / "split", resume_from=paused.last_checkpoint)
@@ -239,17 +244,17 @@ def test_pause_and_resume_banded_svfit_is_exact(llama, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_band_option_resumes(llama, tmp_path):
-    paused, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=1)
+    paused, _ = train(llama, CHAT, None, SVFIT_QV, CHAT_CONFIG, tmp_path, stop_after=1)
     state_file = paused.last_checkpoint / "training_state.json"
     state = json.loads(state_file.read_text())
     assert state["run"]["peft"].pop("band") == 0
     state_file.write_text(json.dumps(state))
-    resumed, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, resume_from=paused.last_checkpoint)
+    resumed, _ = train(llama, CHAT, None, SVFIT_QV, CHAT_CONFIG, tmp_path, resume_from=paused.last_checkpoint)
     assert resumed.ended_by == "completion" and resumed.step == 6
 
 
 def test_a_checkpoint_is_servable(svfit_chat_run, llama, tmp_path):
-    paused, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=2)
+    paused, _ = train(llama, CHAT, None, SVFIT_QV, CHAT_CONFIG, tmp_path, stop_after=2)
     model, tokenizer, meta = load_trained_model(llama, paused.last_checkpoint)
     assert meta["method"] == "svfit" and meta["task"] == "causal" and meta["step"] == 2
     ids = tokenizer("hello what is good", return_tensors="pt")["input_ids"]
@@ -257,9 +262,9 @@ def test_a_checkpoint_is_servable(svfit_chat_run, llama, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(svfit_chat_run, llama, tmp_path):
-    paused, _ = train(llama, CHAT, None, PeftSpec(), CHAT_CONFIG, tmp_path, stop_after=1)
+    paused, _ = train(llama, CHAT, None, SVFIT_QV, CHAT_CONFIG, tmp_path, stop_after=1)
     with pytest.raises(Exception) as info:
-        run_training(llama, CHAT, None, PeftSpec(), replace(CHAT_CONFIG, seed=5), tmp_path,
+        run_training(llama, CHAT, None, SVFIT_QV, replace(CHAT_CONFIG, seed=5), tmp_path,
                      resume_from=paused.last_checkpoint)
     assert getattr(info.value, "code", None) == "checkpoint_mismatch"
 
@@ -269,9 +274,38 @@ def test_resume_with_other_settings_is_refused(svfit_chat_run, llama, tmp_path):
 
 def test_gradient_accumulation_does_not_change_the_result(llama, tmp_path):
     config = replace(CHAT_CONFIG, max_steps=2, eval_every=None)
-    _, one = train(llama, CHAT, None, PeftSpec(), config, tmp_path / "one")
-    _, two = train(llama, CHAT, None, PeftSpec(), replace(config, gradient_accumulation_steps=2), tmp_path / "two")
+    _, one = train(llama, CHAT, None, SVFIT_QV, config, tmp_path / "one")
+    _, two = train(llama, CHAT, None, SVFIT_QV, replace(config, gradient_accumulation_steps=2), tmp_path / "two")
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
+
+
+# -- the defaults ------------------------------------------------------------------------------------------
+# What a spec that names nothing trains (run_config, chosen by measurement in benchmarks/README.md,
+# "Defaults"): a change here should be meant.
+
+
+def test_a_spec_that_names_nothing_resolves_to_the_measured_defaults():
+    svfit = PeftSpec(method="svfit").resolved()
+    assert (svfit.target_modules, svfit.rank) == ("all-linear", 256)
+    for method in ("lora", "pissa"):
+        lora = PeftSpec(method=method).resolved()
+        assert (lora.target_modules, lora.rank, lora.lora_alpha) == ("all-linear", 16, 32.0)
+    # An energy rule picks r per matrix: no default rank is put beside it.
+    assert PeftSpec(method="svfit", energy=0.9).resolved().rank is None
+
+
+def test_a_run_with_the_default_spec_adapts_every_linear_of_the_blocks(llama, tmp_path):
+    result, rec = train(llama, CHAT, None, PeftSpec(), replace(CHAT_CONFIG, max_steps=1, eval_every=None), tmp_path)
+    base, _ = load_base_model(llama, "causal")
+    # (out, in) of every linear inside the transformer blocks: the lm_head is not one of them.
+    shapes = {name: tuple(module.weight.shape) for name, module in base.named_modules()
+              if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    assert len(shapes) == 2 * 7  # q, k, v, o, gate, up and down of 2 blocks
+    modules = json.loads((result.adapter_dir / "adapter_config.json").read_text())["modules"]
+    # r = min(256, k); every tiny matrix has k ≤ 32, so each keeps all its singular values.
+    assert {name: m["rank"] for name, m in modules.items()} == {name: min(256, *s) for name, s in shapes.items()}
+    assert rec.info["trainable_params"] == sum(min(256, *s) for s in shapes.values())
+    assert (rec.info["peft"]["target_modules"], rec.info["peft"]["rank"]) == ("all-linear", 256)
 
 
 # -- errors ----------------------------------------------------------------------------------------------

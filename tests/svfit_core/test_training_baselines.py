@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from svfit_core.training.outputs import ArtifactFormatUnavailable, load_trained_model, write_artifact
 from svfit_core.loading import load_base_model
 from svfit_core.targets import classification_modules
-from svfit_core.training.methods import default_targets, get_method, setup_method
+from svfit_core.training.methods import attention_targets, get_method, setup_method
 from svfit_core.serialization import load_svfit_adapter
 from svfit_core.training import PeftSpec, TrainConfig, run_training
-from tests.svfit_core.test_training import CHAT, Recorder
+from tests.svfit_core.test_training import CHAT, SVFIT_QV, Recorder
 
 OVERFIT_CHAT = CHAT[:4]
 OVERFIT_PAIRS = [
@@ -30,6 +30,9 @@ OVERFIT_PAIRS = [
 ]
 # One batch holds the whole set, so every step sees the same data and the loss must fall.
 OVERFIT = TrainConfig(n_epochs=6, batch_size=4, warmup_ratio=0.0, seed=0)
+# The adapter methods' runs adapt Llama's q and v projections, named so the counts below do not follow the
+# service's default targets.
+QV = ["q_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,13 @@ def runs(llama, llama_cls, tmp_path_factory) -> dict:
     """One short overfit run per method (module-scoped: the artifact tests reuse them)."""
     tmp = tmp_path_factory.mktemp("baselines")
     return {
-        "svfit": _run(llama, OVERFIT_CHAT, PeftSpec(), tmp / "svfit", learning_rate=5e-2),
-        "svfit_cls": _run(llama_cls, OVERFIT_PAIRS, PeftSpec(rank=8), tmp / "svfit_cls", learning_rate=5e-2),
-        "lora": _run(llama, OVERFIT_CHAT, PeftSpec(method="lora", rank=4), tmp / "lora", learning_rate=1e-2,
-                     gradient_checkpointing=True),
-        "pissa": _run(llama, OVERFIT_CHAT, PeftSpec(method="pissa", rank=4), tmp / "pissa", learning_rate=1e-2,
-                      checkpoint_every=6),
+        "svfit": _run(llama, OVERFIT_CHAT, SVFIT_QV, tmp / "svfit", learning_rate=5e-2),
+        "svfit_cls": _run(llama_cls, OVERFIT_PAIRS, PeftSpec(rank=8, target_modules=QV), tmp / "svfit_cls",
+                          learning_rate=5e-2),
+        "lora": _run(llama, OVERFIT_CHAT, PeftSpec(method="lora", rank=4, target_modules=QV), tmp / "lora",
+                     learning_rate=1e-2, gradient_checkpointing=True),
+        "pissa": _run(llama, OVERFIT_CHAT, PeftSpec(method="pissa", rank=4, target_modules=QV), tmp / "pissa",
+                      learning_rate=1e-2, checkpoint_every=6),
         "full": _run(llama, OVERFIT_CHAT, PeftSpec(method="full"), tmp / "full", learning_rate=1e-3),
         "head_only": _run(llama_cls, OVERFIT_PAIRS, PeftSpec(method="head_only"), tmp / "head_only",
                           learning_rate=1e-2),
@@ -144,9 +148,10 @@ def test_lora_exports_peft_and_merged_but_not_svfit(runs, llama, tmp_path):
 
 
 def test_pissa_adapter_is_converted_to_plain_lora_on_the_original_base(runs, llama):
-    result, _ = runs["pissa"]
-    # The trained PiSSA model, rebuilt from the checkpoint's PiSSA-form state (residual base + A, B) ...
-    spec = PeftSpec(method="pissa", rank=4).resolved(["q_proj", "v_proj"])
+    result, rec = runs["pissa"]
+    # The trained PiSSA model, rebuilt from the checkpoint's PiSSA-form state (residual base + A, B) with the
+    # spec the run resolved ...
+    spec = PeftSpec.from_dict(rec.info["peft"])
     base, tokenizer = load_base_model(llama, "causal")
     trained = get_method("pissa").restore(base, spec, [], "causal", result.last_checkpoint).eval()
     batch = {k: v for k, v in _ids(tokenizer).items() if k != "token_type_ids"}
@@ -229,7 +234,7 @@ def test_peft_export_of_a_classifier_restores_its_pooler(bert_runs, bert_cls, me
 def test_the_pooler_learns_at_the_head_learning_rate(bert_cls, method):
     model, _ = load_base_model(bert_cls, "classification", num_labels=2)
     heads = classification_modules(model, with_pooler=get_method(method).head_includes_pooler)
-    spec = PeftSpec(method=method, rank=4 if method in ("svfit", "lora") else None).resolved(default_targets(model))
+    spec = PeftSpec(method=method, rank=4 if method in ("svfit", "lora") else None).resolved(attention_targets(model))
     _, groups = setup_method(model, spec, heads, "classification", lr=1e-3, head_lr=7e-3, weight_decay=0.01)
     rates = {name: (group["name"], group["lr"]) for group in groups for name in group["param_names"]}
     pooler = {rate for name, rate in rates.items() if ".pooler." in name}

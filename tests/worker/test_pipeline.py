@@ -48,9 +48,9 @@ def test_run_job_succeeds_and_publishes(service):
     assert job.requested_action is None
 
     messages = [e.message for e in service.events(job_id)]
-    # Bases first (q and v of 2 layers, one SVD each; with progress written at once, one event a matrix),
-    # then training.
-    assert messages[:5] == [f"Setting up bases: {i}/4 matrices" for i in range(1, 5)] + ["Fine-tuning job started"]
+    # Bases first (the default targets every linear of the blocks: 7 in each of 2 layers, one SVD each; with
+    # progress written at once, one event a matrix), then training.
+    assert messages[:15] == [f"Setting up bases: {i}/14 matrices" for i in range(1, 15)] + ["Fine-tuning job started"]
     started = next(e for e in service.events(job_id) if e.message == "Fine-tuning job started")
     assert started.data["memory_estimate"]["total_gb"] > 0  # the pre-flight's estimate, by part
     assert messages[-1] == "The job has successfully completed"
