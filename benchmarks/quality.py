@@ -86,6 +86,7 @@ class ArmSpec:
     # The request's `peft` for an arm that runs as the service runs it: every hyperparameter "auto"
     # (benchmarks/service_defaults.py), no sweep, the service's own learning rates for body and head.
     service: dict[str, Any] | None = None
+    service_hyperparameters: dict[str, Any] | None = None  # the request's `hyperparameters` (None: all auto)
 
 
 ARMS = [
@@ -120,6 +121,12 @@ SERVICE_ARMS += [
             service={"type": "svfit", "rank": 256, "target_modules": "all-linear"}),
     ArmSpec("lora_r16_all_auto", {"method": "lora"}, (), "LoRA r=16 on every block linear",
             service={"type": "lora", "rank": 16, "target_modules": "all-linear"}),
+    ArmSpec("svfit_r256_all_x2", {"method": "svfit"}, (), "svfit_r256_all_auto at twice the learning rate",
+            service={"type": "svfit", "rank": 256, "target_modules": "all-linear"},
+            service_hyperparameters={"learning_rate_multiplier": 2}),
+    ArmSpec("lora_r16_all_x4", {"method": "lora"}, (), "lora_r16_all_auto at four times the learning rate",
+            service={"type": "lora", "rank": 16, "target_modules": "all-linear"},
+            service_hyperparameters={"learning_rate_multiplier": 4}),
     # The head and the pretrained pooler at LoRA's head rate (5e-4) instead of SVFit's (5e-3).
     ArmSpec("svfit_r256_all_head5e-4", {"method": "svfit"}, (), "svfit_r256_all_auto, head and pooler at 5e-4",
             service={"type": "svfit", "rank": 256, "target_modules": "all-linear", "head_learning_rate": 5e-4}),
@@ -234,7 +241,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                          label_names=data["label_names"], device=settings.device)
     peft = PeftSpec(**arm.peft)
     if arm.service is not None:
-        peft, config, _ = service_job(arm.service, len(data["train"]), seed, max_seq_length=settings.max_seq_length,
+        peft, config, _ = service_job(arm.service, len(data["train"]), seed, arm.service_hyperparameters,
+                                      max_seq_length=settings.max_seq_length,
                                       label_names=data["label_names"], device=settings.device)
         record["epochs"], record["batch_size"] = config.n_epochs, config.batch_size
         record["head_lr"] = config.resolved(peft.method).head_learning_rate
@@ -355,7 +363,7 @@ def select_lrs(settings: Settings, arms: list[ArmSpec], runlog: RunLog) -> tuple
 
 def service_learning_rate(arm: ArmSpec, settings: Settings) -> float:
     """The learning rate the service picks for this arm on a training file of ``settings.train_size`` lines."""
-    return service_job(arm.service, settings.train_size, 0)[1].learning_rate
+    return service_job(arm.service, settings.train_size, 0, arm.service_hyperparameters)[1].learning_rate
 
 
 def summarise(task: str, arm: ArmSpec, lr: float, records: list[dict], settings: Settings,
