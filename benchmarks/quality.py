@@ -45,11 +45,8 @@ to benchmarks/results/<name>.runs.tmp, so an interrupted run continues with --re
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import functools
 import json
-import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -65,11 +62,11 @@ from benchmarks.common import (
     RESULTS_DIR,
     Stopwatch,
     format_table,
-    log,
     mean_std,
     minilm_path,
     write_result,
 )
+from benchmarks.runs import RunLog, run_in_workers
 from benchmarks.service_defaults import service_job
 
 HEAD_LR = 5e-3  # SVFT's recipe uses 6e-3 on the head; one value, shared by every arm that trains a body
@@ -187,13 +184,6 @@ def task_data(name: str, train_size: int, heldout_size: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ one run (in a worker)
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 def evaluate(base_path: str, adapter_dir: Path, examples: list[dict], max_len: int, device: str = "cpu",
              batch: int = 64) -> float:
     """Accuracy of the adapter ``run_training`` wrote, loaded the way the service loads it."""
@@ -272,54 +262,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- driver
 
 
-class RunLog:
-    """Completed runs, appended as JSON lines so an interrupted benchmark can continue (--resume)."""
-
-    def __init__(self, path: Path, resume: bool) -> None:
-        self.path = path
-        self.done: dict[tuple, dict] = {}
-        if resume and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("status") == "ok":
-                    self.done[self.key(rec)] = rec
-        elif path.exists():
-            path.unlink()
-
-    @staticmethod
-    def key(rec: dict) -> tuple:
-        return rec["task"], rec["arm"], float(rec["lr"]), int(rec["seed"])
-
-    def get(self, job: dict) -> dict | None:
-        return self.done.get(self.key(job))
-
-    def add(self, rec: dict) -> None:
-        self.done[self.key(rec)] = rec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+def run_key(rec: dict) -> tuple:
+    return rec["task"], rec["arm"], float(rec["lr"]), int(rec["seed"])
 
 
-def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict]:
+def describe(rec: dict) -> str:
+    return (f"{rec['task']} {rec['arm']} lr={rec['lr']:g} seed={rec['seed']}: held-out {rec['heldout_accuracy']:.4f}, "
+            f"eval {rec['accuracy']:.4f}, {rec['wall_s']:.0f} s")
+
+
+def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict | None]:
     """Run the jobs not already logged, ``settings.jobs`` at a time; records in the order of ``jobs``."""
-    todo = [j for j in jobs if runlog.get(j) is None]
-    if todo:
-        log(f"{len(todo)} runs to do ({len(jobs) - len(todo)} reused), {settings.jobs} at a time")
-        ctx = multiprocessing.get_context("spawn")  # a clean torch in every worker
-        with cf.ProcessPoolExecutor(settings.jobs, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(settings.threads_per_job,)) as pool:
-            futures = {pool.submit(run_one, j): j for j in todo}
-            for fut in cf.as_completed(futures):
-                rec = fut.result()
-                tag = f"{rec['task']} {rec['arm']} lr={rec['lr']:g} seed={rec['seed']}"
-                if rec["status"] == "ok":
-                    runlog.add(rec)
-                    log(f"{tag}: held-out {rec['heldout_accuracy']:.4f}, eval {rec['accuracy']:.4f}, "
-                        f"{rec['wall_s']:.0f} s")
-                else:
-                    log(f"{tag}: FAILED {rec.get('error')}")
-                    runlog.done[RunLog.key(rec)] = rec  # kept for this session's report, not logged
-    return [runlog.get(j) for j in jobs]
+    return run_in_workers(jobs, runlog, run_one, settings.jobs, settings.threads_per_job, describe)
 
 
 def pooler_param_count() -> int:
@@ -487,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(settings, threads_per_job=max(1, 2 // settings.jobs))
     arms = [a for a in ARMS if not args.arms or a.name in args.arms.split(",")]
     name = args.name or ("quality_quick" if args.quick else "quality")
-    runlog = RunLog(RESULTS_DIR / f"{name}.runs.tmp", args.resume)
+    runlog = RunLog(RESULTS_DIR / f"{name}.runs.tmp", args.resume, run_key)
 
     # Phase 1: the sweep picks each arm's learning rate. Phase 2: every (task, arm, seed) at that rate;
     # the sweep's seed-0 runs at the chosen rate are found in the run log and reused.

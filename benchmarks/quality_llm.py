@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures as cf
 import json
-import multiprocessing
-import os
 import re
 import shutil
 import tempfile
@@ -54,6 +51,7 @@ import numpy as np
 
 from benchmarks.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality import load_split
+from benchmarks.runs import RunLog, run_in_workers
 from benchmarks.service_defaults import service_job
 
 DATA_SEED = 1234  # fixes the training draws and the evaluation draws
@@ -207,13 +205,6 @@ def prepare_base(workdir: Path) -> Path:
 # ------------------------------------------------------------------------------ one run (in a worker)
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 async def _answers(settings_dir: Path, ref, rows: list[dict], max_tokens: int, threads: int,
                    device: str) -> list[str]:
     """Greedy answers of the serving engine to each row's user turn."""
@@ -321,50 +312,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- driver
 
 
-class RunLog:
-    """Completed runs, appended as JSON lines so an interrupted benchmark can continue (--resume)."""
-
-    def __init__(self, path: Path, resume: bool) -> None:
-        self.path = path
-        self.done: dict[tuple, dict] = {}
-        if resume and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("status") == "ok":
-                    self.done[self.key(rec)] = rec
-        elif path.exists():
-            path.unlink()
-
-    @staticmethod
-    def key(rec: dict) -> tuple:
-        return rec["task"], rec["arm"], int(rec["seed"])
-
-    def add(self, rec: dict) -> None:
-        self.done[self.key(rec)] = rec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+def run_key(rec: dict) -> tuple:
+    return rec["task"], rec["arm"], int(rec["seed"])
 
 
-def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict | None]:
-    todo = [j for j in jobs if RunLog.key(j) not in runlog.done]
-    if todo:
-        log(f"{len(todo)} runs to do ({len(jobs) - len(todo)} reused), {settings.jobs} at a time")
-        ctx = multiprocessing.get_context("spawn")  # a clean torch in every worker
-        with cf.ProcessPoolExecutor(settings.jobs, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(settings.threads_per_job,)) as pool:
-            futures = {pool.submit(run_one, j): j for j in todo}
-            for fut in cf.as_completed(futures):
-                rec = fut.result()
-                tag = f"{rec['task']} {rec['arm']} seed={rec['seed']}"
-                if rec["status"] == "ok":
-                    runlog.add(rec)
-                    loss = f", eval loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
-                    log(f"{tag}: exact match {rec['exact_match']:.3f}{loss}, {rec['wall_s']:.0f} s train, "
-                        f"{rec['eval_s']:.0f} s eval")
-                else:
-                    log(f"{tag}: FAILED {rec.get('error')}")
-    return [runlog.done.get(RunLog.key(j)) for j in jobs]
+def describe(rec: dict) -> str:
+    loss = f", eval loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
+    return (f"{rec['task']} {rec['arm']} seed={rec['seed']}: exact match {rec['exact_match']:.3f}{loss}, "
+            f"{rec['wall_s']:.0f} s train, {rec['eval_s']:.0f} s eval")
 
 
 def summarise(task: str, arm_name: str, records: list[dict | None], majority: float | None) -> dict[str, Any]:
@@ -460,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown arms {unknown}; known: {', '.join(ARMS_BY_NAME)}")
     name = args.name or ("quality_llm_quick" if args.quick else "quality_llm")
-    runlog = RunLog(RESULTS_DIR / f"{name}.runs.tmp", args.resume)
+    runlog = RunLog(RESULTS_DIR / f"{name}.runs.tmp", args.resume, run_key)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svfit-quality-llm-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -471,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [{"task": t, "arm": "base", "seed": 0, **common} for t in settings.tasks]
         jobs += [{"task": t, "arm": a, "seed": s, **common}
                  for s in range(settings.seeds) for t in settings.tasks for a in arm_names]
-        records = run_jobs(jobs, settings, runlog)
+        records = run_in_workers(jobs, runlog, run_one, settings.jobs, settings.threads_per_job, describe)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -94,3 +94,18 @@ def test_one_run_trains_as_the_service_would_and_answers_through_the_engine(tmp_
     assert record["trainable_params"] > 0 and 0.0 <= record["exact_match"] <= 1.0
     assert len(record["sample_answers"]) == 3 and all(isinstance(a, str) for a in record["sample_answers"])
     assert record["truncated"] == 0
+
+
+def test_the_run_log_keeps_successful_runs_for_resume_and_failed_ones_for_this_report_only(tmp_path):
+    from benchmarks.runs import RunLog
+
+    path = tmp_path / "runs.tmp"
+    runlog = RunLog(path, resume=False, key=quality_llm.run_key)
+    runlog.add({"task": "sst2", "arm": "svfit", "seed": 0, "status": "ok", "exact_match": 0.5})
+    runlog.add({"task": "sst2", "arm": "lora", "seed": 0, "status": "error", "error": "boom"})
+    assert runlog.get({"task": "sst2", "arm": "lora", "seed": 0})["status"] == "error"
+
+    resumed = RunLog(path, resume=True, key=quality_llm.run_key)
+    assert resumed.get({"task": "sst2", "arm": "svfit", "seed": 0})["exact_match"] == 0.5
+    assert resumed.get({"task": "sst2", "arm": "lora", "seed": 0}) is None  # a failed run is run again
+    assert RunLog(path, resume=False, key=quality_llm.run_key).done == {} and not path.exists()

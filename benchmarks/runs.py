@@ -1,0 +1,68 @@
+"""Independent benchmark runs in parallel worker processes, logged so an interrupted benchmark continues.
+
+The quality benchmarks (`quality.py`, `quality_llm.py`) train one model per (task, arm, ...) run. Each run is
+one call of the benchmark's `run_one(job) -> record` in a spawned process (a clean torch each, with its own
+thread count); every finished run is appended to a JSON-lines log, which `--resume` reads back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.common import log
+
+
+class RunLog:
+    """Completed runs by key (``key(job_or_record)``: the fields that name a run), appended as JSON lines."""
+
+    def __init__(self, path: Path, resume: bool, key: Callable[[dict], tuple]) -> None:
+        self.path = path
+        self.key = key
+        self.done: dict[tuple, dict] = {}
+        if resume and path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("status") == "ok":
+                    self.done[key(rec)] = rec
+        elif path.exists():
+            path.unlink()
+
+    def get(self, job: dict) -> dict | None:
+        return self.done.get(self.key(job))
+
+    def add(self, rec: dict) -> None:
+        """A finished run: logged when it succeeded, kept for this report only when it failed."""
+        self.done[self.key(rec)] = rec
+        if rec.get("status") != "ok":
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def run_in_workers(jobs: list[dict], runlog: RunLog, run_one: Callable[[dict], dict], workers: int, threads: int,
+                   describe: Callable[[dict], str]) -> list[dict | None]:
+    """Run the jobs the log does not hold yet, ``workers`` at a time with ``threads`` torch threads each;
+    ``describe(record)`` is the log line of a successful run. Records come back in the order of ``jobs``."""
+    todo = [j for j in jobs if runlog.get(j) is None]
+    if todo:
+        log(f"{len(todo)} runs to do ({len(jobs) - len(todo)} reused), {workers} at a time")
+        ctx = multiprocessing.get_context("spawn")  # a clean torch in every worker
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            for fut in cf.as_completed([pool.submit(run_one, j) for j in todo]):
+                rec = fut.result()
+                runlog.add(rec)
+                log(describe(rec) if rec["status"] == "ok" else f"{runlog.key(rec)}: FAILED {rec.get('error')}")
+    return [runlog.get(j) for j in jobs]
