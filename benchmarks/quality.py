@@ -276,6 +276,7 @@ def run_jobs(jobs: list[dict], settings: Settings, runlog: RunLog) -> list[dict 
     return run_in_workers(jobs, runlog, run_one, settings.jobs, settings.threads_per_job, describe)
 
 
+@functools.lru_cache(maxsize=1)
 def pooler_param_count() -> int:
     """Parameters of MiniLM's pooler (a dense hidden x hidden layer), trained in full with the head."""
     from transformers import AutoConfig

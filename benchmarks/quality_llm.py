@@ -37,6 +37,7 @@ Results: benchmarks/results/quality_llm.json (quality_llm_quick.json for --quick
 from __future__ import annotations
 
 import argparse
+import functools
 import asyncio
 import json
 import re
@@ -137,6 +138,7 @@ def _draw(rows: list[dict], n: int, salt: int) -> list[dict]:
     return [rows[i] for i in order]
 
 
+@functools.lru_cache(maxsize=None)
 def label_names(task: str) -> list[str]:
     manifest = json.loads((DATA_DIR / "manifest.json").read_text())
     return manifest["datasets"][task]["label_names"]
