@@ -102,6 +102,7 @@ SWEEP = [
     ArmSpec("svfit_b4", {"type": "svfit"}, "batches of 4", {"batch_size": 4}),
     ArmSpec("svfit_r256_all_b4", SVFIT_R256_ALL, "batches of 4", {"batch_size": 4}),
     ArmSpec("lora_r16_all_b4", LORA_ALL, "batches of 4", {"batch_size": 4}),
+    ArmSpec("full_b4", {"type": "full"}, "batches of 4", {"batch_size": 4}),
     ArmSpec("full_x0.4", {"type": "full"}, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
     ArmSpec("full_x4", {"type": "full"}, "learning rate x4", {"learning_rate_multiplier": 4}),
 ]
