@@ -14,7 +14,7 @@ from typing import Literal
 
 from svfit_core.errors import DataError
 
-Format = Literal["chat", "completion", "classification", "classification_pair"]
+Format = Literal["chat", "completion", "classification", "classification_pair", "preference"]
 Task = Literal["causal", "classification"]
 
 # Roles OpenAI's fine-tuning accepts in chat examples ("developer" is its newer name for "system").
@@ -25,7 +25,11 @@ _TASK_OF_FORMAT: dict[str, Task] = {
     "completion": "causal",
     "classification": "classification",
     "classification_pair": "classification",
+    # A preference pair trains a causal LM (with the DPO loss, training/preference.py) and serves like one.
+    "preference": "causal",
 }
+# OpenAI's preference format: the conversation so far, and one answer preferred over another.
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 
 # A DataError message lists at most this many problems; ``.errors`` keeps them all.
 _MAX_ERRORS_IN_MESSAGE = 20
@@ -38,6 +42,8 @@ def detect_format(example: dict) -> Format:
     """
     if not isinstance(example, dict):
         raise DataError(f"an example must be a JSON object, got {type(example).__name__}")
+    if any(key in example for key in PREFERENCE_KEYS):
+        return "preference"
     if "messages" in example:
         return "chat"
     if "prompt" in example and "completion" in example:
@@ -48,8 +54,9 @@ def detect_format(example: dict) -> Format:
         return "classification"
     keys = ", ".join(sorted(example)) or "none"
     raise DataError(
-        "unknown format: expected {'messages'}, {'prompt', 'completion'}, {'text', 'label'} or "
-        f"{{'text', 'text_pair', 'label'}}, got keys: {keys}"
+        "unknown format: expected {'messages'}, {'prompt', 'completion'}, {'text', 'label'}, "
+        "{'text', 'text_pair', 'label'} or {'input', 'preferred_output', 'non_preferred_output'}, "
+        f"got keys: {keys}"
     )
 
 
@@ -64,7 +71,26 @@ def validate_example(example: dict, fmt: Format) -> list[str]:
         return _chat_errors(example)
     if fmt == "completion":
         return _completion_errors(example)
+    if fmt == "preference":
+        return _preference_errors(example)
     return _classification_errors(example, pair=fmt == "classification_pair")
+
+
+def _message_errors(message: object, where: str) -> list[str]:
+    """What is wrong with one chat message's role and content."""
+    if not isinstance(message, dict):
+        return [f"{where} must be an object"]
+    errors = []
+    role = message.get("role")
+    if role is None:
+        errors.append(f"{where} has no 'role'")
+    elif role not in KNOWN_ROLES:
+        errors.append(f"{where} has unknown role {role!r} (expected one of {sorted(KNOWN_ROLES)})")
+    if "content" not in message:
+        errors.append(f"{where} has no 'content'")
+    elif not isinstance(message["content"], str):
+        errors.append(f"{where} 'content' must be a string, got {type(message['content']).__name__}")
+    return errors
 
 
 def _chat_errors(example: dict) -> list[str]:
@@ -77,18 +103,10 @@ def _chat_errors(example: dict) -> list[str]:
     trainable_turns = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
+        errors.extend(_message_errors(message, where))
         if not isinstance(message, dict):
-            errors.append(f"{where} must be an object")
             continue
         role = message.get("role")
-        if role is None:
-            errors.append(f"{where} has no 'role'")
-        elif role not in KNOWN_ROLES:
-            errors.append(f"{where} has unknown role {role!r} (expected one of {sorted(KNOWN_ROLES)})")
-        if "content" not in message:
-            errors.append(f"{where} has no 'content'")
-        elif not isinstance(message["content"], str):
-            errors.append(f"{where} 'content' must be a string, got {type(message['content']).__name__}")
         if "weight" in message:
             weight = message["weight"]
             # bool is an int subclass; `true` is not a weight.
@@ -100,6 +118,50 @@ def _chat_errors(example: dict) -> list[str]:
             trainable_turns += 1
     if trainable_turns == 0:
         errors.append("no trainable assistant turn (no assistant message, or all have weight 0)")
+    return errors
+
+
+def _preference_errors(example: dict) -> list[str]:
+    """OpenAI's DPO line: ``input.messages`` (the context, never trained) and one assistant answer in each of
+    ``preferred_output`` and ``non_preferred_output``."""
+    missing = [key for key in PREFERENCE_KEYS if key not in example]
+    if missing:
+        return [f"missing {', '.join(repr(key) for key in missing)} (a preference example has "
+                f"{', '.join(repr(key) for key in PREFERENCE_KEYS)})"]
+    errors: list[str] = []
+    context = example["input"]
+    if not isinstance(context, dict):
+        errors.append(f"'input' must be an object with 'messages', got {type(context).__name__}")
+    elif "tools" in context or "functions" in context:
+        errors.append("'input.tools' is not supported yet: preference data with tools cannot be trained")
+    elif not isinstance(context.get("messages"), list) or not context["messages"]:
+        errors.append("'input.messages' must be a non-empty list of messages")
+    else:
+        for i, message in enumerate(context["messages"]):
+            errors.extend(_message_errors(message, f"input.messages[{i}]"))
+            if isinstance(message, dict) and "weight" in message:
+                errors.append(f"input.messages[{i}] has a 'weight': the input is context and never trained")
+        last = context["messages"][-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            errors.append("'input.messages' ends with an assistant message: the outputs answer the last turn, "
+                          "so it must be the user's (or a system or tool message)")
+    answers = []
+    for key in PREFERENCE_KEYS[1:]:
+        output = example[key]
+        if not isinstance(output, list) or len(output) != 1:
+            errors.append(f"'{key}' must be a list holding one assistant message")
+            continue
+        message = output[0]
+        message_errors = _message_errors(message, f"{key}[0]")
+        errors.extend(message_errors)
+        if isinstance(message, dict) and message.get("role", "assistant") != "assistant":
+            errors.append(f"{key}[0] must have role 'assistant', got {message.get('role')!r}")
+        if not message_errors:
+            if not message["content"]:
+                errors.append(f"{key}[0] 'content' is empty")
+            answers.append(message["content"])
+    if len(answers) == 2 and answers[0] == answers[1]:
+        errors.append("'preferred_output' and 'non_preferred_output' are the same answer: nothing to prefer")
     return errors
 
 

@@ -4,7 +4,9 @@ Causal examples become ``input_ids`` plus ``labels`` of the same length in the H
 (``labels[i] = input_ids[i]`` where the token is trained, -100 elsewhere; the loss shifts them). Chat
 examples train only assistant turns with a non-zero weight, completion examples only the completion.
 Classification examples become ``input_ids`` (and ``token_type_ids`` where the tokenizer makes them) and an
-integer ``label``. Every sequence is cut to ``max_length``; the result says whether it was cut.
+integer ``label``. Preference examples become a pair of causal rows, the context followed by the preferred
+and by the non-preferred answer, each trained on its answer only. Every sequence is cut to ``max_length``;
+the result says whether it was cut.
 """
 
 from __future__ import annotations
@@ -30,15 +32,33 @@ class Encoded:
         return len(self.input_ids)
 
 
+@dataclass
+class EncodedPreference:
+    """One preference example: two causal rows sharing their context. Its length is the longer row's, the
+    width the pair pads to."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
 def encode_example(
     example: dict, fmt: Format, tokenizer: PreTrainedTokenizerBase, max_length: int, *, token_types: bool = False
-) -> Encoded:
+) -> Encoded | EncodedPreference:
     """``token_types``: keep the tokenizer's ``token_type_ids`` (only models with segment embeddings,
     BERT-style, take them; a Llama forward would reject them)."""
     if fmt == "chat":
         return encode_chat(example["messages"], tokenizer, max_length)
     if fmt == "completion":
         return encode_completion(example["prompt"], example["completion"], tokenizer, max_length)
+    if fmt == "preference":
+        return encode_preference(example, tokenizer, max_length)
     return encode_classification(
         example["text"], example.get("text_pair"), example["label"], tokenizer, max_length, token_types=token_types
     )
@@ -128,6 +148,19 @@ def encode_chat(
     return _truncate_causal(input_ids, labels, max_length)
 
 
+def encode_preference(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedPreference:
+    """The context (assistant turns in it are never trained) followed by each answer, rendered and masked as
+    a chat whose only trained turn is that answer: the tokens DPO scores are the ones the model would say."""
+    context = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m["role"] == "assistant" else {})}
+               for m in example["input"]["messages"]]
+
+    def answered(key: str) -> Encoded:
+        answer = example[key][0]
+        return encode_chat([*context, {"role": "assistant", "content": answer["content"]}], tokenizer, max_length)
+
+    return EncodedPreference(answered("preferred_output"), answered("non_preferred_output"))
+
+
 def encode_completion(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     # The prompt takes the tokenizer's usual specials (a BOS for Llama-style models); the completion ends
     # with EOS so the model learns where to stop.
@@ -163,9 +196,10 @@ def encode_classification(
     return Encoded(full["input_ids"], int(label), token_type_ids=type_ids, truncated=truncated)
 
 
-def count_targets(encoded: Encoded) -> int:
-    """How many predictions an example contributes to the loss (after the causal shift)."""
-    if isinstance(encoded.labels, int):
+def count_targets(encoded: Encoded | EncodedPreference) -> int:
+    """How many predictions an example contributes to the loss (after the causal shift); a preference pair
+    is one comparison."""
+    if isinstance(encoded, EncodedPreference) or isinstance(encoded.labels, int):
         return 1
     # labels[0] is never predicted: nothing precedes it.
     return sum(1 for t in encoded.labels[1:] if t != IGNORE_INDEX)

@@ -1,5 +1,5 @@
-"""The training loop: SFT of a causal LM (chat or prompt/completion) or training a sequence classifier, with
-SVFit or a baseline method, resumable from any checkpoint.
+"""The training loop: SFT of a causal LM (chat or prompt/completion), DPO of a causal LM (preference pairs),
+or training a sequence classifier, with SVFit or a baseline method, resumable from any checkpoint.
 
 ``run_training`` reads top to bottom: validate, set up the model, the data and the optimizer, then loop over
 optimizer steps (poll the callbacks, step, report, evaluate, checkpoint) and write the final adapter. It
@@ -36,10 +36,11 @@ from svfit_core.training.checkpointing import (
     save_training_state,
 )
 from svfit_core.training.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
+from svfit_core.training import preference
 from svfit_core.training.data import check_examples, task_for_format
 from svfit_core.training import distributed
 from svfit_core.training.distributed import SOLO, Ranks
-from svfit_core.training.encoding import Encoded, encode_example
+from svfit_core.training.encoding import Encoded, EncodedPreference, encode_example
 from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
 from svfit_core.loading import DTYPES, base_dtype_for, load_base_model, max_positions
 from svfit_core.training.loss import causal_loss, classification_loss, transformers_model
@@ -76,10 +77,13 @@ class TrainingCallbacks:
 
     def on_step(self, metrics: dict) -> None:
         """After each optimizer step: step, total_steps, epoch (float), train_loss,
-        train_mean_token_accuracy (accuracy for classification), learning_rate, trained_tokens."""
+        train_mean_token_accuracy (accuracy for classification; for DPO the share of pairs whose chosen
+        answer's reward is above the rejected one's), learning_rate, trained_tokens; for DPO also
+        train_chosen_reward, train_rejected_reward and train_reward_margin (means over the batch's pairs)."""
 
     def on_eval(self, metrics: dict) -> None:
-        """After each evaluation: step, valid_loss, valid_mean_token_accuracy."""
+        """After each evaluation: step, valid_loss, valid_mean_token_accuracy; for DPO also
+        valid_chosen_reward, valid_rejected_reward and valid_reward_margin."""
 
     def on_checkpoint(self, step: int, path: Path, epoch_end: bool = False) -> None:
         """After checkpoint ``step-N`` is complete on disk (renamed into place). ``epoch_end``: it was taken
@@ -135,6 +139,10 @@ class _Run:
     auto_checkpointing: bool = False  # gradient checkpointing was left to the loop, which may turn it on
     memory_estimate: dict | None = None  # the pre-flight's, in GB (preflight.check_memory); None if skipped
     text_pair: bool | None = None  # a classifier trained on text pairs (serving takes only pairs); None: causal
+    objective: str = "supervised"  # or "dpo": preference pairs (training/preference.py)
+    # DPO's reference log-probabilities of each pair's (chosen, rejected) answer: (N, 2) and (M, 2).
+    reference_train: torch.Tensor | None = None
+    reference_valid: torch.Tensor | None = None
 
 
 def run_training(
@@ -187,6 +195,8 @@ def run_training(
                            last_checkpoint=Path(resume_from))
     _setup_data(run, fmt, train_examples, valid_examples or [])
     _plan_memory(run)
+    if run.objective == "dpo":
+        _setup_reference(run, resume_from)
     optimizer = _setup_optimizer(run)
     ranks.copy_from_main([p for group in run.param_groups for p in group["params"]])
     step, epoch, batch_index, trained_tokens, metrics = 0, 0, 0, 0, {}
@@ -236,24 +246,22 @@ def run_training(
             epoch, batch_index = epoch + 1, 0
             batches = epoch_batches(len(run.train), run.config.batch_size, run.config.seed, epoch)
 
-        metrics.update(train_loss=step_metrics["loss"], train_mean_token_accuracy=step_metrics["accuracy"])
+        train = _named("train", step_metrics)
+        metrics.update(train)
         callbacks.on_step({
             "step": step,
             "total_steps": run.total_steps,
             "epoch": epoch + batch_index / len(batches),
-            "train_loss": step_metrics["loss"],
-            "train_mean_token_accuracy": step_metrics["accuracy"],
+            **train,
             "learning_rate": optimizer.param_groups[0]["lr"],
             "trained_tokens": trained_tokens,
         })
 
         every_eval = run.config.eval_every
         if run.valid and ((every_eval and step % every_eval == 0) or step == run.total_steps):
-            valid = _evaluate(run, ranks)
-            metrics.update(valid_loss=valid["loss"], valid_mean_token_accuracy=valid["accuracy"])
-            callbacks.on_eval(
-                {"step": step, "valid_loss": valid["loss"], "valid_mean_token_accuracy": valid["accuracy"]}
-            )
+            valid = _named("valid", _evaluate(run, ranks))
+            metrics.update(valid)
+            callbacks.on_eval({"step": step, **valid})
 
         # One checkpoint per epoch (the last one too: it is the final model with its training state), and
         # every `checkpoint_every` steps between them for crash recovery.
@@ -266,6 +274,16 @@ def run_training(
         with atomic_dir(final) as part:
             _write_servable(run, part, step)
     return result("completion", adapter_dir=final)
+
+
+def _named(split: str, measured: dict) -> dict:
+    """A step's or an evaluation's means under the names the callbacks report them by."""
+    named = {f"{split}_loss": measured["loss"], f"{split}_mean_token_accuracy": measured["accuracy"]}
+    if "chosen_reward" in measured:
+        named[f"{split}_chosen_reward"] = measured["chosen_reward"]
+        named[f"{split}_rejected_reward"] = measured["rejected_reward"]
+        named[f"{split}_reward_margin"] = measured["chosen_reward"] - measured["rejected_reward"]
+    return named
 
 
 # -- validation and seeding ---------------------------------------------------------------------------
@@ -416,6 +434,7 @@ def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples:
     # Segment (token type) embeddings exist only in BERT-style models; others must not receive the ids.
     token_types = bool(getattr(run.model.config, "type_vocab_size", 0))
     run.text_pair = fmt == "classification_pair" if run.task == "classification" else None
+    run.objective = "dpo" if fmt == "preference" else "supervised"
     run.train = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in train_examples]
     run.valid = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in valid_examples]
     run.truncated = sum(row.truncated for row in run.train)
@@ -438,7 +457,8 @@ def _run_identity(run: _Run) -> dict:
     trajectory = {k: v for k, v in run.config.to_dict().items()
                   if k not in ("eval_every", "checkpoint_every", "device", "gradient_checkpointing", "bf16",
                                "max_tokens_per_micro_batch", "base_dtype")}
-    return {"method": run.method.name, "task": run.task, "peft": run.peft.to_dict(), "config": trajectory,
+    return {"method": run.method.name, "task": run.task, "objective": run.objective, "peft": run.peft.to_dict(),
+            "config": trajectory,
             "label_names": run.label_names, "num_examples": len(run.train)}
 
 
@@ -446,7 +466,9 @@ def _check_resume(run: _Run, state: TrainingState) -> None:
     expected = _run_identity(run)
     # A checkpoint from before data parallelism does not name its world size: it ran in one process; one from
     # before the banded variant does not name its band: it trained σ only.
-    saved = {**state.run, "config": {"world_size": 1, **state.run.get("config", {})}}
+    # One from before DPO trained with the supervised objective, and its config names no beta.
+    saved = {"objective": "supervised", **state.run,
+             "config": {"world_size": 1, "dpo_beta": TrainConfig.dpo_beta, **state.run.get("config", {})}}
     if "peft" in state.run:
         saved["peft"] = {"band": 0, **state.run["peft"]}
     if saved != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
@@ -462,6 +484,7 @@ def _start_info(run: _Run, optimizer: torch.optim.Optimizer, ranks: Ranks, resum
         "total_steps": run.total_steps,
         "task": run.task,
         "method": run.method.name,
+        "objective": run.objective,
         "num_examples": len(run.train),
         "num_valid_examples": len(run.valid),
         "truncated_examples": run.truncated,
@@ -494,7 +517,7 @@ def _plan_memory(run: _Run) -> None:
         trainable=[p for group in run.param_groups for p in group["params"]],
         compute_bytes=2 if config.bf16 else param_bytes,
         adapter_width=adapter_width,
-        longest_row=max(len(row) for row in run.train),
+        longest_row=_rows_per_example(run) * max(len(row) for row in run.train),
         max_tokens=config.max_tokens_per_micro_batch,
         checkpointing=config.gradient_checkpointing,
     )
@@ -505,9 +528,14 @@ def _plan_memory(run: _Run) -> None:
                          max_tokens_per_micro_batch=plan.tokens_per_micro_batch)
 
 
-def _micro_batches(run: _Run, batch: list[int], examples: list[Encoded]) -> list[list[int]]:
+def _rows_per_example(run: _Run) -> int:
+    return 2 if run.objective == "dpo" else 1  # a preference pair runs as its two answers' rows
+
+
+def _micro_batches(run: _Run, batch: list[int], examples: list[Encoded] | list[EncodedPreference]) -> list[list[int]]:
+    # The token budget is for padded rows; a pair's length is its longer row, and it brings two.
     return micro_batches(batch, examples, run.config.gradient_accumulation_steps,
-                         run.config.max_tokens_per_micro_batch)
+                         max(1, run.config.max_tokens_per_micro_batch // _rows_per_example(run)))
 
 
 def _micro_batches_per_step(run: _Run, ranks: Ranks) -> int:
@@ -522,7 +550,7 @@ def _shrink_after_oom(run: _Run, failed: list[int]) -> None:
     turn it on. A single row that cannot shrink further ends the run."""
     width = max(len(run.train[i]) for i in failed)
     if len(failed) > 1:
-        run.config.max_tokens_per_micro_batch = len(failed) * width // 2
+        run.config.max_tokens_per_micro_batch = _rows_per_example(run) * len(failed) * width // 2
     elif run.auto_checkpointing and not run.config.gradient_checkpointing:
         _enable_gradient_checkpointing(transformers_model(run.model))
         run.config.gradient_checkpointing = True
@@ -570,31 +598,52 @@ def _autocast(run: _Run):
     return torch.autocast(run.device.type, dtype=dtype)
 
 
-def _loss_step(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the batch's targets and the number of correct predictions (see loss.py).
+def _loss_step(
+    run: _Run, batch: dict[str, torch.Tensor], reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed loss over the batch's targets, the number of correct predictions (see loss.py), and for DPO
+    the summed rewards (``preference.REWARD_METRICS``; None otherwise). A DPO batch is ``collate_pairs``'s,
+    ``reference`` its pairs' reference log-probabilities.
 
     Sums, not means: the caller divides by the targets of the whole optimizer batch, so micro-batches of
     different sizes weigh each target equally.
     """
     with _autocast(run):
+        if run.objective == "dpo":
+            return preference.preference_loss(run.model, batch, reference, run.config.dpo_beta)
         if run.task == "causal":
-            return causal_loss(run.model, batch)
-        return classification_loss(run.model, batch)
+            return (*causal_loss(run.model, batch), None)
+        return (*classification_loss(run.model, batch), None)
+
+
+def _micro_batch_inputs(
+    run: _Run, micro: list[int], examples: list, reference: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The padded tensors of the examples ``micro`` indexes, on the device, and their reference rows."""
+    rows = [examples[i] for i in micro]
+    if run.objective == "dpo":
+        batch = preference.collate_pairs(rows, run.tokenizer.pad_token_id)
+        return {k: v.to(run.device) for k, v in batch.items()}, reference[torch.tensor(micro, dtype=torch.long)]
+    return {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}, None
+
+
+def _tokens(rows: list) -> int:
+    return sum(len(r.chosen) + len(r.rejected) if isinstance(r, EncodedPreference) else len(r) for r in rows)
 
 
 def _accumulate_gradients(
     run: _Run, batch: list[int], targets: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor, int] | None, list[int] | None]:
-    """Forward and backward of each micro-batch of ``batch``: ((loss sum, correct, tokens), None), or
-    (None, the micro-batch that ran out of device memory) with the gradients part accumulated."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None, list[int] | None]:
+    """Forward and backward of each micro-batch of ``batch``: ((loss sum, correct, reward sums, tokens),
+    None), or (None, the micro-batch that ran out of device memory) with the gradients part accumulated."""
     loss_total = torch.zeros((), device=run.device)
     correct_total = torch.zeros((), dtype=torch.long, device=run.device)
+    rewards_total = torch.zeros(len(preference.REWARD_METRICS), device=run.device)
     tokens = 0
     for micro in _micro_batches(run, batch, run.train):
-        rows = [run.train[i] for i in micro]
-        inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
+        inputs, reference = _micro_batch_inputs(run, micro, run.train, run.reference_train)
         try:
-            loss_sum, correct = _loss_step(run, inputs)
+            loss_sum, correct, rewards = _loss_step(run, inputs, reference)
             (loss_sum / targets).backward()
         except torch.OutOfMemoryError:
             # Returning ends this frame and the exception, and with them every activation of the attempt;
@@ -602,15 +651,17 @@ def _accumulate_gradients(
             return None, micro
         loss_total += loss_sum.detach()
         correct_total += correct
-        tokens += sum(len(row) for row in rows)
-    return (loss_total, correct_total, tokens), None
+        if rewards is not None:
+            rewards_total += rewards
+        tokens += _tokens([run.train[i] for i in micro])
+    return (loss_total, correct_total, rewards_total, tokens), None
 
 
 def _share_gradients(
     run: _Run, optimizer: torch.optim.Optimizer, share: list[int], targets: int
-) -> tuple[float, int, int]:
+) -> tuple[float, ...]:
     """Accumulate the gradients of ``share`` (this rank's example indices of a step) in micro-batches under
-    the token budget -> (loss sum, correct predictions, tokens).
+    the token budget -> (loss sum, correct predictions, tokens, *reward sums).
 
     Running out of device memory restarts the share with smaller micro-batches (``_shrink_after_oom``): the
     partial gradients are dropped and the RNG rewound, so the retry computes what the step would have
@@ -626,9 +677,18 @@ def _share_gradients(
             torch.cuda.empty_cache()  # hand the failed attempt's blocks back: a fragmented cache OOMs again
         _shrink_after_oom(run, failed)
         _set_rng_state(run.device, rng)
-    loss_total, correct_total, tokens = sums
-    # .item() syncs with the GPU once per step, after the backward passes are queued.
-    return loss_total.item(), int(correct_total.item()), tokens
+    loss_total, correct_total, rewards_total, tokens = sums
+    # .tolist() syncs with the GPU once per step, after the backward passes are queued.
+    return (loss_total.item(), int(correct_total.item()), tokens, *rewards_total.tolist())
+
+
+def _means(run: _Run, sums: list[float], targets: int) -> dict:
+    """Per-target means of a step's or an evaluation's sums (loss, correct, tokens, *reward sums)."""
+    loss_total, correct_total, _tokens_seen, *rewards = sums
+    means = {"loss": loss_total / targets, "accuracy": correct_total / targets}
+    if run.objective == "dpo":
+        means.update({name: value / targets for name, value in zip(preference.REWARD_METRICS, rewards, strict=True)})
+    return means
 
 
 def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], ranks: Ranks) -> dict:
@@ -641,34 +701,55 @@ def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], r
     try:
         sums, failure = _share_gradients(run, optimizer, ranks.share(batch), targets), None
     except DeviceMemoryError as exc:
-        sums, failure = (0.0, 0, 0), exc  # raised in sum_step, once the other ranks know to stop too
+        sums, failure = (0.0, 0, 0, *[0.0] * len(preference.REWARD_METRICS)), exc  # raised in sum_step
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_total, correct_total, tokens = ranks.sum_step(params, sums, failure)
+    sums = ranks.sum_step(params, sums, failure)
     if run.config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total / targets, "accuracy": correct_total / targets, "tokens": int(tokens)}
+    return {**_means(run, sums, targets), "tokens": int(sums[2])}
 
 
 @torch.no_grad()
 def _evaluate(run: _Run, ranks: Ranks) -> dict:
-    """The validation loss and accuracy over all of ``run.valid``, each rank evaluating its share."""
+    """The validation loss and accuracy (and DPO's rewards) over all of ``run.valid``, each rank evaluating
+    its share."""
     run.model.eval()
-    loss_total, correct_total = 0.0, 0
+    sums = [0.0, 0, 0, *[0.0] * len(preference.REWARD_METRICS)]
     share = ranks.share(list(range(len(run.valid))))
     for start in range(0, len(share), run.config.batch_size):
         batch = share[start : start + run.config.batch_size]
         for micro in _micro_batches(run, batch, run.valid):
-            rows = [run.valid[i] for i in micro]
-            inputs = {k: v.to(run.device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
-            loss_sum, correct = _loss_step(run, inputs)
-            loss_total += loss_sum.item()
-            correct_total += int(correct)
+            inputs, reference = _micro_batch_inputs(run, micro, run.valid, run.reference_valid)
+            loss_sum, correct, rewards = _loss_step(run, inputs, reference)
+            sums[0] += loss_sum.item()
+            sums[1] += int(correct)
+            if rewards is not None:
+                for i, value in enumerate(rewards.tolist()):
+                    sums[3 + i] += value
     run.model.train()
-    loss_total, correct_total = ranks.sum([loss_total, correct_total])
-    targets = max(1, batch_targets(run.valid))
-    return {"loss": loss_total / targets, "accuracy": correct_total / targets}
+    sums = ranks.sum(sums)
+    return _means(run, sums, max(1, batch_targets(run.valid)))
+
+
+def _setup_reference(run: _Run, resume_from: str | Path | None) -> None:
+    """DPO's reference log-probabilities: the resumed checkpoint's, or computed now by the model as training
+    starts from it (the reference, see preference.py). Every rank computes all of them: one forward pass over
+    the data, a fraction of one epoch's cost."""
+    if resume_from is not None:
+        saved = preference.load_reference(Path(resume_from))
+        if saved is None:
+            raise ConfigError("the checkpoint holds no DPO reference log-probabilities", code="checkpoint_mismatch")
+        run.reference_train, run.reference_valid = saved
+        return
+    # Micro-batches as training forms them (the first epoch's order does not matter: each pair is scored alone).
+    def score(examples: list[EncodedPreference]) -> torch.Tensor:
+        micro = _micro_batches(run, list(range(len(examples))), examples)
+        return preference.reference_logprobs(run.model, examples, micro, run.tokenizer.pad_token_id, run.device,
+                                             lambda: _autocast(run))
+
+    run.reference_train, run.reference_valid = score(run.train), score(run.valid)
 
 
 # -- writing adapters -------------------------------------------------------------------------------------
@@ -679,6 +760,7 @@ def training_meta(run: _Run, step: int, epoch_end: bool = False) -> dict:
         "format_version": META_FORMAT_VERSION,
         "method": run.method.name,
         "task": run.task,
+        "objective": run.objective,
         "label_names": run.label_names,
         "text_pair": run.text_pair,
         "base_model_path": str(run.base_model_path.resolve()),
@@ -702,6 +784,8 @@ def _save_checkpoint(
     with atomic_dir(final) as part:
         _write_servable(run, part, position.step, epoch_end)
         run.method.save_resume_state(run.model, part)
+        if run.objective == "dpo":
+            preference.save_reference(part, run.reference_train, run.reference_valid)
         position.optimizer_tensors, position.optimizer_json = flatten_optimizer(optimizer)
         position.rng_tensors, position.rng_json = capture_rng()
         save_training_state(part, position)

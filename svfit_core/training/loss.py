@@ -25,7 +25,15 @@ LOSS_CHUNK_TOKENS = 1024
 # their own forward, and only the cross-entropy is chunked.
 HIDDEN_STATE_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
 
-__all__ = ["LOSS_CHUNK_TOKENS", "causal_loss", "chunked_cross_entropy", "classification_loss", "transformers_model"]
+__all__ = [
+    "LOSS_CHUNK_TOKENS",
+    "causal_loss",
+    "causal_targets",
+    "chunked_cross_entropy",
+    "chunked_token_logprobs",
+    "classification_loss",
+    "transformers_model",
+]
 
 
 def transformers_model(model: nn.Module) -> PreTrainedModel:
@@ -49,7 +57,16 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 def causal_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the batch's target tokens and the number predicted correctly.
+    """Summed next-token cross-entropy over the batch's target tokens and the number predicted correctly."""
+    hidden, targets, head, _ = causal_targets(model, batch)
+    return chunked_cross_entropy(hidden, targets, head, chunk_tokens)
+
+
+def causal_targets(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor]:
+    """The hidden states (T, H) at the positions that predict a target token, those targets (T,), the head
+    that maps the one onto the vocabulary, and each target's row in the batch (T,).
 
     Positions whose label is ``IGNORE_INDEX`` (prompts, zero-weight turns, padding) are dropped before the
     head runs, so they cost nothing and count nowhere.
@@ -66,7 +83,8 @@ def causal_loss(
         head = nn.Identity()
     hidden, labels = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
     keep = labels != IGNORE_INDEX  # (B, L-1)
-    return chunked_cross_entropy(hidden[keep], labels[keep], head, chunk_tokens)  # (T, H), (T,)
+    rows = keep.nonzero()[:, 0]  # row-major, the order hidden[keep] takes
+    return hidden[keep], labels[keep], head, rows
 
 
 def chunked_cross_entropy(
@@ -96,3 +114,24 @@ def chunked_cross_entropy(
         loss_sum = loss_sum + chunk_sum
         correct = correct + chunk_correct
     return loss_sum, correct
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
+    """log p(target) of each of the T rows of ``hidden`` (T, H) in fp32 (T,), ``chunk_tokens`` rows at a time,
+    with the memory behaviour of ``chunked_cross_entropy``."""
+
+    def chunk_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(head(h).float(), y, reduction="none")  # (c,)
+
+    pieces = []
+    for start in range(0, len(targets), chunk_tokens):
+        h, y = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(chunk_logprobs, h, y, use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(chunk_logprobs(h, y))
+    if not pieces:  # nothing to score: an empty result that still backpropagates
+        return hidden.float().sum(-1)
+    return torch.cat(pieces)

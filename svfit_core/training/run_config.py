@@ -195,6 +195,9 @@ class TrainConfig:
     # stay fp32 under autocast to it), so "bfloat16" needs bf16 unset or true, "float16" unset or false.
     base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     world_size: int = 1
+    # DPO's beta: how far the policy may move from the reference per unit of preference. Used only when the
+    # training data is in the preference format (the loss is then DPO's, training/preference.py).
+    dpo_beta: float = 0.1
 
     def validate(self) -> None:
         for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "world_size"):
@@ -216,6 +219,9 @@ class TrainConfig:
             raise HyperparameterError(
                 f"weight_decay must be a finite number ≥ 0, got {shown(self.weight_decay)}", param="weight_decay"
             )
+        if not (finite_number(self.dpo_beta) and self.dpo_beta > 0):
+            raise HyperparameterError(f"dpo_beta must be a finite number > 0, got {shown(self.dpo_beta)}",
+                                      param="dpo_beta")
         if not (finite_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {shown(self.warmup_ratio)}",
                                       param="warmup_ratio")

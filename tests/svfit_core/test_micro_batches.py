@@ -191,12 +191,12 @@ def _out_of_memory_on(calls: set[int] | None, monkeypatch) -> list[int]:
     every call), as CUDA would; returns the padded token counts of the micro-batches that failed."""
     real, count, failed = loop._loss_step, [0], []
 
-    def flaky(run, batch):
+    def flaky(run, batch, reference=None):
         count[0] += 1
         if calls is None or count[0] in calls:
             failed.append(batch["input_ids"].numel())
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(run, batch)
+        return real(run, batch, reference)
 
     monkeypatch.setattr(loop, "_loss_step", flaky)
     return failed
