@@ -195,8 +195,6 @@ def run_training(
                            last_checkpoint=Path(resume_from))
     _setup_data(run, fmt, train_examples, valid_examples or [])
     _plan_memory(run)
-    if run.objective == "dpo":
-        _setup_reference(run, resume_from)
     optimizer = _setup_optimizer(run)
     ranks.copy_from_main([p for group in run.param_groups for p in group["params"]])
     step, epoch, batch_index, trained_tokens, metrics = 0, 0, 0, 0, {}
@@ -206,6 +204,8 @@ def run_training(
         restore_rng(state.rng_tensors, state.rng_json)
         step, epoch, batch_index = state.step, state.epoch, state.batch_index
         trained_tokens, metrics = state.trained_tokens, dict(state.metrics)
+    if run.objective == "dpo":  # after the resume check, which names a checkpoint of another kind of run
+        _setup_reference(run, resume_from)
 
     callbacks.on_start(_start_info(run, optimizer, ranks, resumed_step=step if state else None))
     last_checkpoint = Path(resume_from) if resume_from is not None else None
