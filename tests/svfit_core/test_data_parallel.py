@@ -132,6 +132,22 @@ def test_a_classifier_and_its_head_train_alike_even_with_an_empty_share(tiny_cas
     assert double.step == single.step == 4
 
 
+def test_dpo_in_two_processes_trains_what_one_process_trains(llama, tmp_path):
+    from tests.svfit_core.test_preference import PREFERENCES
+
+    # 8 pairs in batches of 3: steps of 3, 3 and 2 pairs, so the ranks' shares differ in size.
+    config = replace(CHAT_CONFIG, batch_size=3, gradient_accumulation_steps=1)
+    single, single_rec = train(llama, PREFERENCES, PREFERENCES[:3], config, tmp_path / "one")
+    double, double_rec = train(llama, PREFERENCES, PREFERENCES[:3], replace(config, world_size=2), tmp_path / "two")
+    assert max_difference(trained(tmp_path / "one" / "final"), trained(tmp_path / "two" / "final")) <= 1e-5
+    assert double_rec.losses == pytest.approx(single_rec.losses, rel=1e-5)
+    for key in ("train_reward_margin", "train_mean_token_accuracy"):
+        assert [m[key] for m in double_rec.steps] == pytest.approx([m[key] for m in single_rec.steps], abs=1e-6)
+    assert [m["valid_reward_margin"] for m in double_rec.evals] == pytest.approx(
+        [m["valid_reward_margin"] for m in single_rec.evals], abs=1e-6)
+    assert double.step == single.step == 6
+
+
 def test_a_paused_two_process_run_resumes_exactly_with_dropout(tiny_case_factory, tmp_path):
     # BERT's dropout draws from each rank's generator: resuming must give every rank the same draws.
     path = tiny_case_factory("bert", "classification").path
