@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from api.core import tables
 from api.core.job_states import JobStatus
@@ -91,11 +91,27 @@ class SupervisedMethodRequest(BaseModel):
     hyperparameters: HyperparametersRequest | None = None
 
 
+class DpoHyperparametersRequest(HyperparametersRequest):
+    beta: Any = Field(
+        default="auto",
+        json_schema_extra=NUMBER_OR_AUTO,
+        description="How far the model may move from the starting model per unit of preference (auto: 0.1).",
+    )
+
+
+class DpoMethodRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    hyperparameters: DpoHyperparametersRequest | None = None
+
+
 class MethodRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: str = Field(description='Only "supervised" is supported.')
+    # A plain string, so that api/core/job_spec.py names an unsupported one ("reinforcement") in its own words.
+    type: str = Field(description='"supervised" or "dpo" (preference data); "reinforcement" is not supported yet.')
     supervised: SupervisedMethodRequest | None = None
+    dpo: DpoMethodRequest | None = None
 
 
 class PeftRequest(BaseModel):
@@ -138,6 +154,15 @@ class HyperparametersPublic(BaseModel):
     batch_size: int
     learning_rate_multiplier: float
     learning_rate: float | None = Field(default=None, description="Extension: the absolute learning rate.")
+    beta: float | None = Field(default=None, description="DPO jobs only: DPO's beta.")
+
+    @model_serializer(mode="wrap")
+    def _beta_only_for_dpo(self, handler):  # noqa: ANN001, ANN202 - pydantic's serializer protocol
+        # A supervised job's object stays as it was: no `beta` key rather than a null one.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("beta") is None:
+            data.pop("beta", None)
+        return data
 
 
 class JobErrorPublic(BaseModel):

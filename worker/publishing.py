@@ -32,6 +32,14 @@ MANIFEST_NAME = "publish_manifest.json"
 
 RESULTS_FILENAME = "step_metrics.csv"
 RESULTS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# A DPO job's CSV has these too, each under its metrics events' key (worker/reporting.py); a supervised job's
+# stays as it was.
+DPO_RESULTS_COLUMNS = (
+    "train_reward_margin", "train_chosen_reward", "train_rejected_reward",
+    "valid_reward_margin", "valid_chosen_reward", "valid_rejected_reward",
+)
+# Where a CSV column's value comes from in a metrics event's data, where the names differ.
+_RESULTS_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
 
 
 def fine_tuned_model_name(job: Job) -> str:
@@ -172,12 +180,17 @@ def ensure_model_row(session: Session, job: Job, name: str, key: str, step: int 
     return model
 
 
-def results_csv(session: Session, job_id: str) -> bytes:
-    """The step metrics CSV, built from the job's metrics events.
+def results_columns(method_type: str) -> tuple[str, ...]:
+    return RESULTS_COLUMNS + (DPO_RESULTS_COLUMNS if method_type == "dpo" else ())
+
+
+def results_csv(session: Session, job_id: str, *, method_type: str = "supervised") -> bytes:
+    """The step metrics CSV, built from the job's metrics events; `method_type` is the job's `method.type`.
 
     Events are the durable record across pauses and worker restarts. Steps re-run after a resume appear
     twice in the events; the later value wins, so the CSV has one row per step.
     """
+    columns = results_columns(method_type)
     rows: dict[int, dict[str, Any]] = {}
     events = session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.pk)
@@ -187,20 +200,16 @@ def results_csv(session: Session, job_id: str) -> bytes:
         if "step" not in data:
             continue
         row = rows.setdefault(int(data["step"]), {})
-        for column, source in (
-            ("train_loss", "train_loss"),
-            ("train_accuracy", "train_mean_token_accuracy"),
-            ("valid_loss", "valid_loss"),
-            ("valid_mean_token_accuracy", "valid_mean_token_accuracy"),
-        ):
+        for column in columns[1:]:
+            source = _RESULTS_SOURCES.get(column, column)
             if data.get(source) is not None:
                 row[column] = data[source]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(RESULTS_COLUMNS)
+    writer.writerow(columns)
     for step in sorted(rows):
         row = rows[step]
-        writer.writerow([step, *(_cell(row.get(c)) for c in RESULTS_COLUMNS[1:])])
+        writer.writerow([step, *(_cell(row.get(c)) for c in columns[1:])])
     return out.getvalue().encode()
 
 
@@ -220,7 +229,7 @@ def ensure_results_file(session: Session, storage: Storage, job: Job) -> File:
     ).one_or_none()
     if existing is not None:
         return existing
-    body = results_csv(session, job.id)
+    body = results_csv(session, job.id, method_type=(job.method or {}).get("type", "supervised"))
     part = storage.part_path(key)
     try:
         with part.open("wb") as fh:

@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 # (the run itself matters more than its per-step log).
 _MAX_BUFFERED_EVENTS = 10_000
 
+# What a metrics event carries from the library's step and eval metrics. A DPO run's loss is DPO's and its
+# accuracy the share of pairs ranked right; it adds the implicit rewards (beta x log-ratio to the reference) of
+# the preferred and the non-preferred answer and their margin. A key the run did not report is left out.
+TRAIN_METRICS = ("train_loss", "train_mean_token_accuracy")
+VALID_METRICS = ("valid_loss", "valid_mean_token_accuracy")
+REWARD_METRICS = ("reward_margin", "chosen_reward", "rejected_reward")
+
 
 class JobLost(Exception):
     """This worker no longer holds the job (reaped or finished elsewhere); stop without writing."""
@@ -57,6 +64,22 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _reported(metrics: dict[str, Any], split: str) -> dict[str, Any]:
+    """The `split` ("train" or "valid") metrics an event carries: loss and accuracy always (null when absent),
+    a DPO run's rewards when it reported them."""
+    reported = {key: _finite(metrics.get(key)) for key in (TRAIN_METRICS if split == "train" else VALID_METRICS)}
+    for name in REWARD_METRICS:
+        key = f"{split}_{name}"
+        if key in metrics:
+            reported[key] = _finite(metrics[key])
+    return reported
+
+
+def _margin_note(reported: dict[str, Any], split: str) -> str:
+    margin = reported.get(f"{split}_reward_margin")
+    return f", reward margin={margin:.4f}" if margin is not None else ""
 
 
 class JobReporter(TrainingCallbacks):
@@ -154,14 +177,11 @@ class JobReporter(TrainingCallbacks):
         self.total_steps = metrics.get("total_steps", self.total_steps)
         self.epoch = metrics.get("epoch", self.epoch)
         self.trained_tokens = metrics.get("trained_tokens", self.trained_tokens) or 0
-        self.last_train = {
-            "train_loss": _finite(metrics.get("train_loss")),
-            "train_mean_token_accuracy": _finite(metrics.get("train_mean_token_accuracy")),
-        }
+        self.last_train = _reported(metrics, "train")
         loss = self.last_train["train_loss"]
         self._queue_event(
-            f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}" if loss is not None
-            else f"Step {self.step}/{self.total_steps}",
+            f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}{_margin_note(self.last_train, 'train')}"
+            if loss is not None else f"Step {self.step}/{self.total_steps}",
             type="metrics",
             data={"step": self.step, "total_steps": self.total_steps, **self.last_train},
         )
@@ -171,14 +191,11 @@ class JobReporter(TrainingCallbacks):
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
         step = int(metrics.get("step", self.step))
-        self.last_valid = {
-            "valid_loss": _finite(metrics.get("valid_loss")),
-            "valid_mean_token_accuracy": _finite(metrics.get("valid_mean_token_accuracy")),
-        }
+        self.last_valid = _reported(metrics, "valid")
         loss = self.last_valid["valid_loss"]
         self._queue_event(
-            f"Step {step}/{self.total_steps}: validation loss={loss:.4f}" if loss is not None
-            else f"Step {step}/{self.total_steps}: validation",
+            f"Step {step}/{self.total_steps}: validation loss={loss:.4f}{_margin_note(self.last_valid, 'valid')}"
+            if loss is not None else f"Step {step}/{self.total_steps}: validation",
             type="metrics",
             data={"step": step, "total_steps": self.total_steps, **self.last_valid},
         )

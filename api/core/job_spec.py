@@ -3,12 +3,15 @@ the job, and a stored spec becomes the training library's `PeftSpec` and `TrainC
 
 Stored in `jobs.peft` (and echoed by the job object): {"type": "svfit", "rank", "energy", "target_modules"},
 {"type": "lora", "rank", "alpha", "target_modules"} or {"type": "full"}, plus the PEFT_OPTIONS the request set.
-Stored in `jobs.hyperparameters`: {"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"}.
+Stored in `jobs.hyperparameters`: {"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"}, plus
+"beta" for a DPO job. Stored in `jobs.method`: OpenAI's `{"type": "supervised"|"dpo", <type>: {"hyperparameters":
+...}}`, echoing the same values.
 
 Every "auto" is decided at creation, so the job object echoes exactly what will run. Values are judged by the
 library's own validators, run here on the spec the worker will build, and a bad one is an `InvalidParameter`
-naming the request's field. This module checks only what the library never sees: the request's JSON shape
-and the service's own bounds on epochs, batch size and the learning-rate multiplier.
+naming the request's field. This module checks only what the library never sees: the request's JSON shape,
+the service's own bounds on epochs, batch size, the learning-rate multiplier and DPO's beta, and which method
+a file's data format trains with.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from api.core.errors import InvalidParameter
+from api.core.errors import InvalidParameter, InvalidTrainingFile
 from svfit_core.training.run_config import DEFAULT_LEARNING_RATE, HyperparameterError, PeftSpec, TrainConfig
 from svfit_core.training.run_config import finite_number, shown
 
@@ -62,6 +65,15 @@ MAX_AUTO_EPOCHS = 25
 
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
+# OpenAI's `method.type`s this service trains. A DPO job trains on preference data and only on it; the library
+# then takes DPO's loss, against the starting model as the reference.
+METHOD_TYPES = ("supervised", "dpo")
+PREFERENCE_FORMAT = "preference"
+# DPO's beta for "auto": the DPO paper's and TRL's default. Useful values lie around 0.01 to 0.5; at 10 the loss
+# already saturates after the smallest move away from the reference, so a larger value is a slip, not a choice.
+DEFAULT_DPO_BETA = 0.1
+MAX_DPO_BETA = 10.0
+
 
 def auto_n_epochs(n_examples: int) -> int:
     n_examples = max(1, n_examples)
@@ -84,6 +96,46 @@ def auto_batch_size(n_examples: int) -> int:
     return int(min(BATCH_SIZE_BOUNDS[1], max(floor, power_of_two)))
 
 
+# --- method ----------------------------------------------------------------------------------------------
+
+
+def check_method_type(method_type: Any) -> str:
+    """`method.type` if this service trains it, else a 400 naming `method.type`."""
+    if method_type in METHOD_TYPES:
+        return method_type
+    if method_type == "reinforcement":
+        raise InvalidParameter(
+            "Method 'reinforcement' is not supported yet; use 'supervised' or 'dpo'.", param="method.type"
+        )
+    raise InvalidParameter(
+        f"'method.type' must be one of {', '.join(METHOD_TYPES)}, got {shown(method_type)}.", param="method.type"
+    )
+
+
+def check_file_fits_method(method_type: str, data_format: str | None, file_id: str, *, param: str) -> None:
+    """A 400 naming `param` unless the file's data format is one `method_type` trains on: DPO takes preference
+    data only, and preference data trains only with DPO."""
+    if method_type == "dpo" and data_format != PREFERENCE_FORMAT:
+        raise InvalidTrainingFile(
+            f"File '{file_id}' holds {data_format} examples, but a DPO job needs preference data: one "
+            '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}], '
+            '"non_preferred_output": [{"role": "assistant", "content": ...}]} object per line.',
+            param=param,
+        )
+    if method_type != "dpo" and data_format == PREFERENCE_FORMAT:
+        raise InvalidTrainingFile(
+            f"File '{file_id}' holds preference data, which trains with DPO: set method.type = \"dpo\" "
+            '(method: {"type": "dpo", "dpo": {"hyperparameters": {...}}}).',
+            param=param,
+        )
+
+
+def stored_method(method_type: str, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's `method`, echoing the resolved hyperparameters the way OpenAI's job object does."""
+    names = HYPERPARAMETER_NAMES + (("beta",) if method_type == "dpo" else ())
+    return {"type": method_type, method_type: {"hyperparameters": {name: hyperparameters[name] for name in names}}}
+
+
 # --- request -> stored ---------------------------------------------------------------------------------
 
 
@@ -93,13 +145,17 @@ def resolve_request(
     *,
     n_examples: int,
     param_prefix: str = "hyperparameters",
+    method_type: str = "supervised",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The `peft` and `hyperparameters` a new job stores. `param_prefix` is where the request put its
-    hyperparameters (`hyperparameters` or `method.supervised.hyperparameters`), for naming a bad one."""
+    hyperparameters (`hyperparameters` or `method.<type>.hyperparameters`), for naming a bad one; a DPO job's
+    also hold `beta`."""
     peft = _requested_peft(dict(requested_peft or {}))
     hyperparameters = _resolved_hyperparameters(
         dict(requested_hyperparameters or {}), n_examples, peft["type"], param_prefix
     )
+    if method_type == "dpo":
+        hyperparameters["beta"] = _dpo_beta((requested_hyperparameters or {}).get("beta"), f"{param_prefix}.beta")
     spec = peft_spec(peft)
     try:
         spec.validate()
@@ -150,6 +206,8 @@ def _request_field(param: str | None, param_prefix: str) -> str:
     """The request field a library HyperparameterError is about."""
     if param == "learning_rate":  # set through the multiplier, which can underflow it to 0
         return f"{param_prefix}.learning_rate_multiplier"
+    if param == "dpo_beta":
+        return f"{param_prefix}.beta"
     request_names = {"lora_alpha": "alpha", **{library: name for name, library in LIBRARY_NAMES.items()}}
     return f"peft.{request_names.get(param, param)}"
 
@@ -196,6 +254,17 @@ def _integer(value: Any, param: str, low: int, high: int) -> int:
     return value
 
 
+def _dpo_beta(value: Any, param: str) -> float:
+    if _is_auto(value):
+        return DEFAULT_DPO_BETA
+    if not finite_number(value) or not 0 < value <= MAX_DPO_BETA:
+        raise InvalidParameter(
+            f"'{param}' must be a number above 0 and at most {MAX_DPO_BETA:g}, or \"auto\", got {shown(value)}.",
+            param=param,
+        )
+    return float(value)
+
+
 def _positive_number(value: Any, param: str) -> float:
     if not finite_number(value) or value <= 0:
         raise InvalidParameter(
@@ -227,10 +296,14 @@ def train_config(
     seed: int,
     default_checkpoint_every: int | None,
 ) -> TrainConfig:
-    """The library's TrainConfig: epochs, batch size and the absolute learning rate from `hyperparameters`,
-    training options from `peft`, checkpoints every `default_checkpoint_every` steps unless `peft` says."""
+    """The library's TrainConfig: epochs, batch size and the absolute learning rate (and a DPO job's beta) from
+    `hyperparameters`, training options from `peft`, checkpoints every `default_checkpoint_every` steps unless
+    `peft` says."""
     options = {LIBRARY_NAMES.get(name, name): peft[name] for name in TRAIN_OPTIONS if peft.get(name) is not None}
     options.setdefault("checkpoint_every", default_checkpoint_every)
+    if hyperparameters.get("beta") is not None:
+        # Only a DPO job stores one; the library uses it only on preference data, which such a job always has.
+        options["dpo_beta"] = hyperparameters["beta"]
     return TrainConfig(
         n_epochs=hyperparameters["n_epochs"],
         batch_size=hyperparameters["batch_size"],

@@ -32,7 +32,7 @@ from api.core.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from api.core.job_spec import HYPERPARAMETER_NAMES, resolve_request
+from api.core.job_spec import check_file_fits_method, check_method_type, resolve_request, stored_method
 from api.core.ids import new_id
 from api.core.job_queue import EnqueueJob
 from api.core.job_states import CANCELLABLE_AT_ONCE, PAUSABLE_AT_ONCE, TERMINAL, JobStatus
@@ -59,23 +59,24 @@ def request_hash(request: JobCreate) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _requested_hyperparameters(request: JobCreate) -> tuple[dict[str, Any], str]:
+def _method_type(request: JobCreate) -> str:
+    """The request's `method.type` (supervised when it sends no method), if this service trains it."""
+    return check_method_type(request.method.type) if request.method is not None else "supervised"
+
+
+def _requested_hyperparameters(request: JobCreate, method_type: str) -> tuple[dict[str, Any], str]:
     """The hyperparameters asked for, from the legacy field or the `method` block, and where they came from."""
-    if request.method is not None and request.method.type != "supervised":
-        raise InvalidParameter(
-            f"Method '{request.method.type}' is not supported; only 'supervised' is.", param="method.type"
-        )
     legacy = request.hyperparameters.model_dump(exclude_unset=True) if request.hyperparameters else {}
-    supervised = request.method.supervised if request.method else None
-    from_method = supervised.hyperparameters.model_dump(exclude_unset=True) if supervised and supervised.hyperparameters else {}
+    block = getattr(request.method, method_type, None) if request.method else None
+    from_method = block.hyperparameters.model_dump(exclude_unset=True) if block and block.hyperparameters else {}
     for name in legacy.keys() & from_method.keys():
         if legacy[name] != from_method[name]:
             raise InvalidParameter(
-                f"'{name}' is given twice with different values (hyperparameters and method.supervised).",
+                f"'{name}' is given twice with different values (hyperparameters and method.{method_type}).",
                 param=f"hyperparameters.{name}",
             )
     if from_method:
-        return {**legacy, **from_method}, "method.supervised.hyperparameters"
+        return {**legacy, **from_method}, f"method.{method_type}.hyperparameters"
     return legacy, "hyperparameters"
 
 
@@ -156,11 +157,14 @@ def create_job(
         return existing
 
     base_model_path = resolve_base_model(request.model, settings.models_dir)
+    method_type = _method_type(request)
     training = usable_training_file(
         session, org_id, request.training_file, param="training_file", min_examples=settings.min_training_examples
     )
+    check_file_fits_method(method_type, training.data_format, training.id, param="training_file")
     if request.validation_file is not None:
         validation = usable_training_file(session, org_id, request.validation_file, param="validation_file")
+        check_file_fits_method(method_type, validation.data_format, validation.id, param="validation_file")
         if validation.data_format != training.data_format:
             raise InvalidTrainingFile(
                 f"The validation file holds {validation.data_format} examples but the training file "
@@ -168,12 +172,13 @@ def create_job(
                 param="validation_file",
             )
     _check_suffix_and_metadata(request)
-    requested, param_prefix = _requested_hyperparameters(request)
+    requested, param_prefix = _requested_hyperparameters(request, method_type)
     peft, hyperparameters = resolve_request(
         request.peft.model_dump() if request.peft else None,
         requested,
         n_examples=training.num_examples or 0,
         param_prefix=param_prefix,
+        method_type=method_type,
     )
     # Only a rank the request named: the default (SVFit's 256) is "at most", clamped to each matrix's k.
     _check_rank_fits(request.peft.model_dump() if request.peft else {}, base_model_path, request.model)
@@ -188,10 +193,7 @@ def create_job(
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
         user_metadata=request.metadata,
         hyperparameters=hyperparameters,
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": {name: hyperparameters[name] for name in HYPERPARAMETER_NAMES}},
-        },
+        method=stored_method(method_type, hyperparameters),
         peft=peft,
         status=JobStatus.QUEUED,
         result_files=[],

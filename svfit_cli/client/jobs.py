@@ -65,6 +65,8 @@ def _file_id(client: ApiClient, value: str | None) -> str | None:
 
 
 def job_body(client: ApiClient, args: argparse.Namespace) -> dict:
+    if args.beta is not None and args.method != "dpo":  # before any upload
+        raise CliError("invalid_parameter", "--beta applies only to --method dpo")
     body: dict = {"model": args.model, "training_file": _file_id(client, args.training_file)}
     validation = _file_id(client, args.validation_file)
     if validation:
@@ -78,7 +80,14 @@ def job_body(client: ApiClient, args: argparse.Namespace) -> dict:
                             ("learning_rate_multiplier", args.lr_multiplier))
         if value is not None
     }
-    if hyperparameters:
+    if args.beta is not None:
+        hyperparameters["beta"] = args.beta
+    if args.method:
+        # OpenAI's current shape: the hyperparameters inside the method block.
+        body["method"] = {"type": args.method}
+        if hyperparameters:
+            body["method"][args.method] = {"hyperparameters": hyperparameters}
+    elif hyperparameters:
         body["hyperparameters"] = hyperparameters
     peft: dict = {"type": args.peft} if args.peft else {}
     for name in ("rank", "energy"):
@@ -99,7 +108,18 @@ def job_body(client: ApiClient, args: argparse.Namespace) -> dict:
 
 
 def _method(job: dict) -> str:
-    return (job.get("peft") or {}).get("type") or (job.get("method") or {}).get("type") or "-"
+    """The peft type ("svfit"), preceded by the training method when it is not plain supervised ("dpo/svfit")."""
+    peft_type = (job.get("peft") or {}).get("type")
+    method_type = (job.get("method") or {}).get("type")
+    if method_type and method_type != "supervised":
+        return f"{method_type}/{peft_type}" if peft_type else method_type
+    return peft_type or method_type or "-"
+
+
+def _method_note(job: dict) -> str:
+    """What `create` says about a new job's method: `dpo/svfit, beta 0.1`."""
+    beta = (job.get("hyperparameters") or {}).get("beta")
+    return _method(job) + (f", beta {beta:g}" if isinstance(beta, (int, float)) else "")
 
 
 def _progress(job: dict) -> str:
@@ -225,8 +245,9 @@ def cmd_create(client: ApiClient, args: argparse.Namespace) -> int:
     body = job_body(client, args)
     # One key per invocation: a retry of this request after a lost answer returns the same job, not a twin.
     job = client.post("fine_tuning/jobs", body, headers={"Idempotency-Key": args.idempotency_key or str(uuid.uuid4())})
+    # On stderr: stdout carries only the id (or the JSON), for scripts.
+    print(f"created {job['id']} ({_method_note(job)})", file=sys.stderr, flush=True)
     if args.follow:
-        print(f"created {job['id']}", file=sys.stderr, flush=True)
         return follow(client, job["id"], interval=args.interval, json_output=args.json_output)
     if args.json_output:
         print_json(job)
@@ -294,6 +315,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     create.add_argument("--epochs", type=_number_or_auto, help="n_epochs (a number or 'auto')")
     create.add_argument("--batch-size", type=_number_or_auto)
     create.add_argument("--lr-multiplier", type=_number_or_auto, help="learning_rate_multiplier")
+    create.add_argument("--method", choices=["supervised", "dpo"],
+                        help="training method (default supervised); dpo trains on a preference file")
+    create.add_argument("--beta", type=_number_or_auto, help="DPO's beta (a number or 'auto'); with --method dpo")
     create.add_argument("--peft", choices=["svfit", "lora", "full"], help="method (server default: svfit)")
     create.add_argument("--rank", type=int)
     create.add_argument("--energy", type=float)

@@ -42,7 +42,8 @@ def detect_format(example: dict) -> Format:
     """
     if not isinstance(example, dict):
         raise DataError(f"an example must be a JSON object, got {type(example).__name__}")
-    if any(key in example for key in PREFERENCE_KEYS):
+    # The answers mark a preference line; "input" alone is too common a key to claim one.
+    if any(key in example for key in PREFERENCE_KEYS[1:]):
         return "preference"
     if "messages" in example:
         return "chat"

@@ -45,6 +45,19 @@ def chat_file(n: int = 5) -> bytes:
     return jsonl([chat_line(i) for i in range(n)])
 
 
+def preference_line(i: int = 0) -> dict:
+    """One example of OpenAI's preference format (what a DPO job trains on)."""
+    return {
+        "input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+        "preferred_output": [{"role": "assistant", "content": f"a helpful answer {i}"}],
+        "non_preferred_output": [{"role": "assistant", "content": f"no {i}"}],
+    }
+
+
+def preference_file(n: int = 5) -> bytes:
+    return jsonl([preference_line(i) for i in range(n)])
+
+
 class RecordingDispatch:
     """Stands in for worker.dispatch.enqueue_job: remembers ids, or fails on demand."""
 

@@ -8,13 +8,14 @@ import pytest
 from sqlalchemy import func, select
 
 from api.core.tables import File
-from tests.api.conftest import chat_file, chat_line, jsonl
+from tests.api.conftest import chat_file, chat_line, jsonl, preference_line
 
 GOOD_FILES = {
     "chat": jsonl([chat_line(i) for i in range(4)]),
     "completion": jsonl([{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(4)]),
     "classification": jsonl([{"text": f"t{i}", "label": i % 2} for i in range(4)]),
     "classification_pair": jsonl([{"text": f"a{i}", "text_pair": f"b{i}", "label": 1} for i in range(4)]),
+    "preference": jsonl([preference_line(i) for i in range(4)]),
 }
 
 
@@ -63,6 +64,23 @@ def test_each_validation_error_is_reported_with_its_line_number(api, line, expec
     file = api.upload(body).json()
     assert file["status"] == "error"
     assert "line 3:" in file["status_details"] and expected in file["status_details"], file["status_details"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"preferred_output": [{"role": "user", "content": "x"}]}, "preferred_output"),
+        ({"non_preferred_output": None}, "non_preferred_output"),
+        ({"input": {"messages": "hi"}}, "input"),
+    ],
+)
+def test_a_bad_preference_line_is_refused_with_its_line_number(api, change, expected):
+    lines = [preference_line(i) for i in range(4)]
+    lines[1] = {key: value for key, value in {**lines[1], **change}.items() if value is not None}
+    file = api.upload(jsonl(lines)).json()
+    assert file["status"] == "error"
+    assert "line 2:" in file["status_details"] and expected in file["status_details"], file["status_details"]
+    assert "line 1:" not in file["status_details"] and "line 3:" not in file["status_details"]
 
 
 def test_mixed_formats_are_an_error_naming_the_line(api):

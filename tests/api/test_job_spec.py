@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import pytest
 
-from api.core.errors import InvalidParameter
+from api.core.errors import InvalidParameter, InvalidTrainingFile
 from api.core.job_spec import (
+    DEFAULT_DPO_BETA,
     LIBRARY_NAMES,
     PEFT_TYPES,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
     auto_batch_size,
     auto_n_epochs,
+    check_file_fits_method,
+    check_method_type,
     peft_spec,
     resolve_request,
+    stored_method,
     train_config,
 )
 from svfit_core.training.run_config import (
@@ -205,3 +209,72 @@ def test_auto_batch_size_is_a_bounded_power_of_two():
     assert auto_batch_size(100) == 8
     assert auto_batch_size(10_000) == 16
     assert auto_batch_size(10_000_000) == 256
+
+
+# --- DPO -------------------------------------------------------------------------------------------------
+
+DPO_PREFIX = "method.dpo.hyperparameters"
+
+
+def dpo_round_trip(hyperparameters: dict | None, peft: dict | None = None):
+    stored_peft, hyper = resolve_request(peft, hyperparameters, n_examples=40, param_prefix=DPO_PREFIX,
+                                         method_type="dpo")
+    config = train_config(hyper, stored_peft, seed=7, default_checkpoint_every=None)
+    config.validate()
+    return hyper, config
+
+
+def test_dpo_beta_auto_is_the_default_and_reaches_the_library():
+    assert DEFAULT_DPO_BETA == 0.1
+    for requested in (None, {}, {"beta": "auto"}, {"beta": None}):
+        hyper, config = dpo_round_trip(requested)
+        assert hyper["beta"] == 0.1 and config.dpo_beta == 0.1
+    hyper, config = dpo_round_trip({"beta": 2, "n_epochs": 3}, {"type": "lora"})
+    assert hyper["beta"] == 2.0 and isinstance(hyper["beta"], float) and config.dpo_beta == 2.0
+    assert config.n_epochs == 3
+    assert stored_method("dpo", hyper) == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 3, "batch_size": hyper["batch_size"], "learning_rate_multiplier": 1.0, "beta": 2.0}}}
+
+
+def test_a_supervised_job_has_no_beta_and_the_library_default():
+    _, hyper = resolve_request(None, {"beta": 5}, n_examples=40)
+    assert "beta" not in hyper
+    assert train_config(hyper, {"type": "svfit"}, seed=0, default_checkpoint_every=None).dpo_beta == TrainConfig().dpo_beta
+    assert stored_method("supervised", {**hyper, "beta": 1})["supervised"]["hyperparameters"].keys() == {
+        "n_epochs", "batch_size", "learning_rate_multiplier"}
+
+
+@pytest.mark.parametrize("beta", [0, -1, "x", float("nan"), float("inf"), 1e999, 10.5, True, [0.1], 10**400])
+def test_a_bad_beta_is_refused_naming_the_field(beta):
+    with pytest.raises(InvalidParameter) as info:
+        dpo_round_trip({"beta": beta})
+    assert info.value.param == "method.dpo.hyperparameters.beta"
+    assert "beta" in info.value.message
+
+
+def test_the_largest_beta_is_allowed():
+    assert dpo_round_trip({"beta": 10})[0]["beta"] == 10.0
+
+
+@pytest.mark.parametrize(("method_type", "message"),
+                         [("reinforcement", "not supported yet"), ("rlhf", "must be one of"), ("", "must be one of"),
+                          (None, "must be one of")])
+def test_only_supervised_and_dpo_are_methods(method_type, message):
+    assert check_method_type("supervised") == "supervised" and check_method_type("dpo") == "dpo"
+    with pytest.raises(InvalidParameter) as info:
+        check_method_type(method_type)
+    assert info.value.param == "method.type" and message in info.value.message
+
+
+@pytest.mark.parametrize(("method_type", "data_format", "refused"), [
+    ("dpo", "preference", False), ("dpo", "chat", True), ("dpo", "completion", True), ("dpo", "classification", True),
+    ("supervised", "preference", True), ("supervised", "chat", False), ("supervised", "classification", False),
+])
+def test_the_data_format_must_fit_the_method(method_type, data_format, refused):
+    if not refused:
+        check_file_fits_method(method_type, data_format, "file-x", param="training_file")
+        return
+    with pytest.raises(InvalidTrainingFile) as info:
+        check_file_fits_method(method_type, data_format, "file-x", param="validation_file")
+    assert info.value.param == "validation_file" and info.value.code == "invalid_training_file"
+    assert ("preference data" in info.value.message) and "file-x" in info.value.message

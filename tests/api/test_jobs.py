@@ -8,7 +8,7 @@ from sqlalchemy import func, select, update
 
 from api.core.tables import Job
 from svfit_core.training.run_config import DEFAULT_LEARNING_RATE
-from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl
+from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl, preference_file
 
 
 def set_job(api, job_id: str, **values) -> None:
@@ -47,6 +47,7 @@ def test_create_resolves_everything_and_enqueues_after_commit(any_db_api):
         "supervised": {"hyperparameters": {k: hyper[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}},
     }
     assert job["peft"] == {"type": "svfit", "rank": 256, "energy": None, "target_modules": "all-linear"}
+    assert "beta" not in hyper  # a DPO job's only
     assert job["result_files"] == [] and job["error"] is None and job["fine_tuned_model"] is None
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0, "seconds_remaining": None}
 
@@ -72,7 +73,9 @@ def test_method_block_and_peft_extension(api):
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
         ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}}, "method.supervised.hyperparameters.batch_size"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "rlhf"}}, "method.type"),
+        ({"method": {"type": "dpo"}}, "training_file"),  # a chat file: DPO needs preference data
         ({"peft": {"type": "adapter"}}, "peft.type"),
         ({"peft": {"rank": 0}}, "peft.rank"),
         ({"peft": {"energy": 1.5}}, "peft.energy"),
@@ -114,6 +117,91 @@ def test_validation_file_must_match_the_training_format(api):
     classification = api.upload_ok(jsonl([{"text": "x", "label": 0}] * 4))
     response = api.create_job(validation_file=classification)
     assert response.status_code == 400 and response.json()["error"]["param"] == "validation_file"
+
+
+# --- DPO ---------------------------------------------------------------------------------------------
+
+
+def dpo(**hyperparameters) -> dict:  # noqa: ANN003
+    return {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}} if hyperparameters else {"type": "dpo"}
+
+
+def test_a_dpo_job_resolves_beta_and_echoes_what_will_run(any_db_api):
+    api = any_db_api
+    preference = api.upload_ok(preference_file(6))
+    job = api.job_ok(training_file=preference, method=dpo(n_epochs=2, learning_rate_multiplier=0.5),
+                     peft={"type": "lora", "rank": 4})
+    hyper = job["hyperparameters"]
+    assert hyper["beta"] == 0.1 and hyper["n_epochs"] == 2 and hyper["learning_rate_multiplier"] == 0.5
+    assert hyper["learning_rate"] == pytest.approx(0.5 * DEFAULT_LEARNING_RATE["lora"])
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 2, "batch_size": hyper["batch_size"], "learning_rate_multiplier": 0.5, "beta": 0.1}}}
+    assert job["peft"]["type"] == "lora" and api.dispatch.job_ids == [job["id"]]
+    again = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=api.headers()).json()
+    assert again["method"] == job["method"] and again["hyperparameters"] == hyper
+
+    explicit = api.job_ok(training_file=preference, method=dpo(beta=0.25), validation_file=preference,
+                          peft={"type": "full"})
+    assert explicit["hyperparameters"]["beta"] == 0.25
+    assert explicit["method"]["dpo"]["hyperparameters"]["beta"] == 0.25
+    assert api.job_ok(training_file=preference, method=dpo(beta="auto"))["hyperparameters"]["beta"] == 0.1
+
+
+@pytest.mark.parametrize("beta", [b"0", b"-1", b'"x"', b"NaN", b"1e999", b"10.5", b"true", b"[]"])
+def test_a_bad_beta_is_a_400_naming_it(api, beta):
+    preference = api.upload_ok(preference_file())
+    # Raw JSON, as a client sends it: NaN and 1e999 (infinity) are what Python's parser accepts, not JSON.
+    body = (b'{"model": "%s", "training_file": "%s", "method": {"type": "dpo", "dpo": {"hyperparameters": '
+            b'{"beta": %s}}}}' % (BASE_MODEL.encode(), preference.encode(), beta))
+    response = api.client.post("/v1/fine_tuning/jobs", content=body,
+                               headers={**api.headers(), "content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "method.dpo.hyperparameters.beta" and error["code"] == "invalid_parameter"
+    assert "beta" in error["message"]
+    assert job_count(api) == 0
+
+
+def test_reinforcement_is_not_supported_yet(api):
+    error = api.create_job(method={"type": "reinforcement", "reinforcement": {}}).json()["error"]
+    assert error["param"] == "method.type" and error["code"] == "invalid_parameter"
+    assert "not supported yet" in error["message"]
+
+
+def test_the_file_must_fit_the_method(api):
+    chat, preference = api.upload_ok(chat_file()), api.upload_ok(preference_file())
+
+    refused = api.create_job(training_file=chat, method=dpo(beta=0.2))
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["param"], error["code"]) == ("training_file", "invalid_training_file")
+    assert "DPO" in error["message"] and "preference" in error["message"] and chat in error["message"]
+
+    refused = api.create_job(training_file=preference, validation_file=chat, method=dpo())
+    error = refused.json()["error"]
+    assert (error["param"], error["code"]) == ("validation_file", "invalid_training_file")
+    assert "preference" in error["message"]
+
+    for method in (None, {"type": "supervised"}):
+        refused = api.create_job(training_file=preference, **({"method": method} if method else {}))
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("training_file", "invalid_training_file")
+        assert 'method.type = "dpo"' in error["message"]
+    assert job_count(api) == 0
+
+
+def test_legacy_hyperparameters_with_a_dpo_method_follow_the_supervised_rule(api):
+    preference = api.upload_ok(preference_file())
+    job = api.job_ok(training_file=preference, hyperparameters={"n_epochs": 3, "batch_size": 2},
+                     method=dpo(n_epochs=3, beta=0.5))
+    assert (job["hyperparameters"]["n_epochs"], job["hyperparameters"]["batch_size"]) == (3, 2)
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.5
+    error = api.create_job(training_file=preference, hyperparameters={"n_epochs": 3},
+                           method=dpo(n_epochs=4)).json()["error"]
+    assert error["param"] == "hyperparameters.n_epochs" and "method.dpo" in error["message"]
+    # A bad value in the method block is named there.
+    error = api.create_job(training_file=preference, method=dpo(batch_size=0)).json()["error"]
+    assert error["param"] == "method.dpo.hyperparameters.batch_size"
 
 
 def test_another_orgs_file_is_unknown_training_file(any_db_api):

@@ -2,13 +2,16 @@
 
 Production path: `svfit api` + `svfit worker` on Postgres + Redis. Embedded default: `svfit serve`.
 Upload → create → poll → events → checkpoints → artifacts (svfit, peft_lora, merged; PEFT loads the
-LoRA export and matches the merged model) → cancel a second job → pause and resume a third.
+LoRA export and matches the merged model) → cancel a second job → pause and resume a third. And a DPO job on
+preference data, as OpenAI's `method={"type": "dpo", ...}` asks for one.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import json
 import subprocess
 import tarfile
 import time
@@ -17,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
-from tests.e2e.conftest import ROOT, SVFIT, Service
+from tests.e2e.conftest import CHAT_LINES, ROOT, SVFIT, Service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -186,3 +189,84 @@ def test_journey_on_postgres_and_redis(production_service, chat_jsonl, models_di
 def test_journey_embedded_default(embedded_service, chat_jsonl, models_dir, tmp_path):
     api_key = create_key(embedded_service, "embedded-org")
     run_journey_or_show_logs(embedded_service, api_key, chat_jsonl, models_dir, tmp_path)
+
+
+# The chat lines' answers preferred over a curt refusal, in OpenAI's preference format.
+PREFERENCE_LINES = [
+    {
+        "input": {"messages": line["messages"][:1]},
+        "preferred_output": line["messages"][1:],
+        "non_preferred_output": [{"role": "assistant", "content": "i do not know ."}],
+    }
+    for line in CHAT_LINES
+]
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def run_dpo_journey(service: Service, api_key: str) -> None:
+    client = make_client(service, api_key)
+    training = client.files.create(file=("pairs.jsonl", jsonl(PREFERENCE_LINES * 2)), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", jsonl(PREFERENCE_LINES[:4])), purpose="fine-tune")
+    assert client.files.retrieve(training.id).status == "processed"
+    assert "preference format" in (client.files.retrieve(training.id).status_details or "")
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training.id,
+        validation_file=validation.id,
+        seed=7,
+        suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+        extra_body={"peft": {"type": "svfit", "checkpoint_every": 2}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.method.dpo.hyperparameters.n_epochs == 1 and job.hyperparameters.model_extra["beta"] == 0.2
+    job = wait_for(client, job.id, {"succeeded"})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tiny-llama:")
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    train = [e.data for e in events if e.type == "metrics" and "train_loss" in e.data]
+    valid = [e.data for e in events if e.type == "metrics" and "valid_loss" in e.data]
+    assert len(train) == 4 and all(isinstance(d["train_reward_margin"], float) for d in train)
+    assert all({"train_chosen_reward", "train_rejected_reward", "train_mean_token_accuracy"} <= d.keys() for d in train)
+    assert valid and all("valid_reward_margin" in d for d in valid)
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and all(c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model) for c in checkpoints)
+    assert all("train_reward_margin" in c.metrics.to_dict() for c in checkpoints)  # a typed model: extras kept
+    rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).read().decode())))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(r["train_reward_margin"] for r in rows)
+
+    # A DPO fine-tune is a causal LM: it answers chat, as do its checkpoints.
+    prompt = [{"role": "user", "content": "what is good ?"}]
+    for model in (job.fine_tuned_model, checkpoints[0].fine_tuned_model_checkpoint):
+        answer = client.chat.completions.create(model=model, messages=prompt, max_tokens=5, temperature=0)
+        assert answer.model == model and answer.usage.completion_tokens > 0
+
+    # The method must fit the file, and OpenAI's other methods are refused by name.
+    chat = client.files.create(file=("chat.jsonl", jsonl(CHAT_LINES)), purpose="fine-tune")
+    with pytest.raises(BadRequestError) as wrong_file:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=chat.id, method={"type": "dpo"})
+    assert (wrong_file.value.param, wrong_file.value.code) == ("training_file", "invalid_training_file")
+    with pytest.raises(BadRequestError) as supervised_pairs:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id)
+    assert supervised_pairs.value.param == "training_file"
+    with pytest.raises(BadRequestError) as reinforcement:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
+                                       method={"type": "reinforcement", "reinforcement": {}})
+    assert reinforcement.value.param == "method.type" and "not supported yet" in reinforcement.value.message
+    with pytest.raises(BadRequestError) as bad_beta:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
+                                       method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
+    assert bad_beta.value.param == "method.dpo.hyperparameters.beta"
+
+
+def test_dpo_journey_embedded_default(embedded_service):
+    api_key = create_key(embedded_service, "dpo-org")
+    try:
+        run_dpo_journey(embedded_service, api_key)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- serve log ---\n{embedded_service.log('serve')}") from exc

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import Api, _build_api, chat_file
+from tests.api.conftest import Api, _build_api, chat_file, preference_file
 from tests.hostile.conftest import assert_envelope, row_counts
 from tests.hostile.raw_json import Raw, body_text
 
@@ -29,7 +29,8 @@ class Bounds:
     """The app every case posts to, and the files a job could name (by role)."""
 
     api: Api
-    files: dict[str, str]  # "training" (alpha's, valid), "beta_file" (beta's), "error_file" (alpha's, bad)
+    files: dict[str, str]  # "training" (alpha's, valid), "beta_file" (beta's), "error_file" (alpha's, bad),
+    # "preference" (alpha's, valid, for DPO)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def bounds(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) -
             "training": api.upload_ok(chat_file(5)),
             "beta_file": api.upload_ok(chat_file(5), org="beta"),
             "error_file": api.upload(b"{oops\n").json()["id"],
+            "preference": api.upload_ok(preference_file(5)),
         }
         yield Bounds(api, files)
     api.app.state.engine.dispose()
@@ -143,7 +145,10 @@ CASES: list[tuple[str, dict, str]] = [
     ("gpus_string", peft(gpus="2"), P + "gpus"),
     ("gpus_bool", peft(gpus=True), P + "gpus"),
     ("scheduler_unknown", peft(lr_scheduler="exponential"), P + "lr_scheduler"),
-    ("method_unknown", {"method": {"type": "dpo"}}, "method.type"),
+    ("method_unknown", {"method": {"type": "rlhf"}}, "method.type"),
+    ("method_reinforcement", {"method": {"type": "reinforcement"}}, "method.type"),
+    ("method_not_string", {"method": {"type": ["dpo"]}}, "method.type"),
+    ("method_dpo_on_chat_data", {"method": {"type": "dpo"}}, "training_file"),
     # what the job trains on
     ("model_unknown", {"model": "no-such-model"}, "model"),
     ("model_empty", {"model": ""}, "model"),
@@ -160,6 +165,31 @@ CASES: list[tuple[str, dict, str]] = [
     ("metadata_too_many", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ("metadata_long_value", {"metadata": {"k": "v" * 513}}, "metadata.k"),
     ("metadata_not_string", {"metadata": {"k": 1}}, "metadata.k"),
+]
+
+B = "method.dpo.hyperparameters."
+
+
+def dpo(**values: Any) -> dict:
+    return {"method": {"type": "dpo", "dpo": hp(**values)}}
+
+
+# (case id, body overrides, param) for a DPO job on preference data. Every one must be refused with that param.
+DPO_CASES: list[tuple[str, dict, str]] = [
+    ("beta_zero", dpo(beta=0), B + "beta"),
+    ("beta_negative", dpo(beta=-1), B + "beta"),
+    ("beta_above_max", dpo(beta=10.0001), B + "beta"),
+    ("beta_nan", dpo(beta=float("nan")), B + "beta"),
+    ("beta_infinity", dpo(beta=float("inf")), B + "beta"),
+    ("beta_1e999", dpo(beta=Raw("1e999")), B + "beta"),
+    ("beta_400_digits", dpo(beta=Raw("9" * 400)), B + "beta"),
+    ("beta_string", dpo(beta="x"), B + "beta"),
+    ("beta_bool", dpo(beta=True), B + "beta"),
+    ("beta_list", dpo(beta=[0.1]), B + "beta"),
+    ("dpo_epochs_zero", dpo(n_epochs=0), B + "n_epochs"),
+    ("dpo_batch_above_max", dpo(batch_size=257), B + "batch_size"),
+    ("dpo_lr_negative", dpo(learning_rate_multiplier=-1), B + "learning_rate_multiplier"),
+    ("dpo_epochs_conflicting", {**hp(n_epochs=2), **dpo(n_epochs=3)}, H + "n_epochs"),
 ]
 
 FILE_CASES: list[tuple[str, str, str]] = [
@@ -191,6 +221,12 @@ def _assert_refused(api: Api, response: Any, param: str) -> None:
 @pytest.mark.parametrize(("overrides", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_out_of_bounds_job_parameters_are_400_naming_the_field(bounds: Bounds, overrides: dict, param: str):
     body = {"model": MODEL, "training_file": bounds.files["training"], **overrides}
+    _assert_refused(bounds.api, _post(bounds.api, body), param)
+
+
+@pytest.mark.parametrize(("overrides", "param"), [c[1:] for c in DPO_CASES], ids=[c[0] for c in DPO_CASES])
+def test_out_of_bounds_dpo_parameters_are_400_naming_the_field(bounds: Bounds, overrides: dict, param: str):
+    body = {"model": MODEL, "training_file": bounds.files["preference"], **overrides}
     _assert_refused(bounds.api, _post(bounds.api, body), param)
 
 

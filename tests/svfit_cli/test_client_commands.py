@@ -90,6 +90,29 @@ def test_one_command_from_a_local_file_to_a_model(svfit: Run, chat_jsonl: Path):
     assert "upload train.jsonl" in result.stderr and "100%" in result.stderr  # progress stays off stdout
 
 
+def test_a_dpo_job_from_the_command_line(svfit: Run, tmp_path: Path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "input": {"messages": line["messages"][:1]},
+        "preferred_output": line["messages"][1:],
+        "non_preferred_output": [{"role": "assistant", "content": "no ."}],
+    }) + "\n" for line in CHAT_LINES))
+
+    wrong = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", str(pairs), "--beta", "0.2")
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: invalid_parameter: --beta applies only to")
+
+    created = svfit("jobs", "create", "--model", "tiny-llama", "--training-file", str(pairs), "--method", "dpo",
+                    "--beta", "0.2", "--epochs", "1", "--batch-size", "4", "--follow", "--interval", "0.3")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip().startswith("ft:tiny-llama:")
+    assert "(dpo/svfit, beta 0.2)" in created.stderr
+    [job] = [j for j in svfit("jobs", "list", "--json").json() if j["fine_tuned_model"] == created.stdout.strip()]
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.2}}}
+    shown = svfit("jobs", "get", job["id"])
+    assert shown.returncode == 0 and "dpo/svfit" in shown.stdout and '"beta": 0.2' in shown.stdout
+
+
 def test_errors_exit_non_zero_with_the_api_error_code(svfit: Run, tmp_path: Path, chat_jsonl: Path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')

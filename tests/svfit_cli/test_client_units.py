@@ -12,7 +12,7 @@ import pytest
 
 from svfit_cli.client import artifacts, base
 from svfit_cli.client.http import ApiClient
-from svfit_cli.client.jobs import EventReader
+from svfit_cli.client.jobs import EventReader, _method, _method_note, job_body
 from svfit_cli.client.progress import ProgressBar
 
 
@@ -140,3 +140,31 @@ def test_classify_sends_a_text_or_a_pair_and_prints_the_labels_most_likely_first
     assert main(["classify", "nli", "a man sleeps"]) == base.EXIT_ERROR
     assert sent[-1][1] == {"model": "nli", "input": "a man sleeps"}
     assert "error: invalid_input_kind: The model 'nli' was trained on text pairs." in capsys.readouterr().err
+
+
+def create_args(**values) -> argparse.Namespace:  # noqa: ANN003
+    defaults = dict(model="tiny-llama", training_file="file-t", validation_file=None, suffix=None, seed=None,
+                    epochs=None, batch_size=None, lr_multiplier=None, method=None, beta=None, peft=None, rank=None,
+                    energy=None, target_modules=None, peft_option=None, metadata=None)
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_method_and_beta_go_in_openais_method_block():
+    assert "method" not in job_body(None, create_args(epochs=2))  # no --method: the legacy shape, as before
+    assert job_body(None, create_args(epochs=2))["hyperparameters"] == {"n_epochs": 2}
+    body = job_body(None, create_args(method="dpo", beta=0.2, epochs=1))
+    assert body["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "beta": 0.2}}}
+    assert "hyperparameters" not in body
+    assert job_body(None, create_args(method="dpo"))["method"] == {"type": "dpo"}
+    assert job_body(None, create_args(method="supervised", batch_size=4))["method"] == {
+        "type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}}
+    with pytest.raises(base.CliError) as info:
+        job_body(None, create_args(beta=0.2))
+    assert info.value.code == "invalid_parameter" and "--method dpo" in str(info.value)
+
+
+def test_the_method_is_shown_with_the_peft_type():
+    supervised = {"method": {"type": "supervised"}, "peft": {"type": "svfit"}, "hyperparameters": {"n_epochs": 1}}
+    dpo = {"method": {"type": "dpo"}, "peft": {"type": "lora"}, "hyperparameters": {"beta": 0.25}}
+    assert (_method(supervised), _method_note(supervised)) == ("svfit", "svfit")
+    assert (_method(dpo), _method_note(dpo)) == ("dpo/lora", "dpo/lora, beta 0.25")

@@ -50,6 +50,19 @@ def chat_examples(n: int = N_EXAMPLES, offset: int = 0) -> list[dict]:
     return rows
 
 
+def preference_examples(n: int = N_EXAMPLES, offset: int = 0) -> list[dict]:
+    """OpenAI's preference format (a DPO job's data): the chat examples' answers preferred over a curt one."""
+    rows = []
+    for example in chat_examples(n, offset):
+        user, assistant = example["messages"]
+        rows.append({
+            "input": {"messages": [user]},
+            "preferred_output": [assistant],
+            "non_preferred_output": [{"role": "assistant", "content": "no ."}],
+        })
+    return rows
+
+
 def worker_env(**overrides: str) -> dict[str, str]:
     """The environment of the current test (SVFIT_* set by `service`) plus overrides, for subprocesses."""
     env = dict(os.environ)

@@ -13,7 +13,7 @@ import torch
 
 from api.core.tables import Checkpoint, File, FineTunedModel
 from svfit_core.errors import DeviceMemoryError, HostMemoryError, UnsupportedLayerError
-from tests.worker.conftest import HYPERPARAMETERS, PEFT, clear_caches
+from tests.worker.conftest import HYPERPARAMETERS, PEFT, clear_caches, preference_examples
 from tests.worker.helpers import adapter_tensors, assert_same_adapter
 from worker import pipeline, publishing, recovery
 from worker.reporting import JobReporter
@@ -187,6 +187,67 @@ def test_worker_shutdown_checkpoints_and_requeues_the_job(service, monkeypatch):
     assert sent == [job_id], "re-enqueued for the next worker"
     monkeypatch.setattr(JobReporter, "on_step", original)
     assert pipeline.run_job(job_id) == "succeeded"
+
+
+DPO_COLUMNS = ["train_reward_margin", "train_chosen_reward", "train_rejected_reward",
+               "valid_reward_margin", "valid_chosen_reward", "valid_rejected_reward"]
+
+
+def add_dpo_job(service, *, validation: bool = True, beta: float = 0.3) -> str:
+    hyperparameters = {**HYPERPARAMETERS, "beta": beta}
+    return service.add_job(
+        validation=False,
+        training_file=service.add_file(preference_examples()),
+        validation_file=service.add_file(preference_examples(8, offset=3)) if validation else None,
+        hyperparameters=hyperparameters,
+        method={"type": "dpo", "dpo": {"hyperparameters": {k: v for k, v in hyperparameters.items()
+                                                          if k != "learning_rate"}}},
+    )
+
+
+def test_a_dpo_job_trains_with_its_beta_and_reports_rewards(service):
+    job_id = add_dpo_job(service)
+
+    assert pipeline.run_job(job_id) == "succeeded", service.job(job_id).error
+
+    job = service.job(job_id)
+    started = next(e for e in service.events(job_id) if e.message == "Fine-tuning job started")
+    assert started.data["config"]["dpo_beta"] == 0.3  # job_spec.train_config passed the job's beta
+    metrics = [e for e in service.events(job_id) if e.type == "metrics"]
+    train = [e.data for e in metrics if "train_loss" in e.data]
+    valid = [e.data for e in metrics if "valid_loss" in e.data]
+    assert [m["step"] for m in train] == list(range(1, 21))
+    for m in train:
+        assert m["train_reward_margin"] == pytest.approx(m["train_chosen_reward"] - m["train_rejected_reward"])
+        assert 0 <= m["train_mean_token_accuracy"] <= 1
+    assert train[0]["train_loss"] == pytest.approx(0.6931, abs=0.05)  # log 2: the policy starts as the reference
+    assert valid and all(m["valid_reward_margin"] is not None and "valid_chosen_reward" in m for m in valid)
+    assert any("reward margin=" in e.message for e in metrics)
+
+    checkpoints = service.rows(Checkpoint, job_id=job_id)
+    assert checkpoints and all("train_reward_margin" in c.metrics for c in checkpoints)
+    [results] = [f for f in service.rows(File, purpose="fine-tune-results") if f.id in job.result_files]
+    rows = list(csv.DictReader(io.StringIO(service.store_path(results.storage_key).read_text())))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                             *DPO_COLUMNS]
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert all(r["train_reward_margin"] for r in rows) and any(r["valid_reward_margin"] for r in rows)
+
+
+def test_a_dpo_job_paused_and_resumed_equals_an_uninterrupted_one(service, monkeypatch):
+    # The reference log-probabilities come from the starting model, not from the checkpoint resumed.
+    reference = add_dpo_job(service, validation=False)
+    assert pipeline.run_job(reference) == "succeeded"
+
+    job_id = add_dpo_job(service, validation=False)
+    with monkeypatch.context() as patch:
+        request_action_at(patch, service, job_id, "pause", step=7)
+        assert pipeline.run_job(job_id) == "paused"
+    service.update_job(job_id, status="queued")
+    assert pipeline.run_job(job_id) == "succeeded"
+    assert_same_adapter(
+        service.store_path(publishing.final_key(reference)), service.store_path(publishing.final_key(job_id))
+    )
 
 
 class Crash(BaseException):

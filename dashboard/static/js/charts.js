@@ -1,5 +1,6 @@
-// Training curves: one uPlot chart per quantity (loss, accuracy), train and validation series against the
-// step. Metrics events arrive as separate train and eval points; they are merged by step here.
+// Training curves: one uPlot chart per quantity (loss, accuracy; a DPO job's reward margin too), train and
+// validation series against the step. Metrics events arrive as separate train and eval points; they are merged
+// by step here.
 
 import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { h } from "./dom.js";
@@ -16,19 +17,22 @@ export class MetricsCurves {
       this._chart("Loss", "train_loss", "valid_loss", null),
       // Accuracy is a share: a fixed 0..1 axis keeps a flat start from being stretched into a cliff.
       this._chart("Accuracy", "train_mean_token_accuracy", "valid_mean_token_accuracy", [0, 1]),
+      // Only DPO jobs report it: the chart stays hidden until a point has one.
+      this._chart("Reward margin", "train_reward_margin", "valid_reward_margin", null, { optional: true }),
     ];
     // Redraw at the container's width: the grid reflows with the window.
     this.resizer = new ResizeObserver(() => this._resize());
     this.resizer.observe(this.el);
   }
 
-  _chart(title, trainKey, validKey, range) {
-    const box = h("figure", { class: "chart", dataset: { chart: title.toLowerCase() } },
+  _chart(title, trainKey, validKey, range, { optional = false } = {}) {
+    const box = h("figure", { class: "chart", dataset: { chart: title.toLowerCase().replace(/ /g, "-") } },
       h("figcaption", {}, title));
     const empty = h("div", { class: "chart-empty muted" }, "No points yet.");
     box.append(empty);
+    box.hidden = optional;
     this.el.append(box);
-    return { title, trainKey, validKey, range, box, empty, plot: null };
+    return { title, trainKey, validKey, range, optional, box, empty, plot: null };
   }
 
   _options(chart, width) {
@@ -87,6 +91,7 @@ export class MetricsCurves {
       const hasAny = data[1].some((v) => v !== null) || data[2].some((v) => v !== null);
       chart.empty.hidden = hasAny;
       if (!hasAny) continue;
+      chart.box.hidden = false; // before the plot is built: it takes the box's width
       if (!chart.plot) chart.plot = new uPlot(this._options(chart, this._width(chart)), data, chart.box);
       else chart.plot.setData(data);
     }

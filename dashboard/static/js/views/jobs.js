@@ -17,7 +17,11 @@ const STATUS_FILTERS = {
 };
 
 export function method(job) {
-  return (job.peft && job.peft.type) || (job.method && job.method.type) || "-";
+  // The peft type, preceded by the training method when it is not plain supervised: "dpo/svfit".
+  const peftType = job.peft && job.peft.type;
+  const methodType = job.method && job.method.type;
+  if (methodType && methodType !== "supervised") return peftType ? `${methodType}/${peftType}` : methodType;
+  return peftType || methodType || "-";
 }
 
 function eta(job) {
