@@ -22,6 +22,7 @@ COPY api ./api
 COPY worker ./worker
 COPY serving ./serving
 COPY svfit_core ./svfit_core
+COPY graders ./graders
 COPY svfit_cli ./svfit_cli
 COPY dashboard ./dashboard
 COPY migrations ./migrations

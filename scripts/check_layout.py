@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The non-test code whose lines are counted. Test support (tests/, testkit/) is not; benchmarks and
 # migrations are. The dashboard's own sources count, its vendored library does not.
-CODE_PACKAGES = ("api", "worker", "serving", "svfit_core", "svfit_cli", "dashboard", "benchmarks", "migrations")
+CODE_PACKAGES = ("api", "worker", "serving", "svfit_core", "graders", "svfit_cli", "dashboard", "benchmarks", "migrations")
 CODE_SUFFIXES = (".py", ".js", ".css", ".html")
 VENDORED = "vendor"
 
@@ -29,20 +29,22 @@ MAX_SHARE = {"api": 0.45}
 # Which of our packages each one may import ("*" any). A module is ruled by the longest prefix listed.
 ALLOWED_IMPORTS = {
     "svfit_core": set(),
+    # OpenAI's graders as a plain library: the API validates and runs them, the worker computes rewards.
+    "graders": set(),
     "dashboard": set(),
     # The core runs the Alembic revisions (migrations/), whose env.py reads the core's tables.
-    "api.core": {"svfit_core", "migrations"},
-    "worker": {"api.core", "svfit_core"},
+    "api.core": {"svfit_core", "migrations", "graders"},
+    "worker": {"api.core", "svfit_core", "graders"},
     # A replica answers with the same error envelope as the API and reads the same store and registry.
     "serving": {"serving", "api.core", "svfit_core"},
     # The API routes inference to replicas over HTTP: it never imports serving/.
-    "api": {"api", "svfit_core", "dashboard"},
+    "api": {"api", "svfit_core", "dashboard", "graders"},
     "migrations": {"api.core"},
-    "benchmarks": {"benchmarks", "svfit_core", "api", "worker", "serving", "testkit"},
+    "benchmarks": {"benchmarks", "svfit_core", "api", "worker", "serving", "testkit", "graders"},
     "testkit": {"svfit_core", "api.core"},
     "svfit_cli": {"*"},
 }
-OUR_PACKAGES = ("api", "worker", "serving", "svfit_core", "svfit_cli", "dashboard", "benchmarks", "migrations", "testkit", "tests")
+OUR_PACKAGES = ("api", "worker", "serving", "svfit_core", "graders", "svfit_cli", "dashboard", "benchmarks", "migrations", "testkit", "tests")
 
 
 def module_name(path: Path) -> str:
