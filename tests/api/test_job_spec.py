@@ -4,12 +4,15 @@ values at creation, as a 400 naming the request's field; the "auto" rules."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from api.core.errors import InvalidParameter, InvalidTrainingFile
 from api.core.job_spec import (
     DEFAULT_DPO_BETA,
     LIBRARY_NAMES,
+    MIN_AUTO_STEPS,
     PEFT_TYPES,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
@@ -205,10 +208,32 @@ def test_auto_epochs_follow_the_openai_rule(n, epochs):
 
 
 def test_auto_batch_size_is_a_bounded_power_of_two():
-    assert auto_batch_size(3) == 3  # never more than the data set
     assert auto_batch_size(100) == 8
     assert auto_batch_size(10_000) == 16
     assert auto_batch_size(10_000_000) == 256
+
+
+@pytest.mark.parametrize(("n", "epochs", "batch"), [
+    (32, 4, 4),  # 8 batches of 4 per epoch: 32 steps (batches of 8 gave 16)
+    (10, 10, 3),  # 4 per epoch, 40 steps
+    (50, 3, 4),  # 13 per epoch, 39 steps
+    (100, 3, 8),  # 13 per epoch already: the usual rule stands
+    (1, 25, 1),  # a single example cannot reach the minimum: one per step
+    (3, 25, 2),  # 2 per epoch, 50 steps
+])
+def test_a_small_file_gets_a_smaller_auto_batch_for_enough_steps(n, epochs, batch):
+    assert auto_batch_size(n, epochs) == batch
+    steps = epochs * math.ceil(n / batch)
+    assert steps >= MIN_AUTO_STEPS or batch == 1
+    if batch < min(8, n):  # lowered from the usual rule: to the largest batch that still reaches the minimum
+        assert epochs * math.ceil(n / (batch + 1)) < MIN_AUTO_STEPS
+
+
+def test_the_auto_batch_size_follows_the_epochs_the_job_runs():
+    # 64 examples: 3 auto epochs at batch 8 give 24 steps, so 6 (33 steps); 10 requested epochs give 80 at 8.
+    assert resolve_request(None, None, n_examples=64)[1]["batch_size"] == 6
+    assert resolve_request(None, {"n_epochs": 10}, n_examples=64)[1]["batch_size"] == 8
+    assert resolve_request(None, {"batch_size": 16}, n_examples=64)[1]["batch_size"] == 16  # asked for: kept
 
 
 # --- DPO -------------------------------------------------------------------------------------------------
