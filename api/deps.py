@@ -102,7 +102,9 @@ async def get_principal(
     A key is looked up in the database on every request (a worker thread); no key means the default
     organization, whose id is read once per process.
     """
-    if credentials is None and request.headers.get("authorization"):
+    header = request.headers.get("authorization")
+    # `Bearer ` with an empty key (what clients send when their key variable is unset) is no key at all.
+    if credentials is None and header and header.strip().lower() != "bearer":
         raise Unauthorized("The Authorization header must be 'Bearer <key>'.")
     key = usable_key(credentials.credentials if credentials else None, auth_required=settings.auth_required)
     if key is not None:

@@ -24,7 +24,7 @@ from api.core.rate_limit import limiter_for
 from api.core.settings import Settings, get_settings
 from api.core.storage import storage_for
 from api.core.error_handlers import error_response, register_error_handlers
-from api.routes import files, health, inference as inference_routes, jobs, models, ui
+from api.routes import files, graders as grader_routes, health, inference as inference_routes, jobs, models, ui
 from api.routing.forwarder import Forwarder
 from api.routing.pool import ReplicaPool
 from api.schemas import ErrorEnvelope
@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None, *, dispatch: EnqueueJob, auto_m
     app.include_router(health.router)
     # Each resource straight into the app, not through a `/v1` router: FastAPI matches a request once more
     # for every level of included routers, and on a polled route that is a tenth of the request's CPU.
-    for resource in (files, jobs, models, inference_routes):
+    for resource in (files, jobs, grader_routes, models, inference_routes):
         app.include_router(resource.router, prefix="/v1", responses=ERROR_RESPONSES)
     ui.mount(app)
     return app

@@ -105,13 +105,36 @@ class DpoMethodRequest(BaseModel):
     hyperparameters: DpoHyperparametersRequest | None = None
 
 
+# OpenAI's reasoning efforts for a reinforcement job's hyperparameters (no "auto": unset is "default").
+REASONING_EFFORTS = ["default", "low", "medium", "high"]
+
+
+class ReinforcementHyperparametersRequest(HyperparametersRequest):
+    compute_multiplier: Any = Field(default="auto", json_schema_extra=NUMBER_OR_AUTO)
+    eval_interval: Any = Field(default="auto", json_schema_extra=NUMBER_OR_AUTO)
+    eval_samples: Any = Field(default="auto", json_schema_extra=NUMBER_OR_AUTO)
+    reasoning_effort: Any = Field(default=None, json_schema_extra={"type": "string", "enum": REASONING_EFFORTS})
+
+
+class ReinforcementMethodRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # An object, checked by the graders library (api/core/job_spec.py), which names the exact field.
+    grader: dict[str, Any] | None = Field(
+        default=None, description="The grader: string_check, text_similarity, score_model, label_model or multi."
+    )
+    hyperparameters: ReinforcementHyperparametersRequest | None = None
+
+
 class MethodRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     # A plain string, so that api/core/job_spec.py names an unsupported one ("reinforcement") in its own words.
-    type: str = Field(description='"supervised" or "dpo" (preference data); "reinforcement" is not supported yet.')
+    type: str = Field(description='"supervised" or "dpo" (preference data); "reinforcement" is not supported yet '
+                      "(its grader is checked, then the job refused).")
     supervised: SupervisedMethodRequest | None = None
     dpo: DpoMethodRequest | None = None
+    reinforcement: ReinforcementMethodRequest | None = None
 
 
 class PeftRequest(BaseModel):
@@ -292,6 +315,79 @@ class CheckpointPublic(BaseModel):
 
 class CheckpointsPublic(ListPublic[CheckpointPublic]):
     pass
+
+
+# --- graders (OpenAI's /fine_tuning/alpha/graders) ----------------------------------------------------
+
+
+class GraderValidateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    grader: dict[str, Any] = Field(
+        description="string_check, text_similarity, score_model, label_model or multi (python is refused).",
+        examples=[{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                   "reference": "{{item.answer}}", "operation": "eq"}],
+    )
+
+
+class GraderRunRequest(GraderValidateRequest):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_sample: str = Field(description="The model's answer: the `sample` namespace (`output_json` if it is JSON).")
+    item: Any = Field(default=None, description="The dataset row: the `item` namespace.")
+
+
+class GraderValidatePublic(BaseModel):
+    grader: dict[str, Any] = Field(description="The grader, as sent.")
+
+
+class GraderRunErrorsPublic(BaseModel):
+    """OpenAI's `metadata.errors`: one flag per way a sample can fail to be graded (the reward is then 0)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    formula_parse_error: bool
+    invalid_variable_error: bool
+    model_grader_parse_error: bool
+    model_grader_refusal_error: bool
+    model_grader_server_error: bool
+    model_grader_server_error_details: str | None = None
+    other_error: bool
+    python_grader_runtime_error: bool
+    python_grader_runtime_error_details: str | None = None
+    python_grader_server_error: bool
+    python_grader_server_error_type: str | None = None
+    sample_parse_error: bool
+    truncated_observation_error: bool
+    unresponsive_reward_error: bool
+
+
+class GraderRunErrorDetail(BaseModel):
+    flag: str
+    message: str
+    grader: str = Field(description="The path of the grader that failed (`grader.graders.judge`).")
+
+
+class GraderRunMetadataPublic(BaseModel):
+    name: str
+    type: str
+    errors: GraderRunErrorsPublic
+    execution_time: float
+    scores: dict[str, float] = Field(description="Every sub-grader's reward, by dotted key.")
+    token_usage: int | None = None
+    sampled_model_name: str | None = None
+    error_details: list[GraderRunErrorDetail] = Field(
+        default_factory=list, description="Extension: each failure's flag, message and grader path."
+    )
+
+
+class GraderRunPublic(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    reward: float
+    metadata: GraderRunMetadataPublic
+    sub_rewards: dict[str, float]
+    model_grader_token_usage_per_model: dict[str, dict[str, int]]
 
 
 # --- models --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from api.core.errors import ContextLengthExceeded, InvalidParameter, WrongModelTask
 from api.core.settings import Settings
 from serving.batching import LaneState, Row
+from serving.lane_manager import not_generative
 from serving.lanes import Lane
 from serving.pooling import pool
 from serving.sampling import row_generator
@@ -78,9 +79,7 @@ class Admitter:
         request = ticket.request
         lane = lane or self.lane_for(request.ref)
         if lane.task != "causal":
-            raise WrongModelTask(
-                f"The model '{request.ref.model_id}' is a classification model; use /v1/classifications.", param="model"
-            )
+            raise not_generative(request.ref.model_id, "a classification model")
         prompts, field_name = self._encode(lane, request)
         sampling = request.sampling
         vocab = lane.vocab_size

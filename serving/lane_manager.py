@@ -12,7 +12,7 @@ from svfit_core.multi_adapter import unshareable_reason
 from svfit_core.serialization import read_adapter_config
 
 from api.core.basis_store import StoredBases
-from api.core.errors import InternalError, ServiceError, WrongModelTask
+from api.core.errors import InternalError, ModelNotGenerative, ServiceError, WrongModelTask
 from api.core.settings import Settings
 from serving.batching import LaneState
 from serving.lanes import EncoderLane, Lane, LoraLane, ModelLane, SharedBaseLane
@@ -30,6 +30,14 @@ from serving.types import ModelRef
 logger = logging.getLogger(__name__)
 
 LORA_METHODS = ("lora", "pissa")  # PiSSA adapters are published as plain LoRA adapters
+
+
+def not_generative(model_id: str, what: str) -> ModelNotGenerative:
+    """The 400 for a chat or completion request to a model that generates no text (``what`` it is instead)."""
+    return ModelNotGenerative(
+        f"The model '{model_id}' is {what} and does not generate text, so /v1/chat/completions and "
+        "/v1/completions cannot serve it. Use /v1/embeddings for its embeddings, or /v1/classifications with a "
+        "classification fine-tune.", param="model")
 
 
 class LaneManager:
@@ -80,6 +88,9 @@ class LaneManager:
         try:
             if kind == "encoder":
                 return self._encoder_lane(ref, key)
+            if kind in ("shared", "lora") and is_encoder(ref.base_path):
+                # transformers would load a BERT as a causal LM with a fresh head: a 200 of random word pieces.
+                raise not_generative(ref.model_id, "an encoder")
             if kind == "shared":
                 model, tokenizer, hashes = load_causal_base(ref.base_path, self.dtype, self.device)
                 return SharedBaseLane(key, model, tokenizer, max_adapters=s.inference_max_adapters,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from api.core.errors import InvalidParameter, WrongInputKind
+from api.core.errors import InvalidParameter, UnsupportedParameter, WrongInputKind
 from api.core.settings import Settings
 from serving.schemas import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
 from serving.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
@@ -20,6 +20,45 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 MAX_CLASSIFICATION_INPUTS = MAX_EMBEDDING_INPUTS
 PAIR_KEYS = ("text", "text_pair")  # a text pair as training reads one (svfit_core.training.data)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Tool calling and structured outputs are not served yet. A request may still carry these fields with a value
+# that asks for nothing (some clients always send them); any other value is refused, naming the field.
+ASKS_FOR_NOTHING = {
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),  # "auto" without tools: nothing to call
+    "function_call": (None, "none", "auto"),
+}
+TOOL_ROLES = ("tool", "function")
+
+
+def refuse_unserved(body: GenerationCreate) -> None:
+    """A 400 `unsupported_parameter` for a request that asks for tools or a structured output."""
+    for field, harmless in ASKS_FOR_NOTHING.items():
+        value = getattr(body, field)
+        if value not in harmless:
+            raise UnsupportedParameter(f"'{field}' is not supported yet: this service does not serve tool calling. "
+                                       "Send the request without it.", param=field)
+    fmt = body.response_format
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if fmt is not None and kind != "text":
+        of_kind = f" of type {kind!r}" if isinstance(kind, str) else ""
+        raise UnsupportedParameter(f"'response_format'{of_kind} is not supported yet: this service does not serve "
+                                   'structured outputs. Leave it out, or send {"type": "text"}.',
+                                   param="response_format")
+
+
+def refuse_tool_messages(body: ChatCompletionCreate) -> None:
+    """Tool calls and tool results in the conversation: chat templates here render neither (the calls would
+    vanish, the results would read as a turn of an unknown role), so they are refused until tools are served."""
+    for i, message in enumerate(body.messages):
+        if message.role in TOOL_ROLES:
+            raise UnsupportedParameter(f"Messages of role '{message.role}' are not supported yet: this service does "
+                                       "not serve tool calling.", param=f"messages[{i}].role")
+        extra = message.model_extra or {}
+        for field in ("tool_calls", "function_call"):
+            if extra.get(field):
+                raise UnsupportedParameter(f"'{field}' in a message is not supported yet: this service does not "
+                                           "serve tool calling.", param=f"messages[{i}].{field}")
 
 
 def sampling_params(
@@ -70,6 +109,7 @@ def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 
 
 def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
+    refuse_unserved(body)
     prompt = body.prompt
     if isinstance(prompt, str):
         prompts: tuple = (prompt,)
@@ -93,6 +133,8 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
 
 
 def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
+    refuse_unserved(body)
+    refuse_tool_messages(body)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:

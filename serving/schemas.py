@@ -2,7 +2,8 @@
 classifications.
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
-ignored. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
+ignored, but not tool calling or structured outputs, which are not served yet: their fields are declared so
+that serving/requests.py can refuse a request that asks for them. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
 `top_p`, `n`, `max_tokens`, the penalties, `logprobs` / `top_logprobs`). Extensions: `ignore_eos` on
 generation requests, and `/v1/classifications` (texts or text pairs).
 Streaming chunks are plain dicts built in the route (they are never validated, only written).
@@ -39,6 +40,13 @@ class GenerationCreate(BaseModel):
         default=None, description="Token id (as a string) → bias in [-100, 100] added to its logit before sampling."
     )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS up to max_tokens.")
+    # Not served yet. Typed loosely so that any value that asks for them is refused as unsupported, naming the
+    # field, rather than as a type error; `parallel_tool_calls` means nothing without tools and stays ignored.
+    tools: Any = Field(default=None, description="Not supported yet: refused unless empty.")
+    tool_choice: Any = Field(default=None, description='Not supported yet: refused unless "none" or "auto".')
+    functions: Any = Field(default=None, description="Not supported yet: refused unless empty.")
+    function_call: Any = Field(default=None, description='Not supported yet: refused unless "none" or "auto".')
+    response_format: Any = Field(default=None, description='Not supported yet: refused unless {"type": "text"}.')
 
 
 class CompletionCreate(GenerationCreate):
@@ -53,7 +61,8 @@ class CompletionCreate(GenerationCreate):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls ... reach the chat template as sent
+    # Extra keys (name ...) reach the chat template as sent; tool_calls are refused (serving/requests.py).
+    model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[dict[str, Any]] | None = None

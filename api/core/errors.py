@@ -42,9 +42,24 @@ class MissingParameter(InvalidRequest):
 
 
 class ModelNotFound(InvalidRequest):
-    """An unknown model where a request names one to build on (job creation): 400, per OpenAI."""
+    """An unknown model where a request names one to build on (job creation, a model grader's `model`): 400,
+    per OpenAI."""
 
     code = "model_not_found"
+
+
+class InvalidGrader(InvalidRequest):
+    """A grader that cannot be run (`/v1/fine_tuning/alpha/graders/*`, a reinforcement job's grader), naming the
+    field's full path. The code is the graders library's (graders/errors.py): invalid_grader, invalid_template,
+    invalid_formula, grader_not_supported, grader_too_large, or invalid_parameter / missing_parameter for the
+    request around the grader."""
+
+    code = "invalid_grader"
+
+    @classmethod
+    def of(cls, exc: Exception) -> "InvalidGrader":
+        """The 400 for a graders.GraderError (read by its attributes: the core imports no library for this)."""
+        return cls(getattr(exc, "message", str(exc)), getattr(exc, "param", None), code=getattr(exc, "code", None))
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -57,6 +72,19 @@ class WrongModelTask(InvalidRequest):
     """A chat/completion request to a classifier, or a classification request to a language model."""
 
     code = "invalid_model"
+
+
+class ModelNotGenerative(WrongModelTask):
+    """A chat or completion request to a model that generates no text: an encoder base, or a classifier."""
+
+    code = "model_not_generative"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """An OpenAI request parameter this service does not serve yet (tools, structured outputs): refused, so a
+    client never takes a plain-text answer for one that honoured it."""
+
+    code = "unsupported_parameter"
 
 
 class WrongInputKind(InvalidRequest):

@@ -20,7 +20,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from api.core.errors import InvalidParameter, InvalidTrainingFile
+from api.core.errors import InvalidGrader, InvalidParameter, InvalidTrainingFile, MissingParameter
+from graders import GraderError, validate_grader
 from svfit_core.training.run_config import DEFAULT_LEARNING_RATE, HyperparameterError, PeftSpec, TrainConfig
 from svfit_core.training.run_config import finite_number, shown
 
@@ -110,17 +111,33 @@ def auto_batch_size(n_examples: int, n_epochs: int = TARGET_EPOCHS) -> int:
 # --- method ----------------------------------------------------------------------------------------------
 
 
-def check_method_type(method_type: Any) -> str:
-    """`method.type` if this service trains it, else a 400 naming `method.type`."""
+def check_method_type(method_type: Any, reinforcement: Mapping[str, Any] | None = None) -> str:
+    """`method.type` if this service trains it, else a 400 naming `method.type`. A reinforcement job is refused,
+    but its grader (`reinforcement`: the request's `method.reinforcement` block) is checked first: a bad one
+    is what the user must fix either way, so that 400 names the grader's field."""
     if method_type in METHOD_TYPES:
         return method_type
     if method_type == "reinforcement":
+        _check_reinforcement_grader(reinforcement or {})
         raise InvalidParameter(
             "Method 'reinforcement' is not supported yet; use 'supervised' or 'dpo'.", param="method.type"
         )
     raise InvalidParameter(
         f"'method.type' must be one of {', '.join(METHOD_TYPES)}, got {shown(method_type)}.", param="method.type"
     )
+
+
+def _check_reinforcement_grader(reinforcement: Mapping[str, Any]) -> None:
+    """A 400 naming the grader's offending field (`method.reinforcement.grader.graders.judge.input`), with the
+    graders library's code. Only its shape: whether its model graders' models exist is checked when they run."""
+    param = "method.reinforcement.grader"
+    grader = reinforcement.get("grader")
+    if grader is None:
+        raise MissingParameter(f"Missing required parameter: '{param}'.", param=param)
+    try:
+        validate_grader(grader, param)
+    except GraderError as exc:
+        raise InvalidGrader.of(exc) from exc
 
 
 def check_file_fits_method(method_type: str, data_format: str | None, file_id: str, *, param: str) -> None:

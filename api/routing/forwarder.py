@@ -1,4 +1,5 @@
-"""Relays one inference request to a serving replica and its answer back, unchanged.
+"""Relays one inference request to a serving replica and its answer back, unchanged; `ask` sends one of the
+API's own (a model grader asking a hosted model) the same way and returns the answer whole.
 
 Before the first byte a replica that cannot be reached is left out and the next one tried; with none left the
 client gets 503 `no_serving_replica` with Retry-After. A stream is relayed event by event as the replica
@@ -70,6 +71,34 @@ class Forwarder:
             await self._session.close()
 
     async def forward(self, request: Request, path: str, body: bytes, target: RouteTarget, stream: bool) -> Response:
+        view, upstream = await self._send(path, body, target)
+        # From here the relay releases the replica's in-flight count when the answer is done.
+        if stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(self._events(view, upstream), status_code=upstream.status,
+                                     headers=_headers(upstream))
+        return await self._whole(request, view, upstream)
+
+    async def ask(self, path: str, body: bytes, target: RouteTarget) -> tuple[int, bytes]:
+        """One non-streamed request for the API's own use (a model grader asking a hosted model), chosen and
+        sent exactly as a client's: the replica's status and whole body, errors included."""
+        view, upstream = await self._send(path, body, target)
+        try:
+            return upstream.status, await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ServingReplicaFailed("The serving replica stopped in the middle of this answer; retry.") from exc
+        finally:
+            view.in_flight -= 1
+            upstream.close()
+
+    async def check_servable(self, target: RouteTarget) -> None:
+        """Raise what a request for `target` would be refused with before reaching a replica: UnknownModel
+        (no replica serves it: it does not exist for this organization) or NoServingReplica."""
+        await self.pool.refresh()
+        self.pool.choose(target, set())
+
+    async def _send(self, path: str, body: bytes, target: RouteTarget) -> tuple[ReplicaView, aiohttp.ClientResponse]:
+        """The first replica that takes the request, counted in flight (the caller releases it), and its answer
+        with the headers read."""
         await self.pool.refresh()
         tried: set[str] = set()
         while True:
@@ -83,11 +112,8 @@ class Forwarder:
                     continue  # unreachable: the next replica
                 if target.adapter_key is None:
                     view.bases.add(target.base_id)
-                released = True  # the relay releases it when the answer is done
-                if stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                    return StreamingResponse(self._events(view, upstream), status_code=upstream.status,
-                                             headers=_headers(upstream))
-                return await self._whole(request, view, upstream)
+                released = True
+                return view, upstream
             finally:
                 if not released:
                     view.in_flight -= 1

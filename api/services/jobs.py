@@ -61,7 +61,10 @@ def request_hash(request: JobCreate) -> str:
 
 def _method_type(request: JobCreate) -> str:
     """The request's `method.type` (supervised when it sends no method), if this service trains it."""
-    return check_method_type(request.method.type) if request.method is not None else "supervised"
+    if request.method is None:
+        return "supervised"
+    reinforcement = request.method.reinforcement
+    return check_method_type(request.method.type, reinforcement.model_dump() if reinforcement else None)
 
 
 def _requested_hyperparameters(request: JobCreate, method_type: str) -> tuple[dict[str, Any], str]:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from api.core.errors import InvalidParameter, InvalidTrainingFile
+from api.core.errors import InvalidGrader, InvalidParameter, InvalidTrainingFile, MissingParameter
 from api.core.job_spec import (
     DEFAULT_DPO_BETA,
     LIBRARY_NAMES,
@@ -281,14 +281,31 @@ def test_the_largest_beta_is_allowed():
     assert dpo_round_trip({"beta": 10})[0]["beta"] == 10.0
 
 
+STRING_CHECK = {"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "x",
+                "operation": "eq"}
+
+
 @pytest.mark.parametrize(("method_type", "message"),
                          [("reinforcement", "not supported yet"), ("rlhf", "must be one of"), ("", "must be one of"),
                           (None, "must be one of")])
 def test_only_supervised_and_dpo_are_methods(method_type, message):
     assert check_method_type("supervised") == "supervised" and check_method_type("dpo") == "dpo"
     with pytest.raises(InvalidParameter) as info:
-        check_method_type(method_type)
+        check_method_type(method_type, {"grader": STRING_CHECK})
     assert info.value.param == "method.type" and message in info.value.message
+
+
+@pytest.mark.parametrize(("reinforcement", "error", "param", "code"), [
+    (None, MissingParameter, "method.reinforcement.grader", "missing_parameter"),
+    ({"grader": {"type": "python", "name": "p", "source": "x"}}, InvalidGrader, "method.reinforcement.grader.type",
+     "grader_not_supported"),
+    ({"grader": {**STRING_CHECK, "reference": "{{item.}}"}}, InvalidGrader, "method.reinforcement.grader.reference",
+     "invalid_template"),
+])
+def test_a_reinforcement_grader_is_checked_before_the_method_is_refused(reinforcement, error, param, code):
+    with pytest.raises(error) as info:
+        check_method_type("reinforcement", reinforcement)
+    assert (info.value.param, info.value.code, info.value.status) == (param, code, 400)
 
 
 @pytest.mark.parametrize(("method_type", "data_format", "refused"), [

@@ -73,7 +73,7 @@ def test_method_block_and_peft_extension(api):
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
         ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}}, "method.supervised.hyperparameters.batch_size"),
-        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),  # the grader first
         ({"method": {"type": "rlhf"}}, "method.type"),
         ({"method": {"type": "dpo"}}, "training_file"),  # a chat file: DPO needs preference data
         ({"peft": {"type": "adapter"}}, "peft.type"),
@@ -162,10 +162,45 @@ def test_a_bad_beta_is_a_400_naming_it(api, beta):
     assert job_count(api) == 0
 
 
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+         "operation": "eq"}
+
+
 def test_reinforcement_is_not_supported_yet(api):
-    error = api.create_job(method={"type": "reinforcement", "reinforcement": {}}).json()["error"]
+    # A valid grader (and OpenAI's hyperparameters) gets as far as the refusal of the method itself.
+    reinforcement = {"grader": EXACT, "hyperparameters": {"n_epochs": 2, "compute_multiplier": "auto",
+                                                          "eval_interval": 5, "reasoning_effort": "low"}}
+    error = api.create_job(method={"type": "reinforcement", "reinforcement": reinforcement}).json()["error"]
     assert error["param"] == "method.type" and error["code"] == "invalid_parameter"
     assert "not supported yet" in error["message"]
+    assert job_count(api) == 0 and not api.dispatch.job_ids
+
+
+@pytest.mark.parametrize(("reinforcement", "param", "code"), [
+    ({}, "method.reinforcement.grader", "missing_parameter"),
+    ({"grader": None}, "method.reinforcement.grader", "missing_parameter"),
+    ({"grader": "exact"}, "method.reinforcement.grader", "invalid_parameter"),
+    ({"grader": {"type": "python", "name": "p", "source": "def grade(s, i): return 1"}},
+     "method.reinforcement.grader.type", "grader_not_supported"),
+    ({"grader": {**EXACT, "operation": "equals"}}, "method.reinforcement.grader.operation", "invalid_grader"),
+    ({"grader": {"type": "multi", "name": "m", "graders": {"exact": {**EXACT, "input": "{{sample.nope}}"}},
+                 "calculate_output": "exact"}}, "method.reinforcement.grader.graders.exact.input", "invalid_template"),
+    ({"grader": {"type": "multi", "name": "m", "graders": {"exact": EXACT}, "calculate_output": "exact +"}},
+     "method.reinforcement.grader.calculate_output", "invalid_formula"),
+])
+def test_a_reinforcement_jobs_grader_is_checked_before_the_method_is_refused(api, reinforcement, param, code):
+    response = api.create_job(method={"type": "reinforcement", "reinforcement": reinforcement})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    assert job_count(api) == 0 and not api.dispatch.job_ids
+
+
+def test_a_reinforcement_block_beside_another_method_changes_nothing(api):
+    """Only `method.type` picks the method: a supervised job with a stray reinforcement block is the job it was."""
+    plain = api.job_ok(method={"type": "supervised"}, suffix="plain")
+    stray = api.job_ok(method={"type": "supervised", "reinforcement": {"grader": {"type": "python"}}}, suffix="stray")
+    assert stray["method"] == plain["method"] and stray["hyperparameters"] == plain["hyperparameters"]
 
 
 def test_the_file_must_fit_the_method(api):

@@ -112,6 +112,23 @@ def test_a_placeholder_key_is_refused_when_auth_is_on(make_api):
     assert response.status_code == 401
 
 
+EMPTY_BEARERS = ["Bearer ", "Bearer", "bearer   ", "Bearer \t "]
+
+
+@pytest.mark.parametrize("header", EMPTY_BEARERS)
+def test_an_empty_bearer_key_is_no_key(api, header):
+    """lm-evaluation-harness sends `Bearer ` when OPENAI_API_KEY is unset: on the loopback default, no key."""
+    file_id = api.upload_ok(org=None)
+    assert api.client.get(f"/v1/files/{file_id}", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize("header", EMPTY_BEARERS)
+def test_an_empty_bearer_key_is_refused_when_auth_is_on(make_api, header):
+    api = make_api(require_auth=True)
+    response = api.client.get("/v1/files", headers={"Authorization": header})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_auth_required_refuses_missing_and_revoked_keys(make_api):
     api = make_api(require_auth=True)
     response = api.client.get("/v1/files")

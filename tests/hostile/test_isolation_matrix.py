@@ -67,6 +67,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite_template) ->
     api.close()
 
 
+# A score_model grader whose model is beta's fine-tune (no template braces: bodies go through str.format).
+JUDGE = {"type": "score_model", "name": "judge", "model": "{model}", "input": [{"role": "user", "content": "x"}]}
+
 # (resource, verb, method, url, json body, what beta itself gets). `{name}` is filled from the world's ids.
 MATRIX: list[tuple[str, str, str, str, dict | None, int]] = [
     ("file", "retrieve", "GET", "/v1/files/{file}", None, 200),
@@ -100,6 +103,14 @@ MATRIX: list[tuple[str, str, str, str, dict | None, int]] = [
     ("inference", "complete", "POST", "/v1/completions", {"model": "{model}", "prompt": "x", "max_tokens": 1}, 400),
     ("inference", "chat", "POST", "/v1/chat/completions",
      {"model": "{model}", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, 400),
+    # A model grader's model: beta's own passes the check (a classifier cannot chat, so the run reports the
+    # grader model's failure in a 200); alpha's naming it is a 400 naming the grader's field, as for a ghost.
+    ("grader model", "validate", "POST", "/v1/fine_tuning/alpha/graders/validate", {"grader": JUDGE}, 200),
+    ("grader model", "run", "POST", "/v1/fine_tuning/alpha/graders/run",
+     {"grader": {"type": "multi", "name": "m", "graders": {"judge": JUDGE}, "calculate_output": "judge"},
+      "model_sample": "x"}, 200),
+    ("grader model", "run checkpoint", "POST", "/v1/fine_tuning/alpha/graders/run",
+     {"grader": {**JUDGE, "model": "{ckpt_model}"}, "model_sample": "x"}, 200),
 ]
 
 

@@ -146,7 +146,7 @@ CASES: list[tuple[str, dict, str]] = [
     ("gpus_bool", peft(gpus=True), P + "gpus"),
     ("scheduler_unknown", peft(lr_scheduler="exponential"), P + "lr_scheduler"),
     ("method_unknown", {"method": {"type": "rlhf"}}, "method.type"),
-    ("method_reinforcement", {"method": {"type": "reinforcement"}}, "method.type"),
+    ("method_reinforcement", {"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),
     ("method_not_string", {"method": {"type": ["dpo"]}}, "method.type"),
     ("method_dpo_on_chat_data", {"method": {"type": "dpo"}}, "training_file"),
     # what the job trains on
@@ -192,6 +192,41 @@ DPO_CASES: list[tuple[str, dict, str]] = [
     ("dpo_epochs_conflicting", {**hp(n_epochs=2), **dpo(n_epochs=3)}, H + "n_epochs"),
 ]
 
+R = "method.reinforcement.grader"
+EXACT = {"type": "string_check", "name": "e", "input": "{{sample.output_text}}", "reference": "a", "operation": "eq"}
+
+
+def reinforcement(grader: Any) -> dict:
+    return {"method": {"type": "reinforcement", "reinforcement": {"grader": grader}}}
+
+
+def nested(depth: int) -> dict:
+    grader = EXACT
+    for _ in range(depth):
+        grader = {"type": "multi", "name": "m", "graders": {"g": grader}, "calculate_output": "g"}
+    return grader
+
+
+# (case id, body overrides, param, code): a reinforcement job's grader, refused with the graders library's code
+# and the full path of the field, before the method itself is.
+GRADER_CASES: list[tuple[str, dict, str, str]] = [
+    ("grader_python", reinforcement({"type": "python", "name": "p", "source": "import os"}), R + ".type",
+     "grader_not_supported"),
+    ("grader_type_unknown", reinforcement({**EXACT, "type": "regex"}), R + ".type", "invalid_grader"),
+    ("grader_unknown_field", reinforcement({**EXACT, "extra": 1}), R + ".extra", "invalid_grader"),
+    ("grader_template_unclosed", reinforcement({**EXACT, "input": "{{sample.output_text"}), R + ".input",
+     "invalid_template"),
+    ("grader_formula_nan", reinforcement({"type": "multi", "name": "m", "graders": {"e": EXACT},
+                                          "calculate_output": "e * nan"}), R + ".calculate_output", "invalid_formula"),
+    ("grader_nested_too_deep", reinforcement(nested(4)), R + ".graders.g.graders.g.graders.g", "grader_too_large"),
+    ("grader_image_input", reinforcement({"type": "score_model", "name": "s", "model": MODEL, "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}),
+     R + ".input[0].content[0].type", "grader_not_supported"),
+    ("grader_range_inverted", reinforcement({"type": "score_model", "name": "s", "model": MODEL, "range": [1, 0],
+                                             "input": [{"role": "user", "content": "x"}]}), R + ".range",
+     "invalid_grader"),
+]
+
 FILE_CASES: list[tuple[str, str, str]] = [
     # (case id, which file, param): the file the job would read is not one it may use.
     ("training_other_org", "beta_file", "training_file"),
@@ -228,6 +263,16 @@ def test_out_of_bounds_job_parameters_are_400_naming_the_field(bounds: Bounds, o
 def test_out_of_bounds_dpo_parameters_are_400_naming_the_field(bounds: Bounds, overrides: dict, param: str):
     body = {"model": MODEL, "training_file": bounds.files["preference"], **overrides}
     _assert_refused(bounds.api, _post(bounds.api, body), param)
+
+
+@pytest.mark.parametrize(("overrides", "param", "code"), [c[1:] for c in GRADER_CASES],
+                         ids=[c[0] for c in GRADER_CASES])
+def test_a_reinforcement_jobs_bad_grader_is_400_naming_its_field(bounds: Bounds, overrides: dict, param: str,
+                                                                   code: str):
+    body = {"model": MODEL, "training_file": bounds.files["training"], **overrides}
+    error = assert_envelope(_post(bounds.api, body), 400, code, param)
+    assert len(error["message"]) < 400, error["message"]
+    assert row_counts(bounds.api)["jobs"] == 0 and bounds.api.dispatch.job_ids == []
 
 
 @pytest.mark.parametrize(("which", "param"), [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])

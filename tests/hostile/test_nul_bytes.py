@@ -55,6 +55,11 @@ def nul_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
          {"model": "tiny-base", "training_file": "TRAINING", "peft": {"target_modules": [f"q{NUL}"]}}),
         ("POST", "/v1/completions", {"model": f"ft:{NUL}", "prompt": "x"}),
         ("POST", "/v1/classifications", {"model": f"ft:{NUL}", "input": "x"}),
+        ("POST", "/v1/fine_tuning/alpha/graders/validate", {"grader": {
+            "type": "score_model", "name": "s", "model": f"ft:{NUL}", "input": [{"role": "user", "content": "x"}]}}),
+        ("POST", "/v1/fine_tuning/alpha/graders/run", {"model_sample": NUL, "grader": {
+            "type": "string_check", "name": NUL, "input": "{{sample.output_text}}", "reference": NUL,
+            "operation": "eq"}}),
     ],
 )
 def test_nul_characters_never_cause_a_server_error(nul_api: Api, method, url, body):  # noqa: ANN001

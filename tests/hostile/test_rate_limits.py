@@ -67,6 +67,23 @@ def test_inference_over_the_limit_is_429_before_any_model_work(make_api):
         assert_rate_limited(api.client.post(path, json=body, headers=api.headers()))
 
 
+def test_graders_take_from_the_inference_bucket(make_api):
+    """A grader run may ask models: the graders endpoints share inference's bucket, and a 429 comes before the
+    grader is even read."""
+    api = make_api(rate_limit_inference_per_minute=2)
+    grader = {"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "a",
+              "operation": "eq"}
+    assert api.client.post("/v1/fine_tuning/alpha/graders/validate", json={"grader": grader},
+                           headers=api.headers()).status_code == 200
+    assert api.client.post("/v1/fine_tuning/alpha/graders/run", json={"grader": grader, "model_sample": "a"},
+                           headers=api.headers()).status_code == 200
+    for path in ("/v1/fine_tuning/alpha/graders/validate", "/v1/fine_tuning/alpha/graders/run"):
+        assert_rate_limited(api.client.post(path, json={"grader": {"type": "python"}}, headers=api.headers()))
+    assert_rate_limited(api.client.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=api.headers()))
+    assert api.client.post("/v1/fine_tuning/alpha/graders/validate", json={"grader": grader},
+                           headers=api.headers("beta")).status_code == 200
+
+
 def test_limits_are_per_key_not_per_organization(make_api):
     api = make_api(rate_limit_uploads_per_minute=1)
     with api.session() as session:

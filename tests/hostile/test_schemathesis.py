@@ -111,7 +111,7 @@ def test_the_schema_documents_the_errors_the_api_gives(api):
 
 @pytest.mark.parametrize(("path", "allowed"), [
     ("/v1/files", "GET, POST"), ("/v1/files/file-x", "DELETE, GET"), ("/v1/fine_tuning/jobs", "GET, POST"),
-    ("/v1/models/ft:x:y", "DELETE, GET"),
+    ("/v1/models/ft:x:y", "DELETE, GET"), ("/v1/fine_tuning/alpha/graders/run", "POST"),
 ])
 def test_a_405_names_every_method_of_the_path(api, path: str, allowed: str):
     response = api.client.request("PATCH", path, headers=api.headers())

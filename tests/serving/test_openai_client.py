@@ -138,6 +138,23 @@ def test_openai_errors(client):
     assert info.value.body["param"] == "temperature"
 
 
+def test_openai_tools_and_encoder_chat_are_refused(client):
+    import openai
+
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=LLAMA, messages=messages, tools=tools, stream=stream)
+        assert info.value.body["param"] == "tools" and info.value.code == "unsupported_parameter"
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=BERT, messages=messages, stream=stream)
+        assert info.value.body["param"] == "model" and info.value.code == "model_not_generative"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=BERT, prompt="the movie was")
+    assert info.value.body["param"] == "model"
+
+
 def test_client_hanging_up_mid_stream_frees_its_rows(server, monkeypatch):
     base_url, key, engine, ids = server
     original = Scheduler._decode

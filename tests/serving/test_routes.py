@@ -179,6 +179,73 @@ def test_model_of_the_wrong_task_is_refused(served):
     error(served.post("/classifications", {"model": served.model_ids["sv0"], "input": "x"}), 400, "model")
 
 
+@pytest.mark.parametrize("name", [BERT, "clf"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_that_generates_no_text_refuses_chat_and_completions(served, name, stream):
+    """An encoder base would load as a causal LM with a fresh head (a 200 of random word pieces): refused,
+    streamed or not, before any stream starts, pointing at the endpoints that serve it."""
+    model = served.model_ids.get(name, name)
+    for response in (chat(served, model, stream=stream), complete(served, model, stream=stream)):
+        message = error(response, 400, "model")
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["code"] == "model_not_generative"
+        assert "/v1/embeddings" in message and "/v1/classifications" in message
+    assert served.post("/embeddings", {"model": model, "input": "still an encoder"}).status_code == 200
+
+
+UNSUPPORTED = [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": {"not": "a list"}}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": "json"}, "response_format"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), UNSUPPORTED)
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_and_structured_outputs_are_refused_not_ignored(served, body, param, stream):
+    for response in (chat(served, LLAMA, stream=stream, **body), complete(served, LLAMA, stream=stream, **body)):
+        message = error(response, 400, param)
+        assert response.json()["error"]["code"] == "unsupported_parameter" and "not supported yet" in message
+
+
+@pytest.mark.parametrize("body", [
+    {"tools": []}, {"tools": None}, {"tool_choice": "none"}, {"tool_choice": "auto"}, {"functions": []},
+    {"function_call": "none"}, {"response_format": {"type": "text"}}, {"parallel_tool_calls": False},
+    {"tools": [], "tool_choice": "none", "parallel_tool_calls": True, "response_format": None},
+    # What clients send today, still ignored or honoured as before.
+    {"user": "u-1", "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "seed": 3, "n": 1,
+     "logprobs": False, "max_completion_tokens": 4, "stream_options": None, "modalities": ["text"]},
+])
+def test_a_request_that_asks_for_no_tools_is_served(served, body):
+    response = chat(served, LLAMA, **body)
+    assert response.status_code == 200, response.text
+    body.pop("max_completion_tokens", None), body.pop("logprobs", None)  # chat-only fields
+    assert complete(served, LLAMA, **body).status_code == 200
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "assistant", "content": None,
+      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+     "messages[1].tool_calls"),
+    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+     "messages[1].function_call"),
+    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role"),
+    ({"role": "function", "name": "f", "content": "42"}, "messages[1].role"),
+])
+def test_tool_calls_and_tool_results_in_the_conversation_are_refused(served, message, param):
+    response = chat(served, LLAMA, messages=[*CHAT, message])
+    error(response, 400, param)
+    assert response.json()["error"]["code"] == "unsupported_parameter"
+    assert chat(served, LLAMA, messages=[*CHAT, {"role": "assistant", "content": "ok", "tool_calls": []},
+                                         *CHAT]).status_code == 200
+
+
 def test_classification_labels_with_probabilities(served):
     response = served.post("/classifications", {"model": served.model_ids["clf"], "input": ["good movie", "bad film"]})
     assert response.status_code == 200, response.text

@@ -232,3 +232,36 @@ def test_classify_sends_a_text_pair_the_service_reads(svfit: Run):
     assert refused.returncode == 1 and "error: invalid_model: " in refused.stderr, refused.stderr
     empty_pair = svfit("classify", "tiny-llama", "a man sleeps", "--text-pair", "")  # still a pair, and valid
     assert empty_pair.returncode == 1 and "error: invalid_model: " in empty_pair.stderr, empty_pair.stderr
+
+
+def test_graders_validate_and_run_against_the_service(svfit: Run, tmp_path: Path):
+    exact = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "operation": "eq"}
+    judge = {"type": "score_model", "name": "judge", "model": "tiny-llama",
+             "input": [{"role": "user", "content": "Score {{sample.output_text}} from 0 to 1."}],
+             "sampling_params": {"max_completions_tokens": 5, "temperature": 0}}
+    files = {}
+    for name, grader in {"exact": exact, "both": {"type": "multi", "name": "both", "calculate_output": "judge + exact",
+                                                  "graders": {"judge": judge, "exact": exact}},
+                         "python": {"type": "python", "name": "p", "source": "def grade(s, i): return 1"},
+                         "unknown": {**judge, "model": "no-such-model"}}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(grader))
+
+    valid = svfit("graders", "validate", str(files["exact"]))
+    assert valid.returncode == 0 and valid.stdout == "valid: string_check grader 'exact'\n", valid.stderr
+    right = svfit("graders", "run", str(files["exact"]), "--sample", "Paris", "--item", '{"answer": "Paris"}', "--json")
+    assert right.returncode == 0 and right.json()["reward"] == 1.0, right.stderr
+
+    both = svfit("graders", "run", str(files["both"]), "--sample", "4", "--item", '{"answer": "4"}')
+    assert both.returncode == 0, both.stderr
+    lines = both.stdout.splitlines()
+    assert lines[0].startswith("reward: ") and lines[1] == "grader: both (multi)"
+    assert lines[2].startswith("models: tiny-llama (") and "exact       1" in both.stdout
+
+    refused = svfit("graders", "validate", str(files["python"]))
+    assert refused.returncode == 1 and refused.stderr.startswith("error: grader_not_supported: ")
+    assert "(grader.type)" in refused.stderr
+    unknown = svfit("graders", "run", str(files["unknown"]), "--sample", "4")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: model_not_found: ")
+    assert unknown.stderr.rstrip().endswith("(grader.model)"), unknown.stderr

@@ -168,3 +168,58 @@ def test_the_method_is_shown_with_the_peft_type():
     dpo = {"method": {"type": "dpo"}, "peft": {"type": "lora"}, "hyperparameters": {"beta": 0.25}}
     assert (_method(supervised), _method_note(supervised)) == ("svfit", "svfit")
     assert (_method(dpo), _method_note(dpo)) == ("dpo/lora", "dpo/lora, beta 0.25")
+
+
+def test_graders_validate_and_run_send_openais_bodies_and_print_the_reward(tmp_path, monkeypatch, capsys):
+    from svfit_cli.commands import main
+
+    grader = {"type": "multi", "name": "both", "graders": {"exact": {"type": "string_check"}},
+              "calculate_output": "exact"}
+    (tmp_path / "grader.json").write_text(json.dumps(grader))
+    (tmp_path / "body.json").write_text(json.dumps({"grader": grader}))
+    sent = []
+    ran = {"reward": 0.0, "sub_rewards": {"exact": 0.0},
+           "model_grader_token_usage_per_model": {"judge": {"total_tokens": 9}},
+           "metadata": {"name": "both", "type": "multi", "errors": {}, "error_details": [
+               {"flag": "model_grader_parse_error", "message": "No score.", "grader": "grader.graders.judge"}]}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, json.loads(request.content)))
+        if sent[-1][1]["grader"].get("name") == "bad":
+            error = {"message": "Unknown operation.", "type": "invalid_request_error",
+                     "param": "grader.graders.exact.operation", "code": "invalid_grader"}
+            return httpx.Response(400, json={"error": error})
+        if request.url.path.endswith("/validate"):
+            return httpx.Response(200, json={"grader": sent[-1][1]["grader"]})
+        return httpx.Response(200, json=ran)
+
+    transport = httpx.MockTransport(handler)
+    monkeypatch.setattr(base, "ApiClient", lambda api_base, api_key: ApiClient(api_base, api_key, transport=transport))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("SVFIT_API_BASE", "http://test/v1")
+
+    for name in ("grader.json", "body.json"):  # a grader, or a request body holding one
+        assert main(["graders", "validate", str(tmp_path / name)]) == base.EXIT_OK
+        assert sent[-1] == ("/v1/fine_tuning/alpha/graders/validate", {"grader": grader})
+        assert capsys.readouterr().out == "valid: multi grader 'both'\n"
+
+    assert main(["graders", "run", str(tmp_path / "grader.json"), "--sample", "Paris", "--item", '{"answer": 1}']) == 0
+    assert sent[-1] == ("/v1/fine_tuning/alpha/graders/run",
+                        {"grader": grader, "model_sample": "Paris", "item": {"answer": 1}})
+    out = capsys.readouterr().out
+    assert out.splitlines()[:3] == ["reward: 0", "grader: both (multi)", "models: judge (9 tokens)"]
+    assert "exact       0" in out and "model_grader_parse_error at grader.graders.judge: No score." in out
+    assert main(["graders", "run", str(tmp_path / "grader.json"), "--sample", "x", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == ran and "item" not in sent[-1][1]
+
+    (tmp_path / "bad.json").write_text(json.dumps({**grader, "name": "bad"}))
+    assert main(["graders", "validate", str(tmp_path / "bad.json")]) == base.EXIT_ERROR
+    assert capsys.readouterr().err == "error: invalid_grader: Unknown operation. (grader.graders.exact.operation)\n"
+    (tmp_path / "broken.json").write_text("{nope")
+    assert main(["graders", "validate", str(tmp_path / "broken.json")]) == base.EXIT_ERROR
+    assert capsys.readouterr().err.startswith("error: invalid_json: ")
+    assert main(["graders", "validate", str(tmp_path / "missing.json")]) == base.EXIT_ERROR
+    assert capsys.readouterr().err.startswith("error: file_unreadable: ")
+    with pytest.raises(SystemExit) as bad_item:  # a bad command line: argparse's exit 2
+        main(["graders", "run", str(tmp_path / "grader.json"), "--sample", "x", "--item", "{not json"])
+    assert bad_item.value.code == 2
