@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
+from api.core.job_spec import DPO_LEARNING_RATE_FACTOR
 from api.core.tables import Job
 from svfit_core.training.run_config import DEFAULT_LEARNING_RATE
 from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl, preference_file
@@ -133,7 +134,8 @@ def test_a_dpo_job_resolves_beta_and_echoes_what_will_run(any_db_api):
                      peft={"type": "lora", "rank": 4})
     hyper = job["hyperparameters"]
     assert hyper["beta"] == 0.1 and hyper["n_epochs"] == 2 and hyper["learning_rate_multiplier"] == 0.5
-    assert hyper["learning_rate"] == pytest.approx(0.5 * DEFAULT_LEARNING_RATE["lora"])
+    # DPO's rate at multiplier 1 is a multiple of the method's supervised default (job_spec).
+    assert hyper["learning_rate"] == pytest.approx(0.5 * DPO_LEARNING_RATE_FACTOR * DEFAULT_LEARNING_RATE["lora"])
     assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
         "n_epochs": 2, "batch_size": hyper["batch_size"], "learning_rate_multiplier": 0.5, "beta": 0.1}}}
     assert job["peft"]["type"] == "lora" and api.dispatch.job_ids == [job["id"]]
