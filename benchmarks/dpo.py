@@ -71,7 +71,7 @@ ARMS = [
     ArmSpec("full", {"type": "full"}, "service default"),
 ]
 # The learning-rate sweep (x1 is the default arm itself): what a DPO job's default rate should be.
-SWEEP_MULTIPLIERS = (0.1, 0.3, 4)
+SWEEP_MULTIPLIERS = (0.1, 0.25, 0.3, 4)
 ARMS += [ArmSpec(f"{method}_x{m:g}", {"type": method}, f"learning rate x{m:g}", {"learning_rate_multiplier": m})
          for method in ("svfit", "lora") for m in SWEEP_MULTIPLIERS]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
