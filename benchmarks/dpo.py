@@ -50,12 +50,12 @@ from typing import Any
 
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
-from benchmarks.quality_llm import ArmSpec, prepare_base
+from benchmarks.quality_llm import ArmSpec, prepare_base, run_key  # runs are keyed alike: (task, arm, seed)
 from benchmarks.runs import RunLog, run_in_workers
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 # Training sequence caps, so that no training pair of the draw is cut (checked: `truncated` in the record).
-MAX_SEQ_LENGTH = {"sst2": 160, "gsm8k": 400}
+MAX_SEQ_LENGTH = {"sst2": 160, "gsm8k": 512}
 # Held-out pairs are scored whole: a cut pair could lose the very tokens its two answers differ in.
 EVAL_MAX_LENGTH = 2048
 EVAL_PAIRS_PER_BATCH = 8
@@ -282,10 +282,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- driver
-
-
-def run_key(rec: dict) -> tuple:
-    return rec["task"], rec["arm"], int(rec["seed"])
 
 
 def describe(rec: dict) -> str:
