@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.core.job_spec import resolve_request
+from api.core.job_spec import MIN_AUTO_STEPS, auto_batch_size, resolve_request
 from benchmarks import quality_llm
 from benchmarks.quality_llm import ARMS, Settings, check_targets, final_number, is_correct, majority_rate
 from benchmarks.service_defaults import service_job
@@ -89,8 +89,11 @@ def test_one_run_trains_as_the_service_would_and_answers_through_the_engine(tmp_
            "workdir": str(tmp_path)}
     record = quality_llm.run_one(job)
     assert record["status"] == "ok", record.get("error")
-    # The service's rule for 8 lines: at least 100 examples seen (13 epochs), batches of 8.
-    assert record["hyperparameters"]["n_epochs"] == 13 and record["steps"] == 13
+    # The service's rules for 8 lines: at least 100 examples seen (13 epochs), in batches small enough to give
+    # MIN_AUTO_STEPS optimizer steps (3 lines a batch, 3 batches an epoch).
+    hyperparameters = record["hyperparameters"]
+    assert hyperparameters["n_epochs"] == 13 and hyperparameters["batch_size"] == auto_batch_size(8, 13) == 3
+    assert record["steps"] == 13 * 3 >= MIN_AUTO_STEPS
     assert record["trainable_params"] > 0 and 0.0 <= record["exact_match"] <= 1.0
     assert len(record["sample_answers"]) == 3 and all(isinstance(a, str) for a in record["sample_answers"])
     assert record["truncated"] == 0
