@@ -14,7 +14,7 @@ from serving.batching import LaneState, Row
 from serving.lane_manager import not_generative
 from serving.lanes import Lane
 from serving.pooling import pool
-from serving.sampling import row_generator
+from svfit_core.sampling import row_generator
 from serving.text import TextTracker
 from serving.types import Admission, ClassificationResult, EmbeddingRequest, EmbeddingResult
 from svfit_core.training.collate import collate

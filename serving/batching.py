@@ -13,11 +13,11 @@ import torch
 from transformers import DynamicCache
 
 from api.core.errors import InternalError, ServiceError
-from serving.kv import PaddedCache, left_pad
+from svfit_core.kv_cache import PaddedCache, left_pad
 from serving.lanes import Lane
 from serving.logprobs import prompt_logprobs, step_logprobs
 from serving.model_cache import ModelCache
-from serving.sampling import next_tokens
+from svfit_core.sampling import next_tokens
 from serving.text import TextTracker
 from serving.types import ChoiceFinished, GenerationDone, TextDelta
 

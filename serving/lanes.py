@@ -24,9 +24,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from svfit_core.bases import BasisStore
+from svfit_core.kv_cache import cache_argument
 from svfit_core.multi_adapter import MultiAdapterModel
+from svfit_core.sampling import eos_token_ids
 
-from serving.servable_models import context_length, eos_token_ids, model_bytes
+from serving.servable_models import context_length, model_bytes
 from serving.logprobs import TokenNames
 from serving.types import ModelRef
 
@@ -47,9 +49,7 @@ class Lane:
         # Most causal LMs can skip the vocabulary projection for all but the last position.
         parameters = inspect.signature(model.forward).parameters
         self.keeps_last_logits = "logits_to_keep" in parameters
-        # transformers 5 renames the key/value cache argument `past_key_values` to `cache` (the old name goes
-        # in 5.40); pass whichever this model's forward takes.
-        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_argument = cache_argument(model)
         self.in_use: Counter = Counter()  # tag -> rows holding it
         self.token_names = TokenNames(tokenizer)  # for log probabilities
         # Ids a request may name (prompt ids, logit_bias): known to the tokenizer and inside the model's table.

@@ -115,15 +115,3 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Every id that ends a sequence: the tokenizer's EOS and the generation config's (which may be a list)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config = getattr(model, "generation_config", None)
-    value = getattr(config, "eos_token_id", None) if config is not None else None
-    if isinstance(value, int):
-        ids.add(value)
-    elif isinstance(value, (list, tuple)):
-        ids.update(int(v) for v in value)
-    return frozenset(ids)

@@ -337,6 +337,9 @@ class SVFitLayer(nn.Module):
         # The Δσ (or banded Δ) folded into the base weight while merged, so unmerge subtracts exactly that.
         self.register_buffer("merged_delta", None, persistent=False)
         self.formulation = formulation
+        # While True the layer is its base (ΔW = 0): the reference policy of reinforcement fine-tuning, with no
+        # second copy of the model (SVFitModel.disable_adapter).
+        self.disabled = False
 
     @classmethod
     def from_base(cls, base_layer: nn.Module, config: SVFitConfig, **kwargs) -> SVFitLayer:
@@ -429,7 +432,7 @@ class SVFitLayer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         if self.band:
             return self._banded_forward(x)

@@ -7,8 +7,9 @@ Freezing is structural: every parameter of the wrapped model is frozen except th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -192,6 +193,21 @@ class SVFitModel(nn.Module):
     def unmerge(self) -> None:
         for layer in self.svfit_layers().values():
             layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model is its base: every layer's ΔW is off (PEFT's name for the same switch).
+        A merged model cannot switch off what its weights already hold."""
+        layers = list(self.svfit_layers().values())
+        if any(layer.merged for layer in layers):
+            raise ConfigError("a merged SVFit model cannot disable its adapter; unmerge it first")
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
 
     def merge_and_unload(self) -> nn.Module:
         """Merge, then put the original module classes back; returns the plain transformers model.

@@ -14,7 +14,7 @@ from typing import Literal
 
 from svfit_core.errors import DataError
 
-Format = Literal["chat", "completion", "classification", "classification_pair", "preference"]
+Format = Literal["chat", "completion", "classification", "classification_pair", "preference", "prompt"]
 Task = Literal["causal", "classification"]
 
 # Roles OpenAI's fine-tuning accepts in chat examples ("developer" is its newer name for "system").
@@ -27,6 +27,8 @@ _TASK_OF_FORMAT: dict[str, Task] = {
     "classification_pair": "classification",
     # A preference pair trains a causal LM (with the DPO loss, training/preference.py) and serves like one.
     "preference": "causal",
+    # A prompt awaits an answer the model samples and a grader scores (reinforcement, training/reinforcement.py).
+    "prompt": "causal",
 }
 # OpenAI's preference format: the conversation so far, and one answer preferred over another.
 PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
@@ -46,7 +48,7 @@ def detect_format(example: dict) -> Format:
     if any(key in example for key in PREFERENCE_KEYS[1:]):
         return "preference"
     if "messages" in example:
-        return "chat"
+        return "prompt" if _awaits_answer(example["messages"]) else "chat"
     if "prompt" in example and "completion" in example:
         return "completion"
     if "text" in example and "text_pair" in example:
@@ -59,6 +61,14 @@ def detect_format(example: dict) -> Format:
         "{'text', 'text_pair', 'label'} or {'input', 'preferred_output', 'non_preferred_output'}, "
         f"got keys: {keys}"
     )
+
+
+def _awaits_answer(messages: object) -> bool:
+    """A conversation whose last message is not the assistant's is a prompt: there is no answer to train on,
+    one is sampled and graded (OpenAI's reinforcement format; its other keys are the item graders read)."""
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return False
+    return messages[-1].get("role") in KNOWN_ROLES - {"assistant"}
 
 
 def task_for_format(fmt: Format) -> Task:
@@ -74,6 +84,8 @@ def validate_example(example: dict, fmt: Format) -> list[str]:
         return _completion_errors(example)
     if fmt == "preference":
         return _preference_errors(example)
+    if fmt == "prompt":
+        return _prompt_errors(example)
     return _classification_errors(example, pair=fmt == "classification_pair")
 
 
@@ -119,6 +131,19 @@ def _chat_errors(example: dict) -> list[str]:
             trainable_turns += 1
     if trainable_turns == 0:
         errors.append("no trainable assistant turn (no assistant message, or all have weight 0)")
+    return errors
+
+
+def _prompt_errors(example: dict) -> list[str]:
+    """A reinforcement line: the conversation to answer (it ends with a non-assistant turn), never trained as
+    given, so no message takes a 'weight'. The line's other keys are free: graders read them as ``item``."""
+    errors: list[str] = []
+    if "tools" in example or "functions" in example:
+        errors.append("'tools' is not supported yet: prompts with tools cannot be trained")
+    for i, message in enumerate(example["messages"]):
+        errors.extend(_message_errors(message, f"messages[{i}]"))
+        if isinstance(message, dict) and "weight" in message:
+            errors.append(f"messages[{i}] has a 'weight': a prompt is context, its answer is sampled")
     return errors
 
 

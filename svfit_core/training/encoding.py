@@ -5,8 +5,9 @@ Causal examples become ``input_ids`` plus ``labels`` of the same length in the H
 examples train only assistant turns with a non-zero weight, completion examples only the completion.
 Classification examples become ``input_ids`` (and ``token_type_ids`` where the tokenizer makes them) and an
 integer ``label``. Preference examples become a pair of causal rows, the context followed by the preferred
-and by the non-preferred answer, each trained on its answer only. Every sequence is cut to ``max_length``;
-the result says whether it was cut.
+and by the non-preferred answer, each trained on its answer only. A prompt (reinforcement) becomes the
+rendered conversation up to the assistant's turn, which the model then samples. Every sequence is cut to
+``max_length``; the result says whether it was cut.
 """
 
 from __future__ import annotations
@@ -48,9 +49,22 @@ class EncodedPreference:
         return max(len(self.chosen), len(self.rejected))
 
 
+@dataclass
+class EncodedPrompt:
+    """One reinforcement prompt: the tokens the model answers from, and the line itself (graders read its
+    fields as ``item``). Its length is the prompt's; the answer's room is counted apart."""
+
+    input_ids: list[int]
+    item: dict
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
 def encode_example(
     example: dict, fmt: Format, tokenizer: PreTrainedTokenizerBase, max_length: int, *, token_types: bool = False
-) -> Encoded | EncodedPreference:
+) -> Encoded | EncodedPreference | EncodedPrompt:
     """``token_types``: keep the tokenizer's ``token_type_ids`` (only models with segment embeddings,
     BERT-style, take them; a Llama forward would reject them)."""
     if fmt == "chat":
@@ -59,6 +73,8 @@ def encode_example(
         return encode_completion(example["prompt"], example["completion"], tokenizer, max_length)
     if fmt == "preference":
         return encode_preference(example, tokenizer, max_length)
+    if fmt == "prompt":
+        return encode_prompt(example, tokenizer, max_length)
     return encode_classification(
         example["text"], example.get("text_pair"), example["label"], tokenizer, max_length, token_types=token_types
     )
@@ -161,6 +177,15 @@ def encode_preference(example: dict, tokenizer: PreTrainedTokenizerBase, max_len
     return EncodedPreference(answered("preferred_output"), answered("non_preferred_output"))
 
 
+def encode_prompt(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedPrompt:
+    """The conversation rendered with the generation prompt, as the serving engine renders a chat request. A
+    prompt over ``max_length`` keeps its last tokens: the turn being answered is at the end."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    ids = tokenizer(_render(tokenizer, plain, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > max_length
+    return EncodedPrompt(list(ids[-max_length:]), example, truncated=truncated)
+
+
 def encode_completion(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     # The prompt takes the tokenizer's usual specials (a BOS for Llama-style models); the completion ends
     # with EOS so the model learns where to stop.
@@ -196,10 +221,10 @@ def encode_classification(
     return Encoded(full["input_ids"], int(label), token_type_ids=type_ids, truncated=truncated)
 
 
-def count_targets(encoded: Encoded | EncodedPreference) -> int:
+def count_targets(encoded: Encoded | EncodedPreference | EncodedPrompt) -> int:
     """How many predictions an example contributes to the loss (after the causal shift); a preference pair
-    is one comparison."""
-    if isinstance(encoded, EncodedPreference) or isinstance(encoded.labels, int):
+    is one comparison, a prompt one group of sampled answers."""
+    if isinstance(encoded, (EncodedPreference, EncodedPrompt)) or isinstance(encoded.labels, int):
         return 1
     # labels[0] is never predicted: nothing precedes it.
     return sum(1 for t in encoded.labels[1:] if t != IGNORE_INDEX)

@@ -1,5 +1,6 @@
 """The training loop: SFT of a causal LM (chat or prompt/completion), DPO of a causal LM (preference pairs),
-or training a sequence classifier, with SVFit or a baseline method, resumable from any checkpoint.
+reinforcement of a causal LM (prompts, graded samples), or training a sequence classifier, with SVFit or a
+baseline method, resumable from any checkpoint.
 
 ``run_training`` reads top to bottom: validate, set up the model, the data and the optimizer, then loop over
 optimizer steps (poll the callbacks, step, report, evaluate, checkpoint) and write the final adapter. It
@@ -36,11 +37,11 @@ from svfit_core.training.checkpointing import (
     save_training_state,
 )
 from svfit_core.training.collate import batch_targets, batches_per_epoch, collate, epoch_batches, micro_batches
-from svfit_core.training import preference
+from svfit_core.training import preference, reinforcement
 from svfit_core.training.data import check_examples, task_for_format
 from svfit_core.training import distributed
 from svfit_core.training.distributed import SOLO, Ranks
-from svfit_core.training.encoding import Encoded, EncodedPreference, encode_example
+from svfit_core.training.encoding import Encoded, EncodedPreference, EncodedPrompt, encode_example
 from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
 from svfit_core.loading import DTYPES, base_dtype_for, load_base_model, max_positions
 from svfit_core.training.loss import causal_loss, classification_loss, transformers_model
@@ -48,6 +49,7 @@ from svfit_core.training.memory import plan_memory
 from svfit_core.training.methods import Method, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
 from svfit_core.training.preflight import check_memory
+from svfit_core.sampling import eos_token_ids
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
 from svfit_core.bases import BasisStore
 from svfit_core.targets import classification_modules
@@ -79,11 +81,15 @@ class TrainingCallbacks:
         """After each optimizer step: step, total_steps, epoch (float), train_loss,
         train_mean_token_accuracy (accuracy for classification; for DPO the share of pairs whose chosen
         answer's reward is above the rejected one's), learning_rate, trained_tokens; for DPO also
-        train_chosen_reward, train_rejected_reward and train_reward_margin (means over the batch's pairs)."""
+        train_chosen_reward, train_rejected_reward and train_reward_margin (means over the batch's pairs). A
+        reinforcement step reports train_loss, train_reward (the mean grade of its sampled answers), train_kl
+        (the mean KL estimate to the starting model) and train_answer_tokens (the answers' mean length)
+        instead of an accuracy."""
 
     def on_eval(self, metrics: dict) -> None:
         """After each evaluation: step, valid_loss, valid_mean_token_accuracy; for DPO also
-        valid_chosen_reward, valid_rejected_reward and valid_reward_margin."""
+        valid_chosen_reward, valid_rejected_reward and valid_reward_margin; for reinforcement only
+        valid_reward (the mean grade of ``eval_samples`` answers per validation prompt)."""
 
     def on_checkpoint(self, step: int, path: Path, epoch_end: bool = False) -> None:
         """After checkpoint ``step-N`` is complete on disk (renamed into place). ``epoch_end``: it was taken
@@ -139,10 +145,12 @@ class _Run:
     auto_checkpointing: bool = False  # gradient checkpointing was left to the loop, which may turn it on
     memory_estimate: dict | None = None  # the pre-flight's, in GB (preflight.check_memory); None if skipped
     text_pair: bool | None = None  # a classifier trained on text pairs (serving takes only pairs); None: causal
-    objective: str = "supervised"  # or "dpo": preference pairs (training/preference.py)
+    # "dpo": preference pairs (training/preference.py); "reinforcement": prompts (training/reinforcement.py)
+    objective: str = "supervised"
     # DPO's reference log-probabilities of each pair's (chosen, rejected) answer: (N, 2) and (M, 2).
     reference_train: torch.Tensor | None = None
     reference_valid: torch.Tensor | None = None
+    rollouts: reinforcement.RolloutSetup | None = None  # reinforcement's sampling, grading and reference
 
 
 def run_training(
@@ -155,6 +163,7 @@ def run_training(
     callbacks: TrainingCallbacks | None = None,
     resume_from: str | Path | None = None,
     bases: BasisStore | None = None,
+    reward: reinforcement.Reward | None = None,
 ) -> TrainResult:
     """Train and write ``output_dir/final``; or stop early (cancel / pause) as the callbacks ask.
 
@@ -164,11 +173,15 @@ def run_training(
     keeps it there, and its checkpoints and adapters name their bases instead of storing U and V.
     With ``config.world_size`` N > 1 this process becomes rank 0 of N and starts the others (which need
     ``bases`` to pickle); it alone calls ``callbacks`` and writes into ``output_dir``.
+    Prompt data (messages awaiting the assistant's answer) trains by reinforcement and needs ``reward``, which
+    grades sampled answers (``reinforcement.Reward``).
     """
     callbacks = callbacks or TrainingCallbacks()
     peft.validate()
     config.validate()
     fmt, label_names = _check_data(train_examples, valid_examples, config.label_names)
+    if fmt == "prompt":
+        _check_reinforcement(config, reward)
     state = load_training_state(Path(resume_from)) if resume_from is not None else None
     if config.world_size > 1 and not distributed.in_group():
         return distributed.launch(
@@ -206,6 +219,8 @@ def run_training(
         trained_tokens, metrics = state.trained_tokens, dict(state.metrics)
     if run.objective == "dpo":  # after the resume check, which names a checkpoint of another kind of run
         _setup_reference(run, resume_from)
+    if run.objective == "reinforcement":
+        run.rollouts = _setup_rollouts(run, reward)
 
     callbacks.on_start(_start_info(run, optimizer, ranks, resumed_step=step if state else None))
     last_checkpoint = Path(resume_from) if resume_from is not None else None
@@ -235,7 +250,10 @@ def run_training(
 
         apply_lr(optimizer, lr_multiplier(step, run.total_steps, run.warmup_steps, run.config.lr_scheduler))
         ranks.seed_step(run.config.seed, step)
-        step_metrics = _train_step(run, optimizer, batches[batch_index], ranks)
+        if run.objective == "reinforcement":
+            step_metrics = _reinforcement_step(run, optimizer, batches[batch_index], step)
+        else:
+            step_metrics = _train_step(run, optimizer, batches[batch_index], ranks)
         step += 1
         trained_tokens += step_metrics["tokens"]
 
@@ -278,6 +296,9 @@ def run_training(
 
 def _named(split: str, measured: dict) -> dict:
     """A step's or an evaluation's means under the names the callbacks report them by."""
+    if "reward" in measured:  # reinforcement: no accuracy, and an evaluation has no loss
+        return {f"{split}_{name}": measured[name] for name in ("loss", "reward", "kl", "answer_tokens")
+                if name in measured}
     named = {f"{split}_loss": measured["loss"], f"{split}_mean_token_accuracy": measured["accuracy"]}
     if "chosen_reward" in measured:
         named[f"{split}_chosen_reward"] = measured["chosen_reward"]
@@ -314,6 +335,19 @@ def _check_data(
     if num_labels < 2:
         raise DataError("classification needs at least two labels (0 and 1)", errors=["only label 0 present"])
     return fmt, [str(i) for i in range(num_labels)]
+
+
+def _check_reinforcement(config: TrainConfig, reward: reinforcement.Reward | None) -> None:
+    if reward is None:
+        raise ConfigError("prompt data trains by reinforcement, which needs a reward function to grade the "
+                          "sampled answers", code="reward_required")
+    if config.world_size > 1:
+        raise ConfigError("reinforcement runs in one process for now: set world_size to 1", code="not_supported")
+    if config.max_seq_length <= config.max_completion_tokens:
+        raise ConfigError(
+            f"max_seq_length ({config.max_seq_length}) must exceed max_completion_tokens "
+            f"({config.max_completion_tokens}): a prompt gets what the answer leaves", code="invalid_config",
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -434,7 +468,15 @@ def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples:
     # Segment (token type) embeddings exist only in BERT-style models; others must not receive the ids.
     token_types = bool(getattr(run.model.config, "type_vocab_size", 0))
     run.text_pair = fmt == "classification_pair" if run.task == "classification" else None
-    run.objective = "dpo" if fmt == "preference" else "supervised"
+    run.objective = {"preference": "dpo", "prompt": "reinforcement"}.get(fmt, "supervised")
+    if run.objective == "reinforcement":
+        if run.method.name not in REINFORCEMENT_METHODS:
+            raise ConfigError(f"reinforcement trains with {', '.join(REINFORCEMENT_METHODS)}, not "
+                              f"{run.method.name}", code="not_supported")
+        limit -= run.config.max_completion_tokens  # a prompt gets what the sampled answer leaves
+        if limit < 1:
+            raise ConfigError(f"the model takes {positions} positions, no more than max_completion_tokens "
+                              f"({run.config.max_completion_tokens})", code="invalid_config")
     run.train = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in train_examples]
     run.valid = [encode_example(ex, fmt, run.tokenizer, limit, token_types=token_types) for ex in valid_examples]
     run.truncated = sum(row.truncated for row in run.train)
@@ -444,6 +486,32 @@ def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples:
     if run.config.max_steps is not None:
         run.total_steps = min(run.total_steps, run.config.max_steps)
     run.warmup_steps = warmup_steps_for(run.total_steps, run.config.warmup_ratio)
+
+
+# The methods whose starting model is the base with the adapter off, or (full) a copy kept frozen. PiSSA moves
+# part of each weight into its adapter, so switching that off is not the starting model.
+REINFORCEMENT_METHODS = ("svfit", "lora", "full")
+
+
+def _setup_rollouts(run: _Run, reward: reinforcement.Reward) -> reinforcement.RolloutSetup:
+    """Sampling, grading and the KL reference of a reinforcement run; full fine-tuning loads the base a second
+    time, frozen, as its reference."""
+    config = run.config
+    frozen = None
+    if run.method.name == "full" and config.kl_coef > 0:
+        frozen, _ = load_base_model(run.base_model_path, "causal", dtype=DTYPES[config.base_dtype],
+                                    device=run.device)
+        frozen.requires_grad_(False).eval()
+    return reinforcement.RolloutSetup(
+        model=run.model, tokenizer=run.tokenizer, device=run.device, autocast=lambda: _autocast(run),
+        reward=reward, reference_logprobs=reinforcement.sequence_reference(run.model, frozen),
+        stop_ids=eos_token_ids(transformers_model(run.model), run.tokenizer), seed=config.seed,
+        samples_per_prompt=config.samples_per_prompt, eval_samples=config.eval_samples,
+        max_completion_tokens=config.max_completion_tokens, temperature=config.sampling_temperature,
+        kl_coef=config.kl_coef, clip_epsilon=config.clip_epsilon,
+        max_tokens_per_micro_batch=config.max_tokens_per_micro_batch,
+        accumulation_steps=config.gradient_accumulation_steps,
+    )
 
 
 def _setup_optimizer(run: _Run) -> torch.optim.Optimizer:
@@ -467,8 +535,10 @@ def _check_resume(run: _Run, state: TrainingState) -> None:
     # A checkpoint from before data parallelism does not name its world size: it ran in one process; one from
     # before the banded variant does not name its band: it trained σ only.
     # One from before DPO trained with the supervised objective, and its config names no beta.
+    # One from before reinforcement names none of its settings.
+    added = ("world_size", "dpo_beta", *_REINFORCEMENT_SETTINGS)
     saved = {"objective": "supervised", **state.run,
-             "config": {"world_size": 1, "dpo_beta": TrainConfig.dpo_beta, **state.run.get("config", {})}}
+             "config": {**{name: getattr(TrainConfig, name) for name in added}, **state.run.get("config", {})}}
     if "peft" in state.run:
         saved["peft"] = {"band": 0, **state.run["peft"]}
     if saved != json.loads(json.dumps(expected)) or state.total_steps != run.total_steps:
@@ -477,6 +547,10 @@ def _check_resume(run: _Run, state: TrainingState) -> None:
             f"the checkpoint belongs to a run with other settings ({', '.join(differing) or 'total_steps'})",
             code="checkpoint_mismatch",
         )
+
+
+_REINFORCEMENT_SETTINGS = ("samples_per_prompt", "max_completion_tokens", "sampling_temperature", "kl_coef",
+                           "clip_epsilon", "eval_samples")
 
 
 def _start_info(run: _Run, optimizer: torch.optim.Optimizer, ranks: Ranks, resumed_step: int | None) -> dict:
@@ -517,7 +591,7 @@ def _plan_memory(run: _Run) -> None:
         trainable=[p for group in run.param_groups for p in group["params"]],
         compute_bytes=2 if config.bf16 else param_bytes,
         adapter_width=adapter_width,
-        longest_row=_rows_per_example(run) * max(len(row) for row in run.train),
+        longest_row=_rows_per_example(run) * _longest_row(run),
         max_tokens=config.max_tokens_per_micro_batch,
         checkpointing=config.gradient_checkpointing,
     )
@@ -529,7 +603,14 @@ def _plan_memory(run: _Run) -> None:
 
 
 def _rows_per_example(run: _Run) -> int:
-    return 2 if run.objective == "dpo" else 1  # a preference pair runs as its two answers' rows
+    # A preference pair runs as its two answers' rows, a prompt as its group of sampled answers' rows.
+    return {"dpo": 2, "reinforcement": run.config.samples_per_prompt}.get(run.objective, 1)
+
+
+def _longest_row(run: _Run) -> int:
+    """The longest row a step may run: a prompt's grows by the answer sampled after it."""
+    longest = max(len(row) for row in run.train)
+    return longest + run.config.max_completion_tokens if run.objective == "reinforcement" else longest
 
 
 def _micro_batches(run: _Run, batch: list[int], examples: list[Encoded] | list[EncodedPreference]) -> list[list[int]]:
@@ -691,6 +772,21 @@ def _means(run: _Run, sums: list[float], targets: int) -> dict:
     return means
 
 
+def _reinforcement_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], step: int) -> dict:
+    """One optimizer step over the prompts ``batch`` indexes: sample and grade each one's group of answers,
+    then one update on the clipped, KL-held policy loss (reinforcement.py)."""
+    run.model.train()
+    answers = len(batch) * run.config.samples_per_prompt
+    sums = reinforcement.reinforcement_gradients(run.rollouts, [run.train[i] for i in batch], batch, step, answers)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if run.config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    means = {name: sums[name] / answers for name in ("loss", "reward", "kl", "answer_tokens")}
+    return {**means, "tokens": sums["tokens"]}
+
+
 def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], ranks: Ranks) -> dict:
     """One optimizer step over ``batch`` (example indices): each rank accumulates the gradients of its share,
     the ranks sum them, and every rank applies the same update."""
@@ -715,6 +811,8 @@ def _train_step(run: _Run, optimizer: torch.optim.Optimizer, batch: list[int], r
 def _evaluate(run: _Run, ranks: Ranks) -> dict:
     """The validation loss and accuracy (and DPO's rewards) over all of ``run.valid``, each rank evaluating
     its share."""
+    if run.objective == "reinforcement":  # one process only (_check_reinforcement)
+        return reinforcement.evaluate_prompts(run.rollouts, run.valid, run.config.batch_size)
     run.model.eval()
     sums = [0.0, 0, 0, *[0.0] * len(preference.REWARD_METRICS)]
     share = ranks.share(list(range(len(run.valid))))

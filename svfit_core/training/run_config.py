@@ -198,9 +198,21 @@ class TrainConfig:
     # DPO's beta: how far the policy may move from the reference per unit of preference. Used only when the
     # training data is in the preference format (the loss is then DPO's, training/preference.py).
     dpo_beta: float = 0.1
+    # Reinforcement (training/reinforcement.py), used only when the training data is prompts: each step samples
+    # ``samples_per_prompt`` answers of at most ``max_completion_tokens`` to each of its prompts at
+    # ``sampling_temperature``, and each evaluation ``eval_samples`` answers per validation prompt. The loss
+    # holds the policy within ``clip_epsilon`` of the sampling policy (PPO's clipped ratio) and pays ``kl_coef``
+    # times an estimate of the KL divergence to the starting model.
+    samples_per_prompt: int = 4
+    max_completion_tokens: int = 64
+    sampling_temperature: float = 1.0
+    kl_coef: float = 0.04
+    clip_epsilon: float = 0.2
+    eval_samples: int = 1
 
     def validate(self) -> None:
-        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "world_size"):
+        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "world_size",
+                     "max_completion_tokens", "eval_samples"):
             if not _positive_int(getattr(self, name)):
                 raise HyperparameterError(
                     f"{name} must be an integer from 1 to 2^31-1, got {shown(getattr(self, name))}", param=name
@@ -222,6 +234,16 @@ class TrainConfig:
         if not (finite_number(self.dpo_beta) and self.dpo_beta > 0):
             raise HyperparameterError(f"dpo_beta must be a finite number > 0, got {shown(self.dpo_beta)}",
                                       param="dpo_beta")
+        if not (_positive_int(self.samples_per_prompt) and self.samples_per_prompt >= 2):
+            raise HyperparameterError(
+                "samples_per_prompt must be an integer ≥ 2 (advantages compare the answers to one prompt), got "
+                f"{shown(self.samples_per_prompt)}", param="samples_per_prompt",
+            )
+        for name, low_open in (("sampling_temperature", True), ("kl_coef", False), ("clip_epsilon", True)):
+            value = getattr(self, name)
+            if not (finite_number(value) and (value > 0 if low_open else value >= 0)):
+                bound = "> 0" if low_open else "≥ 0"
+                raise HyperparameterError(f"{name} must be a finite number {bound}, got {shown(value)}", param=name)
         if not (finite_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise HyperparameterError(f"warmup_ratio must be in [0, 1), got {shown(self.warmup_ratio)}",
                                       param="warmup_ratio")

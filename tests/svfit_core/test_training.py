@@ -85,9 +85,9 @@ class Recorder(TrainingCallbacks):
         return [m["train_loss"] for m in self.steps]
 
 
-def train(path, examples, valid, peft, config, out, stop_after=None, decision="pause", resume_from=None):
+def train(path, examples, valid, peft, config, out, stop_after=None, decision="pause", resume_from=None, reward=None):
     recorder = Recorder(stop_after, decision)
-    result = run_training(path, examples, valid, peft, config, out, recorder, resume_from=resume_from)
+    result = run_training(path, examples, valid, peft, config, out, recorder, resume_from=resume_from, reward=reward)
     return result, recorder
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+from torch import nn
 
 
 class RowSampling(Protocol):
@@ -82,3 +83,17 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
         else:
             out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
     return out
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """Every id that ends a sequence: the tokenizer's EOS and the generation config's (which may be a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, (list, tuple)):
+        ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -8,7 +8,10 @@ already decoding (continuous batching): prefill it alone or with other newcomers
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 
@@ -74,3 +77,9 @@ def left_pad(
         mask[i, length - len(prompt):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name ``model.forward`` takes its key/value cache by: transformers 5 renames ``past_key_values`` to
+    ``cache`` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
