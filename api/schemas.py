@@ -129,9 +129,8 @@ class ReinforcementMethodRequest(BaseModel):
 class MethodRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    # A plain string, so that api/core/job_spec.py names an unsupported one ("reinforcement") in its own words.
-    type: str = Field(description='"supervised" or "dpo" (preference data); "reinforcement" is not supported yet '
-                      "(its grader is checked, then the job refused).")
+    # A plain string, so that api/core/job_spec.py names an unknown one in its own words.
+    type: str = Field(description='"supervised", "dpo" (preference data) or "reinforcement" (prompts, graded samples).')
     supervised: SupervisedMethodRequest | None = None
     dpo: DpoMethodRequest | None = None
     reinforcement: ReinforcementMethodRequest | None = None
@@ -178,13 +177,20 @@ class HyperparametersPublic(BaseModel):
     learning_rate_multiplier: float
     learning_rate: float | None = Field(default=None, description="Extension: the absolute learning rate.")
     beta: float | None = Field(default=None, description="DPO jobs only: DPO's beta.")
+    compute_multiplier: float | None = Field(
+        default=None, description="Reinforcement jobs only: scales the answers sampled per prompt (4 at 1.0).")
+    eval_interval: int | None = Field(default=None, description="Reinforcement jobs only: steps between evaluations.")
+    eval_samples: int | None = Field(default=None, description="Reinforcement jobs only: answers per validation prompt.")
+    reasoning_effort: str | None = Field(default=None, description="Reinforcement jobs only: echoed, not used.")
 
     @model_serializer(mode="wrap")
-    def _beta_only_for_dpo(self, handler):  # noqa: ANN001, ANN202 - pydantic's serializer protocol
-        # A supervised job's object stays as it was: no `beta` key rather than a null one.
+    def _method_fields_only_for_their_method(self, handler):  # noqa: ANN001, ANN202 - pydantic's serializer protocol
+        # A supervised job's object stays as it was: no `beta` (or reinforcement) key rather than a null one.
         data = handler(self)
-        if isinstance(data, dict) and data.get("beta") is None:
-            data.pop("beta", None)
+        if isinstance(data, dict):
+            for name in ("beta", "compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort"):
+                if data.get(name) is None:
+                    data.pop(name, None)
         return data
 
 

@@ -34,6 +34,7 @@ from svfit_core.training.layout import step_of_checkpoint_dir
 from worker import publishing
 from worker.recovery import Heartbeat, shutdown_requested
 from worker.reporting import JobLost, JobReporter, add_event, owned
+from worker.rewards import job_reward
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,7 @@ def _run_attempt(
         callbacks=reporter,
         resume_from=resume_from,
         bases=StoredBases(storage),
+        reward=job_reward(job.method),
     )
     reporter.flush()
     if reporter.stop_reason == "lost":

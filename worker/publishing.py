@@ -38,6 +38,9 @@ DPO_RESULTS_COLUMNS = (
     "train_reward_margin", "train_chosen_reward", "train_rejected_reward",
     "valid_reward_margin", "valid_chosen_reward", "valid_rejected_reward",
 )
+# A reinforcement job's: the mean grade of each step's samples and of the validation samples, the KL estimate
+# to the starting model and the answers' mean length.
+REINFORCEMENT_RESULTS_COLUMNS = ("train_reward", "train_kl", "train_answer_tokens", "valid_reward")
 # Where a CSV column's value comes from in a metrics event's data, where the names differ.
 _RESULTS_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
 
@@ -181,7 +184,8 @@ def ensure_model_row(session: Session, job: Job, name: str, key: str, step: int 
 
 
 def results_columns(method_type: str) -> tuple[str, ...]:
-    return RESULTS_COLUMNS + (DPO_RESULTS_COLUMNS if method_type == "dpo" else ())
+    extra = {"dpo": DPO_RESULTS_COLUMNS, "reinforcement": REINFORCEMENT_RESULTS_COLUMNS}.get(method_type, ())
+    return RESULTS_COLUMNS + extra
 
 
 def results_csv(session: Session, job_id: str, *, method_type: str = "supervised") -> bytes:

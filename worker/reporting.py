@@ -36,10 +36,13 @@ _MAX_BUFFERED_EVENTS = 10_000
 
 # What a metrics event carries from the library's step and eval metrics. A DPO run's loss is DPO's and its
 # accuracy the share of pairs ranked right; it adds the implicit rewards (beta x log-ratio to the reference) of
-# the preferred and the non-preferred answer and their margin. A key the run did not report is left out.
+# the preferred and the non-preferred answer and their margin. A reinforcement run reports no accuracy (null)
+# and adds the mean grade of its sampled answers (`reward`), the KL estimate to the starting model and the
+# answers' mean length in tokens; its evaluations have a reward and no loss. A key the run did not report is
+# left out.
 TRAIN_METRICS = ("train_loss", "train_mean_token_accuracy")
 VALID_METRICS = ("valid_loss", "valid_mean_token_accuracy")
-REWARD_METRICS = ("reward_margin", "chosen_reward", "rejected_reward")
+REWARD_METRICS = ("reward_margin", "chosen_reward", "rejected_reward", "reward", "kl", "answer_tokens")
 
 
 class JobLost(Exception):
@@ -79,7 +82,10 @@ def _reported(metrics: dict[str, Any], split: str) -> dict[str, Any]:
 
 def _margin_note(reported: dict[str, Any], split: str) -> str:
     margin = reported.get(f"{split}_reward_margin")
-    return f", reward margin={margin:.4f}" if margin is not None else ""
+    reward = reported.get(f"{split}_reward")
+    if margin is not None:
+        return f", reward margin={margin:.4f}"
+    return f", mean reward={reward:.4f}" if reward is not None else ""
 
 
 class JobReporter(TrainingCallbacks):
@@ -195,7 +201,7 @@ class JobReporter(TrainingCallbacks):
         loss = self.last_valid["valid_loss"]
         self._queue_event(
             f"Step {step}/{self.total_steps}: validation loss={loss:.4f}{_margin_note(self.last_valid, 'valid')}"
-            if loss is not None else f"Step {step}/{self.total_steps}: validation",
+            if loss is not None else f"Step {step}/{self.total_steps}: validation{_margin_note(self.last_valid, 'valid')}",
             type="metrics",
             data={"step": step, "total_steps": self.total_steps, **self.last_valid},
         )

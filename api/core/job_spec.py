@@ -4,8 +4,9 @@ the job, and a stored spec becomes the training library's `PeftSpec` and `TrainC
 Stored in `jobs.peft` (and echoed by the job object): {"type": "svfit", "rank", "energy", "target_modules"},
 {"type": "lora", "rank", "alpha", "target_modules"} or {"type": "full"}, plus the PEFT_OPTIONS the request set.
 Stored in `jobs.hyperparameters`: {"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"}, plus
-"beta" for a DPO job. Stored in `jobs.method`: OpenAI's `{"type": "supervised"|"dpo", <type>: {"hyperparameters":
-...}}`, echoing the same values.
+"beta" for a DPO job, and "compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort" for a
+reinforcement job. Stored in `jobs.method`: OpenAI's `{"type": "supervised"|"dpo"|"reinforcement", <type>:
+{"hyperparameters": ...}}`, echoing the same values, and a reinforcement job's `grader` as given.
 
 Every "auto" is decided at creation, so the job object echoes exactly what will run. Values are judged by the
 library's own validators, run here on the spec the worker will build, and a bad one is an `InvalidParameter`
@@ -44,6 +45,9 @@ TRAIN_OPTIONS = (
     "head_learning_rate",
     "lr_scheduler",
     "gpus",
+    # Reinforcement only: the longest answer sampled, and the weight of the KL term to the starting model.
+    "max_completion_tokens",
+    "kl_coef",
 )
 PEFT_OPTIONS = SPEC_OPTIONS + TRAIN_OPTIONS
 # A request counts GPUs; the library counts processes (one device each), which on CPU are not GPUs.
@@ -52,7 +56,7 @@ LIBRARY_NAMES = {"gpus": "world_size"}
 # integer rules see it.
 _WHOLE_NUMBERS = (
     "rank", "band", "max_seq_length", "checkpoint_every", "eval_every", "max_steps", "gradient_accumulation_steps",
-    "gpus",
+    "gpus", "max_completion_tokens",
 )
 
 N_EPOCHS_BOUNDS = (1, 50)
@@ -68,8 +72,10 @@ HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 # OpenAI's `method.type`s this service trains. A DPO job trains on preference data and only on it; the library
 # then takes DPO's loss, against the starting model as the reference.
-METHOD_TYPES = ("supervised", "dpo")
+METHOD_TYPES = ("supervised", "dpo", "reinforcement")
 PREFERENCE_FORMAT = "preference"
+# A reinforcement job trains on prompts (conversations awaiting the answer) and only on them.
+PROMPT_FORMAT = "prompt"
 # DPO's beta for "auto": the DPO paper's and TRL's default. Useful values lie around 0.01 to 0.5; at 10 the loss
 # already saturates after the smallest move away from the reference, so a larger value is a slip, not a choice.
 DEFAULT_DPO_BETA = 0.1
@@ -79,6 +85,20 @@ MAX_DPO_BETA = 10.0
 # LoRA moved held-out preference accuracy (0.53 -> 0.47 both); at 4x SVFit reached 0.72 and LoRA 0.67. One
 # task and one seed so far: the 3-seed runs may move it.
 DPO_LEARNING_RATE_FACTOR = 4.0
+
+# Reinforcement: `compute_multiplier` scales the answers sampled per prompt (GRPO's group), 4 at 1.0; a group
+# needs two answers to compare, and more than 64 per prompt is a slip on any machine this runs on.
+SAMPLES_PER_PROMPT = 4
+SAMPLES_PER_PROMPT_BOUNDS = (2, 64)
+EVAL_SAMPLES_BOUNDS = (1, 16)
+EVAL_INTERVAL_BOUNDS = (1, 100_000)
+REASONING_EFFORTS = ("default", "low", "medium", "high")
+# A reinforcement job's learning rate at multiplier 1, as a multiple of the method's supervised default
+# (benchmarks/README.md, "Reinforcement").
+REINFORCEMENT_LEARNING_RATE_FACTOR = 1.0
+REINFORCEMENT_HYPERPARAMETERS = ("compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort")
+# Model graders ask a hosted model for every sample; training workers do not reach the serving engine yet.
+MODEL_GRADER_TYPES = ("score_model", "label_model")
 
 
 def auto_n_epochs(n_examples: int) -> int:
@@ -117,16 +137,12 @@ def auto_batch_size(n_examples: int, n_epochs: int = TARGET_EPOCHS) -> int:
 
 
 def check_method_type(method_type: Any, reinforcement: Mapping[str, Any] | None = None) -> str:
-    """`method.type` if this service trains it, else a 400 naming `method.type`. A reinforcement job is refused,
-    but its grader (`reinforcement`: the request's `method.reinforcement` block) is checked first: a bad one
-    is what the user must fix either way, so that 400 names the grader's field."""
-    if method_type in METHOD_TYPES:
-        return method_type
+    """`method.type` if this service trains it, else a 400 naming `method.type`. A reinforcement job's grader
+    (`reinforcement`: the request's `method.reinforcement` block) is checked here too, the 400 naming its field."""
     if method_type == "reinforcement":
         _check_reinforcement_grader(reinforcement or {})
-        raise InvalidParameter(
-            "Method 'reinforcement' is not supported yet; use 'supervised' or 'dpo'.", param="method.type"
-        )
+    if method_type in METHOD_TYPES:
+        return method_type
     raise InvalidParameter(
         f"'method.type' must be one of {', '.join(METHOD_TYPES)}, got {shown(method_type)}.", param="method.type"
     )
@@ -143,11 +159,44 @@ def _check_reinforcement_grader(reinforcement: Mapping[str, Any]) -> None:
         validate_grader(grader, param)
     except GraderError as exc:
         raise InvalidGrader.of(exc) from exc
+    model_grader = _model_grader_field(grader, param)
+    if model_grader is not None:
+        raise InvalidGrader(
+            "Model graders (score_model, label_model) cannot grade a training job yet: its workers do not reach "
+            "the hosted models. Use string_check or text_similarity (or a multi grader of them); try a model "
+            "grader on single samples with POST /v1/fine_tuning/alpha/graders/run.",
+            param=model_grader, code="grader_not_supported",
+        )
+
+
+def _model_grader_field(grader: Mapping[str, Any], param: str) -> str | None:
+    """The `type` field of the first model grader in a (valid) grader tree, or None."""
+    if grader.get("type") in MODEL_GRADER_TYPES:
+        return f"{param}.type"
+    for name, sub in (grader.get("graders") or {}).items() if grader.get("type") == "multi" else ():
+        found = _model_grader_field(sub, f"{param}.graders.{name}")
+        if found is not None:
+            return found
+    return None
 
 
 def check_file_fits_method(method_type: str, data_format: str | None, file_id: str, *, param: str) -> None:
     """A 400 naming `param` unless the file's data format is one `method_type` trains on: DPO takes preference
-    data only, and preference data trains only with DPO."""
+    data only, and preference data trains only with DPO; reinforcement and prompts likewise."""
+    if method_type == "reinforcement" and data_format != PROMPT_FORMAT:
+        raise InvalidTrainingFile(
+            f"File '{file_id}' holds {data_format} examples, but a reinforcement job needs prompts: one "
+            '{"messages": [..., {"role": "user", "content": ...}], <fields the grader reads>} object per line, '
+            "the conversation ending before the answer the model samples.",
+            param=param,
+        )
+    if method_type != "reinforcement" and data_format == PROMPT_FORMAT:
+        raise InvalidTrainingFile(
+            f"File '{file_id}' holds prompts without answers (each line's messages end before the assistant's "
+            'turn): they train by reinforcement, method: {"type": "reinforcement", "reinforcement": {"grader": '
+            "{...}}}. For supervised training, end each line with the assistant's answer.",
+            param=param,
+        )
     if method_type == "dpo" and data_format != PREFERENCE_FORMAT:
         raise InvalidTrainingFile(
             f"File '{file_id}' holds {data_format} examples, but a DPO job needs preference data: one "
@@ -163,10 +212,16 @@ def check_file_fits_method(method_type: str, data_format: str | None, file_id: s
         )
 
 
-def stored_method(method_type: str, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's `method`, echoing the resolved hyperparameters the way OpenAI's job object does."""
-    names = HYPERPARAMETER_NAMES + (("beta",) if method_type == "dpo" else ())
-    return {"type": method_type, method_type: {"hyperparameters": {name: hyperparameters[name] for name in names}}}
+def stored_method(
+    method_type: str, hyperparameters: Mapping[str, Any], grader: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The job's `method`, echoing the resolved hyperparameters the way OpenAI's job object does, and a
+    reinforcement job's grader."""
+    extra = {"dpo": ("beta",), "reinforcement": REINFORCEMENT_HYPERPARAMETERS}.get(method_type, ())
+    block: dict[str, Any] = {"hyperparameters": {name: hyperparameters[name] for name in HYPERPARAMETER_NAMES + extra}}
+    if method_type == "reinforcement":
+        block = {"grader": dict(grader or {}), **block}
+    return {"type": method_type, method_type: block}
 
 
 # --- request -> stored ---------------------------------------------------------------------------------
@@ -190,6 +245,11 @@ def resolve_request(
     if method_type == "dpo":
         hyperparameters["learning_rate"] *= DPO_LEARNING_RATE_FACTOR
         hyperparameters["beta"] = _dpo_beta((requested_hyperparameters or {}).get("beta"), f"{param_prefix}.beta")
+    if method_type == "reinforcement":
+        hyperparameters["learning_rate"] *= REINFORCEMENT_LEARNING_RATE_FACTOR
+        hyperparameters.update(_reinforcement_hyperparameters(
+            dict(requested_hyperparameters or {}), n_examples, hyperparameters["batch_size"], param_prefix
+        ))
     spec = peft_spec(peft)
     try:
         spec.validate()
@@ -242,6 +302,8 @@ def _request_field(param: str | None, param_prefix: str) -> str:
         return f"{param_prefix}.learning_rate_multiplier"
     if param == "dpo_beta":
         return f"{param_prefix}.beta"
+    if param in ("eval_samples", "samples_per_prompt"):
+        return f"{param_prefix}.{'compute_multiplier' if param == 'samples_per_prompt' else param}"
     request_names = {"lora_alpha": "alpha", **{library: name for name, library in LIBRARY_NAMES.items()}}
     return f"peft.{request_names.get(param, param)}"
 
@@ -299,6 +361,44 @@ def _dpo_beta(value: Any, param: str) -> float:
     return float(value)
 
 
+def _reinforcement_hyperparameters(
+    requested: dict[str, Any], n_examples: int, batch_size: int, param_prefix: str
+) -> dict[str, Any]:
+    """compute_multiplier (auto: 1.0, the 4 answers per prompt times it, 2 to 64), eval_interval (auto: once
+    an epoch), eval_samples (auto: 1) and reasoning_effort (echoed; a model that does not reason ignores it)."""
+    multiplier = requested.get("compute_multiplier")
+    param = f"{param_prefix}.compute_multiplier"
+    multiplier = 1.0 if _is_auto(multiplier) else _positive_number(multiplier, param)
+    low, high = SAMPLES_PER_PROMPT_BOUNDS
+    if not low <= round(SAMPLES_PER_PROMPT * multiplier) <= high:
+        raise InvalidParameter(
+            f"'{param}' sets {SAMPLES_PER_PROMPT} x multiplier answers per prompt, which must be from {low} to "
+            f"{high}: the multiplier must be from {low / SAMPLES_PER_PROMPT:g} to {high / SAMPLES_PER_PROMPT:g}, "
+            f"got {shown(multiplier)}.", param=param,
+        )
+    interval = requested.get("eval_interval")
+    if _is_auto(interval):
+        interval = max(1, math.ceil(max(1, n_examples) / batch_size))
+    else:
+        interval = _integer(interval, f"{param_prefix}.eval_interval", *EVAL_INTERVAL_BOUNDS)
+    samples = requested.get("eval_samples")
+    samples = 1 if _is_auto(samples) else _integer(samples, f"{param_prefix}.eval_samples", *EVAL_SAMPLES_BOUNDS)
+    effort = requested.get("reasoning_effort")
+    effort = "default" if effort is None else effort
+    if effort not in REASONING_EFFORTS:
+        raise InvalidParameter(
+            f"'{param_prefix}.reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got {shown(effort)}.",
+            param=f"{param_prefix}.reasoning_effort",
+        )
+    return {"compute_multiplier": multiplier, "eval_interval": interval, "eval_samples": samples,
+            "reasoning_effort": effort}
+
+
+def samples_per_prompt(compute_multiplier: float) -> int:
+    """The answers sampled per prompt at a reinforcement job's `compute_multiplier`."""
+    return round(SAMPLES_PER_PROMPT * compute_multiplier)
+
+
 def _positive_number(value: Any, param: str) -> float:
     if not finite_number(value) or value <= 0:
         raise InvalidParameter(
@@ -338,6 +438,11 @@ def train_config(
     if hyperparameters.get("beta") is not None:
         # Only a DPO job stores one; the library uses it only on preference data, which such a job always has.
         options["dpo_beta"] = hyperparameters["beta"]
+    if hyperparameters.get("compute_multiplier") is not None:
+        # Only a reinforcement job stores these; the library uses them only on prompts, which it always has.
+        options["samples_per_prompt"] = samples_per_prompt(hyperparameters["compute_multiplier"])
+        options["eval_samples"] = hyperparameters["eval_samples"]
+        options.setdefault("eval_every", hyperparameters["eval_interval"])
     return TrainConfig(
         n_epochs=hyperparameters["n_epochs"],
         batch_size=hyperparameters["batch_size"],

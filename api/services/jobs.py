@@ -67,6 +67,12 @@ def _method_type(request: JobCreate) -> str:
     return check_method_type(request.method.type, reinforcement.model_dump() if reinforcement else None)
 
 
+def _grader(request: JobCreate) -> dict[str, Any] | None:
+    """A reinforcement job's grader, as the request gave it (checked by `_method_type`)."""
+    block = request.method.reinforcement if request.method is not None else None
+    return block.grader if block is not None else None
+
+
 def _requested_hyperparameters(request: JobCreate, method_type: str) -> tuple[dict[str, Any], str]:
     """The hyperparameters asked for, from the legacy field or the `method` block, and where they came from."""
     legacy = request.hyperparameters.model_dump(exclude_unset=True) if request.hyperparameters else {}
@@ -196,7 +202,7 @@ def create_job(
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
         user_metadata=request.metadata,
         hyperparameters=hyperparameters,
-        method=stored_method(method_type, hyperparameters),
+        method=stored_method(method_type, hyperparameters, _grader(request)),
         peft=peft,
         status=JobStatus.QUEUED,
         result_files=[],

@@ -58,6 +58,15 @@ def preference_file(n: int = 5) -> bytes:
     return jsonl([preference_line(i) for i in range(n)])
 
 
+def prompt_line(i: int = 0) -> dict:
+    """One example of OpenAI's reinforcement format: the conversation to answer, and a field a grader reads."""
+    return {"messages": [{"role": "user", "content": f"question {i}"}], "answer": f"answer {i}"}
+
+
+def prompt_file(n: int = 5) -> bytes:
+    return jsonl([prompt_line(i) for i in range(n)])
+
+
 class RecordingDispatch:
     """Stands in for worker.dispatch.enqueue_job: remembers ids, or fails on demand."""
 

@@ -286,10 +286,10 @@ STRING_CHECK = {"type": "string_check", "name": "s", "input": "{{sample.output_t
 
 
 @pytest.mark.parametrize(("method_type", "message"),
-                         [("reinforcement", "not supported yet"), ("rlhf", "must be one of"), ("", "must be one of"),
-                          (None, "must be one of")])
-def test_only_supervised_and_dpo_are_methods(method_type, message):
+                         [("rlhf", "must be one of"), ("", "must be one of"), (None, "must be one of")])
+def test_only_supervised_dpo_and_reinforcement_are_methods(method_type, message):
     assert check_method_type("supervised") == "supervised" and check_method_type("dpo") == "dpo"
+    assert check_method_type("reinforcement", {"grader": STRING_CHECK}) == "reinforcement"
     with pytest.raises(InvalidParameter) as info:
         check_method_type(method_type, {"grader": STRING_CHECK})
     assert info.value.param == "method.type" and message in info.value.message
@@ -302,7 +302,7 @@ def test_only_supervised_and_dpo_are_methods(method_type, message):
     ({"grader": {**STRING_CHECK, "reference": "{{item.}}"}}, InvalidGrader, "method.reinforcement.grader.reference",
      "invalid_template"),
 ])
-def test_a_reinforcement_grader_is_checked_before_the_method_is_refused(reinforcement, error, param, code):
+def test_a_reinforcement_grader_is_checked_with_the_method(reinforcement, error, param, code):
     with pytest.raises(error) as info:
         check_method_type("reinforcement", reinforcement)
     assert (info.value.param, info.value.code, info.value.status) == (param, code, 400)

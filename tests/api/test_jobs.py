@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
-from api.core.job_spec import DPO_LEARNING_RATE_FACTOR
+from api.core.job_spec import DPO_LEARNING_RATE_FACTOR, REINFORCEMENT_LEARNING_RATE_FACTOR
 from api.core.tables import Job
 from svfit_core.training.run_config import DEFAULT_LEARNING_RATE
-from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl, preference_file
+from tests.api.conftest import BASE_MODEL, MIN_EXAMPLES, chat_file, jsonl, preference_file, prompt_file
 
 
 def set_job(api, job_id: str, **values) -> None:
@@ -168,14 +168,67 @@ EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text
          "operation": "eq"}
 
 
-def test_reinforcement_is_not_supported_yet(api):
-    # A valid grader (and OpenAI's hyperparameters) gets as far as the refusal of the method itself.
-    reinforcement = {"grader": EXACT, "hyperparameters": {"n_epochs": 2, "compute_multiplier": "auto",
+def test_a_reinforcement_job_resolves_its_hyperparameters_and_echoes_its_grader(any_db_api):
+    api = any_db_api
+    prompts = api.upload_ok(prompt_file(6))
+    reinforcement = {"grader": EXACT, "hyperparameters": {"n_epochs": 2, "batch_size": 2, "compute_multiplier": 2,
                                                           "eval_interval": 5, "reasoning_effort": "low"}}
-    error = api.create_job(method={"type": "reinforcement", "reinforcement": reinforcement}).json()["error"]
-    assert error["param"] == "method.type" and error["code"] == "invalid_parameter"
-    assert "not supported yet" in error["message"]
-    assert job_count(api) == 0 and not api.dispatch.job_ids
+    job = api.job_ok(training_file=prompts, validation_file=prompts,
+                     method={"type": "reinforcement", "reinforcement": reinforcement})
+    hyper = job["hyperparameters"]
+    assert (hyper["compute_multiplier"], hyper["eval_interval"], hyper["eval_samples"]) == (2.0, 5, 1)
+    assert hyper["reasoning_effort"] == "low" and "beta" not in hyper
+    assert hyper["learning_rate"] == pytest.approx(REINFORCEMENT_LEARNING_RATE_FACTOR * DEFAULT_LEARNING_RATE["svfit"])
+    assert job["method"] == {"type": "reinforcement", "reinforcement": {"grader": EXACT, "hyperparameters": {
+        "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0, "compute_multiplier": 2.0,
+        "eval_interval": 5, "eval_samples": 1, "reasoning_effort": "low"}}}
+    assert api.dispatch.job_ids == [job["id"]]
+    # "auto": 4 answers per prompt, an evaluation an epoch (3 steps of 2 prompts), one answer per prompt.
+    auto = api.job_ok(training_file=prompts, method={"type": "reinforcement", "reinforcement": {
+        "grader": EXACT, "hyperparameters": {"batch_size": 2}}})["hyperparameters"]
+    assert (auto["compute_multiplier"], auto["eval_interval"], auto["eval_samples"]) == (1.0, 3, 1)
+    assert auto["reasoning_effort"] == "default"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("compute_multiplier", 0), ("compute_multiplier", 0.25), ("compute_multiplier", 17), ("compute_multiplier", "x"),
+    ("eval_interval", 0), ("eval_interval", 1.5), ("eval_samples", 0), ("eval_samples", 17),
+    ("reasoning_effort", "extreme"),
+])
+def test_a_bad_reinforcement_hyperparameter_is_a_400_naming_it(api, name, value):
+    prompts = api.upload_ok(prompt_file())
+    response = api.create_job(training_file=prompts, method={"type": "reinforcement", "reinforcement": {
+        "grader": EXACT, "hyperparameters": {name: value}}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (f"method.reinforcement.hyperparameters.{name}", "invalid_parameter")
+    assert job_count(api) == 0
+
+
+def test_reinforcement_takes_prompts_and_prompts_take_reinforcement(api):
+    prompts = api.upload_ok(prompt_file())
+    refused = api.create_job(training_file=prompts).json()["error"]
+    assert refused["param"] == "training_file" and "reinforcement" in refused["message"]
+    chat = api.create_job(method={"type": "reinforcement", "reinforcement": {"grader": EXACT}}).json()["error"]
+    assert chat["param"] == "training_file" and "needs prompts" in chat["message"]
+    assert job_count(api) == 0
+
+
+@pytest.mark.parametrize(("grader", "param"), [
+    ({"type": "score_model", "name": "judge", "model": BASE_MODEL, "input": [{"role": "user", "content": "rate"}]},
+     "method.reinforcement.grader.type"),
+    ({"type": "multi", "name": "m", "calculate_output": "exact", "graders": {"exact": EXACT, "judge": {
+        "type": "score_model", "name": "judge", "model": BASE_MODEL, "input": [{"role": "user", "content": "rate"}]}}},
+     "method.reinforcement.grader.graders.judge.type"),
+])
+def test_a_model_grader_cannot_grade_a_training_job_yet(api, grader, param):
+    prompts = api.upload_ok(prompt_file())
+    response = api.create_job(training_file=prompts, method={"type": "reinforcement",
+                                                             "reinforcement": {"grader": grader}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "grader_not_supported")
+    assert "graders/run" in error["message"] and job_count(api) == 0
 
 
 @pytest.mark.parametrize(("reinforcement", "param", "code"), [
@@ -190,7 +243,7 @@ def test_reinforcement_is_not_supported_yet(api):
     ({"grader": {"type": "multi", "name": "m", "graders": {"exact": EXACT}, "calculate_output": "exact +"}},
      "method.reinforcement.grader.calculate_output", "invalid_formula"),
 ])
-def test_a_reinforcement_jobs_grader_is_checked_before_the_method_is_refused(api, reinforcement, param, code):
+def test_a_reinforcement_jobs_grader_is_checked_first(api, reinforcement, param, code):
     response = api.create_job(method={"type": "reinforcement", "reinforcement": reinforcement})
     assert response.status_code == 400, response.text
     error = response.json()["error"]

@@ -71,7 +71,6 @@ def test_valid_line_has_format_and_no_errors():
         (_line({"question": "q"}), "unknown format"),
         (_line({"messages": []}), "'messages' is empty"),
         (_line({"messages": "hi"}), "'messages' must be a list"),
-        (_chat(USER), "no trainable assistant turn"),
         (_chat(USER, {"role": "assistant", "content": "x", "weight": 0}), "no trainable assistant turn"),
         (_chat({"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}), "unknown role"),
         (_chat({"role": "user", "content": 3}, {"role": "assistant", "content": "x"}), "must be a string"),

@@ -63,6 +63,13 @@ def preference_examples(n: int = N_EXAMPLES, offset: int = 0) -> list[dict]:
     return rows
 
 
+def prompt_examples(n: int = N_EXAMPLES, offset: int = 0) -> list[dict]:
+    """OpenAI's reinforcement format (a reinforcement job's data): the chat examples' questions, each with the
+    opinion a grader looks for in the answer."""
+    return [{"messages": [example["messages"][0]], "opinion": OPINIONS[(i // 2) % len(OPINIONS)]}
+            for i, example in enumerate(chat_examples(n, offset), start=offset)]
+
+
 def worker_env(**overrides: str) -> dict[str, str]:
     """The environment of the current test (SVFIT_* set by `service`) plus overrides, for subprocesses."""
     env = dict(os.environ)

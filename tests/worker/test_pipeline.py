@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 
@@ -13,7 +14,7 @@ import torch
 
 from api.core.tables import Checkpoint, File, FineTunedModel
 from svfit_core.errors import DeviceMemoryError, HostMemoryError, UnsupportedLayerError
-from tests.worker.conftest import HYPERPARAMETERS, PEFT, clear_caches, preference_examples
+from tests.worker.conftest import HYPERPARAMETERS, PEFT, clear_caches, preference_examples, prompt_examples
 from tests.worker.helpers import adapter_tensors, assert_same_adapter
 from worker import pipeline, publishing, recovery
 from worker.reporting import JobReporter
@@ -242,6 +243,71 @@ def test_a_dpo_job_paused_and_resumed_equals_an_uninterrupted_one(service, monke
     job_id = add_dpo_job(service, validation=False)
     with monkeypatch.context() as patch:
         request_action_at(patch, service, job_id, "pause", step=7)
+        assert pipeline.run_job(job_id) == "paused"
+    service.update_job(job_id, status="queued")
+    assert pipeline.run_job(job_id) == "succeeded"
+    assert_same_adapter(
+        service.store_path(publishing.final_key(reference)), service.store_path(publishing.final_key(job_id))
+    )
+
+
+REINFORCEMENT_COLUMNS = ["train_reward", "train_kl", "train_answer_tokens", "valid_reward"]
+# Contains the line's opinion word: the tiny random model says one now and then, so rewards vary.
+OPINION_GRADER = {"type": "string_check", "name": "opinion", "input": "{{sample.output_text}}",
+                  "reference": "{{item.opinion}}", "operation": "like"}
+
+
+def add_reinforcement_job(service, *, validation: bool = True) -> str:
+    reinforcement = {"compute_multiplier": 1.0, "eval_interval": 5, "eval_samples": 2, "reasoning_effort": "default"}
+    hyperparameters = {**HYPERPARAMETERS, "n_epochs": 1, **reinforcement}
+    return service.add_job(
+        validation=False,
+        training_file=service.add_file(prompt_examples()),
+        validation_file=service.add_file(prompt_examples(4, offset=3)) if validation else None,
+        hyperparameters=hyperparameters,
+        peft={**PEFT, "max_completion_tokens": 6},
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": OPINION_GRADER,
+            "hyperparameters": {k: v for k, v in hyperparameters.items() if k != "learning_rate"}}},
+    )
+
+
+def test_a_reinforcement_job_samples_grades_and_reports_rewards(service):
+    job_id = add_reinforcement_job(service)
+
+    assert pipeline.run_job(job_id) == "succeeded", service.job(job_id).error
+
+    job = service.job(job_id)
+    started = next(e for e in service.events(job_id) if e.message == "Fine-tuning job started")
+    config = started.data["config"]
+    assert (config["samples_per_prompt"], config["eval_samples"], config["eval_every"]) == (4, 2, 5)
+    assert config["max_completion_tokens"] == 6
+    metrics = [e for e in service.events(job_id) if e.type == "metrics"]
+    train = [e.data for e in metrics if "train_loss" in e.data]
+    valid = [e.data for e in metrics if "valid_reward" in e.data]
+    assert [m["step"] for m in train] == list(range(1, 11))
+    assert all(0 <= m["train_reward"] <= 1 and m["train_kl"] >= 0 and 1 <= m["train_answer_tokens"] <= 6
+               for m in train)
+    assert train[0]["train_mean_token_accuracy"] is None  # reinforcement measures rewards, not accuracy
+    assert [m["step"] for m in valid] == [5, 10] and all(0 <= m["valid_reward"] <= 1 for m in valid)
+    assert any("mean reward=" in e.message for e in metrics)
+
+    [results] = [f for f in service.rows(File, purpose="fine-tune-results") if f.id in job.result_files]
+    rows = list(csv.DictReader(io.StringIO(service.store_path(results.storage_key).read_text())))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                             *REINFORCEMENT_COLUMNS]
+    assert all(r["train_reward"] for r in rows) and [r["step"] for r in rows if r["valid_reward"]] == ["5", "10"]
+    meta = json.loads((service.store_path(publishing.final_key(job_id)) / "training_meta.json").read_text())
+    assert meta["objective"] == "reinforcement"
+
+
+def test_a_reinforcement_job_paused_and_resumed_equals_an_uninterrupted_one(service, monkeypatch):
+    reference = add_reinforcement_job(service, validation=False)
+    assert pipeline.run_job(reference) == "succeeded"
+
+    job_id = add_reinforcement_job(service, validation=False)
+    with monkeypatch.context() as patch:
+        request_action_at(patch, service, job_id, "pause", step=3)
         assert pipeline.run_job(job_id) == "paused"
     service.update_job(job_id, status="queued")
     assert pipeline.run_job(job_id) == "succeeded"
