@@ -64,9 +64,35 @@ def _file_id(client: ApiClient, value: str | None) -> str | None:
     return created["id"]
 
 
+# Reinforcement's hyperparameters by their flags (dest names).
+REINFORCEMENT_FLAGS = (("compute_multiplier", "compute_multiplier"), ("eval_interval", "eval_interval"),
+                       ("eval_samples", "eval_samples"))
+
+
+def _grader(value: str) -> dict:
+    """--grader: a JSON file's path, or the grader object itself as JSON text."""
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        grader = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError("invalid_parameter", f"--grader is neither a JSON file nor JSON: {exc}") from None
+    if not isinstance(grader, dict):
+        raise CliError("invalid_parameter", "--grader must be a JSON object (a grader)")
+    return grader
+
+
 def job_body(client: ApiClient, args: argparse.Namespace) -> dict:
-    if args.beta is not None and args.method != "dpo":  # before any upload
+    # Before any upload: flags that belong to another method.
+    if args.beta is not None and args.method != "dpo":
         raise CliError("invalid_parameter", "--beta applies only to --method dpo")
+    reinforcement_flags = [flag for flag, dest in REINFORCEMENT_FLAGS if getattr(args, dest) is not None]
+    if (args.grader is not None or reinforcement_flags) and args.method != "reinforcement":
+        raise CliError("invalid_parameter", "--grader, --compute-multiplier, --eval-interval and --eval-samples "
+                                            "apply only to --method reinforcement")
+    if args.method == "reinforcement" and args.grader is None:
+        raise CliError("missing_parameter", "--method reinforcement needs --grader (a JSON file or object)")
+    grader = _grader(args.grader) if args.grader is not None else None
     body: dict = {"model": args.model, "training_file": _file_id(client, args.training_file)}
     validation = _file_id(client, args.validation_file)
     if validation:
@@ -82,11 +108,15 @@ def job_body(client: ApiClient, args: argparse.Namespace) -> dict:
     }
     if args.beta is not None:
         hyperparameters["beta"] = args.beta
+    hyperparameters.update({name: getattr(args, dest) for name, dest in REINFORCEMENT_FLAGS
+                            if getattr(args, dest) is not None})
     if args.method:
         # OpenAI's current shape: the hyperparameters inside the method block.
         body["method"] = {"type": args.method}
         if hyperparameters:
             body["method"][args.method] = {"hyperparameters": hyperparameters}
+        if grader is not None:
+            body["method"].setdefault(args.method, {})["grader"] = grader
     elif hyperparameters:
         body["hyperparameters"] = hyperparameters
     peft: dict = {"type": args.peft} if args.peft else {}
@@ -315,9 +345,16 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     create.add_argument("--epochs", type=_number_or_auto, help="n_epochs (a number or 'auto')")
     create.add_argument("--batch-size", type=_number_or_auto)
     create.add_argument("--lr-multiplier", type=_number_or_auto, help="learning_rate_multiplier")
-    create.add_argument("--method", choices=["supervised", "dpo"],
-                        help="training method (default supervised); dpo trains on a preference file")
+    create.add_argument("--method", choices=["supervised", "dpo", "reinforcement"],
+                        help="training method (default supervised); dpo trains on a preference file, "
+                             "reinforcement on a prompt file with --grader")
     create.add_argument("--beta", type=_number_or_auto, help="DPO's beta (a number or 'auto'); with --method dpo")
+    create.add_argument("--grader", help="reinforcement's grader: a JSON file, or the JSON object itself")
+    create.add_argument("--compute-multiplier", type=_number_or_auto,
+                        help="reinforcement: scales the answers sampled per prompt (4 at 1)")
+    create.add_argument("--eval-interval", type=_number_or_auto, help="reinforcement: steps between evaluations")
+    create.add_argument("--eval-samples", type=_number_or_auto,
+                        help="reinforcement: answers sampled per validation prompt")
     create.add_argument("--peft", choices=["svfit", "lora", "full"], help="method (server default: svfit)")
     create.add_argument("--rank", type=int)
     create.add_argument("--energy", type=float)

@@ -3,7 +3,8 @@
 Production path: `svfit api` + `svfit worker` on Postgres + Redis. Embedded default: `svfit serve`.
 Upload → create → poll → events → checkpoints → artifacts (svfit, peft_lora, merged; PEFT loads the
 LoRA export and matches the merged model) → cancel a second job → pause and resume a third. And a DPO job on
-preference data, as OpenAI's `method={"type": "dpo", ...}` asks for one. And OpenAI's graders endpoints
+preference data, as OpenAI's `method={"type": "dpo", ...}` asks for one, and a reinforcement job graded by a
+string_check grader. And OpenAI's graders endpoints
 (`client.fine_tuning.alpha.graders`), a model grader asking the server's own models.
 """
 
@@ -267,10 +268,10 @@ def run_dpo_journey(service: Service, api_key: str) -> None:
     assert supervised_pairs.value.param == "training_file"
     exact = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
              "reference": "{{item.answer}}", "operation": "eq"}
-    with pytest.raises(BadRequestError) as reinforcement:
+    with pytest.raises(BadRequestError) as reinforcement:  # preference pairs are not prompts
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
                                        method={"type": "reinforcement", "reinforcement": {"grader": exact}})
-    assert reinforcement.value.param == "method.type" and "not supported yet" in reinforcement.value.message
+    assert reinforcement.value.param == "training_file" and "needs prompts" in reinforcement.value.message
     with pytest.raises(BadRequestError) as bad_grader:  # a bad grader is told first
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, method={
             "type": "reinforcement", "reinforcement": {"grader": {"type": "python", "name": "p", "source": "x"}}})
@@ -280,6 +281,54 @@ def run_dpo_journey(service: Service, api_key: str) -> None:
         client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
                                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
     assert bad_beta.value.param == "method.dpo.hyperparameters.beta"
+
+
+# The chat lines' questions as OpenAI's reinforcement prompts, each with the answer a grader compares against.
+PROMPT_LINES = [{"messages": line["messages"][:1], "answer": line["messages"][1]["content"]} for line in CHAT_LINES]
+CONTAINS_ANSWER = {"type": "string_check", "name": "said", "input": "{{sample.output_text}}",
+                   "reference": "{{item.answer}}", "operation": "ilike"}
+
+
+def run_reinforcement_journey(service: Service, api_key: str) -> None:
+    client = make_client(service, api_key)
+    training = client.files.create(file=("prompts.jsonl", jsonl(PROMPT_LINES * 2)), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", jsonl(PROMPT_LINES[:2])), purpose="fine-tune")
+    assert client.files.retrieve(training.id).status == "processed"
+
+    hyperparameters = {"n_epochs": 1, "batch_size": 4, "compute_multiplier": 1, "eval_interval": 1,
+                       "eval_samples": 2, "reasoning_effort": "low"}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training.id, validation_file=validation.id, seed=7, suffix="rft",
+        method={"type": "reinforcement",
+                "reinforcement": {"grader": CONTAINS_ANSWER, "hyperparameters": hyperparameters}},
+        extra_body={"peft": {"type": "svfit", "max_completion_tokens": 4}},
+    )
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.name == "said"
+    assert job.method.reinforcement.hyperparameters.eval_samples == 2
+    job = wait_for(client, job.id, {"succeeded"})
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tiny-llama:")
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    train = [e.data for e in events if e.type == "metrics" and "train_loss" in e.data]
+    valid = [e.data for e in events if e.type == "metrics" and "valid_reward" in e.data]
+    steps = -(-len(PROMPT_LINES) * 2 // 4)
+    assert len(train) == steps and all(0 <= d["train_reward"] <= 1 and d["train_kl"] >= 0 for d in train)
+    assert sorted(d["step"] for d in valid) == list(range(1, steps + 1))  # events come newest first
+    rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).read().decode())))
+    assert all(r["train_reward"] for r in rows) and all(r["valid_reward"] for r in rows)
+
+    # A reinforcement fine-tune is a causal LM: it answers chat.
+    answer = client.chat.completions.create(model=job.fine_tuned_model, messages=PROMPT_LINES[0]["messages"],
+                                            max_tokens=4, temperature=0)
+    assert answer.model == job.fine_tuned_model and answer.usage.completion_tokens > 0
+
+
+def test_reinforcement_journey_embedded_default(embedded_service):
+    api_key = create_key(embedded_service, "rft-org")
+    try:
+        run_reinforcement_journey(embedded_service, api_key)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- serve log ---\n{embedded_service.log('serve')}") from exc
 
 
 def test_dpo_journey_embedded_default(embedded_service):

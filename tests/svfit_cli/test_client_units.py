@@ -145,8 +145,34 @@ def test_classify_sends_a_text_or_a_pair_and_prints_the_labels_most_likely_first
 def create_args(**values) -> argparse.Namespace:  # noqa: ANN003
     defaults = dict(model="tiny-llama", training_file="file-t", validation_file=None, suffix=None, seed=None,
                     epochs=None, batch_size=None, lr_multiplier=None, method=None, beta=None, peft=None, rank=None,
-                    energy=None, target_modules=None, peft_option=None, metadata=None)
+                    energy=None, target_modules=None, peft_option=None, metadata=None, grader=None,
+                    compute_multiplier=None, eval_interval=None, eval_samples=None)
     return argparse.Namespace(**{**defaults, **values})
+
+
+GRADER = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+          "operation": "eq"}
+
+
+def test_a_reinforcement_job_sends_its_grader_and_hyperparameters(tmp_path):
+    inline = job_body(None, create_args(method="reinforcement", grader=json.dumps(GRADER), compute_multiplier=2,
+                                        eval_interval=5))
+    assert inline["method"] == {"type": "reinforcement", "reinforcement": {
+        "grader": GRADER, "hyperparameters": {"compute_multiplier": 2, "eval_interval": 5}}}
+    path = tmp_path / "grader.json"
+    path.write_text(json.dumps(GRADER))
+    assert job_body(None, create_args(method="reinforcement", grader=str(path)))["method"] == {
+        "type": "reinforcement", "reinforcement": {"grader": GRADER}}
+    for bad, code, words in [
+        (dict(method="reinforcement"), "missing_parameter", "needs --grader"),
+        (dict(method="reinforcement", grader="{nope"), "invalid_parameter", "neither a JSON file nor JSON"),
+        (dict(method="reinforcement", grader="[1]"), "invalid_parameter", "JSON object"),
+        (dict(grader=json.dumps(GRADER)), "invalid_parameter", "only to --method reinforcement"),
+        (dict(method="dpo", eval_samples=2), "invalid_parameter", "only to --method reinforcement"),
+    ]:
+        with pytest.raises(base.CliError) as info:
+            job_body(None, create_args(**bad))
+        assert info.value.code == code and words in str(info.value), bad
 
 
 def test_method_and_beta_go_in_openais_method_block():

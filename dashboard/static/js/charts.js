@@ -1,4 +1,5 @@
-// Training curves: one uPlot chart per quantity (loss, accuracy; a DPO job's reward margin too), train and
+// Training curves: one uPlot chart per quantity (loss, accuracy; a DPO job's reward margin, a reinforcement
+// job's mean reward and KL to the starting model), train and
 // validation series against the step. Metrics events arrive as separate train and eval points; they are merged
 // by step here.
 
@@ -19,6 +20,9 @@ export class MetricsCurves {
       this._chart("Accuracy", "train_mean_token_accuracy", "valid_mean_token_accuracy", [0, 1]),
       // Only DPO jobs report it: the chart stays hidden until a point has one.
       this._chart("Reward margin", "train_reward_margin", "valid_reward_margin", null, { optional: true }),
+      // Only reinforcement jobs report these: the mean grade of the sampled answers, and how far the model moved.
+      this._chart("Reward", "train_reward", "valid_reward", null, { optional: true }),
+      this._chart("KL to the starting model", "train_kl", null, null, { optional: true }),
     ];
     // Redraw at the container's width: the grid reflows with the window.
     this.resizer = new ResizeObserver(() => this._resize());
