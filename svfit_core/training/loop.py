@@ -199,6 +199,7 @@ def run_training(
     try:
         run = _set_up_in_turn(ranks, lambda: _setup_model(
             Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config, resume_from,
+            _objective(fmt),
             _setup_resources(bases, callbacks),
         ))
     except _StoppedDuringSetup as stop:
@@ -350,6 +351,11 @@ def _check_reinforcement(config: TrainConfig, reward: reinforcement.Reward | Non
         )
 
 
+def _objective(fmt: str) -> str:
+    """What a data format trains with: preference pairs by DPO, prompts by reinforcement, the rest supervised."""
+    return {"preference": "dpo", "prompt": "reinforcement"}.get(fmt, "supervised")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -373,6 +379,7 @@ def _setup_model(
     peft: PeftSpec,
     config: TrainConfig,
     resume_from: str | Path | None,
+    objective: str,
     resources: SetupResources,
 ) -> _Run:
     method = get_method(peft.method)
@@ -386,7 +393,7 @@ def _setup_model(
     resolved_config.bf16 = _use_bf16(resolved_config, device)
     num_labels = len(label_names) if label_names else None
     # Before minutes of loading and SVDs: a job whose smallest step cannot fit fails here (preflight.py).
-    memory_estimate = check_memory(base_model_path, task, num_labels, peft, resolved_config, device)
+    memory_estimate = check_memory(base_model_path, task, num_labels, peft, resolved_config, device, objective)
     model, tokenizer = load_base_model(
         base_model_path, task, num_labels=num_labels, id2label=id2label, dtype=dtype, device=device,
     )
@@ -468,7 +475,7 @@ def _setup_data(run: _Run, fmt: str, train_examples: list[dict], valid_examples:
     # Segment (token type) embeddings exist only in BERT-style models; others must not receive the ids.
     token_types = bool(getattr(run.model.config, "type_vocab_size", 0))
     run.text_pair = fmt == "classification_pair" if run.task == "classification" else None
-    run.objective = {"preference": "dpo", "prompt": "reinforcement"}.get(fmt, "supervised")
+    run.objective = _objective(fmt)
     if run.objective == "reinforcement":
         if run.method.name not in REINFORCEMENT_METHODS:
             raise ConfigError(f"reinforcement trains with {', '.join(REINFORCEMENT_METHODS)}, not "

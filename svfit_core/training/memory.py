@@ -145,14 +145,17 @@ def _shape_model(config_json: str, task: str, num_labels: int | None) -> PreTrai
 
 
 def estimate_memory(
-    model_config: dict, spec: PeftSpec, config: TrainConfig, *, task: str = "causal", num_labels: int | None = None
+    model_config: dict, spec: PeftSpec, config: TrainConfig, *, task: str = "causal", num_labels: int | None = None,
+    objective: str = "supervised",
 ) -> dict[str, int]:
     """Device bytes of a run's smallest step, one example of ``max_seq_length`` tokens, by part; computed from
-    the base's config alone, before anything is loaded. The parts are the tensors the run builds (the
-    modules come from ``shape_model``, the targets from ``spec`` by the run's own rule):
+    the base's config alone, before anything is loaded. A DPO example is a pair, two such rows in one pass; a
+    reinforcement example's smallest step is one sampled answer's row, but full fine-tuning keeps a frozen copy
+    of the base as its reference. The parts are the tensors the run builds (the modules come from
+    ``shape_model``, the targets from ``spec`` by the run's own rule):
 
     - ``base``: every parameter of the loaded model in ``config.base_dtype`` (a classifier's head and
-      pooler in fp32);
+      pooler in fp32), twice for full fine-tuning by reinforcement with a KL term;
     - ``bases``: SVFit's U_r, V_r in the base dtype and s in fp32, per target, at the largest r the spec
       allows (r = k = min(m, n) under an energy rule, which picks r only once it sees the spectrum);
     - ``trainable``: what the method adds that trains, in fp32: σ (r per target, plus 2·Σ_j (r − j) with a
@@ -187,10 +190,14 @@ def estimate_memory(
                 added += resolved.rank * (m + n)  # A (r, n), B (m, r)
         trained += added
 
+    if objective == "reinforcement" and spec.method == "full" and config.kl_coef > 0:
+        base *= 2  # the frozen reference copy
     tokens = config.max_seq_length
     positions = max_positions(model)
     if positions is not None:
         tokens = min(tokens, positions)  # the run truncates rows to the position embeddings
+    if objective == "dpo":
+        tokens *= 2  # the pair's two rows
     compute_bytes = 2 if config.bf16 else dtype.itemsize
     per_token = activation_bytes_per_token(model, compute_bytes=compute_bytes, adapter_width=adapter_width,
                                            checkpointing=bool(config.gradient_checkpointing))

@@ -38,7 +38,8 @@ Estimator = Callable[[PeftSpec, TrainConfig], tuple[dict[str, int], bool]]
 
 
 def check_memory(
-    path: Path, task: str, num_labels: int | None, peft: PeftSpec, config: TrainConfig, device: torch.device
+    path: Path, task: str, num_labels: int | None, peft: PeftSpec, config: TrainConfig, device: torch.device,
+    objective: str = "supervised",
 ) -> dict | None:
     """Fail before loading when the job cannot fit, else return the estimate in GB for the start event.
 
@@ -67,11 +68,11 @@ def check_memory(
         # ``plan_memory`` decides once the model is loaded; never off CUDA.
         checkpointing = bool(cfg.gradient_checkpointing)
         parts = estimate_memory(model_config, spec, replace(cfg, gradient_checkpointing=checkpointing), task=task,
-                                num_labels=num_labels)
+                                num_labels=num_labels, objective=objective)
         if cfg.gradient_checkpointing is None and free is not None and parts["total"] > free:
             checkpointing = True
             parts = estimate_memory(model_config, spec, replace(cfg, gradient_checkpointing=True), task=task,
-                                    num_labels=num_labels)
+                                    num_labels=num_labels, objective=objective)
         return parts, checkpointing
 
     parts, checkpointing = estimate(peft, config)

@@ -78,7 +78,7 @@ def test_estimate_parts_are_the_tensors_the_run_builds(tiny_case_factory, tmp_pa
     path = tiny_case_factory(arch, task).path
     labels = ["0", "1"] if task == "classification" else None
     run = loop._setup_model(path, tmp_path, task, labels, peft, TrainConfig(base_dtype=base_dtype, device="cpu"),
-                            None, NO_RESOURCES)
+                            None, "supervised", NO_RESOURCES)
     estimate = memory.estimate_memory(json.loads((path / "config.json").read_text()), peft, run.config, task=task,
                                       num_labels=len(labels) if labels else None)
 
@@ -101,7 +101,7 @@ def test_estimated_activations_hold_what_backward_keeps(tiny_case_factory, tmp_p
     path = tiny_case_factory("llama", "causal").path
     peft, tokens = PeftSpec(target_modules="all-linear"), 64
     config = TrainConfig(base_dtype="float32", device="cpu", max_seq_length=tokens)
-    run = loop._setup_model(path, tmp_path, "causal", None, peft, config, None, NO_RESOURCES)
+    run = loop._setup_model(path, tmp_path, "causal", None, peft, config, None, "supervised", NO_RESOURCES)
     estimate = memory.estimate_memory(json.loads((path / "config.json").read_text()), peft, run.config)
     run.model.train()
     ids = torch.randint(4, 90, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -123,6 +123,21 @@ def test_estimated_activations_hold_what_backward_keeps(tiny_case_factory, tmp_p
 
 
 # -- a job that cannot fit the device -----------------------------------------------------------------------
+
+
+def test_a_dpo_pair_counts_two_rows_and_full_reinforcement_a_second_base(tiny_case_factory):
+    config_json = json.loads((tiny_case_factory("llama", "causal").path / "config.json").read_text())
+    config = TrainConfig(base_dtype="float32", bf16=False, max_seq_length=32)
+
+    def parts(spec, objective, **changes):
+        return memory.estimate_memory(config_json, spec, replace(config, **changes), objective=objective)
+
+    supervised, dpo = parts(PeftSpec(), "supervised"), parts(PeftSpec(), "dpo")
+    assert dpo["activations"] == 2 * supervised["activations"] and dpo["base"] == supervised["base"]
+    full = parts(PeftSpec(method="full"), "supervised")
+    assert parts(PeftSpec(method="full"), "reinforcement")["base"] == 2 * full["base"]
+    assert parts(PeftSpec(method="full"), "reinforcement", kl_coef=0.0)["base"] == full["base"]
+    assert parts(PeftSpec(), "reinforcement") == supervised  # the adapter off is the reference: no copy
 
 
 def test_all_linear_full_rank_8b_on_24_gb_fails_before_loading_naming_what_fits(
