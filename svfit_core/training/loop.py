@@ -48,6 +48,7 @@ from svfit_core.training.loss import causal_loss, classification_loss, transform
 from svfit_core.training.memory import plan_memory
 from svfit_core.training.methods import Method, get_method, setup_method
 from svfit_core.training.param_groups import count_trainable
+from svfit_core.training.outputs import load_trained_model, read_training_meta
 from svfit_core.training.preflight import check_memory
 from svfit_core.sampling import eos_token_ids
 from svfit_core.training.schedule import apply_lr, lr_multiplier, warmup_steps_for
@@ -151,6 +152,8 @@ class _Run:
     reference_train: torch.Tensor | None = None
     reference_valid: torch.Tensor | None = None
     rollouts: reinforcement.RolloutSetup | None = None  # reinforcement's sampling, grading and reference
+    start_from: Path | None = None  # the fine-tune this run continues (its adapter folder), None from the base
+    bases: BasisStore | None = None
 
 
 def run_training(
@@ -164,6 +167,7 @@ def run_training(
     resume_from: str | Path | None = None,
     bases: BasisStore | None = None,
     reward: reinforcement.Reward | None = None,
+    start_from: str | Path | None = None,
 ) -> TrainResult:
     """Train and write ``output_dir/final``; or stop early (cancel / pause) as the callbacks ask.
 
@@ -175,6 +179,9 @@ def run_training(
     ``bases`` to pickle); it alone calls ``callbacks`` and writes into ``output_dir``.
     Prompt data (messages awaiting the assistant's answer) trains by reinforcement and needs ``reward``, which
     grades sampled answers (``reinforcement.Reward``).
+    With ``start_from`` (a servable adapter folder a run of the same method and spec wrote, on the same base)
+    training continues that fine-tune: its weights are the starting point, and the reference of DPO and of
+    reinforcement's KL term. The adapters written stay relative to the base, like the one started from.
     """
     callbacks = callbacks or TrainingCallbacks()
     peft.validate()
@@ -182,12 +189,15 @@ def run_training(
     fmt, label_names = _check_data(train_examples, valid_examples, config.label_names)
     if fmt == "prompt":
         _check_reinforcement(config, reward)
+    if start_from is not None:
+        _check_start(Path(start_from), peft, task_for_format(fmt))
     state = load_training_state(Path(resume_from)) if resume_from is not None else None
     if config.world_size > 1 and not distributed.in_group():
         return distributed.launch(
             run_training, config.world_size, distributed.device_type(config.device, config.world_size), callbacks,
             base_model_path=base_model_path, train_examples=train_examples, valid_examples=valid_examples,
             peft=peft, config=config, output_dir=output_dir, resume_from=resume_from, bases=bases,
+            reward=reward, start_from=start_from,
         )
     ranks = SOLO
     if config.world_size > 1:
@@ -198,8 +208,8 @@ def run_training(
     _seed_everything(config.seed)
     try:
         run = _set_up_in_turn(ranks, lambda: _setup_model(
-            Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config, resume_from,
-            _objective(fmt),
+            Path(base_model_path), Path(output_dir), task_for_format(fmt), label_names, peft, config,
+            resume_from if resume_from is not None else start_from, _objective(fmt),
             _setup_resources(bases, callbacks),
         ))
     except _StoppedDuringSetup as stop:
@@ -207,6 +217,7 @@ def run_training(
             return TrainResult(stop.decision, step=0, total_steps=0, trained_tokens=0)
         return TrainResult(stop.decision, state.step, 0, state.trained_tokens, dict(state.metrics),
                            last_checkpoint=Path(resume_from))
+    run.start_from, run.bases = (Path(start_from) if start_from is not None else None), bases
     _setup_data(run, fmt, train_examples, valid_examples or [])
     _plan_memory(run)
     optimizer = _setup_optimizer(run)
@@ -351,6 +362,16 @@ def _check_reinforcement(config: TrainConfig, reward: reinforcement.Reward | Non
         )
 
 
+def _check_start(start_from: Path, peft: PeftSpec, task: str) -> None:
+    """A fine-tune continues with its own method and task."""
+    meta = read_training_meta(start_from)
+    if meta.get("method") != peft.method or meta.get("task") != task:
+        raise ConfigError(
+            f"the fine-tune to continue was trained with {meta.get('method')} as a {meta.get('task')} model; "
+            f"this run is {peft.method}, {task}", code="start_mismatch",
+        )
+
+
 def _objective(fmt: str) -> str:
     """What a data format trains with: preference pairs by DPO, prompts by reinforcement, the rest supervised."""
     return {"preference": "dpo", "prompt": "reinforcement"}.get(fmt, "supervised")
@@ -378,10 +399,12 @@ def _setup_model(
     label_names: list[str] | None,
     peft: PeftSpec,
     config: TrainConfig,
-    resume_from: str | Path | None,
+    load_from: str | Path | None,
     objective: str,
     resources: SetupResources,
 ) -> _Run:
+    """The model set up for training: the base with the method's fresh adapter, or with the adapter (and
+    trained head) of ``load_from``, a checkpoint being resumed or a fine-tune being continued."""
     method = get_method(peft.method)
     id2label = dict(enumerate(label_names)) if label_names else None
     device = _pick_device(config.device)
@@ -411,7 +434,7 @@ def _setup_model(
         model, resolved_peft, head_modules, task,
         lr=resolved_config.learning_rate, head_lr=resolved_config.head_learning_rate,
         weight_decay=resolved_config.weight_decay,
-        checkpoint_dir=Path(resume_from) if resume_from is not None else None,
+        checkpoint_dir=Path(load_from) if load_from is not None else None,
         resources=resources,
     )
     model.to(device)
@@ -501,13 +524,17 @@ REINFORCEMENT_METHODS = ("svfit", "lora", "full")
 
 
 def _setup_rollouts(run: _Run, reward: reinforcement.Reward) -> reinforcement.RolloutSetup:
-    """Sampling, grading and the KL reference of a reinforcement run; full fine-tuning loads the base a second
-    time, frozen, as its reference."""
+    """Sampling, grading and the KL reference of a reinforcement run. The reference is the starting model: the
+    base with the adapter switched off, but a frozen copy for full fine-tuning (the base, loaded a second time)
+    and for a run continuing a fine-tune (that fine-tune, merged)."""
     config = run.config
     frozen = None
-    if run.method.name == "full" and config.kl_coef > 0:
+    if config.kl_coef > 0 and run.start_from is not None:
+        frozen = load_trained_model(run.base_model_path, run.start_from, run.bases)[0].to(run.device)
+    elif config.kl_coef > 0 and run.method.name == "full":
         frozen, _ = load_base_model(run.base_model_path, "causal", dtype=DTYPES[config.base_dtype],
                                     device=run.device)
+    if frozen is not None:
         frozen.requires_grad_(False).eval()
     return reinforcement.RolloutSetup(
         model=run.model, tokenizer=run.tokenizer, device=run.device, autocast=lambda: _autocast(run),

@@ -4,6 +4,7 @@ pause / resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -210,3 +211,65 @@ def test_a_supervised_checkpoint_cannot_resume_as_reinforcement(llama, tmp_path)
         train(llama, PROMPTS, None, SVFIT_QV, replace(RL_CONFIG, n_epochs=2), tmp_path,
               resume_from=paused.last_checkpoint, reward=share_of_target_words)
     assert err.value.code == "checkpoint_mismatch"
+
+
+# -- continuing a fine-tune ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(llama, tmp_path_factory):
+    """A supervised SVFit fine-tune of the tiny Llama, the starting point of the runs below."""
+    from tests.svfit_core.test_training import CHAT, CHAT_CONFIG
+
+    # A large rate: the fine-tune must be far from the base for the tests to tell the two apart.
+    config = replace(CHAT_CONFIG, n_epochs=4, learning_rate=1.0)
+    result, _ = train(llama, CHAT, None, SVFIT_QV, config, tmp_path_factory.mktemp("sft"))
+    return result.adapter_dir
+
+
+def _logits_of(llama, adapter_dir, *, adapter_off: bool = False) -> torch.Tensor:
+    from svfit_core.training.outputs import load_trained_model
+
+    model = load_trained_model(llama, adapter_dir)[0]
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+    with torch.no_grad(), (model.disable_adapter() if adapter_off else contextlib.nullcontext()):
+        return model(input_ids=ids).logits
+
+
+def test_reinforcement_continuing_a_fine_tune_holds_to_that_fine_tune(llama, sft_adapter, tmp_path):
+    from svfit_core.training import run_training
+
+    from tests.svfit_core.test_training import Recorder
+
+    assert (_logits_of(llama, sft_adapter) - _logits_of(llama, sft_adapter, adapter_off=True)).abs().max() > 0.1
+    continued = Recorder()
+    run_training(llama, PROMPTS, None, SVFIT_QV, replace(RL_CONFIG, n_epochs=1, learning_rate=0.5), tmp_path,
+                 continued, reward=share_of_target_words, start_from=sft_adapter)
+    # The KL term measures the distance to the fine-tune started from (far from the base): none before the
+    # first update.
+    assert continued.steps[0]["train_kl"] < 1e-6 < continued.steps[-1]["train_kl"]
+
+
+def test_dpo_continuing_a_fine_tune_starts_from_it(llama, sft_adapter, tmp_path):
+    from svfit_core.training import run_training
+
+    from tests.svfit_core.test_preference import DPO_CONFIG, PREFERENCES
+    from tests.svfit_core.test_training import Recorder
+
+    recorder = Recorder()
+    result = run_training(llama, PREFERENCES, None, SVFIT_QV, replace(DPO_CONFIG, n_epochs=1), tmp_path, recorder,
+                          start_from=sft_adapter)
+    assert recorder.steps[0]["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the start
+    base = _logits_of(llama, sft_adapter, adapter_off=True)
+    started, trained = _logits_of(llama, sft_adapter), _logits_of(llama, result.adapter_dir)
+    # Continued: near the fine-tune it started from, which is far from the base.
+    assert (trained - started).abs().max() < (started - base).abs().max()
+
+
+def test_a_fine_tune_continues_only_with_its_own_method(llama, sft_adapter, tmp_path):
+    from svfit_core.training import run_training
+
+    with pytest.raises(ConfigError) as err:
+        run_training(llama, PROMPTS, None, PeftSpec(method="lora", rank=4), RL_CONFIG, tmp_path,
+                     reward=share_of_target_words, start_from=sft_adapter)
+    assert err.value.code == "start_mismatch"
