@@ -27,6 +27,7 @@ from api.core.db import session_scope
 from api.core.errors import InvalidTrainingFile, ServiceError
 from api.core.job_spec import peft_spec, train_config
 from api.core.job_states import TERMINAL, JobStatus
+from api.core.lineage import base_model_id, starting_adapter_key
 from api.core.settings import Settings, get_settings
 from api.core.storage import Storage, get_storage
 from api.core.tables import File, Job, now
@@ -237,7 +238,7 @@ def _train(job_id: str, worker_id: str, heartbeat: Heartbeat, settings: Settings
     storage = get_storage()
     with session_scope() as session:
         job = session.scalars(select(Job).where(Job.id == job_id)).one()
-    model_name = publishing.fine_tuned_model_name(job)
+        model_name = publishing.fine_tuned_model_name(job, base_model_id(session, job))
 
     # Scratch space per attempt: a worker that was reaped while merely stalled may still be writing into
     # its own folder, so an attempt never touches another's. The store holds everything that must last.
@@ -264,7 +265,11 @@ def _run_attempt(
     from svfit_core.training import run_training
 
     job_id = job.id
-    base_path = resolve_base_model(job.model)
+    with session_scope() as session:
+        base_id, start_key = base_model_id(session, job), starting_adapter_key(session, job)
+    base_path = resolve_base_model(base_id)
+    # A continued fine-tune starts from the adapter of the one it continues (a checkpoint, when resuming).
+    start_from = storage.path(start_key) if start_key is not None else None
     train_examples = _load_file(storage, job.training_file, "training_file")
     valid_examples = _load_file(storage, job.validation_file, "validation_file") if job.validation_file else None
     peft = peft_spec(job.peft)
@@ -305,6 +310,7 @@ def _run_attempt(
         resume_from=resume_from,
         bases=StoredBases(storage),
         reward=job_reward(job.method),
+        start_from=start_from,
     )
     reporter.flush()
     if reporter.stop_reason == "lost":

@@ -22,6 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.core.ids import new_id
+from api.core.lineage import base_model_id
 from api.core.storage import Storage
 from api.core.tables import Checkpoint, File, FineTunedModel, Job, JobEvent
 from worker import faults
@@ -45,14 +46,15 @@ REINFORCEMENT_RESULTS_COLUMNS = ("train_reward", "train_kl", "train_answer_token
 _RESULTS_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
 
 
-def fine_tuned_model_name(job: Job) -> str:
-    """`ft:{base}:{org}:{suffix}:{id}`, computed from the job alone so checkpoints can use it before success.
+def fine_tuned_model_name(job: Job, base_id: str | None = None) -> str:
+    """`ft:{base}:{org}:{suffix}:{id}`, computed from the job (and, for a job continuing a fine-tune, its base
+    model id `base_id`) so checkpoints can use it before success.
 
     The id part is the first 12 hex digits of the job id (48 bits: no practical collision within one
     org/base/suffix); an absent suffix leaves its field empty, as OpenAI does (`ft:base:org::id`).
     """
     short = job.id.removeprefix("ftjob-")[:12]
-    return f"ft:{job.model}:{job.org_id}:{job.suffix or ''}:{short}"
+    return f"ft:{base_id or job.model}:{job.org_id}:{job.suffix or ''}:{short}"
 
 
 def checkpoint_model_name(model_name: str, step: int) -> str:
@@ -177,7 +179,8 @@ def ensure_model_row(session: Session, job: Job, name: str, key: str, step: int 
     model = session.scalars(select(FineTunedModel).where(FineTunedModel.id == name)).one_or_none()
     if model is None:
         model = FineTunedModel(
-            id=name, org_id=job.org_id, parent=job.model, job_id=job.id, step_number=step, storage_key=key
+            id=name, org_id=job.org_id, parent=base_model_id(session, job), job_id=job.id, step_number=step,
+            storage_key=key
         )
         session.add(model)
     return model

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.core.lineage import FINE_TUNE_PREFIX
 from api.core.tables import FineTunedModel
 
 
@@ -22,8 +23,6 @@ class RouteTarget:
     adapter_key: str | None = None
 
 
-# Every fine-tune and checkpoint id starts so (worker/publishing.py names them as OpenAI does).
-FINE_TUNE_PREFIX = "ft:"
 
 
 def base_target(model_id: str) -> RouteTarget | None:

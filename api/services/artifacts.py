@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.base_checkpoints import resolve_base_model
+from api.core.lineage import base_model_id
 from api.core.basis_store import StoredBases
 from api.core.errors import ArtifactUnavailable, InvalidParameter, ModelNotFound
 from api.core.job_states import JobStatus
@@ -177,7 +178,7 @@ def artifact_archive(
                 if not adapter_dir.exists():
                     raise ArtifactUnavailable(f"The adapter of job {job.id} ({label}) is missing from the store.")
                 try:
-                    base_model_path = resolve_base_model(job.model, settings.models_dir)
+                    base_model_path = resolve_base_model(base_model_id(session, job), settings.models_dir)
                 except ModelNotFound as exc:
                     raise ArtifactUnavailable(f"The base model '{job.model}' is no longer installed.") from exc
                 _build(base_model_path, adapter_dir, fmt, rank, include_basis, storage, archive, digest_file,

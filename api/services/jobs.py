@@ -32,12 +32,19 @@ from api.core.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from api.core.job_spec import check_file_fits_method, check_method_type, resolve_request, stored_method
+from api.core.job_spec import (
+    TRAIN_OPTIONS,
+    check_file_fits_method,
+    check_method_type,
+    resolve_request,
+    stored_method,
+)
+from api.core.lineage import starting_fine_tune
 from api.core.ids import new_id
 from api.core.job_queue import EnqueueJob
 from api.core.job_states import CANCELLABLE_AT_ONCE, PAUSABLE_AT_ONCE, TERMINAL, JobStatus
 from api.core.settings import Settings
-from api.core.tables import Checkpoint, Job, JobEvent, now
+from api.core.tables import Checkpoint, FineTunedModel, Job, JobEvent, now
 from api.schemas import JobCreate
 from api.services.files import usable_training_file
 from api.services.pagination import Page, paginate
@@ -105,6 +112,23 @@ def _check_suffix_and_metadata(request: JobCreate) -> None:
             )
 
 
+def _continued_peft(session: Session, starting: FineTunedModel, requested: dict[str, Any]) -> dict[str, Any]:
+    """A continued fine-tune's `peft`: the method and spec of the fine-tune it continues (its weights are in that
+    shape), with the training options the request sets. A request asking for another method or spec is a 400."""
+    parent = session.scalar(select(Job.peft).where(Job.id == starting.job_id)) or {}
+    shape = {k: v for k, v in parent.items() if k not in TRAIN_OPTIONS}
+    for name, value in requested.items():
+        if name in TRAIN_OPTIONS or value is None or shape.get(name) == value:
+            continue
+        raise InvalidParameter(
+            f"'{starting.id}' is a {shape.get('type')} fine-tune, and continuing it keeps its method and spec "
+            f"({', '.join(f'{k}={v}' for k, v in shape.items())}): 'peft.{name}' cannot be {value!r}. Only "
+            "training options (max_seq_length, checkpoint_every, ...) may change.",
+            param=f"peft.{name}",
+        )
+    return {**shape, **{k: v for k, v in requested.items() if k in TRAIN_OPTIONS and v is not None}}
+
+
 def _check_rank_fits(peft: dict[str, Any], base_model_path: Path, model: str) -> None:
     """A rank above every matrix's min(m, n) is a mistake worth a 400 now, not a silent cap in training.
 
@@ -165,7 +189,8 @@ def create_job(
     if existing is not None:
         return existing
 
-    base_model_path = resolve_base_model(request.model, settings.models_dir)
+    starting = starting_fine_tune(session, org_id, request.model)
+    base_model_path = resolve_base_model(starting.parent if starting else request.model, settings.models_dir)
     method_type = _method_type(request)
     training = usable_training_file(
         session, org_id, request.training_file, param="training_file", min_examples=settings.min_training_examples
@@ -182,15 +207,19 @@ def create_job(
             )
     _check_suffix_and_metadata(request)
     requested, param_prefix = _requested_hyperparameters(request, method_type)
+    requested_peft = request.peft.model_dump() if request.peft else None
+    if starting is not None:
+        requested_peft = _continued_peft(session, starting, requested_peft or {})
     peft, hyperparameters = resolve_request(
-        request.peft.model_dump() if request.peft else None,
+        requested_peft,
         requested,
         n_examples=training.num_examples or 0,
         param_prefix=param_prefix,
         method_type=method_type,
     )
     # Only a rank the request named: the default (SVFit's 256) is "at most", clamped to each matrix's k.
-    _check_rank_fits(request.peft.model_dump() if request.peft else {}, base_model_path, request.model)
+    if starting is None:
+        _check_rank_fits(request.peft.model_dump() if request.peft else {}, base_model_path, request.model)
 
     job = Job(
         id=new_id("ftjob"),

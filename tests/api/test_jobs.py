@@ -467,3 +467,48 @@ def test_worker_written_fields_are_shaped_for_strict_clients(api):
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers()).json()
     assert job["fine_tuned_model"] == "ft:tiny-base:org:x:abc" and job["result_files"] == ["file-results"]
     assert job["error"] is None
+
+
+# --- continuing a fine-tune -----------------------------------------------------------------------------
+
+
+def _fine_tune(api, org: str = "alpha", **job) -> tuple[dict, str]:
+    """A job of `org` and the fine-tuned model row its worker would have published."""
+    from api.core.tables import FineTunedModel
+
+    parent = api.job_ok(org=org, **job)
+    model_id = f"ft:{BASE_MODEL}:{api.org_ids[org]}::{parent['id'][-12:]}"
+    api.add(FineTunedModel(id=model_id, org_id=api.org_ids[org], parent=BASE_MODEL, job_id=parent["id"],
+                           storage_key=f"jobs/{parent['id']}/final"))
+    return parent, model_id
+
+
+def test_a_job_may_continue_its_organizations_fine_tune_with_that_fine_tunes_method(any_db_api):
+    api = any_db_api
+    parent, model_id = _fine_tune(api, peft={"type": "lora", "rank": 4, "max_seq_length": 64})
+    preference = api.upload_ok(preference_file())
+    job = api.job_ok(model=model_id, training_file=preference, method=dpo(), peft={"checkpoint_every": 3})
+    assert job["model"] == model_id and job["method"]["type"] == "dpo"
+    # The parent's method and spec, the request's training options.
+    assert job["peft"] == {**{k: v for k, v in parent["peft"].items() if k != "max_seq_length"},
+                           "checkpoint_every": 3}
+    assert api.dispatch.job_ids[-1] == job["id"]
+
+
+@pytest.mark.parametrize(("peft", "param"), [({"type": "svfit"}, "peft.type"), ({"rank": 8}, "peft.rank")])
+def test_continuing_a_fine_tune_with_another_method_or_spec_is_a_400(api, peft, param):
+    _parent, model_id = _fine_tune(api, peft={"type": "lora", "rank": 4})
+    response = api.create_job(model=model_id, peft=peft)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_parameter") and "keeps its method" in error["message"]
+
+
+def test_another_organizations_fine_tune_cannot_be_continued(api):
+    _parent, model_id = _fine_tune(api, org="beta")
+    before = job_count(api)
+    response = api.create_job(model=model_id)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert job_count(api) == before

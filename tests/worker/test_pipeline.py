@@ -430,3 +430,36 @@ def test_memory_errors_name_what_to_change():
     code, message, param = pipeline.error_for(torch.OutOfMemoryError("CUDA out of memory"))
     assert (code, param) == ("out_of_memory", None)
     assert "batch_size" not in message and "max_seq_length" in message
+
+
+def test_a_job_continuing_a_fine_tune_starts_from_it_and_publishes_an_adapter_of_the_base(service):
+    parent_id = service.add_job(validation=False)
+    assert pipeline.run_job(parent_id) == "succeeded"
+    parent = service.job(parent_id)
+
+    # A rate too small to move far: what the weights end as says where they started.
+    crawl = {**HYPERPARAMETERS, "beta": 0.3, "learning_rate": 1e-5}
+    job_id = add_dpo_job(service, validation=False)
+    service.update_job(job_id, model=parent.fine_tuned_model, hyperparameters=crawl)
+    assert pipeline.run_job(job_id) == "succeeded", service.job(job_id).error
+
+    job = service.job(job_id)
+    # Named and parented by the base, like every fine-tune: routing and exports need no chain.
+    assert job.fine_tuned_model.startswith(f"ft:{parent.model}:")
+    [row] = service.rows(FineTunedModel, id=job.fine_tuned_model)
+    assert row.parent == parent.model
+    # DPO's reference is the fine-tune it continued: the loss starts at log 2 there too.
+    first = next(e.data for e in service.events(job_id) if e.type == "metrics" and e.data.get("step") == 1)
+    assert first["train_loss"] == pytest.approx(0.6931, abs=0.05)
+    # Its σ are the parent's, moved a little; the same job from the base ends near the base's.
+    from_base = add_dpo_job(service, validation=False)
+    service.update_job(from_base, hyperparameters=crawl)
+    assert pipeline.run_job(from_base) == "succeeded"
+    sigma = {j: {k: t for k, t in adapter_tensors(service.store_path(publishing.final_key(j))).items()
+                 if "sigma" in k} for j in (parent_id, job_id, from_base)}
+    assert sigma[parent_id] and sigma[parent_id].keys() == sigma[job_id].keys()
+
+    def distance(a, b):
+        return sum(float((sigma[a][k] - sigma[b][k]).abs().sum()) for k in sigma[a])
+
+    assert 0 < distance(job_id, parent_id) < 0.01 * distance(from_base, parent_id)
