@@ -254,10 +254,17 @@ def resolve_request(
     try:
         spec.validate()
         # The job's seed is drawn later; any valid one checks the rest.
-        train_config(hyperparameters, peft, seed=0, default_checkpoint_every=None).validate()
+        config = train_config(hyperparameters, peft, seed=0, default_checkpoint_every=None)
+        config.validate()
     except HyperparameterError as exc:
         field = _request_field(exc.param, param_prefix)
         raise InvalidParameter(f"Invalid '{field}': {exc.message}.", param=field) from exc
+    if method_type == "reinforcement" and config.max_seq_length <= config.max_completion_tokens:
+        raise InvalidParameter(
+            f"'peft.max_completion_tokens' ({config.max_completion_tokens}) must be below 'peft.max_seq_length' "
+            f"({config.max_seq_length}): a prompt gets what the sampled answer leaves.",
+            param="peft.max_completion_tokens",
+        )
     return _with_defaults(peft, spec), hyperparameters
 
 

@@ -204,7 +204,7 @@ class TrainConfig:
     # holds the policy within ``clip_epsilon`` of the sampling policy (PPO's clipped ratio) and pays ``kl_coef``
     # times an estimate of the KL divergence to the starting model.
     samples_per_prompt: int = 4
-    max_completion_tokens: int = 64
+    max_completion_tokens: int = 256
     sampling_temperature: float = 1.0
     kl_coef: float = 0.04
     clip_epsilon: float = 0.2

@@ -205,6 +205,14 @@ def test_a_bad_reinforcement_hyperparameter_is_a_400_naming_it(api, name, value)
     assert job_count(api) == 0
 
 
+def test_an_answer_that_leaves_no_room_for_the_prompt_is_a_400(api):
+    prompts = api.upload_ok(prompt_file())
+    response = api.create_job(training_file=prompts, peft={"max_seq_length": 64, "max_completion_tokens": 64},
+                              method={"type": "reinforcement", "reinforcement": {"grader": EXACT}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "peft.max_completion_tokens" and job_count(api) == 0
+
+
 def test_reinforcement_takes_prompts_and_prompts_take_reinforcement(api):
     prompts = api.upload_ok(prompt_file())
     refused = api.create_job(training_file=prompts).json()["error"]
