@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from svfit_core.errors import DataError
+from svfit_core.training.tool_data import makes_calls, tool_errors
 
 Format = Literal["chat", "completion", "classification", "classification_pair", "preference", "prompt"]
 Task = Literal["causal", "classification"]
 
-# Roles OpenAI's fine-tuning accepts in chat examples ("developer" is its newer name for "system").
-KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# Roles OpenAI's fine-tuning accepts in chat examples ("developer" is its newer name for "system"; "function" is
+# the legacy tool result).
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 _TASK_OF_FORMAT: dict[str, Task] = {
     "chat": "causal",
@@ -99,6 +101,8 @@ def _message_errors(message: object, where: str) -> list[str]:
         errors.append(f"{where} has no 'role'")
     elif role not in KNOWN_ROLES:
         errors.append(f"{where} has unknown role {role!r} (expected one of {sorted(KNOWN_ROLES)})")
+    if role == "assistant" and makes_calls(message) and message.get("content") is None:
+        return errors  # a turn of tool calls only: its content is null or absent, as OpenAI writes it
     if "content" not in message:
         errors.append(f"{where} has no 'content'")
     elif not isinstance(message["content"], str):
@@ -131,7 +135,7 @@ def _chat_errors(example: dict) -> list[str]:
             trainable_turns += 1
     if trainable_turns == 0:
         errors.append("no trainable assistant turn (no assistant message, or all have weight 0)")
-    return errors
+    return errors + tool_errors(example)
 
 
 def _prompt_errors(example: dict) -> list[str]:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from svfit_core.training.data import Format
 from svfit_core.errors import DataError
+from svfit_core.tool_calls import default_messages, render_chat, template_takes_tools, tools_of
+from svfit_core.training.data import Format
+from svfit_core.training.tool_data import makes_calls
 
 IGNORE_INDEX = -100  # the target value cross_entropy skips
 
@@ -68,7 +70,7 @@ def encode_example(
     """``token_types``: keep the tokenizer's ``token_type_ids`` (only models with segment embeddings,
     BERT-style, take them; a Llama forward would reject them)."""
     if fmt == "chat":
-        return encode_chat(example["messages"], tokenizer, max_length)
+        return encode_chat(example["messages"], tokenizer, max_length, tools=tools_of(example))
     if fmt == "completion":
         return encode_completion(example["prompt"], example["completion"], tokenizer, max_length)
     if fmt == "preference":
@@ -80,25 +82,33 @@ def encode_example(
     )
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str:
+    return render_chat(tokenizer, messages, tools, generation_prompt=generation_prompt)
 
 
-def chat_segments(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+def chat_segments(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
+) -> list[tuple[str, bool]]:
     """Split a rendered chat into consecutive ``(text, trained)`` pieces that join to the full rendering.
 
     An assistant turn's piece runs from the end of the rendering of the chat before it (with the
     generation prompt) to the end of the rendering that includes it, so it holds exactly what the model
-    must produce at that point: the answer and the template's end-of-turn marker.
+    must produce at that point: the answer (its tool calls included) and the template's end-of-turn marker.
+    Tools, calls and results are rendered as serving renders them (``svfit_core.tool_calls``).
     """
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # templates need no 'weight'
-    full = _render(tokenizer, plain)
+    native = template_takes_tools(tokenizer) and bool(tools or any(makes_calls(m) for m in messages))
+    if not native:  # the default rendering: tools, calls and results become plain text turns
+        messages, tools = default_messages(messages, tools), None
+    # Templates need no 'weight'.
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    full = _render(tokenizer, plain, tools=tools)
     segments: list[tuple[str, bool]] = []
     cursor = 0  # characters of `full` already assigned to a segment
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = _assistant_span(tokenizer, plain, i, full, cursor)
+        start, end = _assistant_span(tokenizer, plain, i, full, cursor, tools)
         segments.append((full[cursor:start], False))
         segments.append((full[start:end], message.get("weight", 1) != 0))
         cursor = end
@@ -106,15 +116,20 @@ def chat_segments(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> l
     return [(text, trained) for text, trained in segments if text]
 
 
-def _assistant_span(tokenizer, plain: list[dict], i: int, full: str, cursor: int) -> tuple[int, int]:
-    before = _render(tokenizer, plain[:i], generation_prompt=True) if i else None
-    through = _render(tokenizer, plain[: i + 1])
+def _assistant_span(
+    tokenizer, plain: list[dict], i: int, full: str, cursor: int, tools: list[dict] | None = None
+) -> tuple[int, int]:
+    before = _render(tokenizer, plain[:i], generation_prompt=True, tools=tools) if i else None
+    through = _render(tokenizer, plain[: i + 1], tools=tools)
     if before is not None and full.startswith(through) and through.startswith(before) and len(before) >= cursor:
         return len(before), len(through)
     # Some templates render a prefix differently (a default system prompt added only when the chat opens
     # with a user turn, say). Then the answer starts where its text does; it ends where the rendering
     # through this turn ends when that is a prefix, else after the text and an EOS right behind it.
-    content = plain[i]["content"]
+    content = plain[i].get("content") or ""
+    if not content:
+        raise DataError(f"the chat template renders assistant message {i} (tool calls only) in a way that cannot "
+                        "be masked")
     if full.startswith(through):
         start = through.rfind(content, cursor)
         if start >= 0:
@@ -131,7 +146,8 @@ def _assistant_span(tokenizer, plain: list[dict], i: int, full: str, cursor: int
 
 
 def encode_chat(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, *, by_offsets: bool | None = None
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, *, by_offsets: bool | None = None,
+    tools: list[dict] | None = None,
 ) -> Encoded:
     """Tokens of the rendered chat; only the pieces ``chat_segments`` marks as trained get labels.
 
@@ -139,7 +155,7 @@ def encode_chat(
     character falls. Others tokenise piece by piece: exact by construction, but a SentencePiece tokenizer
     would add its word-start marker at every piece border, hence the preference for offsets.
     """
-    segments = chat_segments(messages, tokenizer)
+    segments = chat_segments(messages, tokenizer, tools)
     if by_offsets is None:
         by_offsets = bool(getattr(tokenizer, "is_fast", False))
     input_ids: list[int] = []
