@@ -15,6 +15,7 @@ from serving.lane_manager import not_generative
 from serving.lanes import Lane
 from serving.pooling import pool
 from svfit_core.sampling import row_generator
+from svfit_core.tool_calls import render_chat
 from serving.text import TextTracker
 from serving.types import Admission, ClassificationResult, EmbeddingRequest, EmbeddingResult
 from svfit_core.training.collate import collate
@@ -27,17 +28,6 @@ def _token_ids(ids, vocab: int, param: str) -> list[int]:
     if any(not 0 <= t < vocab for t in ids):
         raise InvalidParameter(f"Token ids in '{param}' must be in [0, {vocab}).", param=param)
     return ids
-
-
-def _message_text(content: Any) -> str:
-    """Chat content as text: a string, or the text parts of a list of content parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return str(content)
 
 
 class Admitter:
@@ -54,12 +44,16 @@ class Admitter:
         """Token ids of each prompt, and the request field they came from (for error messages)."""
         tokenizer = lane.tokenizer
         if request.messages is not None:
-            messages = [{**m, "content": _message_text(m.get("content"))} for m in request.messages]
+            use = request.tool_use
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                # Tools, calls and results rendered as training renders them (svfit_core.tool_calls).
+                text = render_chat(tokenizer, list(request.messages), list(use.tools) if use and use.tools else None,
+                                   generation_prompt=True)
             except Exception as exc:  # jinja templates raise their own errors ("roles must alternate")
                 raise InvalidParameter(f"The chat template cannot render these messages: {exc}",
                                        param="messages") from exc
+            # "required" or a named tool: the answer starts as that call (serving/tool_use.py).
+            text += use.answer_prefix if use else ""
             # The template writes the special tokens itself, as training renders it (svfit_core.training.encoding).
             return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         prompts = []

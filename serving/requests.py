@@ -11,6 +11,7 @@ from dataclasses import replace
 from api.core.errors import InvalidParameter, UnsupportedParameter, WrongInputKind
 from api.core.settings import Settings
 from serving.schemas import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
+from serving.tool_use import check_tool_use
 from serving.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
 
 # OpenAI's limits: 4 stop sequences; completions default to 16 tokens.
@@ -20,24 +21,25 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 MAX_CLASSIFICATION_INPUTS = MAX_EMBEDDING_INPUTS
 PAIR_KEYS = ("text", "text_pair")  # a text pair as training reads one (svfit_core.training.data)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# Tool calling and structured outputs are not served yet. A request may still carry these fields with a value
-# that asks for nothing (some clients always send them); any other value is refused, naming the field.
+# Legacy completions take no tools (chat completions do, serving/tool_use.py). A request may still carry these
+# fields with a value that asks for nothing (some clients always send them); any other value is refused, naming
+# the field. Structured outputs are not served yet on either endpoint.
 ASKS_FOR_NOTHING = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),  # "auto" without tools: nothing to call
     "function_call": (None, "none", "auto"),
 }
-TOOL_ROLES = ("tool", "function")
 
 
-def refuse_unserved(body: GenerationCreate) -> None:
-    """A 400 `unsupported_parameter` for a request that asks for tools or a structured output."""
-    for field, harmless in ASKS_FOR_NOTHING.items():
+def refuse_unserved(body: GenerationCreate, *, tools_served: bool = False) -> None:
+    """A 400 `unsupported_parameter` for a request that asks for what its endpoint does not serve: tools on
+    legacy completions, a structured output anywhere."""
+    for field, harmless in ASKS_FOR_NOTHING.items() if not tools_served else ():
         value = getattr(body, field)
         if value not in harmless:
-            raise UnsupportedParameter(f"'{field}' is not supported yet: this service does not serve tool calling. "
-                                       "Send the request without it.", param=field)
+            raise UnsupportedParameter(f"'{field}' is not supported on completions: tool calling is served by "
+                                       "/v1/chat/completions. Send the request without it.", param=field)
     fmt = body.response_format
     kind = fmt.get("type") if isinstance(fmt, dict) else fmt
     if fmt is not None and kind != "text":
@@ -47,18 +49,22 @@ def refuse_unserved(body: GenerationCreate) -> None:
                                    param="response_format")
 
 
-def refuse_tool_messages(body: ChatCompletionCreate) -> None:
-    """Tool calls and tool results in the conversation: chat templates here render neither (the calls would
-    vanish, the results would read as a turn of an unknown role), so they are refused until tools are served."""
-    for i, message in enumerate(body.messages):
-        if message.role in TOOL_ROLES:
-            raise UnsupportedParameter(f"Messages of role '{message.role}' are not supported yet: this service does "
-                                       "not serve tool calling.", param=f"messages[{i}].role")
-        extra = message.model_extra or {}
-        for field in ("tool_calls", "function_call"):
-            if extra.get(field):
-                raise UnsupportedParameter(f"'{field}' in a message is not supported yet: this service does not "
-                                           "serve tool calling.", param=f"messages[{i}].{field}")
+def check_tool_messages(messages: list[dict]) -> None:
+    """The conversation's calls and results, as a training line's are checked (svfit_core/training/tool_data.py):
+    a call with a name and JSON arguments, a tool result answering an earlier call."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            where = f"messages[{i}].tool_calls[{j}]"
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidParameter(f"'{where}' must be {{\"id\": ..., \"type\": \"function\", \"function\": "
+                                       "{\"name\": ..., \"arguments\": ...}}.", param=where)
+            if isinstance(call.get("id"), str):
+                called.add(call["id"])
+        if message.get("role") == "tool" and message.get("tool_call_id") not in called:
+            raise InvalidParameter(f"'messages[{i}]' answers tool call {message.get('tool_call_id')!r}, which no "
+                                   "earlier assistant message made.", param=f"messages[{i}].tool_call_id")
 
 
 def sampling_params(
@@ -133,8 +139,8 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
 
 
 def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
-    refuse_unserved(body)
-    refuse_tool_messages(body)
+    refuse_unserved(body, tools_served=True)
+    tool_use = check_tool_use(body.tools, body.tool_choice, body.functions, body.function_call)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -143,9 +149,10 @@ def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) 
         raise InvalidParameter("'top_logprobs' needs 'logprobs' to be true.", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
+    check_tool_messages(list(messages))
     # Without max_tokens a chat answer may run to the end of the context, as OpenAI's does.
     sampling = sampling_params(body, settings, max_tokens, param, logprobs)
-    return GenerationRequest(ref=ref, sampling=sampling, messages=messages)
+    return GenerationRequest(ref=ref, sampling=sampling, messages=messages, tool_use=tool_use)
 
 
 def classification_request(inputs: str | dict | list[str | dict], ref: ModelRef) -> ClassificationRequest:

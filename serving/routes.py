@@ -23,6 +23,7 @@ from serving.deps import EngineDep, ServedModelsDep, SettingsDep
 from serving.engine import GenerationTicket
 from serving.types import ChoiceFinished, GenerationDone, TextDelta
 from serving.openai_shapes import CompletionLogprobsWriter, base64_floats, chat_logprobs
+from serving.tool_use import ToolCallStream, ToolUse, tool_calls_of
 from serving.schemas import (
     ChatChoice,
     ChatCompletionCreate,
@@ -170,8 +171,11 @@ async def create_chat_completion(
     header = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
               "model": body.model, "system_fingerprint": None}
     wants_logprobs = bool(body.logprobs)
+    use = ticket.request.tool_use if ticket.request.tool_use and ticket.request.tool_use.tools else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if use is not None:
+            return _stream_response(ticket, _tool_chunks(ticket, header, include_usage, use, wants_logprobs))
         return _stream_response(ticket, _chunks(
             ticket, header, include_usage,
             lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -186,12 +190,51 @@ async def create_chat_completion(
     choices, done = answer
     return ChatCompletionPublic(
         id=header["id"], created=header["created"], model=body.model, usage=Usage(**_usage(done)),
-        choices=[
-            ChatChoice(index=c.index, message=ChatMessagePublic(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=chat_logprobs(c.logprobs) if wants_logprobs else None)
-            for c in choices
-        ],
+        choices=[_chat_choice(c, use, wants_logprobs) for c in choices],
     )
+
+
+def _chat_choice(choice, use: ToolUse | None, wants_logprobs: bool) -> ChatChoice:  # noqa: ANN001 - types.Choice
+    """A finished chat choice; with tools, its calls read back from the text (finish_reason "tool_calls")."""
+    content, calls = tool_calls_of(use, choice.text) if use is not None else (choice.text, [])
+    return ChatChoice(
+        index=choice.index, message=ChatMessagePublic(content=content, tool_calls=calls or None),
+        finish_reason="tool_calls" if calls and choice.finish_reason == "stop" else choice.finish_reason,
+        logprobs=chat_logprobs(choice.logprobs) if wants_logprobs else None,
+    )
+
+
+async def _tool_chunks(
+    ticket: GenerationTicket, header: dict, include_usage: bool, use: ToolUse, wants_logprobs: bool
+) -> AsyncIterator[dict]:
+    """A chat answer with tools as chunks: text as content deltas, each call as one `tool_calls` delta (index,
+    id, name and the whole arguments) once it is complete, and finish_reason "tool_calls" when one was made.
+    Log probabilities ride on the next chunk out of their text."""
+    extra = {"usage": None} if include_usage else {}
+    streams = {i: ToolCallStream(use) for i in range(ticket.admission.choices)}
+    held: dict[int, list] = {i: [] for i in streams}
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> dict:
+        entries, held[index] = held[index], []
+        logprobs = chat_logprobs(entries) if wants_logprobs and entries else None
+        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                       "finish_reason": finish_reason}], **extra}
+
+    for index in streams:
+        yield chunk(index, {"role": "assistant", "content": ""})
+    async for event in ticket.stream():
+        if isinstance(event, TextDelta):
+            held[event.index].extend(event.logprobs)
+            for delta in streams[event.index].feed(event.text):
+                yield chunk(event.index, delta)
+        elif isinstance(event, ChoiceFinished):
+            stream = streams[event.index]
+            for delta in stream.finish():
+                yield chunk(event.index, delta)
+            reason = "tool_calls" if stream.calls and event.finish_reason == "stop" else event.finish_reason
+            yield chunk(event.index, {}, reason)
+        elif isinstance(event, GenerationDone) and include_usage:
+            yield {**header, "choices": [], "usage": _usage(event)}
 
 
 @router.post("/embeddings")

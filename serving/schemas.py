@@ -2,8 +2,8 @@
 classifications.
 
 Field names follow the OpenAI API as the official client sends and reads them; unknown request keys are
-ignored, but not tool calling or structured outputs, which are not served yet: their fields are declared so
-that serving/requests.py can refuse a request that asks for them. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
+ignored, but not structured outputs, which are not served yet: `response_format` is declared so that
+serving/requests.py can refuse a request that asks for one; tools are checked by serving/tool_use.py. Ranges the client can get wrong are checked here so the 400 names the field (`temperature`,
 `top_p`, `n`, `max_tokens`, the penalties, `logprobs` / `top_logprobs`). Extensions: `ignore_eos` on
 generation requests, and `/v1/classifications` (texts or text pairs).
 Streaming chunks are plain dicts built in the route (they are never validated, only written).
@@ -40,12 +40,13 @@ class GenerationCreate(BaseModel):
         default=None, description="Token id (as a string) → bias in [-100, 100] added to its logit before sampling."
     )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS up to max_tokens.")
-    # Not served yet. Typed loosely so that any value that asks for them is refused as unsupported, naming the
-    # field, rather than as a type error; `parallel_tool_calls` means nothing without tools and stays ignored.
-    tools: Any = Field(default=None, description="Not supported yet: refused unless empty.")
-    tool_choice: Any = Field(default=None, description='Not supported yet: refused unless "none" or "auto".')
-    functions: Any = Field(default=None, description="Not supported yet: refused unless empty.")
-    function_call: Any = Field(default=None, description='Not supported yet: refused unless "none" or "auto".')
+    # Chat completions only (serving/tool_use.py checks them, naming the field); completions refuse them. Typed
+    # loosely so a malformed one is a 400 naming the field rather than a type error. `parallel_tool_calls` is
+    # ignored: the model may write several calls either way.
+    tools: Any = Field(default=None, description="Functions the model may call (chat completions).")
+    tool_choice: Any = Field(default=None, description='"none", "auto", "required" or {"type": "function", ...}.')
+    functions: Any = Field(default=None, description="Legacy `tools`.")
+    function_call: Any = Field(default=None, description="Legacy `tool_choice`.")
     response_format: Any = Field(default=None, description='Not supported yet: refused unless {"type": "text"}.')
 
 
@@ -61,7 +62,7 @@ class CompletionCreate(GenerationCreate):
 
 
 class ChatMessage(BaseModel):
-    # Extra keys (name ...) reach the chat template as sent; tool_calls are refused (serving/requests.py).
+    # Extra keys (name, tool_calls, tool_call_id ...) reach the chat rendering as sent (svfit_core/tool_calls.py).
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -128,10 +129,22 @@ class CompletionPublic(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallPublic(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI returns it
+
+
+class ToolCallPublic(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallPublic
+
+
 class ChatMessagePublic(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallPublic] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -153,7 +166,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessagePublic
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionPublic(BaseModel):

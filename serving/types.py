@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from serving.tool_use import ToolUse
 
 Task = Literal["causal", "classification"]
 FinishReason = Literal["stop", "length"]
@@ -65,6 +68,7 @@ class GenerationRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()
     messages: tuple[dict, ...] | None = None
     default_max_tokens: int | None = None  # None: as many as the context leaves
+    tool_use: ToolUse | None = None  # a chat request's tools (serving/tool_use.py), None when it declares none
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,10 @@ __all__ = [
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+# Short on purpose: it rides in every prompt of a request with tools.
 TOOLS_PROMPT = (
-    "You may call one or more functions to assist with the user query. The functions you may call are listed "
-    "as JSON within <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
-    "To call a function, answer with a JSON object of its name and arguments within <tool_call></tool_call>:\n"
-    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+    "You can call these functions:\n<tools>\n{tools}\n</tools>\nTo call one, answer "
+    '<tool_call>\n{{"name": <name>, "arguments": <JSON object>}}\n</tool_call>'
 )
 _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
@@ -142,8 +141,7 @@ def _native_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
             message.pop("function_call", None)
             message["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"])}}
                                      for c in calls]
-        if message.get("content") is None:
-            message["content"] = ""
+        message["content"] = _text(message.get("content"))
         out.append(message)
     return out
 

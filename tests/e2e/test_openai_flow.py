@@ -358,10 +358,12 @@ def test_inference_without_a_key_and_what_is_not_served_embedded_default(embedde
     with urllib.request.urlopen(raw, timeout=30) as response:
         assert response.status == 200 and json.load(response)["object"] == "text_completion"
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]  # short: tiny-llama reads 64 tokens
+    assert client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3, tools=tools).choices
     with pytest.raises(BadRequestError) as refused:
-        client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3, tools=tools)
-    assert refused.value.body["param"] == "tools" and refused.value.code == "unsupported_parameter"
+        client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=3, tools=tools,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert refused.value.body["param"] == "tool_choice" and refused.value.code == "invalid_parameter"
     with pytest.raises(BadRequestError) as json_mode:
         client.chat.completions.create(model="tiny-llama", messages=messages, response_format={"type": "json_object"})
     assert json_mode.value.param == "response_format"

@@ -193,22 +193,29 @@ def test_a_model_that_generates_no_text_refuses_chat_and_completions(served, nam
     assert served.post("/embeddings", {"model": model, "input": "still an encoder"}).status_code == 200
 
 
-UNSUPPORTED = [
+TOOLS_ON_COMPLETIONS = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tools": {"not": "a list"}}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"function_call": {"name": "f"}}, "function_call"),
+]
+STRUCTURED_OUTPUTS = [
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"response_format": "json"}, "response_format"),
 ]
 
 
-@pytest.mark.parametrize(("body", "param"), UNSUPPORTED)
+@pytest.mark.parametrize(("body", "param"), TOOLS_ON_COMPLETIONS)
 @pytest.mark.parametrize("stream", [False, True])
-def test_tools_and_structured_outputs_are_refused_not_ignored(served, body, param, stream):
+def test_tools_on_legacy_completions_are_refused_not_ignored(served, body, param, stream):
+    message = error(complete(served, LLAMA, stream=stream, **body), 400, param)
+    assert "/v1/chat/completions" in message
+
+
+@pytest.mark.parametrize(("body", "param"), STRUCTURED_OUTPUTS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_are_refused_not_ignored(served, body, param, stream):
     for response in (chat(served, LLAMA, stream=stream, **body), complete(served, LLAMA, stream=stream, **body)):
         message = error(response, 400, param)
         assert response.json()["error"]["code"] == "unsupported_parameter" and "not supported yet" in message
@@ -229,21 +236,27 @@ def test_a_request_that_asks_for_no_tools_is_served(served, body):
     assert complete(served, LLAMA, **body).status_code == 200
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def test_tool_calls_and_their_results_in_the_conversation_are_served(served):
+    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    assert chat(served, LLAMA, messages=messages).status_code == 200
+    legacy = [*CHAT, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+              {"role": "function", "name": "f", "content": "42"}]
+    assert chat(served, LLAMA, messages=legacy).status_code == 200
+
+
 @pytest.mark.parametrize(("message", "param"), [
-    ({"role": "assistant", "content": None,
-      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-     "messages[1].tool_calls"),
-    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
-     "messages[1].function_call"),
-    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role"),
-    ({"role": "function", "name": "f", "content": "42"}, "messages[1].role"),
+    ({"role": "tool", "content": "42", "tool_call_id": "c9"}, "messages[1].tool_call_id"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+     "messages[1].tool_calls[0]"),
 ])
-def test_tool_calls_and_tool_results_in_the_conversation_are_refused(served, message, param):
+def test_a_tool_result_without_its_call_or_a_malformed_call_is_a_400(served, message, param):
     response = chat(served, LLAMA, messages=[*CHAT, message])
     error(response, 400, param)
-    assert response.json()["error"]["code"] == "unsupported_parameter"
-    assert chat(served, LLAMA, messages=[*CHAT, {"role": "assistant", "content": "ok", "tool_calls": []},
-                                         *CHAT]).status_code == 200
+    assert response.json()["error"]["code"] == "invalid_parameter"
 
 
 def test_classification_labels_with_probabilities(served):
