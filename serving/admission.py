@@ -16,6 +16,7 @@ from serving.lanes import Lane
 from serving.pooling import pool
 from svfit_core.sampling import row_generator
 from svfit_core.tool_calls import render_chat
+from serving.structured import GrammarConstraint
 from serving.text import TextTracker
 from serving.types import Admission, ClassificationResult, EmbeddingRequest, EmbeddingResult
 from svfit_core.training.collate import collate
@@ -52,8 +53,6 @@ class Admitter:
             except Exception as exc:  # jinja templates raise their own errors ("roles must alternate")
                 raise InvalidParameter(f"The chat template cannot render these messages: {exc}",
                                        param="messages") from exc
-            # "required" or a named tool: the answer starts as that call (serving/tool_use.py).
-            text += use.answer_prefix if use else ""
             # The template writes the special tokens itself, as training renders it (svfit_core.training.encoding).
             return [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         prompts = []
@@ -122,6 +121,8 @@ class Admitter:
                     logprobs=sampling.logprobs,
                     logit_bias=sampling.logit_bias,
                     echo=echo,
+                    constraint=GrammarConstraint(lane.grammar_tokenizer(), request.grammar, lane.eos_ids,
+                                                 request.grammar_param) if request.grammar else None,
                 ))
         prompt_tokens = sum(len(ids) for ids in prompts)
         ticket.rows_left = len(rows)

@@ -43,6 +43,7 @@ class Row:
     logprobs: int | None = None  # how many alternatives to report per token; None: no log probabilities
     logit_bias: tuple[tuple[int, float], ...] = ()
     echo: str | None = None  # the prompt's text, when the answer starts with it (completions' echo)
+    constraint: Any = None  # a grammar the answer follows (serving/structured.GrammarConstraint), None: free
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finished: bool = False
@@ -188,6 +189,8 @@ class Batcher:
         events: dict[Any, list] = {}
         for row, token, token_logprob in zip(rows, tokens, logprobs):
             row.generated.append(token)
+            if row.constraint is not None:
+                row.constraint.advance(token)
             finish = None
             if token in lane.eos_ids and not row.ignore_eos:
                 # The end-of-sequence token is not part of the answer: no text, and no log probability.

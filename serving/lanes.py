@@ -56,6 +56,16 @@ class Lane:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         rows = getattr(embeddings, "num_embeddings", None)
         self.vocab_size = min(len(tokenizer), rows) if rows else len(tokenizer)
+        self.logit_width = max(rows or 0, len(tokenizer))
+        self._grammar_tokenizer: Any = ...  # not built yet; None once built: llguidance cannot read it
+
+    def grammar_tokenizer(self):  # noqa: ANN201 - llguidance.LLTokenizer, imported only when a grammar is used
+        """The tokenizer as grammars read it (serving/structured.py), or None: built on first use (a second)."""
+        if self._grammar_tokenizer is ...:
+            from serving.structured import grammar_tokenizer
+
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.logit_width, self.eos_ids)
+        return self._grammar_tokenizer
 
     def tag_for(self, ref: ModelRef) -> Any:
         """The row tag for ``ref`` on this lane, registering its adapter when needed."""

@@ -11,6 +11,7 @@ from dataclasses import replace
 from api.core.errors import InvalidParameter, UnsupportedParameter, WrongInputKind
 from api.core.settings import Settings
 from serving.schemas import ChatCompletionCreate, CompletionCreate, EmbeddingCreate, GenerationCreate
+from serving.structured import response_format_grammar
 from serving.tool_use import check_tool_use
 from serving.types import ClassificationRequest, EmbeddingRequest, GenerationRequest, ModelRef, SamplingParams
 
@@ -32,10 +33,10 @@ ASKS_FOR_NOTHING = {
 }
 
 
-def refuse_unserved(body: GenerationCreate, *, tools_served: bool = False) -> None:
-    """A 400 `unsupported_parameter` for a request that asks for what its endpoint does not serve: tools on
-    legacy completions, a structured output anywhere."""
-    for field, harmless in ASKS_FOR_NOTHING.items() if not tools_served else ():
+def refuse_unserved(body: GenerationCreate) -> None:
+    """A 400 `unsupported_parameter` for what legacy completions do not serve: tools and structured outputs
+    (chat completions serve both)."""
+    for field, harmless in ASKS_FOR_NOTHING.items():
         value = getattr(body, field)
         if value not in harmless:
             raise UnsupportedParameter(f"'{field}' is not supported on completions: tool calling is served by "
@@ -44,9 +45,9 @@ def refuse_unserved(body: GenerationCreate, *, tools_served: bool = False) -> No
     kind = fmt.get("type") if isinstance(fmt, dict) else fmt
     if fmt is not None and kind != "text":
         of_kind = f" of type {kind!r}" if isinstance(kind, str) else ""
-        raise UnsupportedParameter(f"'response_format'{of_kind} is not supported yet: this service does not serve "
-                                   'structured outputs. Leave it out, or send {"type": "text"}.',
-                                   param="response_format")
+        raise UnsupportedParameter(f"'response_format'{of_kind} is not supported on completions: structured "
+                                   'outputs are served by /v1/chat/completions. Leave it out, or send '
+                                   '{"type": "text"}.', param="response_format")
 
 
 def check_tool_messages(messages: list[dict]) -> None:
@@ -139,8 +140,13 @@ def completion_request(body: CompletionCreate, ref: ModelRef, settings: Settings
 
 
 def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) -> GenerationRequest:
-    refuse_unserved(body, tools_served=True)
     tool_use = check_tool_use(body.tools, body.tool_choice, body.functions, body.function_call)
+    grammar = response_format_grammar(body.response_format)
+    if grammar is not None and tool_use is not None and tool_use.grammar is not None:
+        raise InvalidParameter("A structured 'response_format' and a required tool call cannot both shape one "
+                               "answer: drop one, or let 'tool_choice' be \"auto\".", param="response_format")
+    grammar_param = "response_format" if grammar is not None else "tool_choice"
+    grammar = grammar or (tool_use.grammar if tool_use is not None else None)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -152,7 +158,8 @@ def chat_request(body: ChatCompletionCreate, ref: ModelRef, settings: Settings) 
     check_tool_messages(list(messages))
     # Without max_tokens a chat answer may run to the end of the context, as OpenAI's does.
     sampling = sampling_params(body, settings, max_tokens, param, logprobs)
-    return GenerationRequest(ref=ref, sampling=sampling, messages=messages, tool_use=tool_use)
+    return GenerationRequest(ref=ref, sampling=sampling, messages=messages, tool_use=tool_use, grammar=grammar,
+                             grammar_param=grammar_param)
 
 
 def classification_request(inputs: str | dict | list[str | dict], ref: ModelRef) -> ClassificationRequest:

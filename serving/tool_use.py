@@ -3,19 +3,19 @@ into what the engine renders, and the model's answer read back into `tool_calls`
 
 The conversation, its tools, calls and results are rendered by ``svfit_core.tool_calls``, as training renders
 them. ``tool_choice``: "none" renders no tools (the model answers in text); "auto" lets the model choose;
-"required" and a named function start the answer with the opening of a call (``<tool_call>`` and, for a
-named function, its name), so the model's next tokens are that call's name or arguments. The answer is then
-parsed back; a call the model wrote badly stays text.
+"required" and a named function constrain decoding to one call to one of the tools (or the named one) whose
+arguments validate against the tool's `parameters` (serving/structured.py). The answer is then parsed back;
+under "auto" a call the model wrote badly stays text.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from api.core.errors import InvalidParameter
+from serving.structured import tool_call_grammar
 from svfit_core.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
 
 __all__ = ["ToolUse", "ToolCallStream", "check_tool_use", "tool_calls_of"]
@@ -23,11 +23,11 @@ __all__ = ["ToolUse", "ToolCallStream", "check_tool_use", "tool_calls_of"]
 
 @dataclass(frozen=True)
 class ToolUse:
-    """What a request asks of tools: the tools rendered into the prompt (None: none), and the text the answer
-    is started with (empty for "auto")."""
+    """What a request asks of tools: the tools rendered into the prompt (None: none), and the grammar the
+    answer must follow ("required" or a named tool; None for "auto")."""
 
     tools: tuple[dict, ...] | None
-    answer_prefix: str = ""
+    grammar: str | None = None
 
 
 def _function(tool: Any, where: str, legacy: bool) -> dict:
@@ -68,7 +68,7 @@ def check_tool_use(tools: Any, tool_choice: Any, functions: Any = None, function
     if choice == "auto":
         return ToolUse(tools=tuple(listed))
     if choice == "required" and not legacy:
-        return ToolUse(tools=tuple(listed), answer_prefix=f'{TOOL_CALL_OPEN}\n{{"name": "')
+        return ToolUse(tools=tuple(listed), grammar=tool_call_grammar(listed, choice_field))
     named = _named_choice(choice, legacy)
     if named is None:
         shapes = '"none", "auto" or {"name": ...}' if legacy else \
@@ -77,7 +77,8 @@ def check_tool_use(tools: Any, tool_choice: Any, functions: Any = None, function
     if named not in names:
         raise InvalidParameter(f"'{choice_field}' names {named!r}, which is not one of the tools {names}.",
                                param=choice_field)
-    return ToolUse(tools=tuple(listed), answer_prefix=f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(named)}, "arguments": ')
+    chosen = [t for t in listed if t["function"]["name"] == named]
+    return ToolUse(tools=tuple(listed), grammar=tool_call_grammar(chosen, choice_field))
 
 
 def _named_choice(choice: Any, legacy: bool) -> str | None:
@@ -98,8 +99,8 @@ def _call_object(call: dict, index: int | None = None) -> dict:
 
 
 def tool_calls_of(use: ToolUse, text: str) -> tuple[str | None, list[dict]]:
-    """A whole answer (without the prefix the engine started it with) as (content, tool_calls)."""
-    content, calls = parse_tool_calls(use.answer_prefix + text)
+    """A whole answer as (content, tool_calls)."""
+    content, calls = parse_tool_calls(text)
     if not calls:
         return text, []
     return content, [_call_object(c) for c in calls]
@@ -111,7 +112,7 @@ class ToolCallStream:
     is text after all)."""
 
     def __init__(self, use: ToolUse) -> None:
-        self.pending = use.answer_prefix
+        self.pending = ""
         self.calls = 0
 
     def feed(self, text: str) -> list[dict]:

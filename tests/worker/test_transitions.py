@@ -149,7 +149,8 @@ class StatusLog:
         return {(before, after) for before, after in rows}
 
 
-def instant_training(base_path, train, valid, peft, config, output_dir, *, callbacks, resume_from=None, bases=None):  # noqa: ANN001
+def instant_training(base_path, train, valid, peft, config, output_dir, *, callbacks, resume_from=None, bases=None,  # noqa: ANN001
+                     reward=None, start_from=None):
     """Stands in for the library: polls the callbacks once, then ends the run as they decide."""
     from svfit_core.training.loop import TrainResult
 
