@@ -2,18 +2,32 @@
 
 Interactive by default (the conversation is kept; Ctrl+D or `/exit` ends it); `--message TEXT` (or text
 piped on stdin) makes it one turn, for scripts. `--json` asks for the whole answer unstreamed and prints it.
+`--tools` (a JSON file or text: OpenAI's tools list) lets the model call functions, shown as
+`[tool call] name {arguments}` lines; `--tool-choice` and `--response-format` (`json_object`, or a JSON schema
+file or text) ask for a call or a document.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from svfit_cli.client.base import EXIT_OK, client_command, print_json
+from svfit_cli.client.base import EXIT_OK, CliError, client_command, print_json
 from svfit_cli.client.http import ApiClient, server_sent_events
 
 # Generation can queue behind other requests in a batch; a silent minute is not a dead server.
 STREAM_TIMEOUT_S = 300.0
+
+
+def _json_argument(value: str, flag: str):  # noqa: ANN202 - whatever JSON the flag holds
+    """A flag's JSON: a file's path, or the JSON itself."""
+    path = Path(value)
+    try:
+        return json.loads(path.read_text() if path.is_file() else value)
+    except json.JSONDecodeError as exc:
+        raise CliError("invalid_parameter", f"{flag} is neither a JSON file nor JSON: {exc}") from None
 
 
 def _request(args: argparse.Namespace, messages: list[dict], stream: bool) -> dict:
@@ -21,7 +35,23 @@ def _request(args: argparse.Namespace, messages: list[dict], stream: bool) -> di
     for key in ("max_tokens", "temperature", "top_p", "seed"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    if args.tools:
+        body["tools"] = _json_argument(args.tools, "--tools")
+    if args.tool_choice:
+        choice = args.tool_choice
+        body["tool_choice"] = choice if choice in ("none", "auto", "required") else \
+            {"type": "function", "function": {"name": choice}}
+    if args.response_format:
+        body["response_format"] = {"type": "json_object"} if args.response_format == "json_object" else \
+            {"type": "json_schema", "json_schema": {"name": "answer",
+                                                    "schema": _json_argument(args.response_format,
+                                                                             "--response-format")}}
     return body
+
+
+def _call_line(call: dict) -> str:
+    function = call.get("function") or {}
+    return f"[tool call] {function.get('name')} {function.get('arguments')}"
 
 
 def stream_reply(client: ApiClient, args: argparse.Namespace, messages: list[dict]) -> str:
@@ -30,7 +60,10 @@ def stream_reply(client: ApiClient, args: argparse.Namespace, messages: list[dic
     with client.stream("POST", "chat/completions", json=_request(args, messages, True), timeout=STREAM_TIMEOUT_S) as response:
         for chunk in server_sent_events(response):
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or ""
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+                for call in delta.get("tool_calls") or []:  # each arrives whole (serving/tool_use.py)
+                    text += ("\n" if parts or text else "") + _call_line(call)
                 if text:
                     parts.append(text)
                     sys.stdout.write(text)
@@ -82,4 +115,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--top-p", dest="top_p", type=float)
     chat.add_argument("--seed", type=int)
+    chat.add_argument("--tools", help="functions the model may call: OpenAI's tools list, a JSON file or text")
+    chat.add_argument("--tool-choice", help="none, auto, required, or a function's name (with --tools)")
+    chat.add_argument("--response-format", help="json_object, or a JSON schema (file or text) the answer follows")
     chat.set_defaults(func=cmd_chat)

@@ -180,6 +180,21 @@ def test_playground_streams_a_chat_reply_from_a_fine_tune(page: Page, finished_j
     expect(page.locator("#pg-send")).to_be_enabled()
 
 
+def test_playground_sends_its_tools_with_a_chat_turn(page: Page, service: Service):
+    page.goto("/ui/#/models?model=tiny-llama")
+    expect(page.locator("#pg-model")).to_have_value("tiny-llama")
+    tools = [{"type": "function", "function": {"name": "f"}}]  # short: tiny-llama reads 64 tokens
+    page.locator("#pg-tools").fill(json.dumps(tools))
+    page.locator("#pg-max-tokens").fill("2")
+    page.locator("#pg-input").fill("hi")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.locator("#pg-send").click()
+    assert sent.value.post_data_json["tools"] == tools
+    expect(page.locator("#pg-send")).to_be_enabled(timeout=60_000)
+    page.locator("#pg-mode").select_option("classify")
+    expect(page.locator("#pg-tools")).to_be_hidden()
+
+
 def test_playground_compares_texts_with_an_encoders_embeddings(page: Page, service: Service):
     minilm = "sentence-transformers/all-MiniLM-L6-v2"  # the pretrained encoder every install has
     page.goto(f"/ui/#/models?model={minilm}")

@@ -223,6 +223,12 @@ def test_chat_one_turn_streams_the_reply(svfit: Run):
     assert whole.json()["object"] == "chat.completion"
     missing = svfit("chat", "no-such-model", "-m", "hello")
     assert missing.returncode == 1 and "error: model_not_found: " in missing.stderr
+    tools = '[{"type": "function", "function": {"name": "f"}}]'  # short: tiny-llama reads 64 tokens
+    with_tools = svfit("chat", "tiny-llama", "-m", "hi", "--tools", tools, "--max-tokens", "2")
+    assert with_tools.returncode == 0, with_tools.stderr
+    # Its word-level tokenizer cannot be held to a grammar: the service's 400 names the field.
+    json_mode = svfit("chat", "tiny-llama", "-m", "hi", "--response-format", "json_object")
+    assert json_mode.returncode == 1 and "response_format" in json_mode.stderr, json_mode.stderr
 
 
 def test_classify_sends_a_text_pair_the_service_reads(svfit: Run):

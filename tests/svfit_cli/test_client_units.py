@@ -249,3 +249,27 @@ def test_graders_validate_and_run_send_openais_bodies_and_print_the_reward(tmp_p
     with pytest.raises(SystemExit) as bad_item:  # a bad command line: argparse's exit 2
         main(["graders", "run", str(tmp_path / "grader.json"), "--sample", "x", "--item", "{not json"])
     assert bad_item.value.code == 2
+
+
+def chat_args(**values) -> argparse.Namespace:  # noqa: ANN003
+    defaults = dict(model="m", max_tokens=None, temperature=None, top_p=None, seed=None, tools=None,
+                    tool_choice=None, response_format=None)
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_chat_sends_tools_a_tool_choice_and_a_response_format(tmp_path):
+    from svfit_cli.client.chat import _call_line, _request
+
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = _request(chat_args(tools=json.dumps(tools), tool_choice="f"), [], False)
+    assert body["tools"] == tools and body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert _request(chat_args(tool_choice="required"), [], False)["tool_choice"] == "required"
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    assert _request(chat_args(response_format=str(schema)), [], False)["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    assert _request(chat_args(response_format="json_object"), [], False)["response_format"] == {"type": "json_object"}
+    with pytest.raises(base.CliError) as info:
+        _request(chat_args(tools="[nope"), [], False)
+    assert info.value.code == "invalid_parameter" and "--tools" in str(info.value)
+    assert _call_line({"function": {"name": "f", "arguments": '{"x": 1}'}}) == '[tool call] f {"x": 1}'

@@ -73,6 +73,9 @@ class Playground {
     this.maxTokens = h("input", { type: "number", id: "pg-max-tokens", value: "64", min: "1" });
     this.temperature = h("input", { type: "number", id: "pg-temperature", value: "0.7", min: "0", max: "2", step: "0.1" });
     this.system = h("input", { id: "pg-system", placeholder: "system message (optional)" });
+    // Chat only: OpenAI's tools list, as JSON; the model's calls show as "[tool call] name {arguments}" lines.
+    this.tools = h("textarea", { id: "pg-tools", rows: 2, "aria-label": "Tools",
+      placeholder: 'tools (optional), e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]' });
     this.input = h("textarea", { id: "pg-input", rows: 3, placeholder: "Type a message; Ctrl+Enter sends" });
     // Classification only: the second text of a pair, for a model trained on {text, text_pair, label} lines.
     this.pair = h("textarea", { id: "pg-pair", rows: 2, hidden: true, "aria-label": "Text pair",
@@ -94,7 +97,7 @@ class Playground {
         h("label", { class: "small" }, this.stream, " stream"),
         h("label", { class: "small" }, "max tokens ", this.maxTokens),
         h("label", { class: "small" }, "temperature ", this.temperature)),
-      this.system, this.output, this.input, this.pair, this.problem,
+      this.system, this.tools, this.output, this.input, this.pair, this.problem,
       h("div", { class: "actions" }, this.send, this.stopButton,
         h("button", { class: "secondary", onclick: () => this.reset() }, "Clear")));
   }
@@ -117,6 +120,7 @@ class Playground {
     fill(this.output);
     fill(this.problem);
     this.system.hidden = this.mode.value !== "chat";
+    this.tools.hidden = this.mode.value !== "chat";
     this.pair.hidden = this.mode.value !== "classify";
     this.input.placeholder = this.mode.value === "similarity"
       ? "One text per line: each line is compared with the first" : "Type a message; Ctrl+Enter sends";
@@ -184,12 +188,16 @@ class Playground {
     messages.push(...this.history);
     this.bubble("user", text);
     const body = { ...options, messages, stream: this.stream.checked };
+    if (this.tools.value.trim()) body.tools = JSON.parse(this.tools.value); // a bad list throws: shown as the problem
+    const callLines = (calls) => (calls || []).map((c) => `\n[tool call] ${c.function.name} ${c.function.arguments}`).join("");
     let reply;
     if (body.stream) {
-      reply = await this.pour(streamEvents("chat/completions", body, this.controller.signal), (c) => (c.delta && c.delta.content) || "");
+      reply = await this.pour(streamEvents("chat/completions", body, this.controller.signal),
+        (c) => ((c.delta && c.delta.content) || "") + callLines(c.delta && c.delta.tool_calls));
     } else {
       const answer = await post("chat/completions", body, { signal: this.controller.signal });
-      reply = answer.choices[0].message.content || "";
+      const message = answer.choices[0].message;
+      reply = (message.content || "") + callLines(message.tool_calls);
       this.bubble("assistant", reply);
     }
     this.history.push({ role: "assistant", content: reply });
