@@ -51,7 +51,7 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key  # runs are keyed alike: (task, arm, seed)
-from benchmarks.runs import RunLog, run_in_workers
+from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 # Training sequence caps, so that no training pair of the draw is cut (checked: `truncated` in the record).
@@ -392,23 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=None, help="comma list (default: sst2,gsm8k; quick: sst2)")
     ap.add_argument("--arms", default=None, help=f"comma list (default: {','.join(FULL.arms)}; quick: "
                     f"{','.join(QUICK.arms)}; also: {','.join(a.name for a in ARMS if a.name not in FULL.arms)})")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--train-size", type=int, default=None, help="training pairs")
-    ap.add_argument("--eval-size", type=int, default=None, help="held-out pairs")
-    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (runs in parallel share the one GPU)")
-    ap.add_argument("--name", default=None, help="result file name (default dpo / dpo_quick)")
-    ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
-    ap.add_argument("--workdir", default=None, help="keep the base copy and the basis store here")
+    add_run_arguments(ap, examples="pairs", default_name="dpo")
     args = ap.parse_args(argv)
 
     started = time.time()
-    settings = QUICK if args.quick else FULL
-    overrides = {"tasks": args.tasks.split(",") if args.tasks else None, "seeds": args.seeds,
-                 "train_size": args.train_size, "eval_size": args.eval_size, "jobs": args.jobs,
-                 "device": args.device, "arms": tuple(args.arms.split(",")) if args.arms else None}
-    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    settings = replace(settings, threads_per_job=max(1, 2 // settings.jobs))
+    settings = settings_from_arguments(QUICK if args.quick else FULL, args,
+                                       tasks=args.tasks.split(",") if args.tasks else None,
+                                       arms=tuple(args.arms.split(",")) if args.arms else None)
     unknown = [a for a in settings.arms if a not in ARMS_BY_NAME]
     if unknown:
         ap.error(f"unknown arms {unknown}; known: {', '.join(ARMS_BY_NAME)}")

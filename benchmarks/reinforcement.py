@@ -46,7 +46,7 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key
-from benchmarks.runs import RunLog, run_in_workers
+from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 MAX_SEQ_LENGTH = 224  # prompt (no SST-2 prompt of the draw is cut: `truncated` in the record) + the answer
@@ -301,22 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="SVFit and LoRA, one seed (<= 15 min)")
     ap.add_argument("--arms", default=None, help=f"comma list (default: {','.join(FULL.arms)}; quick: "
                     f"{','.join(QUICK.arms)}; also: {','.join(a.name for a in ARMS if a.name not in FULL.arms)})")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--train-size", type=int, default=None, help="training prompts")
-    ap.add_argument("--eval-size", type=int, default=None, help="held-out prompts")
-    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--name", default=None, help="result file name (default reinforcement / reinforcement_quick)")
-    ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
-    ap.add_argument("--workdir", default=None, help="keep the base copy and the basis store here")
+    add_run_arguments(ap, examples="prompts", default_name="reinforcement")
     args = ap.parse_args(argv)
 
     started = time.time()
-    settings = QUICK if args.quick else FULL
-    overrides = {"seeds": args.seeds, "train_size": args.train_size, "eval_size": args.eval_size, "jobs": args.jobs,
-                 "device": args.device, "arms": tuple(args.arms.split(",")) if args.arms else None}
-    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    settings = replace(settings, threads_per_job=max(1, 2 // settings.jobs))
+    settings = settings_from_arguments(QUICK if args.quick else FULL, args,
+                                       arms=tuple(args.arms.split(",")) if args.arms else None)
     unknown = [a for a in settings.arms if a not in ARMS_BY_NAME]
     if unknown:
         ap.error(f"unknown arms {unknown}; known: {', '.join(ARMS_BY_NAME)}")

@@ -66,3 +66,27 @@ def run_in_workers(jobs: list[dict], runlog: RunLog, run_one: Callable[[dict], d
                 runlog.add(rec)
                 log(describe(rec) if rec["status"] == "ok" else f"{runlog.key(rec)}: FAILED {rec.get('error')}")
     return [runlog.get(j) for j in jobs]
+
+
+def add_run_arguments(ap, *, examples: str, default_name: str) -> None:  # noqa: ANN001 - an ArgumentParser
+    """The flags every run-based benchmark takes beside its own: seeds, data sizes (``examples`` names what an
+    example is), parallelism, device, result name, resume and workdir."""
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--train-size", type=int, default=None, help=f"training {examples}")
+    ap.add_argument("--eval-size", type=int, default=None, help=f"held-out {examples}")
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (each with 2/jobs threads)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (runs in parallel share the one GPU)")
+    ap.add_argument("--name", default=None, help=f"result file name (default {default_name} / {default_name}_quick)")
+    ap.add_argument("--resume", action="store_true", help="reuse the runs logged by an interrupted run")
+    ap.add_argument("--workdir", default=None, help="keep the base copy and the basis store here")
+
+
+def settings_from_arguments(settings, args, **more):  # noqa: ANN001, ANN201 - a benchmark's Settings dataclass
+    """``settings`` with what ``add_run_arguments``' flags (and ``more``) set, and torch threads split over
+    the parallel runs."""
+    from dataclasses import replace
+
+    overrides = {"seeds": args.seeds, "train_size": args.train_size, "eval_size": args.eval_size,
+                 "jobs": args.jobs, "device": args.device, **more}
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(settings, threads_per_job=max(1, 2 // settings.jobs))

@@ -186,11 +186,8 @@ def test_every_arm_is_a_dpo_request_the_service_accepts_and_runs_as_it_would(arm
     assert (config.seed, config.max_seq_length, config.n_epochs) == (3, 96, hyperparameters["n_epochs"])
 
 
-def test_one_run_trains_a_dpo_job_as_the_service_would_and_scores_the_held_out_pairs(tmp_path, monkeypatch):
-    base = build_tiny("llama", "causal", tmp_path / "base")
-    examples = [{"text": "good movie", "label": 1}, {"text": "bad film", "label": 0}] * 4
-    monkeypatch.setattr(quality_llm, "load_split", lambda task, split: examples)
-    monkeypatch.setattr(quality_llm, "label_names", lambda task: ["negative", "positive"])
+def test_one_run_trains_a_dpo_job_as_the_service_would_and_scores_the_held_out_pairs(tmp_path, tiny_sst2, monkeypatch):
+    base = tiny_sst2
     monkeypatch.setitem(dpo.MAX_SEQ_LENGTH, "sst2", 48)
     monkeypatch.setattr(dpo, "EVAL_MAX_LENGTH", 64)
     settings = Settings(tasks=["sst2"], train_size=8, eval_size=4, seeds=1, jobs=1, threads_per_job=1)

@@ -10,7 +10,6 @@ from api.core.job_spec import MIN_AUTO_STEPS, auto_batch_size, resolve_request
 from benchmarks import quality_llm
 from benchmarks.quality_llm import ARMS, Settings, check_targets, final_number, is_correct, majority_rate
 from benchmarks.service_defaults import service_job
-from testkit.tiny_models import build_tiny
 
 
 @pytest.mark.parametrize(
@@ -77,11 +76,8 @@ def test_targets_compare_svfit_with_lora_and_every_default_with_the_majority_cla
     assert all({"name", "value", "limit", "unit", "met"} <= set(t) for t in check_targets(rows))
 
 
-def test_one_run_trains_as_the_service_would_and_answers_through_the_engine(tmp_path, monkeypatch):
-    base = build_tiny("llama", "causal", tmp_path / "base")
-    examples = [{"text": "good movie", "label": 1}, {"text": "bad film", "label": 0}] * 4
-    monkeypatch.setattr(quality_llm, "load_split", lambda task, split: examples)
-    monkeypatch.setattr(quality_llm, "label_names", lambda task: ["negative", "positive"])
+def test_one_run_trains_as_the_service_would_and_answers_through_the_engine(tmp_path, tiny_sst2, monkeypatch):
+    base = tiny_sst2
     monkeypatch.setitem(quality_llm.MAX_SEQ_LENGTH, "sst2", 48)
     settings = Settings(tasks=["sst2"], train_size=8, eval_size=4, gsm8k_eval=2, gsm8k_em=2, seeds=1, jobs=1,
                         threads_per_job=1)

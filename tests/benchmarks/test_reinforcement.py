@@ -11,7 +11,6 @@ from benchmarks import quality_llm
 from benchmarks import reinforcement as rl
 from benchmarks.reinforcement import GRADER, Settings, check_targets, sst2_prompt, summarise
 from graders import run_grader
-from testkit.tiny_models import build_tiny
 
 
 def test_a_review_becomes_a_prompt_with_the_fields_the_grader_reads(monkeypatch):
@@ -30,11 +29,8 @@ def test_the_grader_rewards_naming_the_right_sentiment_only(answer, reward):
     assert run_grader(GRADER, answer, {"label": "positive", "wrong": "negative"}).reward == reward
 
 
-def test_one_run_trains_a_reinforcement_job_as_the_service_would(tmp_path, monkeypatch):
-    base = build_tiny("llama", "causal", tmp_path / "base")
-    examples = [{"text": "good movie", "label": 1}, {"text": "bad film", "label": 0}] * 4
-    monkeypatch.setattr(quality_llm, "load_split", lambda task, split: examples)
-    monkeypatch.setattr(quality_llm, "label_names", lambda task: ["negative", "positive"])
+def test_one_run_trains_a_reinforcement_job_as_the_service_would(tmp_path, tiny_sst2, monkeypatch):
+    base = tiny_sst2
     settings = Settings(train_size=8, eval_size=4, seeds=1, jobs=1, threads_per_job=1)
     job = {"task": "sst2", "arm": "svfit", "seed": 0, "settings": settings.__dict__, "base": str(base),
            "workdir": str(tmp_path)}
