@@ -90,7 +90,7 @@ def test_the_default_rendering_writes_tools_calls_and_results_as_text_and_trains
     line = tool_line()
     segments = chat_segments(line["messages"], tokenizer, line["tools"])
     text = "".join(piece for piece, _ in segments)
-    assert text.startswith("<s> system : You may call") and '"name": "get_weather"' in text
+    assert text.startswith("<s> system : You can call these functions") and '"name": "get_weather"' in text
     assert "<tool_response>\n{\"sky\": \"sunny\"}\n</tool_response>" in text
     trained = [piece for piece, is_trained in segments if is_trained]
     assert trained == [f'{TOOL_CALL_OPEN}\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n</tool_call> </s> ',
