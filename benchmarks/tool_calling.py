@@ -27,7 +27,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, Stopwatch, format_table, log, write_result

@@ -41,7 +41,7 @@ from svfit_core.training import preference, reinforcement
 from svfit_core.training.data import check_examples, task_for_format
 from svfit_core.training import distributed
 from svfit_core.training.distributed import SOLO, Ranks
-from svfit_core.training.encoding import Encoded, EncodedPreference, EncodedPrompt, encode_example
+from svfit_core.training.encoding import Encoded, EncodedPreference, encode_example
 from svfit_core.errors import ConfigError, DataError, DeviceMemoryError
 from svfit_core.loading import DTYPES, base_dtype_for, load_base_model, max_positions
 from svfit_core.training.loss import causal_loss, classification_loss, transformers_model

@@ -15,7 +15,6 @@ from svfit_core.errors import ConfigError
 from svfit_core.loading import load_base_model
 from svfit_core.model import inject_svfit
 from svfit_core.config import SVFitConfig
-from svfit_core.kv_cache import left_pad
 from svfit_core.training import PeftSpec, TrainConfig
 from svfit_core.training.data import detect_format, task_for_format, validate_jsonl_line
 from svfit_core.training.encoding import encode_prompt
