@@ -284,6 +284,7 @@ def _run_attempt(
         log.warning("job %s: checkpoint step %s is missing from the store; starting over", job_id, resume_step)
         resume_step, resume_from = None, None
 
+    reward = job_reward(job.method)
     reporter = JobReporter(
         job,
         worker_id,
@@ -309,9 +310,12 @@ def _run_attempt(
         callbacks=reporter,
         resume_from=resume_from,
         bases=StoredBases(storage),
-        reward=job_reward(job.method),
+        reward=reward,
         start_from=start_from,
     )
+    if reward is not None and reward.summary() is not None:
+        with session_scope() as session:  # best effort, as progress events are
+            add_event(session, job_id, reward.summary(), level="warn")
     reporter.flush()
     if reporter.stop_reason == "lost":
         return "lost"

@@ -20,12 +20,23 @@ class GraderReward:
         self.compiled = compile_grader(grader, "method.reinforcement.grader")
         self.graded = 0
         self.failed = 0  # samples the grader could not score (reward 0)
+        self.first_error: str | None = None  # what went wrong with the first of them
 
     def __call__(self, items: list[dict], texts: list[str]) -> Sequence[float]:
         results = self.compiled.run_batch(zip(texts, items, strict=True))
         self.graded += len(results)
-        self.failed += sum(1 for r in results if not r.ok)
+        for result in results:
+            if not result.ok:
+                self.failed += 1
+                self.first_error = self.first_error or result.errors[0].message
         return [r.reward for r in results]
+
+    def summary(self) -> str | None:
+        """A line for the job's events when some samples could not be graded, else None."""
+        if not self.failed:
+            return None
+        return (f"{self.failed} of {self.graded} sampled answers could not be graded and scored 0; the first: "
+                f"{self.first_error}")
 
 
 def job_reward(method: Mapping[str, Any] | None) -> GraderReward | None:

@@ -301,6 +301,16 @@ def test_a_reinforcement_job_samples_grades_and_reports_rewards(service):
     assert meta["objective"] == "reinforcement"
 
 
+def test_samples_the_grader_cannot_grade_are_told_in_the_jobs_events(service):
+    job_id = add_reinforcement_job(service, validation=False)
+    method = service.job(job_id).method
+    grader = {**OPINION_GRADER, "reference": "{{item.missing}}"}  # no line has it
+    service.update_job(job_id, method={**method, "reinforcement": {**method["reinforcement"], "grader": grader}})
+    assert pipeline.run_job(job_id) == "succeeded", service.job(job_id).error
+    [warning] = [e for e in service.events(job_id) if "could not be graded" in e.message]
+    assert warning.level == "warn" and warning.message.startswith("160 of 160 sampled answers")
+
+
 def test_a_reinforcement_job_paused_and_resumed_equals_an_uninterrupted_one(service, monkeypatch):
     reference = add_reinforcement_job(service, validation=False)
     assert pipeline.run_job(reference) == "succeeded"
