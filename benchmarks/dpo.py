@@ -51,7 +51,7 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key  # runs are keyed alike: (task, arm, seed)
-from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments
+from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments, train_recorded
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 # Training sequence caps, so that no training pair of the draw is cut (checked: `truncated` in the record).
@@ -230,7 +230,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     arm "base" scores the starting model. Never raises: a failed run comes back with status "error"."""
     from svfit_core.bases import DirectoryBasisStore
     from svfit_core.loading import load_base_model
-    from svfit_core.training import TrainingCallbacks, run_training
     from svfit_core.training.outputs import load_trained_model
 
     settings = Settings(**job["settings"])
@@ -250,29 +249,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         arm = ARMS_BY_NAME[job["arm"]]
         spec, config, hyperparameters = dpo_job(arm.peft, len(pairs["train"]), seed, arm.hyperparameters,
                                                 max_seq_length=MAX_SEQ_LENGTH[task], device=settings.device)
-        started: dict[str, Any] = {}
-        curve: list[dict] = []
-
-        class Recorder(TrainingCallbacks):
-            def on_start(self, info: dict) -> None:
-                started.update(info)
-
-            def on_step(self, metrics: dict) -> None:
-                curve.append({k: metrics.get(k) for k in ("step", "train_loss", "train_mean_token_accuracy",
-                                                          "train_reward_margin", "learning_rate")})
-
-        with Stopwatch() as train_sw:
-            result = run_training(base, pairs["train"], None, spec, config, out / "job", callbacks=Recorder(),
-                                  bases=bases)
-        if result.ended_by != "completion":
-            raise RuntimeError(f"training ended by {result.ended_by}")
+        result, started, curve, train_s = train_recorded(
+            base, pairs["train"], spec, config, out / "job",
+            ("step", "train_loss", "train_mean_token_accuracy", "train_reward_margin", "learning_rate"), bases=bases)
         with Stopwatch() as eval_sw:
             model, tokenizer, _ = load_trained_model(base, result.adapter_dir, bases)
             scores = preference_scores(answer_logprobs(model, tokenizer, pairs["heldout"], settings.device),
                                        pairs["heldout_groups"])
         record.update(status="ok", steps=result.step, trainable_params=started.get("trainable_params"),
                       truncated=started.get("truncated_examples"), dpo_beta=config.dpo_beta,
-                      hyperparameters=hyperparameters, wall_s=train_sw.seconds, eval_s=eval_sw.seconds,
+                      hyperparameters=hyperparameters, wall_s=train_s, eval_s=eval_sw.seconds,
                       curve=curve, **scores)
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         record.update(status="error", error=f"{type(exc).__name__}: {exc}")

@@ -46,7 +46,7 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key
-from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments
+from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments, train_recorded
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 MAX_SEQ_LENGTH = 224  # prompt (no SST-2 prompt of the draw is cut: `truncated` in the record) + the answer
@@ -178,7 +178,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     prompts; arm "base" scores the starting model. Never raises: a failed run comes back with status "error"."""
     from svfit_core.bases import DirectoryBasisStore
     from svfit_core.loading import load_base_model
-    from svfit_core.training import TrainConfig, TrainingCallbacks, run_training
+    from svfit_core.training import TrainConfig
     from svfit_core.training.outputs import load_trained_model
 
     settings = Settings(**job["settings"])
@@ -197,28 +197,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         arm = ARMS_BY_NAME[job["arm"]]
         spec, config, hyperparameters = reinforcement_job(arm.peft, len(prompts["train"]), seed, arm.hyperparameters,
                                                           device=settings.device)
-        started: dict[str, Any] = {}
-        curve: list[dict] = []
-
-        class Recorder(TrainingCallbacks):
-            def on_start(self, info: dict) -> None:
-                started.update(info)
-
-            def on_step(self, metrics: dict) -> None:
-                curve.append({k: metrics.get(k) for k in ("step", "train_loss", "train_reward", "train_kl",
-                                                          "train_answer_tokens", "learning_rate")})
-
-        with Stopwatch() as train_sw:
-            result = run_training(base, prompts["train"], None, spec, config, out / "job", callbacks=Recorder(),
-                                  bases=bases, reward=Grades())
-        if result.ended_by != "completion":
-            raise RuntimeError(f"training ended by {result.ended_by}")
+        result, started, curve, train_s = train_recorded(
+            base, prompts["train"], spec, config, out / "job",
+            ("step", "train_loss", "train_reward", "train_kl", "train_answer_tokens", "learning_rate"),
+            bases=bases, reward=Grades())
         with Stopwatch() as eval_sw:
             model, tokenizer, _ = load_trained_model(base, result.adapter_dir, bases)
             scores = heldout_reward(model, tokenizer, prompts["heldout"], config, settings.device)
         record.update(status="ok", steps=result.step, trainable_params=started.get("trainable_params"),
                       truncated=started.get("truncated_examples"), hyperparameters=hyperparameters,
-                      samples_per_prompt=config.samples_per_prompt, wall_s=train_sw.seconds, eval_s=eval_sw.seconds,
+                      samples_per_prompt=config.samples_per_prompt, wall_s=train_s, eval_s=eval_sw.seconds,
                       curve=curve, **scores)
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         record.update(status="error", error=f"{type(exc).__name__}: {exc}")

@@ -90,3 +90,27 @@ def settings_from_arguments(settings, args, **more):  # noqa: ANN001, ANN201 - a
                  "jobs": args.jobs, "device": args.device, **more}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     return replace(settings, threads_per_job=max(1, 2 // settings.jobs))
+
+
+def train_recorded(base, examples: list[dict], spec, config, out: Path, curve_keys: tuple[str, ...],  # noqa: ANN001
+                   **run_options) -> tuple:
+    """``run_training`` of one benchmark run, to completion -> (result, the start info, the per-step ``curve_keys``
+    of every step, training seconds). ``run_options`` go to ``run_training`` (``bases``, ``reward``, ...)."""
+    from benchmarks.common import Stopwatch
+    from svfit_core.training import TrainingCallbacks, run_training
+
+    started: dict = {}
+    curve: list[dict] = []
+
+    class Recorder(TrainingCallbacks):
+        def on_start(self, info: dict) -> None:
+            started.update(info)
+
+        def on_step(self, metrics: dict) -> None:
+            curve.append({k: metrics.get(k) for k in curve_keys})
+
+    with Stopwatch() as sw:
+        result = run_training(base, examples, None, spec, config, out, callbacks=Recorder(), **run_options)
+    if result.ended_by != "completion":
+        raise RuntimeError(f"training ended by {result.ended_by}")
+    return result, started, curve, sw.seconds
