@@ -93,11 +93,11 @@ SAMPLES_PER_PROMPT_BOUNDS = (2, 64)
 EVAL_SAMPLES_BOUNDS = (1, 16)
 EVAL_INTERVAL_BOUNDS = (1, 100_000)
 REASONING_EFFORTS = ("default", "low", "medium", "high")
-# A reinforcement job's learning rate at multiplier 1, as a multiple of the method's supervised default. Measured
-# on SmolLM2-135M-Instruct, SST-2 prompts, 33 steps, one seed (benchmarks/README.md, "Reinforcement"): SVFit at
-# 1x moved far (KL 1.0 per token) and lost reward (-0.02), at 0.25x it gained the most (+0.09); LoRA gained +0.05 at
-# 1x and lost at 4x. None of it beyond two standard errors: provisional, and LoRA at 0.25x is not measured.
-REINFORCEMENT_LEARNING_RATE_FACTOR = 0.25
+# A reinforcement job's learning rate at multiplier 1, as a multiple of the method's supervised default, per method.
+# Measured on SmolLM2-135M-Instruct, SST-2 prompts, 33 steps (benchmarks/README.md, "Reinforcement"): SVFit at 1x
+# moved far (KL about 1 per token) and lost reward (-0.02), at 0.25x it gained the most (+0.09); LoRA gained +0.05
+# at 1x and lost at 0.25x and 4x. None of it beyond two standard errors: provisional. Full fine-tuning: not measured.
+REINFORCEMENT_LEARNING_RATE_FACTOR = {"svfit": 0.25, "lora": 1.0, "full": 1.0}
 REINFORCEMENT_HYPERPARAMETERS = ("compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort")
 # Model graders ask a hosted model for every sample; training workers do not reach the serving engine yet.
 MODEL_GRADER_TYPES = ("score_model", "label_model")
@@ -248,7 +248,7 @@ def resolve_request(
         hyperparameters["learning_rate"] *= DPO_LEARNING_RATE_FACTOR
         hyperparameters["beta"] = _dpo_beta((requested_hyperparameters or {}).get("beta"), f"{param_prefix}.beta")
     if method_type == "reinforcement":
-        hyperparameters["learning_rate"] *= REINFORCEMENT_LEARNING_RATE_FACTOR
+        hyperparameters["learning_rate"] *= REINFORCEMENT_LEARNING_RATE_FACTOR[peft["type"]]
         hyperparameters.update(_reinforcement_hyperparameters(
             dict(requested_hyperparameters or {}), n_examples, hyperparameters["batch_size"], param_prefix
         ))

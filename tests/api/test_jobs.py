@@ -178,7 +178,8 @@ def test_a_reinforcement_job_resolves_its_hyperparameters_and_echoes_its_grader(
     hyper = job["hyperparameters"]
     assert (hyper["compute_multiplier"], hyper["eval_interval"], hyper["eval_samples"]) == (2.0, 5, 1)
     assert hyper["reasoning_effort"] == "low" and "beta" not in hyper
-    assert hyper["learning_rate"] == pytest.approx(REINFORCEMENT_LEARNING_RATE_FACTOR * DEFAULT_LEARNING_RATE["svfit"])
+    assert hyper["learning_rate"] == pytest.approx(REINFORCEMENT_LEARNING_RATE_FACTOR["svfit"]
+                                                   * DEFAULT_LEARNING_RATE["svfit"])
     assert job["method"] == {"type": "reinforcement", "reinforcement": {"grader": EXACT, "hyperparameters": {
         "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0, "compute_multiplier": 2.0,
         "eval_interval": 5, "eval_samples": 1, "reasoning_effort": "low"}}}
@@ -188,6 +189,11 @@ def test_a_reinforcement_job_resolves_its_hyperparameters_and_echoes_its_grader(
         "grader": EXACT, "hyperparameters": {"batch_size": 2}}})["hyperparameters"]
     assert (auto["compute_multiplier"], auto["eval_interval"], auto["eval_samples"]) == (1.0, 3, 1)
     assert auto["reasoning_effort"] == "default"
+    # Each method's rate at multiplier 1 is its own multiple of its supervised default.
+    lora = api.job_ok(training_file=prompts, peft={"type": "lora"},
+                      method={"type": "reinforcement", "reinforcement": {"grader": EXACT}})["hyperparameters"]
+    assert lora["learning_rate"] == pytest.approx(REINFORCEMENT_LEARNING_RATE_FACTOR["lora"]
+                                                  * DEFAULT_LEARNING_RATE["lora"])
 
 
 @pytest.mark.parametrize(("name", "value"), [
