@@ -26,7 +26,6 @@ from typing import Any
 __all__ = [
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
-    "ParsedCall",
     "parse_tool_calls",
     "render_chat",
     "template_takes_tools",
@@ -165,15 +164,11 @@ def default_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict] | 
     return _default_messages(messages, tools)
 
 
-class ParsedCall(dict):
-    """One call read from an answer: ``{"name": str, "arguments": str}`` (the arguments as JSON text, as
-    OpenAI returns them)."""
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
-    """An answer in the default rendering split into its text (None when it is only calls) and its calls. A
-    ``<tool_call>`` block that is not a JSON object with a string ``name`` stays in the text."""
-    calls: list[ParsedCall] = []
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+    """An answer in the default rendering split into its text (None when it is only calls) and its calls, each
+    ``{"name": str, "arguments": str}`` (the arguments as JSON text, as OpenAI returns them). A ``<tool_call>``
+    block that is not a JSON object with a string ``name`` stays in the text."""
+    calls: list[dict] = []
     kept: list[str] = []
     cursor = 0
     for match in _CALL.finditer(text):
@@ -184,8 +179,8 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             continue
         arguments = body.get("arguments", {})
-        calls.append(ParsedCall(name=body["name"], arguments=arguments if isinstance(arguments, str)
-                                else json.dumps(arguments, ensure_ascii=False)))
+        calls.append({"name": body["name"], "arguments": arguments if isinstance(arguments, str)
+                      else json.dumps(arguments, ensure_ascii=False)})
         kept.append(text[cursor:match.start()])
         cursor = match.end()
     kept.append(text[cursor:])

@@ -97,6 +97,12 @@ def clipped_surrogate(
     return torch.minimum(ratio * advantages, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * advantages)
 
 
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π of each target token of a batch (T,) in fp32, and the row each belongs to (T,)."""
+    hidden, targets, head, rows = causal_targets(model, batch)
+    return chunked_token_logprobs(hidden, targets, head), rows
+
+
 def policy_loss(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -107,8 +113,7 @@ def policy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For a batch of B answer rows and their advantages (B,): the loss summed over answers (each answer's
     token mean) and the KL estimate summed likewise (0 without a ``reference``, (T,) target-token log-probs)."""
-    hidden, targets, head, rows = causal_targets(model, batch)
-    logprobs = chunked_token_logprobs(hidden, targets, head)  # (T,)
+    logprobs, rows = token_logprobs(model, batch)  # (T,), (T,)
     # The sampling policy is this one, before the update: the ratio is 1, its gradient A · ∇log π.
     per_token = -clipped_surrogate(logprobs, logprobs.detach(), advantages.to(logprobs.device)[rows], clip_epsilon)
     kl = torch.zeros_like(logprobs)
@@ -205,15 +210,11 @@ def sequence_reference(model: nn.Module, frozen: nn.Module | None) -> Callable[[
     """log π_ref of a batch's target tokens: ``frozen``'s when given (full fine-tuning), else ``model``'s with its
     adapter switched off (SVFit's ``disable_adapter``, PEFT's)."""
 
-    def logprobs(of: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden, targets, head, _rows = causal_targets(of, batch)
-        return chunked_token_logprobs(hidden, targets, head)
-
     if frozen is not None:
-        return lambda batch: logprobs(frozen, batch)
+        return lambda batch: token_logprobs(frozen, batch)[0]
 
     def switched_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with model.disable_adapter():
-            return logprobs(model, batch)
+            return token_logprobs(model, batch)[0]
 
     return switched_off
