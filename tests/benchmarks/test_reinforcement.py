@@ -1,5 +1,5 @@
-"""The reinforcement benchmark's own logic: the prompts and the grader it trains with, one run as the service
-would make it, and the targets."""
+"""The reinforcement benchmark's own logic: each task's prompts and the grader it trains with, one run as the
+service would make it, and the targets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import quality_llm
 from benchmarks import reinforcement as rl
-from benchmarks.reinforcement import GRADER, Settings, check_targets, sst2_prompt, summarise
+from benchmarks.reinforcement import TASKS, Settings, arithmetic_prompts, check_targets, sst2_prompt, summarise
 from graders import run_grader
 
 
@@ -25,13 +25,36 @@ def test_a_review_becomes_a_prompt_with_the_fields_the_grader_reads(monkeypatch)
     ("Positive.", 1.0), ("The review is positive", 1.0), ("negative", -1.0), ("positive or negative", 0.0),
     ("I cannot tell", 0.0),
 ])
-def test_the_grader_rewards_naming_the_right_sentiment_only(answer, reward):
-    assert run_grader(GRADER, answer, {"label": "positive", "wrong": "negative"}).reward == reward
+def test_the_sst2_grader_rewards_naming_the_right_sentiment_only(answer, reward):
+    assert run_grader(TASKS["sst2"].grader, answer, {"label": "positive", "wrong": "negative"}).reward == reward
+
+
+def test_arithmetic_problems_are_held_out_disjoint_and_carry_their_sum():
+    settings = Settings(train_size=72, eval_size=72, seeds=1, jobs=1, threads_per_job=1)
+    prompts = arithmetic_prompts(settings)
+    train, heldout = ([line["messages"][0]["content"] for line in prompts[part]] for part in ("train", "heldout"))
+    assert len(set(train)) == len(set(heldout)) == 72 and not set(train) & set(heldout)
+    line = prompts["train"][0]
+    a, b = (int(x) for x in line["messages"][0]["content"].removeprefix("What is ").split("?")[0].split(" + "))
+    assert line["answer"] == str(a + b) and line["messages"][0]["role"] == "user"
+    assert arithmetic_prompts(settings) == prompts  # the same draw for every arm and seed
+    with pytest.raises(ValueError, match="144 problems"):
+        arithmetic_prompts(Settings(train_size=100, eval_size=72, seeds=1, jobs=1, threads_per_job=1))
+
+
+@pytest.mark.parametrize(("answer", "reward", "exact"), [
+    ("12", 1.0, True), ("5 + 7 = 12.", 1.0, True), ("The answer is 12, not 13", 1.0, False), ("11", 0.0, False),
+    ("When dealing with sums", 0.0, False),
+])
+def test_the_arithmetic_grader_rewards_saying_the_sum(answer, reward, exact):
+    item = {"answer": "12"}
+    assert run_grader(TASKS["arithmetic"].grader, answer, item).reward == reward
+    assert rl.answer_shares("arithmetic", [item], [answer], [reward])["exact"] == float(exact)
 
 
 def test_one_run_trains_a_reinforcement_job_as_the_service_would(tmp_path, tiny_sst2, monkeypatch):
     base = tiny_sst2
-    settings = Settings(train_size=8, eval_size=4, seeds=1, jobs=1, threads_per_job=1)
+    settings = Settings(train_size=8, eval_size=4, seeds=1, jobs=1, threads_per_job=1, tasks=("sst2",))
     job = {"task": "sst2", "arm": "svfit", "seed": 0, "settings": settings.__dict__, "base": str(base),
            "workdir": str(tmp_path)}
     record = rl.run_one(job)
@@ -44,8 +67,9 @@ def test_one_run_trains_a_reinforcement_job_as_the_service_would(tmp_path, tiny_
 
     before = rl.run_one({**job, "arm": "base"})
     assert before["status"] == "ok", before.get("error")
-    row = summarise("svfit", [record], before)
+    row = summarise("sst2", "svfit", [record], before)
     assert row["reward_gain"] == pytest.approx(record["reward"] - before["reward"])
+    assert row["peft"]["max_completion_tokens"] == TASKS["sst2"].max_completion_tokens
 
 
 def _row(name, reward, gain, sd, params):
@@ -58,3 +82,5 @@ def test_targets_judge_each_gain_by_its_spread_and_svfit_against_lora():
     met = {t["name"]: t["met"] for t in check_targets(rows)}
     assert met == {"sst2_svfit_gain": True, "sst2_lora_gain": False, "sst2_full_gain": False,
                    "sst2_svfit_gain_minus_lora": True, "sst2_lora_params_over_svfit": True}
+    other_task = [{**_row("svfit", 0.5, 0.01, 0.1, 1_000), "task": "arithmetic"}]
+    assert {t["name"]: t["met"] for t in check_targets(rows + other_task)}["arithmetic_svfit_gain"] is False
