@@ -155,7 +155,7 @@ class Settings:
     tasks: tuple[str, ...] = ("arithmetic",)
 
 
-FULL = Settings(train_size=72, eval_size=72, seeds=3, jobs=2, threads_per_job=1)
+FULL = Settings(train_size=64, eval_size=64, seeds=3, jobs=2, threads_per_job=1)
 # The smoke version (<= 15 min on two cores): SVFit and LoRA, one seed.
 QUICK = Settings(train_size=64, eval_size=64, seeds=1, jobs=2, threads_per_job=1, arms=("svfit", "lora"))
 
