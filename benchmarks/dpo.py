@@ -22,8 +22,8 @@ GSM8K: by corruption).
 
 Arms (`ARMS`): every method as the service runs a DPO job whose request says nothing but `peft.type` and
 `method.type = "dpo"` (`api.core.job_spec.resolve_request` with every value "auto", beta included), plus a
-learning-rate sweep through `learning_rate_multiplier` (not run by default): DPO usually wants a lower rate than
-SFT, and the service has one default for both. Only the training sequence cap and the device are set here.
+learning-rate sweep through `learning_rate_multiplier` and a beta sweep (not run by default). Only the training
+sequence cap and the device are set here.
 
 Reported per (task, arm): mean ± std over seeds of the held-out accuracy and margin before and after, the gain,
 trainable parameters, wall time. Targets (issue "DPO"): every default's accuracy rises over the starting model's
@@ -74,6 +74,11 @@ ARMS = [
 SWEEP_MULTIPLIERS = (0.1, 0.25, 0.3, 4)
 ARMS += [ArmSpec(f"{method}_x{m:g}", {"type": method}, f"learning rate x{m:g}", {"learning_rate_multiplier": m})
          for method in ("svfit", "lora") for m in SWEEP_MULTIPLIERS]
+# And beta: how far an answer's log-probability ratio may move before its pair's loss saturates. A larger beta
+# weights the pairs still ranked wrong more, which pulls back a model that has merely swung to one label.
+SWEEP_BETAS = (0.5,)
+ARMS += [ArmSpec(f"{method}_beta{b:g}", {"type": method}, f"beta {b:g}", {"beta": b})
+         for method in ("svfit", "lora") for b in SWEEP_BETAS]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
 
