@@ -137,7 +137,7 @@ def answer_shares(task: str, items: list[dict], texts: list[str], rewards: list[
 # ------------------------------------------------------------------------------------------------ arms
 
 ARMS = [ArmSpec(method, {"type": method}, "service default") for method in DEFAULT_METHODS]
-SWEEP_MULTIPLIERS = (0.25, 4)
+SWEEP_MULTIPLIERS = (0.25, 2, 4)
 ARMS += [ArmSpec(f"{method}_x{m:g}", {"type": method}, f"learning rate x{m:g}", {"learning_rate_multiplier": m})
          for method in ("svfit", "lora") for m in SWEEP_MULTIPLIERS]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
