@@ -181,7 +181,8 @@ def test_svfit_must_gain_as_much_as_lora_with_ten_times_fewer_parameters():
 def test_every_arm_is_a_dpo_request_the_service_accepts_and_runs_as_it_would(arm):
     peft, hyperparameters = resolve_request(arm.peft, arm.hyperparameters or {}, n_examples=64, method_type="dpo")
     spec, config, used = dpo_job(arm.peft, 64, 3, arm.hyperparameters, max_seq_length=96)
-    assert used == hyperparameters and used["beta"] == DEFAULT_DPO_BETA == config.dpo_beta
+    expected_beta = (arm.hyperparameters or {}).get("beta", DEFAULT_DPO_BETA)
+    assert used == hyperparameters and used["beta"] == expected_beta == config.dpo_beta
     assert spec.method == peft["type"] and config.learning_rate == hyperparameters["learning_rate"]
     assert (config.seed, config.max_seq_length, config.n_epochs) == (3, 96, hyperparameters["n_epochs"])
 
