@@ -51,7 +51,14 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key  # runs are keyed alike: (task, arm, seed)
-from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments, train_recorded
+from benchmarks.runs import (
+    RunLog,
+    add_run_arguments,
+    gain_targets,
+    run_in_workers,
+    settings_from_arguments,
+    train_recorded,
+)
 
 SST2_INSTRUCTION = "Is this movie review positive or negative? Answer positive or negative."
 # Training sequence caps, so that no training pair of the draw is cut (checked: `truncated` in the record).
@@ -317,25 +324,8 @@ def summarise(task: str, arm_name: str, records: list[dict | None], before: dict
 
 def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
     """The issue's targets, each as {name, value, limit, unit, met}."""
-    targets = []
-    by = {(r["task"], r["name"]): r for r in rows if r.get("status") == "ok"}
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for name in DEFAULT_METHODS:
-            row = by.get((task, name))
-            if row and "accuracy_gain" in row:
-                limit = GAIN_IN_SD * row["gain_sd"]
-                targets.append({"name": f"{task}_{name}_gain", "value": row["accuracy_gain"], "limit": limit,
-                                "unit": f"held-out preference accuracy (> {GAIN_IN_SD:g} x {row['gain_sd_kind']})",
-                                "met": row["accuracy_gain"] > limit})
-        svfit, lora = by.get((task, "svfit")), by.get((task, "lora"))
-        if svfit and lora and "accuracy_gain" in svfit and "accuracy_gain" in lora:
-            diff = svfit["accuracy_gain"] - lora["accuracy_gain"]
-            targets.append({"name": f"{task}_svfit_gain_minus_lora", "value": diff, "limit": 0.0,
-                            "unit": "held-out preference accuracy (>=)", "met": diff >= 0})
-            fewer = lora["trainable_params"] / max(1, svfit["trainable_params"])
-            targets.append({"name": f"{task}_lora_params_over_svfit", "value": fewer, "limit": FEWER_PARAMS_FACTOR,
-                            "unit": "x (>=)", "met": fewer >= FEWER_PARAMS_FACTOR})
-    return targets
+    return gain_targets(rows, "accuracy_gain", "held-out preference accuracy", methods=DEFAULT_METHODS,
+                        gain_in_sd=GAIN_IN_SD, fewer_params_factor=FEWER_PARAMS_FACTOR)
 
 
 def ratios(rows: list[dict]) -> list[dict[str, Any]]:

@@ -50,7 +50,14 @@ from typing import Any
 from benchmarks import quality_llm
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, Stopwatch, format_table, log, mean_std, write_result
 from benchmarks.quality_llm import ArmSpec, prepare_base, run_key
-from benchmarks.runs import RunLog, add_run_arguments, run_in_workers, settings_from_arguments, train_recorded
+from benchmarks.runs import (
+    RunLog,
+    add_run_arguments,
+    gain_targets,
+    run_in_workers,
+    settings_from_arguments,
+    train_recorded,
+)
 
 EVAL_SAMPLES = 2  # sampled answers per held-out prompt
 EVAL_SEED = 1234  # the held-out answers' draws: the same for every arm and seed
@@ -98,7 +105,8 @@ def arithmetic_prompts(settings: Settings) -> dict[str, list[dict]]:
 
     pairs = [(a, b) for a in ADDENDS for b in ADDENDS]
     if settings.train_size + settings.eval_size > len(pairs):
-        raise ValueError(f"arithmetic has {len(pairs)} problems; asked for {settings.train_size} + {settings.eval_size}")
+        raise ValueError(f"arithmetic has {len(pairs)} problems; asked for {settings.train_size} + "
+                         f"{settings.eval_size}")
     order = np.random.default_rng(quality_llm.DATA_SEED).permutation(len(pairs))
     lines = [{"messages": [{"role": "user", "content": ARITHMETIC_INSTRUCTION.format(a=a, b=b)}], "answer": str(a + b)}
              for a, b in (pairs[i] for i in order)]
@@ -307,25 +315,8 @@ def summarise(task: str, arm_name: str, records: list[dict | None], before: dict
 
 def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
     """The issue's targets per task, each as {name, value, limit, unit, met}."""
-    targets = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        by = {r["name"]: r for r in rows if r["task"] == task and r.get("status") == "ok"}
-        for name in DEFAULT_METHODS:
-            row = by.get(name)
-            if row and "reward_gain" in row:
-                limit = GAIN_IN_SD * row["gain_sd"]
-                targets.append({"name": f"{task}_{name}_gain", "value": row["reward_gain"], "limit": limit,
-                                "unit": f"held-out mean reward (> {GAIN_IN_SD:g} x {row['gain_sd_kind']})",
-                                "met": row["reward_gain"] > limit})
-        svfit, lora = by.get("svfit"), by.get("lora")
-        if svfit and lora and "reward_gain" in svfit and "reward_gain" in lora:
-            diff = svfit["reward_gain"] - lora["reward_gain"]
-            targets.append({"name": f"{task}_svfit_gain_minus_lora", "value": diff, "limit": 0.0,
-                            "unit": "held-out mean reward (>=)", "met": diff >= 0})
-            fewer = lora["trainable_params"] / max(1, svfit["trainable_params"])
-            targets.append({"name": f"{task}_lora_params_over_svfit", "value": fewer, "limit": FEWER_PARAMS_FACTOR,
-                            "unit": "x (>=)", "met": fewer >= FEWER_PARAMS_FACTOR})
-    return targets
+    return gain_targets(rows, "reward_gain", "held-out mean reward", methods=DEFAULT_METHODS,
+                        gain_in_sd=GAIN_IN_SD, fewer_params_factor=FEWER_PARAMS_FACTOR)
 
 
 def print_tables(rows: list[dict], targets: list[dict]) -> None:

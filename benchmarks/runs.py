@@ -114,3 +114,30 @@ def train_recorded(base, examples: list[dict], spec, config, out: Path, curve_ke
     if result.ended_by != "completion":
         raise RuntimeError(f"training ended by {result.ended_by}")
     return result, started, curve, sw.seconds
+
+
+def gain_targets(rows: list[dict], gain_key: str, metric: str, *, methods: tuple[str, ...] = ("svfit", "lora", "full"),
+                 gain_in_sd: float = 2.0, fewer_params_factor: float = 10) -> list[dict]:
+    """The targets of a benchmark that trains from a starting model, per task, each as {name, value, limit,
+    unit, met}: every method's default raises ``metric`` by more than ``gain_in_sd`` times its spread
+    (``row["gain_sd"]``, described by ``row["gain_sd_kind"]``), and SVFit's gain is at least LoRA's at
+    ``fewer_params_factor``× fewer trainable parameters. ``rows`` are the summary rows (``task``, ``name``,
+    ``status``, ``gain_key``, ``trainable_params``)."""
+    targets = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by = {r["name"]: r for r in rows if r["task"] == task and r.get("status") == "ok" and gain_key in r}
+        for name in methods:
+            if name in by:
+                gain, limit = by[name][gain_key], gain_in_sd * by[name]["gain_sd"]
+                targets.append({"name": f"{task}_{name}_gain", "value": gain, "limit": limit,
+                                "unit": f"{metric} (> {gain_in_sd:g} x {by[name]['gain_sd_kind']})",
+                                "met": gain > limit})
+        if "svfit" in by and "lora" in by:
+            svfit, lora = by["svfit"], by["lora"]
+            diff = svfit[gain_key] - lora[gain_key]
+            targets.append({"name": f"{task}_svfit_gain_minus_lora", "value": diff, "limit": 0.0,
+                            "unit": f"{metric} (>=)", "met": diff >= 0})
+            fewer = lora["trainable_params"] / max(1, svfit["trainable_params"])
+            targets.append({"name": f"{task}_lora_params_over_svfit", "value": fewer, "limit": fewer_params_factor,
+                            "unit": "x (>=)", "met": fewer >= fewer_params_factor})
+    return targets
