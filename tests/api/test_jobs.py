@@ -135,7 +135,7 @@ def test_a_dpo_job_resolves_beta_and_echoes_what_will_run(any_db_api):
     hyper = job["hyperparameters"]
     assert hyper["beta"] == 0.1 and hyper["n_epochs"] == 2 and hyper["learning_rate_multiplier"] == 0.5
     # DPO's rate at multiplier 1 is a multiple of the method's supervised default (job_spec).
-    assert hyper["learning_rate"] == pytest.approx(0.5 * DPO_LEARNING_RATE_FACTOR * DEFAULT_LEARNING_RATE["lora"])
+    assert hyper["learning_rate"] == pytest.approx(0.5 * DPO_LEARNING_RATE_FACTOR["lora"] * DEFAULT_LEARNING_RATE["lora"])
     assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
         "n_epochs": 2, "batch_size": hyper["batch_size"], "learning_rate_multiplier": 0.5, "beta": 0.1}}}
     assert job["peft"]["type"] == "lora" and api.dispatch.job_ids == [job["id"]]
