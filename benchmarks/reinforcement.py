@@ -84,6 +84,7 @@ class Task:
     grader: dict
     max_seq_length: int  # prompt + answer; no prompt of the draws is cut (`truncated` in the record)
     max_completion_tokens: int
+    shares: tuple[str, ...]  # what `answer_shares` reports for it
 
     @property
     def answer_limits(self) -> dict[str, int]:
@@ -91,10 +92,11 @@ class Task:
 
 
 TASKS = {
-    "arithmetic": Task("arithmetic", _string_check("says_the_sum", "answer"), 64, 8),
+    "arithmetic": Task("arithmetic", _string_check("says_the_sum", "answer"), 64, 8, ("exact",)),
     "sst2": Task("sst2", {"type": "multi", "name": "sentiment", "calculate_output": "said - other",
                           "graders": {"said": _string_check("said", "label"),
-                                      "other": _string_check("other", "wrong")}}, 224, 8),
+                                      "other": _string_check("other", "wrong")}}, 224, 8,
+                 ("right_only", "wrong_only")),
 }
 
 
@@ -279,11 +281,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- driver
 
-SHARES = {"arithmetic": ("exact",), "sst2": ("right_only", "wrong_only")}
-
-
 def describe(rec: dict) -> str:
-    shares = ", ".join(f"{k} {rec[k]:.2f}" for k in SHARES[rec["task"]])
+    shares = ", ".join(f"{k} {rec[k]:.2f}" for k in TASKS[rec["task"]].shares)
     return (f"{rec['task']} {rec['arm']} seed={rec['seed']}: held-out mean reward {rec['reward']:+.3f} ({shares}), "
             f"{rec['wall_s']:.0f} s train, {rec['eval_s']:.0f} s eval")
 
@@ -299,7 +298,7 @@ def summarise(task: str, arm_name: str, records: list[dict | None], before: dict
         return {**row, "status": "error", "error": next((r.get("error") for r in records if r), "not run")}
     reward, reward_std = mean_std([r["reward"] for r in ok])
     row.update(status="ok", reward_mean=reward, reward_std=reward_std, rewards=[r["reward"] for r in ok],
-               **{f"{k}_mean": mean_std([r[k] for r in ok])[0] for k in SHARES[task]},
+               **{f"{k}_mean": mean_std([r[k] for r in ok])[0] for k in TASKS[task].shares},
                heldout_answers=ok[0]["heldout_answers"], trainable_params=ok[0]["trainable_params"],
                steps=ok[0]["steps"], wall_s=mean_std([r["wall_s"] for r in ok])[0],
                hyperparameters=ok[0].get("hyperparameters"), samples_per_prompt=ok[0].get("samples_per_prompt"),
@@ -309,7 +308,7 @@ def summarise(task: str, arm_name: str, records: list[dict | None], before: dict
         gain = reward - before["reward"]
         row.update(reward_before=before["reward"], reward_gain=gain, gain_sd=sd, gain_sd_kind=sd_kind,
                    gain_in_sd=gain / sd if sd > 0 else None,
-                   **{f"{k}_before": before[k] for k in SHARES[task]})
+                   **{f"{k}_before": before[k] for k in TASKS[task].shares})
     return row
 
 
@@ -321,7 +320,7 @@ def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
 
 def print_tables(rows: list[dict], targets: list[dict]) -> None:
     for task in dict.fromkeys(r["task"] for r in rows):
-        shares = SHARES[task]
+        shares = TASKS[task].shares
         print(f"\nSmolLM2-135M-Instruct, reinforcement on {task}: held-out mean reward")
         print(format_table(
             ["arm", "trainable", "lr", "steps", "before", "after (mean ± std)", "gain", "gain / sd",
