@@ -8,9 +8,10 @@ rewards during reinforcement fine-tuning. It imports nothing of ours.
     result.reward, result.ok, result.to_openai()
 
 Modules, one job each: templating (`{{item.x}}`), formula (calculate_output), metrics (text similarity),
-string_check / text_similarity / model_graders / multi (one grader family each), validation (checking and
-compiling a tree), context (the state of grading one sample), running, result, endpoints (the two request
-bodies), fields (shared field checks), limits (every size bound), errors."""
+string_check / text_similarity / model_graders / multi (one grader family each), chat_calls (a model grader's
+call as a chat completions request, and its answer), validation (checking and compiling a tree), context (the
+state of grading one sample), running, result, endpoints (the two request bodies), fields (shared field
+checks), limits (every size bound), errors."""
 
 from graders.context import CompleteFn, ModelAnswer
 from graders.endpoints import run_request, validate_request

@@ -56,6 +56,7 @@ TEXT_PARTS = ("input_text", "output_text")
 MEDIA_PARTS = ("input_image", "input_audio")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 DEFAULT_RANGE = (0.0, 1.0)
+MODEL_GRADER_TYPES = ("score_model", "label_model")
 
 
 @dataclass(frozen=True)

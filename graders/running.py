@@ -12,6 +12,7 @@ from typing import Any
 
 from graders.context import CompleteFn, GraderNode, GradingRun
 from graders.errors import SAMPLE_PARSE_ERROR, RunError
+from graders.model_graders import MODEL_GRADER_TYPES
 from graders.result import GraderResult
 from graders.templating import Namespaces
 from graders.validation import compile_node
@@ -32,6 +33,21 @@ class CompiledGrader:
     @property
     def type(self) -> str:
         return self.node.type
+
+    def model_fields(self) -> dict[str, str]:
+        """The model each model grader of the tree names, by the full path of its `model` field
+        (`grader.model`, `grader.graders.judge.model`)."""
+        found: dict[str, str] = {}
+
+        def visit(node: Any, path: str) -> None:
+            if node.type == "multi":
+                for key, sub in node.graders:
+                    visit(sub, f"{path}.graders.{key}")
+            elif node.type in MODEL_GRADER_TYPES:
+                found[f"{path}.model"] = node.model
+
+        visit(self.node, self.path)
+        return found
 
     def run(self, sample: str, item: Any = None, complete: CompleteFn | None = None) -> GraderResult:
         """Grade `sample` (the model's answer) for dataset row `item`."""

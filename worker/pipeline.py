@@ -35,7 +35,7 @@ from svfit_core.training.layout import step_of_checkpoint_dir
 from worker import publishing
 from worker.recovery import Heartbeat, shutdown_requested
 from worker.reporting import JobLost, JobReporter, add_event, owned
-from worker.rewards import job_reward
+from worker.rewards import GraderReward, job_reward
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def _run_attempt(
         log.warning("job %s: checkpoint step %s is missing from the store; starting over", job_id, resume_step)
         resume_step, resume_from = None, None
 
-    reward = job_reward(job.method)
+    reward = job_reward(job.method, org_id=job.org_id, settings=settings, storage=storage)
     reporter = JobReporter(
         job,
         worker_id,
@@ -300,22 +300,24 @@ def _run_attempt(
     )
     if resume_step:
         reporter.published_steps.add(resume_step)
-    result = run_training(
-        base_path,
-        train_examples,
-        valid_examples,
-        peft,
-        config,
-        output_dir,
-        callbacks=reporter,
-        resume_from=resume_from,
-        bases=StoredBases(storage),
-        reward=reward,
-        start_from=start_from,
-    )
-    if reward is not None and reward.summary() is not None:
-        with session_scope() as session:  # best effort, as progress events are
-            add_event(session, job_id, reward.summary(), level="warn")
+    try:
+        result = run_training(
+            base_path,
+            train_examples,
+            valid_examples,
+            peft,
+            config,
+            output_dir,
+            callbacks=reporter,
+            resume_from=resume_from,
+            bases=StoredBases(storage),
+            reward=reward,
+            start_from=start_from,
+        )
+    finally:
+        if reward is not None:
+            reward.close()
+            _report_grading(job_id, reward)
     reporter.flush()
     if reporter.stop_reason == "lost":
         return "lost"
@@ -344,6 +346,20 @@ def _run_attempt(
         _finish(job_id, worker_id, JobStatus.PAUSED, f"Fine-tuning job paused at step {step or 0}", finished=False)
         return JobStatus.PAUSED
     raise RuntimeError(f"unknown training result {result.ended_by!r}")
+
+
+def _report_grading(job_id: str, reward: GraderReward) -> None:
+    """The job's events say what its grader could not grade and what its model graders used (best effort, as
+    progress events are)."""
+    lines = [(message, level) for message, level in ((reward.summary(), "warn"), (reward.usage(), "info")) if message]
+    if not lines:
+        return
+    try:
+        with session_scope() as session:
+            for message, level in lines:
+                add_event(session, job_id, message, level=level)
+    except SQLAlchemyError:  # it runs in a `finally`: never hide the error the run ended with
+        log.warning("job %s: could not record the grader's summary", job_id, exc_info=True)
 
 
 def _publish_pause_checkpoint(reporter: JobReporter, result) -> int | None:  # noqa: ANN001 - TrainResult

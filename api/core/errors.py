@@ -179,6 +179,14 @@ class ServingReplicaFailed(ServiceError):
         super().__init__(message, param, headers={"Retry-After": str(self.retry_after_s)})
 
 
+class GraderModelUnavailable(ServiceError):
+    """A reinforcement job's model grader could not answer for a whole step (no replica serves its model, or
+    every call failed): the job stops rather than train on rewards that are all 0. A job error, never an HTTP
+    answer."""
+
+    status, type, code = 503, "server_error", "grader_model_unavailable"
+
+
 class InsufficientStorage(ServiceError):
     """The file or artifact store is out of space: nothing was saved, and retrying helps only once space is freed."""
 

@@ -102,8 +102,6 @@ REASONING_EFFORTS = ("default", "low", "medium", "high")
 # rates were not tried on that task. Full fine-tuning: not measured.
 REINFORCEMENT_LEARNING_RATE_FACTOR = {"svfit": 0.25, "lora": 1.0, "full": 1.0}
 REINFORCEMENT_HYPERPARAMETERS = ("compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort")
-# Model graders ask a hosted model for every sample; training workers do not reach the serving engine yet.
-MODEL_GRADER_TYPES = ("score_model", "label_model")
 
 
 def auto_n_epochs(n_examples: int) -> int:
@@ -155,7 +153,8 @@ def check_method_type(method_type: Any, reinforcement: Mapping[str, Any] | None 
 
 def _check_reinforcement_grader(reinforcement: Mapping[str, Any]) -> None:
     """A 400 naming the grader's offending field (`method.reinforcement.grader.graders.judge.input`), with the
-    graders library's code. Only its shape: whether its model graders' models exist is checked when they run."""
+    graders library's code. Only its shape: whether its model graders' models exist needs the database
+    (api/services/jobs.py checks it)."""
     param = "method.reinforcement.grader"
     grader = reinforcement.get("grader")
     if grader is None:
@@ -164,25 +163,6 @@ def _check_reinforcement_grader(reinforcement: Mapping[str, Any]) -> None:
         validate_grader(grader, param)
     except GraderError as exc:
         raise InvalidGrader.of(exc) from exc
-    model_grader = _model_grader_field(grader, param)
-    if model_grader is not None:
-        raise InvalidGrader(
-            "Model graders (score_model, label_model) cannot grade a training job yet: its workers do not reach "
-            "the hosted models. Use string_check or text_similarity (or a multi grader of them); try a model "
-            "grader on single samples with POST /v1/fine_tuning/alpha/graders/run.",
-            param=model_grader, code="grader_not_supported",
-        )
-
-
-def _model_grader_field(grader: Mapping[str, Any], param: str) -> str | None:
-    """The `type` field of the first model grader in a (valid) grader tree, or None."""
-    if grader.get("type") in MODEL_GRADER_TYPES:
-        return f"{param}.type"
-    for name, sub in (grader.get("graders") or {}).items() if grader.get("type") == "multi" else ():
-        found = _model_grader_field(sub, f"{param}.graders.{name}")
-        if found is not None:
-            return found
-    return None
 
 
 def check_file_fits_method(method_type: str, data_format: str | None, file_id: str, *, param: str) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.core.errors import ModelNotFound, UnknownModel
 from api.deps import CurrentOrg, ForwarderDep, InferenceRateLimit, SessionDep, run_in_session
 from api.routing.forwarder import Forwarder
-from api.routing.targets import RouteTarget, base_target
+from api.core.route_targets import RouteTarget, base_target
 from api.schemas import GraderRunPublic, GraderRunRequest, GraderValidatePublic, GraderValidateRequest
 from api.services import graders as graders_service
 from graders import CompiledGrader
@@ -48,7 +48,7 @@ async def _model_targets(
 ) -> dict[str, RouteTarget]:
     """Each model the grader names, resolved for the organization; a 400 `model_not_found` naming the `model`
     field of one that no replica serves (503 when no replica runs at all, as inference answers)."""
-    fields = graders_service.model_fields(compiled)
+    fields = compiled.model_fields()
     fine_tunes = {model for model in fields.values() if base_target(model) is None}
     resolved = {}
     if fine_tunes:  # a base model's id needs no database read

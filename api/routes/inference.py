@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.core.errors import InvalidParameter, MissingParameter
 from api.deps import CurrentOrg, ForwarderDep, InferenceRateLimit, SessionDep, run_in_session
 from api.routing.forwarder import Forwarder
-from api.routing.targets import base_target, resolve_target
+from api.core.route_targets import base_target, resolve_target
 
 # Every inference request takes a token from the caller's inference bucket (429 + Retry-After when empty).
 router = APIRouter(tags=["inference"], dependencies=[InferenceRateLimit])

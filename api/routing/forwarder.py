@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from api.core.errors import ServiceError, ServingReplicaFailed
 from api.core.settings import Settings
 from api.core.storage import Storage
-from api.routing.lora_exports import lora_export_dir
+from api.core.lora_exports import lora_export_dir
 from api.routing.pool import ReplicaPool, ReplicaView
-from api.routing.targets import RouteTarget
+from api.core.route_targets import RouteTarget
 
 # How often a non-streamed request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5

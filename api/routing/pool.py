@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from api.core.errors import NoServingReplica, UnknownModel
 from api.core.replicas import ReplicaState, live_replicas
 from api.core.settings import Settings
-from api.routing.targets import RouteTarget
+from api.core.route_targets import RouteTarget
 
 REFRESH_S = 1.0
 

@@ -1,8 +1,9 @@
 """OpenAI's graders for the `/v1/fine_tuning/alpha/graders` routes, over the graders library: a grader is checked
 (a GraderError becomes InvalidGrader, a 400 naming the field's full path with the library's code), the models
-its model graders name are listed by field, and `HostedModels.complete` asks those models through the
-inference router, the path a client's `/v1/chat/completions` takes (api/routing), so a grader uses the
-organization's own hosted base models and fine-tunes.
+its model graders name are resolved (a reinforcement job's too: `check_job_grader_models`), and
+`HostedModels.complete` asks those models through the inference router, the path a client's
+`/v1/chat/completions` takes (api/routing), so a grader uses the organization's own hosted base models and
+fine-tunes. (A training job's worker asks the same replicas itself: worker/grader_models.py.)
 
 Grading blocks (text metrics, waiting on models), so the routes run it in a worker thread; `complete` runs in
 that thread and hands each model call to the event loop, where the router's connections live.
@@ -10,23 +11,20 @@ that thread and hands each model call to the event loop, where the router's conn
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import anyio.from_thread
 from sqlalchemy.orm import Session
 
-from api.core.errors import InvalidGrader, ServingReplicaFailed
+from api.core.base_checkpoints import list_base_models
+from api.core.errors import InvalidGrader, ModelNotFound, ServingReplicaFailed
+from api.core.replicas import live_replicas
+from api.core.route_targets import RouteTarget, base_target, resolve_target
+from api.core.settings import Settings
 from api.routing.forwarder import Forwarder
-from api.routing.targets import RouteTarget, resolve_target
 from graders import CompiledGrader, GraderError, ModelAnswer, compile_grader, run_request
-
-MODEL_GRADER_TYPES = ("score_model", "label_model")
-# A grader's sampling_params under chat completions' names. reasoning_effort has nothing to set on the models
-# served here, so it is not sent.
-SAMPLING_NAMES = {"max_completions_tokens": "max_completion_tokens", "temperature": "temperature",
-                  "top_p": "top_p", "seed": "seed"}
+from graders.chat_calls import chat_body, model_answer
 
 
 def compile_checked(grader: Any) -> CompiledGrader:
@@ -46,30 +44,30 @@ def run_checked(body: Mapping[str, Any], complete: Any = None) -> dict:
         raise InvalidGrader.of(exc) from exc
 
 
-def model_fields(compiled: CompiledGrader) -> dict[str, str]:
-    """The model each model grader of the tree names, by the full path of its `model` field
-    (`grader.model`, `grader.graders.judge.model`)."""
-    found: dict[str, str] = {}
-
-    def visit(node: Any, path: str) -> None:
-        if node.type == "multi":
-            for key, sub in node.graders:
-                visit(sub, f"{path}.graders.{key}")
-        elif node.type in MODEL_GRADER_TYPES:
-            found[f"{path}.model"] = node.model
-
-    visit(compiled.node, compiled.path)
-    return found
+def check_job_grader_models(session: Session, settings: Settings, org_id: str, grader: Mapping[str, Any]) -> None:
+    """A reinforcement job's model graders must name models its workers can ask: one of the organization's own
+    fine-tunes, or a base model this service has (in its models folder, or served by a live replica). A 400
+    `model_not_found` naming that grader's `model` field otherwise, as /graders/validate answers. Whether a
+    replica is up is the worker's to find out when it grades: a job may wait in the queue for longer."""
+    fields = compile_grader(grader, "method.reinforcement.grader").model_fields()  # checked by job_spec already
+    if not fields:
+        return
+    bases = {model.id for model in list_base_models(settings.models_dir)}
+    bases.update(base for replica in live_replicas(session, settings.serving_replica_ttl_s)
+                 for base in replica.servable_bases)
+    for param, model in fields.items():
+        if base_target(model) is None:  # a fine-tune or checkpoint id: the organization's own, or none
+            known = resolve_target(session, org_id, model).adapter_key is not None
+        else:
+            known = model in bases
+        if not known:
+            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param=param)
 
 
 def fine_tune_targets(session: Session, org_id: str, models: Iterable[str]) -> dict[str, RouteTarget]:
     """Each `ft:` id's target for the organization, as an inference request's `model` resolves (another
     organization's fine-tune resolves as a base model no replica serves: not found)."""
     return {model: resolve_target(session, org_id, model) for model in models}
-
-
-class HostedModelError(RuntimeError):
-    """The hosted model refused the request or answered something that is not a chat completion."""
 
 
 class HostedModels:
@@ -89,35 +87,3 @@ class HostedModels:
                 raise TimeoutError(exc.message) from exc
             raise
         return model_answer(status, content)
-
-
-def chat_body(model: str, messages: list[dict], sampling_params: Mapping[str, Any]) -> bytes:
-    """A chat completions request: the rendered messages and the grader's sampling options. Without
-    max_completions_tokens the answer may run to the end of the context, as a client's would."""
-    options = {SAMPLING_NAMES[name]: value for name, value in sampling_params.items() if name in SAMPLING_NAMES}
-    return json.dumps({"model": model, "messages": messages, **options}).encode()
-
-
-def model_answer(status: int, content: bytes) -> ModelAnswer:
-    """The text, usage and refusal of a chat completion; HostedModelError (model_grader_server_error) for an
-    error answer, with its status, code and message."""
-    try:
-        answer = json.loads(content)
-    except ValueError:
-        answer = None
-    if status != 200:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if isinstance(error, dict):
-            raise HostedModelError(f"{status} {error.get('code')}: {error.get('message')}")
-        raise HostedModelError(f"{status}: {content[:200]!r}")
-    try:
-        message = answer["choices"][0]["message"]
-        text = message.get("content") or ""
-    except (TypeError, KeyError, IndexError, AttributeError):
-        raise HostedModelError(f"the answer is not a chat completion: {content[:200]!r}") from None
-    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-    if usage is not None:
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        usage = {**usage, "cached_tokens": cached} if type(cached) is int else usage
-    return ModelAnswer(text=text if isinstance(text, str) else str(text), usage=usage, refusal=message.get("refusal"))

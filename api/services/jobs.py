@@ -47,6 +47,7 @@ from api.core.settings import Settings
 from api.core.tables import Checkpoint, FineTunedModel, Job, JobEvent, now
 from api.schemas import JobCreate
 from api.services.files import usable_training_file
+from api.services.graders import check_job_grader_models
 from api.services.pagination import Page, paginate
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def create_job(
                 param="validation_file",
             )
     _check_suffix_and_metadata(request)
+    if method_type == "reinforcement":
+        check_job_grader_models(session, settings, org_id, _grader(request))
     requested, param_prefix = _requested_hyperparameters(request, method_type)
     requested_peft = request.peft.model_dump() if request.peft else None
     if starting is not None:

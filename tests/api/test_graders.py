@@ -18,8 +18,9 @@ import pytest
 from openai.types.fine_tuning.alpha import GraderRunResponse, GraderValidateResponse
 
 from api.core.errors import ServingReplicaFailed
-from api.routing.targets import RouteTarget
+from api.core.route_targets import RouteTarget
 from api.services import graders as graders_service
+from graders import chat_calls
 from tests.api.conftest import Api, _build_api
 from tests.graders.builders import label_model, multi, python, score_model, string_check, text_similarity
 from tests.hostile.served_models import LLAMA, build_models, publish_classifier
@@ -249,14 +250,14 @@ def test_model_fields_lists_every_model_grader_by_path():
     grader = multi({"judge": score_model(model="a"), "inner": multi({"labels": label_model(model="b")}, "labels"),
                     "exact": string_check()}, "judge + inner + exact")
     compiled = graders_service.compile_checked(grader)
-    assert graders_service.model_fields(compiled) == {"grader.graders.judge.model": "a",
-                                                      "grader.graders.inner.graders.labels.model": "b"}
-    assert graders_service.model_fields(graders_service.compile_checked(string_check())) == {}
+    assert compiled.model_fields() == {"grader.graders.judge.model": "a",
+                                       "grader.graders.inner.graders.labels.model": "b"}
+    assert graders_service.compile_checked(string_check()).model_fields() == {}
 
 
 def test_a_graders_sampling_params_become_chat_completion_options():
     sampling = {"max_completions_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 7, "reasoning_effort": "high"}
-    body = json.loads(graders_service.chat_body("m", [{"role": "user", "content": "hi"}], sampling))
+    body = json.loads(chat_calls.chat_body("m", [{"role": "user", "content": "hi"}], sampling))
     assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5,
                     "temperature": 0.5, "top_p": 0.9, "seed": 7}
 
@@ -269,17 +270,17 @@ def chat_completion(content: str | None, refusal: str | None = None, usage: dict
 def test_a_chat_completion_becomes_the_graders_answer():
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
              "prompt_tokens_details": {"cached_tokens": 1}}
-    answer = graders_service.model_answer(200, chat_completion("0.7", usage=usage))
+    answer = chat_calls.model_answer(200, chat_completion("0.7", usage=usage))
     assert (answer.text, answer.refusal, answer.usage["cached_tokens"]) == ("0.7", None, 1)
-    assert graders_service.model_answer(200, chat_completion(None, refusal="no")).refusal == "no"
+    assert chat_calls.model_answer(200, chat_completion(None, refusal="no")).refusal == "no"
     envelope = {"error": {"message": "too long", "type": "invalid_request_error", "param": "messages",
                           "code": "context_length_exceeded"}}
-    with pytest.raises(graders_service.HostedModelError, match="400 context_length_exceeded: too long"):
-        graders_service.model_answer(400, json.dumps(envelope).encode())
-    with pytest.raises(graders_service.HostedModelError, match="502"):
-        graders_service.model_answer(502, b"<html>bad gateway</html>")
-    with pytest.raises(graders_service.HostedModelError, match="not a chat completion"):
-        graders_service.model_answer(200, b'{"choices": []}')
+    with pytest.raises(chat_calls.HostedModelError, match="400 context_length_exceeded: too long"):
+        chat_calls.model_answer(400, json.dumps(envelope).encode())
+    with pytest.raises(chat_calls.HostedModelError, match="502"):
+        chat_calls.model_answer(502, b"<html>bad gateway</html>")
+    with pytest.raises(chat_calls.HostedModelError, match="not a chat completion"):
+        chat_calls.model_answer(200, b'{"choices": []}')
 
 
 class FakeForwarder:

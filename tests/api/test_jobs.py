@@ -228,21 +228,36 @@ def test_reinforcement_takes_prompts_and_prompts_take_reinforcement(api):
     assert job_count(api) == 0
 
 
-@pytest.mark.parametrize(("grader", "param"), [
-    ({"type": "score_model", "name": "judge", "model": BASE_MODEL, "input": [{"role": "user", "content": "rate"}]},
-     "method.reinforcement.grader.type"),
-    ({"type": "multi", "name": "m", "calculate_output": "exact", "graders": {"exact": EXACT, "judge": {
-        "type": "score_model", "name": "judge", "model": BASE_MODEL, "input": [{"role": "user", "content": "rate"}]}}},
-     "method.reinforcement.grader.graders.judge.type"),
+def judge(model: str) -> dict:
+    return {"type": "score_model", "name": "judge", "model": model, "input": [{"role": "user", "content": "rate"}]}
+
+
+@pytest.mark.parametrize("grader", [
+    judge(BASE_MODEL),
+    {"type": "multi", "name": "m", "calculate_output": "exact + judge",
+     "graders": {"exact": EXACT, "judge": judge(BASE_MODEL)}},
 ])
-def test_a_model_grader_cannot_grade_a_training_job_yet(api, grader, param):
+def test_a_model_grader_may_grade_a_training_job_with_a_model_the_service_has(api, grader):
+    prompts = api.upload_ok(prompt_file())
+    response = api.create_job(training_file=prompts, method={"type": "reinforcement",
+                                                             "reinforcement": {"grader": grader}})
+    assert response.status_code == 200, response.text
+    assert response.json()["method"]["reinforcement"]["grader"] == grader
+
+
+@pytest.mark.parametrize(("grader", "param"), [
+    (judge("no-such-model"), "method.reinforcement.grader.model"),
+    ({"type": "multi", "name": "m", "calculate_output": "exact + judge",
+      "graders": {"exact": EXACT, "judge": judge("ft:tiny-llama:org-x::ftjob-nothere")}},
+     "method.reinforcement.grader.graders.judge.model"),
+])
+def test_a_model_grader_naming_an_unknown_model_is_400_naming_its_model_field(api, grader, param):
     prompts = api.upload_ok(prompt_file())
     response = api.create_job(training_file=prompts, method={"type": "reinforcement",
                                                              "reinforcement": {"grader": grader}})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert (error["param"], error["code"]) == (param, "grader_not_supported")
-    assert "graders/run" in error["message"] and job_count(api) == 0
+    assert (error["param"], error["code"]) == (param, "model_not_found") and job_count(api) == 0
 
 
 @pytest.mark.parametrize(("reinforcement", "param", "code"), [

@@ -17,7 +17,7 @@ from api.core.settings import Settings
 from api.main import create_app
 app = create_app(Settings(data_dir={str(tmp_path)!r}, serving_token="t"), dispatch=lambda job_id: None,
                  auto_migrate=True)
-import api.routes.inference, api.routing.forwarder, api.routing.pool, api.routing.targets
+import api.routes.inference, api.routing.forwarder, api.routing.pool, api.core.route_targets
 heavy = sorted(name for name in ("torch", "transformers", "peft", "safetensors", "serving") if name in sys.modules)
 print(",".join(heavy))
 """

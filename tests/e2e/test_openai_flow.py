@@ -322,6 +322,32 @@ def run_reinforcement_journey(service: Service, api_key: str) -> None:
                                             max_tokens=4, temperature=0)
     assert answer.model == job.fine_tuned_model and answer.usage.completion_tokens > 0
 
+    # A model grader grades a training job: the worker asks the hosted model (here the fine-tune just made,
+    # loaded onto the replica for it) for every sampled answer.
+    judge = {"type": "score_model", "name": "judge", "model": job.fine_tuned_model,
+             "input": [{"role": "user", "content": "Score {{sample.output_text}} for {{item.answer}} from 0 to 1."}],
+             "sampling_params": {"max_completions_tokens": 4, "temperature": 0}}
+    graded = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training.id, seed=7,
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": {"type": "multi", "name": "both", "graders": {"said": CONTAINS_ANSWER, "judge": judge},
+                       "calculate_output": "0.5 * said + 0.5 * judge"},
+            "hyperparameters": {**hyperparameters, "eval_interval": "auto"}}},
+        extra_body={"peft": {"type": "svfit", "max_completion_tokens": 4}},
+    )
+    graded = wait_for(client, graded.id, {"succeeded"})
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(graded.id, limit=100)]
+    [usage] = [m for m in messages if m.startswith("Model graders used")]
+    answers = len(PROMPT_LINES) * 2 * 4  # one epoch of the training file, four answers a line
+    assert f"grading {answers} answers ({job.fine_tuned_model} " in usage, usage
+    # The tiny model's answers are random text: an answer with no score is that sample's parse error, never a
+    # failure to reach the model.
+    assert not any("model_grader_server_error" in m or "failed:" in m for m in messages), messages
+    with pytest.raises(BadRequestError) as unknown:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {**judge, "model": "no-such-model"}}})
+    assert (unknown.value.param, unknown.value.code) == ("method.reinforcement.grader.model", "model_not_found")
+
 
 def test_reinforcement_journey_embedded_default(embedded_service):
     api_key = create_key(embedded_service, "rft-org")

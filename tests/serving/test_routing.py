@@ -18,7 +18,7 @@ from api.core.settings import Settings
 from api.core.tables import ServingReplica as ServingReplicaTable
 from api.main import create_app
 from api.routing.pool import ReplicaPool, ReplicaView
-from api.routing.targets import RouteTarget
+from api.core.route_targets import RouteTarget
 from serving.embedded import ReplicaThread
 from tests.api.conftest import make_api, migrated_sqlite_template, sqlite_url  # noqa: F401 - fixtures
 from tests.serving.conftest import LLAMA, make_settings

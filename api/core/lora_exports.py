@@ -14,7 +14,7 @@ from api.core.base_checkpoints import resolve_base_model
 from api.core.basis_store import StoredBases
 from api.core.settings import Settings
 from api.core.storage import Storage
-from api.routing.targets import RouteTarget
+from api.core.route_targets import RouteTarget
 
 
 def lora_export_dir(storage: Storage, settings: Settings, target: RouteTarget, rank: int) -> Path:

@@ -1,6 +1,7 @@
 """Which weights an inference request's model id names for an organization: a base model, or a fine-tune
 (`ft:…`) or checkpoint (`…:ckpt-step-N`) through the organization's FineTunedModel rows to its adapter in the
-store. Another organization's fine-tune answers exactly as a missing one: existence is not leaked.
+store. Another organization's fine-tune answers exactly as a missing one: existence is not leaked. Read by the
+API's router and by a worker whose job's model graders ask hosted models.
 """
 
 from __future__ import annotations
