@@ -245,6 +245,19 @@ def test_a_model_grader_may_grade_a_training_job_with_a_model_the_service_has(ap
     assert response.json()["method"]["reinforcement"]["grader"] == grader
 
 
+def test_a_model_grader_may_name_a_base_only_a_serving_replica_has(api):
+    from api.core.replicas import ReplicaState, beat
+
+    prompts = api.upload_ok(prompt_file())
+    method = {"type": "reinforcement", "reinforcement": {"grader": judge("judge-70b")}}
+    assert api.create_job(training_file=prompts, method=method).status_code == 400  # nobody has it yet
+    with api.session() as session:  # an operator's vLLM replica serving a model this service cannot fine-tune
+        beat(session, ReplicaState(id="vllm-1", url="http://127.0.0.1:9", engine="vllm",
+                                   servable_bases=("judge-70b",)), ttl_s=60)
+    response = api.create_job(training_file=prompts, method=method)
+    assert response.status_code == 200, response.text
+
+
 @pytest.mark.parametrize(("grader", "param"), [
     (judge("no-such-model"), "method.reinforcement.grader.model"),
     ({"type": "multi", "name": "m", "calculate_output": "exact + judge",

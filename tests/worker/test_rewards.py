@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from worker.rewards import GraderReward, job_reward
 
 CONTAINS = {"type": "string_check", "name": "said", "input": "{{sample.output_text}}",
@@ -25,3 +27,9 @@ def test_a_line_without_the_field_the_grader_reads_scores_zero_and_is_counted():
 def test_only_a_reinforcement_job_has_a_reward():
     assert job_reward({"type": "supervised"}) is None and job_reward(None) is None
     assert isinstance(job_reward({"type": "reinforcement", "reinforcement": {"grader": CONTAINS}}), GraderReward)
+
+
+def test_a_model_grader_needs_the_way_to_its_models():
+    judge = {"type": "score_model", "name": "judge", "model": "m", "input": [{"role": "user", "content": "rate"}]}
+    with pytest.raises(ValueError, match="needs the settings and the store"):
+        job_reward({"type": "reinforcement", "reinforcement": {"grader": judge}})
