@@ -366,7 +366,12 @@ def test_a_single_text_classifier_refuses_pairs_and_an_unrecorded_one_takes_both
     # `clf` was written before training recorded the input kind: texts and pairs are both served.
     both = served.post("/classifications", {"model": served.model_ids["clf"], "input": [pair, pair]})
     assert both.status_code == 200, both.text
-    assert both.json()["data"][0]["labels"] == both.json()["data"][1]["labels"]
+    first, second = (row["labels"] for row in both.json()["data"])
+    # The same pair twice in one batch: the same answer, up to float rounding (CPU kernels may block two rows
+    # differently under load; 4e-8 apart was seen).
+    assert [label["label"] for label in first] == [label["label"] for label in second]
+    assert [label["probability"] for label in first] == pytest.approx([label["probability"] for label in second],
+                                                                      rel=1e-5)
 
 
 def test_a_served_classifier_gives_the_trained_models_probabilities_pooler_included(served, zoo):
