@@ -51,9 +51,11 @@ def grader_targets(org_id: str, fields: Mapping[str, str]) -> dict[str, RouteTar
     targets: dict[str, RouteTarget] = {}
     with session_scope() as session:
         for param, model in fields.items():
-            target = base_target(model) or resolve_target(session, org_id, model)
-            if base_target(model) is None and target.adapter_key is None:
-                raise ModelNotFound(f"The grader's model '{model}' no longer exists.", param=param)
+            target = base_target(model)
+            if target is None:  # a fine-tune or checkpoint id
+                target = resolve_target(session, org_id, model)
+                if target.adapter_key is None:
+                    raise ModelNotFound(f"The grader's model '{model}' no longer exists.", param=param)
             targets[model] = target
     return targets
 

@@ -17,7 +17,7 @@ from typing import Any
 from api.core.errors import GraderModelUnavailable
 from api.core.settings import Settings
 from api.core.storage import Storage
-from graders import compile_grader
+from graders import CompiledGrader, compile_grader
 from graders.errors import MODEL_GRADER_SERVER_ERROR, UNRESPONSIVE_REWARD_ERROR
 from worker.grader_models import GraderModels, job_grader_models
 
@@ -30,8 +30,8 @@ MODEL_UNAVAILABLE = (MODEL_GRADER_SERVER_ERROR, UNRESPONSIVE_REWARD_ERROR)
 class GraderReward:
     """``svfit_core.training.reinforcement.Reward`` for one job's grader."""
 
-    def __init__(self, grader: Mapping[str, Any], models: GraderModels | None = None) -> None:
-        self.compiled = compile_grader(grader, GRADER_PATH)
+    def __init__(self, grader: Mapping[str, Any] | CompiledGrader, models: GraderModels | None = None) -> None:
+        self.compiled = grader if isinstance(grader, CompiledGrader) else compile_grader(grader, GRADER_PATH)
         self.models = models
         self.graded = 0
         self.failed = 0  # samples the grader could not score (reward 0)
@@ -86,8 +86,8 @@ def job_reward(method: Mapping[str, Any] | None, *, org_id: str = "", settings: 
     the organization's hosted models (`settings` and `storage` reach the replicas and the adapters)."""
     if not method or method.get("type") != "reinforcement":
         return None
-    grader = method["reinforcement"]["grader"]
-    fields = compile_grader(grader, GRADER_PATH).model_fields()
+    compiled = compile_grader(method["reinforcement"]["grader"], GRADER_PATH)
+    fields = compiled.model_fields()
     if fields and (settings is None or storage is None):
         raise ValueError("a grader with model graders needs the settings and the store to reach its models")
-    return GraderReward(grader, job_grader_models(settings, storage, org_id, fields) if fields else None)
+    return GraderReward(compiled, job_grader_models(settings, storage, org_id, fields) if fields else None)
