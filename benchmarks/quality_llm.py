@@ -105,6 +105,9 @@ SWEEP = [
     ArmSpec("full_b4", {"type": "full"}, "batches of 4", {"batch_size": 4}),
     ArmSpec("full_x0.4", {"type": "full"}, "learning rate x0.4", {"learning_rate_multiplier": 0.4}),
     ArmSpec("full_x4", {"type": "full"}, "learning rate x4", {"learning_rate_multiplier": 4}),
+    # Does SVFit close the gap with more optimizer steps (an epochs rule of its own) rather than more capacity?
+    ArmSpec("svfit_ep6", {"type": "svfit"}, "6 epochs: twice the auto rule's steps", {"n_epochs": 6}),
+    ArmSpec("lora_ep6", {"type": "lora"}, "6 epochs: twice the auto rule's steps", {"n_epochs": 6}),
 ]
 ARMS += SWEEP
 ARMS_BY_NAME = {a.name: a for a in ARMS}

@@ -70,6 +70,10 @@ def test_api_restart_while_clients_poll(cluster, file_id):
         poller.stop.set()
         poller.join(timeout=60)
 
+    # The jobs first: a job that did not succeed fails here with its error and the processes' logs.
+    for job_id in jobs:
+        job = assert_trained_once(cluster, job_id)
+        assert job.attempt == 1, "the workers should not notice the API restart"
     for poller in pollers:
         assert not poller.errors, poller.errors
         assert poller.seen[-1] == "succeeded", poller.seen
@@ -77,6 +81,3 @@ def test_api_restart_while_clients_poll(cluster, file_id):
         assert ranks == sorted(ranks), f"status went backwards: {poller.seen}"
     # The job that was training when the API died went on training without it.
     assert at_kill[jobs[0]].status == "running"
-    for job_id in jobs:
-        job = assert_trained_once(cluster, job_id)
-        assert job.attempt == 1, "the workers should not notice the API restart"
