@@ -124,6 +124,9 @@ SERVICE_ARMS += [
     ArmSpec("lora_r16_all_x4", {"method": "lora"}, (), "lora_r16_all_auto at four times the learning rate",
             service={"type": "lora", "rank": 16, "target_modules": "all-linear"},
             service_hyperparameters={"learning_rate_multiplier": 4}),
+    # Twice the optimizer steps at the same compute: the default in batches of 4 instead of the auto rule's 8.
+    ArmSpec("svfit_b4_auto", {"method": "svfit"}, (), "the service's SVFit default in batches of 4",
+            service={"type": "svfit"}, service_hyperparameters={"batch_size": 4}),
     # The head and the pretrained pooler at LoRA's head rate (5e-4) instead of SVFit's (5e-3).
     ArmSpec("svfit_r256_all_head5e-4", {"method": "svfit"}, (), "svfit_r256_all_auto, head and pooler at 5e-4",
             service={"type": "svfit", "rank": 256, "target_modules": "all-linear", "head_learning_rate": 5e-4}),
